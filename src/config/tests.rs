@@ -1,0 +1,245 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(text, "test.toml", Path::new("."))
+}
+
+const MINIMAL: &str = r#"
+[model]
+path = "m"
+
+[[prompt]]
+name = "caption"
+text = "Describe."
+
+[[stream]]
+name = "cam"
+uri = "rtsp://cam.local/s"
+prompts = ["caption"]
+"#;
+
+fn one_problem(text: &str) -> Problem {
+    let e = parse(text).expect_err("config should be rejected");
+    let p = e.problems();
+    assert_eq!(p.len(), 1, "expected one problem, got {p:?}");
+    p[0].clone()
+}
+
+#[test]
+fn defaults_fill_every_section() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.model.device, "cuda:0");
+    assert_eq!(c.model.dtype, DType::Bf16);
+    assert_eq!(c.model.max_new_tokens, 64);
+    assert_eq!(c.model.temperature, 0.0);
+    assert_eq!(c.model.top_p, 1.0);
+    assert!(c.pruning.enabled);
+    assert_eq!(c.pruning.threshold, 0.1);
+    assert_eq!(c.pruning.min_tokens_per_frame, 1);
+    assert_eq!(c.mqtt.broker, "embedded");
+    assert_eq!(c.mqtt.topic_prefix, "vigil");
+    assert_eq!(c.mqtt.qos, 1);
+    assert_eq!(c.mqtt.outbox_capacity, 1000);
+    assert!(!c.mqtt.homeassistant_discovery);
+    assert_eq!(c.metrics.listen, "127.0.0.1:9464");
+    let s = &c.streams[0];
+    assert_eq!(s.settings.fps, 1.0);
+    assert_eq!(s.settings.window_seconds, 8.0);
+    assert_eq!(s.settings.stride_seconds, 8.0);
+    assert_eq!(s.settings.max_frame_pixels, 200_704);
+    assert_eq!(s.settings.gap_policy, GapPolicy::Emit);
+    assert_eq!(s.settings.transport, RtspTransport::Tcp);
+    assert_eq!(s.settings.reconnect_min_s, 1.0);
+    assert_eq!(s.settings.reconnect_max_s, 30.0);
+    assert!(s.enabled);
+    assert_eq!(c.prompts[0].kind, PromptKind::Caption);
+    assert_eq!(c.prompts[0].every, 1);
+    assert_eq!(s.source_kind(), SourceKind::Rtsp);
+}
+
+#[test]
+fn stream_overrides_win_over_defaults() {
+    let text = MINIMAL.replace("[[stream]]", "[defaults]\nfps = 2.0\nwindow_seconds = 4.0\n\n[[stream]]\nstride_seconds = 2.0\nloop = true");
+    let c = parse(&text).unwrap();
+    let s = &c.streams[0].settings;
+    assert_eq!((s.fps, s.window_seconds, s.stride_seconds, s.loop_), (2.0, 4.0, 2.0, true));
+}
+
+#[test]
+fn device_strings() {
+    assert_eq!("cpu".parse::<Device>(), Ok(Device::Cpu));
+    assert_eq!("cuda".parse::<Device>(), Ok(Device::Cuda(0)));
+    assert_eq!("cuda:3".parse::<Device>(), Ok(Device::Cuda(3)));
+    assert!("gpu".parse::<Device>().is_err());
+    assert!("cuda:x".parse::<Device>().is_err());
+}
+
+#[test]
+fn unknown_key_is_located_with_suggestion() {
+    let text = MINIMAL.replace("prompts = [\"caption\"]", "prompts = [\"caption\"]\nfsp = 2.0");
+    let p = one_problem(&text);
+    assert_eq!(p.key, "stream[0].fsp");
+    assert_eq!(p.line, 13);
+    assert_eq!(p.col, 1);
+    assert!(p.message.contains("did you mean `fps`"), "{}", p.message);
+}
+
+#[test]
+fn unknown_section_is_rejected() {
+    let p = one_problem(&format!("{MINIMAL}\n[modle]\npath = \"x\"\n"));
+    assert!(p.message.contains("unknown key `modle`"), "{}", p.message);
+    assert!(p.message.contains("did you mean `model`"), "{}", p.message);
+    assert_eq!(p.line, 14);
+}
+
+#[test]
+fn type_error_names_key() {
+    let p = one_problem(&MINIMAL.replace("path = \"m\"", "path = \"m\"\nmax_new_tokens = \"many\""));
+    assert_eq!(p.key, "model.max_new_tokens");
+    assert_eq!(p.line, 4);
+}
+
+#[test]
+fn bad_enum_value_suggests() {
+    let p = one_problem(&MINIMAL.replace("path = \"m\"", "path = \"m\"\ndtype = \"bf61\""));
+    assert_eq!(p.key, "model.dtype");
+    assert!(p.message.contains("did you mean `bf16`"), "{}", p.message);
+}
+
+#[test]
+fn semantic_rules() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("path = \"m\"", "repo = \"a/b\"\npath = \"m\"", "model.repo"),
+        ("path = \"m\"", "device = \"cpu\"", "model"),
+        ("path = \"m\"", "path = \"m\"\ndevice = \"gpu\"", "model.device"),
+        ("path = \"m\"", "path = \"m\"\ntemperature = -1.0", "model.temperature"),
+        ("path = \"m\"", "path = \"m\"\ntop_p = 0.0", "model.top_p"),
+        ("path = \"m\"", "path = \"m\"\nmax_new_tokens = 0", "model.max_new_tokens"),
+        ("[[prompt]]", "[mqtt]\nqos = 3\n\n[[prompt]]", "mqtt.qos"),
+        ("[[prompt]]", "[mqtt]\nbroker = \"localhost:1883\"\n\n[[prompt]]", "mqtt.broker"),
+        ("[[prompt]]", "[mqtt]\nbroker = \"http://h\"\n\n[[prompt]]", "mqtt.broker"),
+        ("[[prompt]]", "[mqtt]\ntopic_prefix = \"a/#\"\n\n[[prompt]]", "mqtt.topic_prefix"),
+        ("[[prompt]]", "[metrics]\nlisten = \"nowhere\"\n\n[[prompt]]", "metrics.listen"),
+        ("[[prompt]]", "[pruning]\nthreshold = -0.1\n\n[[prompt]]", "pruning.threshold"),
+        ("[[prompt]]", "[pruning]\nmin_tokens_per_frame = 0\n\n[[prompt]]", "pruning.min_tokens_per_frame"),
+        ("[[prompt]]", "[engine]\nmax_batch = 0\n\n[[prompt]]", "engine.max_batch"),
+        ("[[prompt]]", "[defaults]\nfps = 0.0\n\n[[prompt]]", "defaults.fps"),
+        ("prompts = [\"caption\"]", "prompts = [\"caption\"]\nfps = -1.0", "stream[0].fps"),
+        ("prompts = [\"caption\"]", "prompts = [\"caption\"]\nfps = 1.0\nwindow_seconds = 0.5", "stream[0].window_seconds"),
+        ("prompts = [\"caption\"]", "prompts = [\"caption\"]\nstride_seconds = 0.0", "stream[0].stride_seconds"),
+        ("prompts = [\"caption\"]", "prompts = [\"caption\"]\nreconnect_max_s = 0.5", "stream[0].reconnect_max_s"),
+        ("prompts = [\"caption\"]", "prompts = [\"caption\"]\nmax_frame_pixels = 10", "stream[0].max_frame_pixels"),
+        ("prompts = [\"caption\"]", "prompts = [\"captoin\"]", "stream[0].prompts"),
+        ("uri = \"rtsp://cam.local/s\"", "uri = \"ftp://cam/s\"", "stream[0].uri"),
+        ("uri = \"rtsp://cam.local/s\"", "uri = \"rtsp:///s\"", "stream[0].uri"),
+        ("uri = \"rtsp://cam.local/s\"", "uri = \"\"", "stream[0].uri"),
+        ("name = \"cam\"", "name = \"front door\"", "stream[0].name"),
+        ("text = \"Describe.\"", "text = \"Describe.\"\nevery = 0", "prompt[0].every"),
+        ("text = \"Describe.\"", "text = \"  \"", "prompt[0].text"),
+        ("prompts = [\"caption\"]", "prompts = [\"caption\"]\npassword_file = \"/nonexistent/pw\"", "stream[0].password_file"),
+    ];
+    for (from, to, key) in cases {
+        let text = MINIMAL.replacen(from, to, 1);
+        assert_ne!(text, MINIMAL, "case {key}: pattern {from:?} not found");
+        let p = one_problem(&text);
+        assert_eq!(&p.key, key, "case {to:?}: {p:?}");
+        assert!(p.line > 0 && p.col > 0, "case {key}: unlocated {p:?}");
+    }
+}
+
+#[test]
+fn duplicate_names_point_at_the_second() {
+    let text = format!("{MINIMAL}\n[[stream]]\nname = \"cam\"\nuri = \"/x.mp4\"\n");
+    let p = one_problem(&text);
+    assert_eq!(p.key, "stream[1].name");
+    assert_eq!(p.line, 15);
+    let text = MINIMAL.replace("[[stream]]", "[[prompt]]\nname = \"caption\"\ntext = \"Again.\"\n\n[[stream]]");
+    let p = one_problem(&text);
+    assert_eq!(p.key, "prompt[1].name");
+    assert_eq!(p.line, 10);
+}
+
+#[test]
+fn several_problems_are_all_reported() {
+    let text = MINIMAL.replace("path = \"m\"", "path = \"m\"\ndevice = \"tpu\"\ntop_p = 2.0");
+    let e = parse(&text).unwrap_err();
+    assert_eq!(e.problems().len(), 2);
+    let shown = e.to_string();
+    assert!(shown.contains("test.toml:4:10: model.device:"), "{shown}");
+    assert!(shown.contains("test.toml:5:9: model.top_p:"), "{shown}");
+}
+
+#[test]
+fn syntax_error_is_located() {
+    let p = one_problem(&MINIMAL.replace("path = \"m\"", "path = \"m"));
+    assert_eq!(p.line, 3);
+    assert_eq!(p.key, "path");
+}
+
+#[test]
+fn secrets_never_reach_messages() {
+    let text = MINIMAL.replace("rtsp://cam.local/s", "rtsp://admin:hunter2@cam.local/s").replace("name = \"cam\"", "name = \"c a m\"");
+    let e = parse(&text).unwrap_err();
+    assert!(!e.to_string().contains("hunter2"));
+    let text = MINIMAL.replace("rtsp://cam.local/s", "gopher://admin:hunter2@cam.local/s");
+    let e = parse(&text).unwrap_err();
+    let shown = e.to_string();
+    assert!(shown.contains("stream[0].uri"), "{shown}");
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(shown.contains("admin:***@"), "{shown}");
+    // A type error whose message would quote the value.
+    let text = MINIMAL.replace("prompts = [\"caption\"]", "prompts = \"rtsp://u:hunter2@h/x\"");
+    let shown = parse(&text).unwrap_err().to_string();
+    assert!(!shown.contains("hunter2"), "{shown}");
+}
+
+#[test]
+fn redact_uri_forms() {
+    assert_eq!(redact_uri("rtsp://u:p@h:554/s"), "rtsp://u:***@h:554/s");
+    assert_eq!(redact_uri("rtsp://u@h/s"), "rtsp://u@h/s");
+    assert_eq!(redact_uri("rtsp://h/s"), "rtsp://h/s");
+    assert_eq!(redact_uri("a rtsp://u:p%40x@h/ and mqtt://v:w@b:1883"), "a rtsp://u:***@h/ and mqtt://v:***@b:1883");
+    assert_eq!(redact_uri("/plain/path.mp4"), "/plain/path.mp4");
+}
+
+#[test]
+fn source_kinds() {
+    assert_eq!(SourceKind::of("rtsps://h/x"), Ok(SourceKind::Rtsp));
+    assert_eq!(SourceKind::of("https://h/x.mp4"), Ok(SourceKind::Http));
+    assert_eq!(SourceKind::of("file:///a/b.mp4"), Ok(SourceKind::File));
+    assert_eq!(SourceKind::of("clips/a.mp4"), Ok(SourceKind::File));
+    assert_eq!(SourceKind::of("v4l2:///dev/video0"), Ok(SourceKind::V4l2));
+    assert!(SourceKind::of("v4l2://").is_err());
+    assert!(SourceKind::of("udp://h:5000").is_err());
+}
+
+#[test]
+fn relative_paths_resolve_against_config_dir() {
+    let c = Config::parse(MINIMAL, "x/test.toml", Path::new("/etc/vigil")).unwrap();
+    assert_eq!(c.model_dir(), Some(PathBuf::from("/etc/vigil/m")));
+    assert_eq!(c.resolve_path(Path::new("/abs")), PathBuf::from("/abs"));
+}
+
+#[test]
+fn example_config_is_valid_and_complete() {
+    let c = Config::parse(EXAMPLE_CONFIG, "example", Path::new(".")).unwrap();
+    assert_eq!(c.streams.len(), 1);
+    // Every key of every section appears in the example (commented or not).
+    let defaults = serde_json::to_value(Config::parse(MINIMAL, "m", Path::new(".")).unwrap()).unwrap();
+    for section in ["model", "pruning", "mqtt", "metrics", "engine", "defaults"] {
+        for key in defaults[section].as_object().unwrap().keys() {
+            let key = if key == "loop_" { "loop" } else { key.as_str() };
+            assert!(
+                EXAMPLE_CONFIG.contains(&format!("{key} =")),
+                "example config lacks [{section}] {key}"
+            );
+        }
+    }
+}
+
+#[test]
+fn did_you_mean_is_conservative() {
+    assert_eq!(did_you_mean("fsp", ["fps", "uri"]), Some("fps"));
+    assert_eq!(did_you_mean("window_second", ["window_seconds", "stride_seconds"]), Some("window_seconds"));
+    assert_eq!(did_you_mean("zzz", ["fps", "uri"]), None);
+}
