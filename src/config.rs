@@ -909,7 +909,13 @@ impl Config {
 
     fn validate_mqtt(&self, v: &mut Validator) {
         let q = &self.mqtt;
-        if q.broker != "embedded" {
+        if q.broker != "embedded" && !q.broker.contains("://") {
+            v.fail(
+                &["mqtt", "broker"],
+                "mqtt.broker",
+                &format!("{:?} is not \"embedded\" or a broker URL like mqtt://host:1883", redact_uri(&q.broker)),
+            );
+        } else if q.broker != "embedded" {
             match url::Url::parse(&q.broker) {
                 Ok(u) if matches!(u.scheme(), "mqtt" | "mqtts" | "tcp" | "ssl") && u.host_str().is_some_and(|h| !h.is_empty()) => {}
                 Ok(u) if !matches!(u.scheme(), "mqtt" | "mqtts" | "tcp" | "ssl") => v.fail(

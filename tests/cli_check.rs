@@ -1,0 +1,126 @@
+//! `vigil check` / `print-config` / `run` as a user runs them: the real binary, as a subprocess.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn vigil(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vigil")).args(args).output().expect("run vigil")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn repo(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+/// Each file in tests/configs/bad/ starts with `# expect: line=N key=K msg=TEXT [secret=S]`.
+#[test]
+fn every_bad_config_is_rejected_with_location_and_key() {
+    let dir = repo("tests/configs/bad");
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    assert!(files.len() >= 20, "the corpus should cover every error kind");
+    for f in files {
+        let src = std::fs::read_to_string(&f).unwrap();
+        let header = src.lines().next().unwrap().strip_prefix("# expect: ").unwrap_or_else(|| panic!("{f:?} lacks '# expect:'"));
+        let (mut line, mut key, mut msg, mut secret) = ("", "", "", None);
+        let mut rest = header;
+        // msg= runs to ` secret=` or the end of the line.
+        if let Some((a, s)) = rest.split_once(" secret=") {
+            rest = a;
+            secret = Some(s);
+        }
+        for part in ["line=", "key=", "msg="] {
+            let start = rest.find(part).unwrap() + part.len();
+            let end = if part == "msg=" { rest.len() } else { rest[start..].find(' ').map(|i| start + i).unwrap() };
+            let v = &rest[start..end];
+            match part {
+                "line=" => line = v,
+                "key=" => key = v,
+                _ => msg = v,
+            }
+        }
+        let path = f.to_str().unwrap();
+        let out = vigil(&["check", "--config", path]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{path}: expected exit 2, stderr:\n{err}");
+        let located = format!("{path}:{line}:");
+        assert!(err.contains(&located), "{path}: expected {located:?} in:\n{err}");
+        assert!(err.contains(&format!(": {key}: ")), "{path}: expected key {key:?} in:\n{err}");
+        assert!(err.contains(msg), "{path}: expected {msg:?} in:\n{err}");
+        if let Some(s) = secret {
+            assert!(!err.contains(s) && !text(&out.stdout).contains(s), "{path}: secret leaked:\n{err}");
+        }
+    }
+}
+
+#[test]
+fn shipped_configs_pass_check() {
+    for cfg in ["config/vigil.example.toml", "config/demo.toml"] {
+        let out = vigil(&["check", "--config", repo(cfg).to_str().unwrap()]);
+        assert!(out.status.success(), "{cfg}: {}", text(&out.stderr));
+        let summary = text(&out.stdout);
+        assert!(summary.contains(" ok: ") && summary.contains("stream") && summary.contains("broker"), "{summary}");
+    }
+}
+
+#[test]
+fn print_config_output_passes_check() {
+    let out = vigil(&["print-config"]);
+    assert!(out.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("printed.toml");
+    std::fs::write(&file, &out.stdout).unwrap();
+    let check = vigil(&["check", "--config", file.to_str().unwrap()]);
+    assert!(check.status.success(), "{}", text(&check.stderr));
+    assert!(text(&check.stdout).contains("1 stream, 2 prompts, broker embedded"), "{}", text(&check.stdout));
+}
+
+#[test]
+fn passwords_never_reach_output() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mqtt.pass"), "s3cretMqttPw\n").unwrap();
+    let cfg = dir.path().join("vigil.toml");
+    std::fs::write(
+        &cfg,
+        r#"
+[model]
+path = "m"
+[mqtt]
+broker = "mqtt://vigil:brokerPw9@broker.local:1883"
+username = "vigil"
+password_file = "mqtt.pass"
+[[prompt]]
+name = "caption"
+text = "Describe."
+[[stream]]
+name = "cam"
+uri = "rtsp://admin:hunter2@cam.local/s"
+prompts = ["caption"]
+"#,
+    )
+    .unwrap();
+    let cfg = cfg.to_str().unwrap();
+    for args in [vec!["-vv", "check", "--config", cfg], vec!["-vv", "run", "--config", cfg]] {
+        let out = vigil(&args);
+        let all = text(&out.stdout) + &text(&out.stderr);
+        for secret in ["hunter2", "brokerPw9", "s3cretMqttPw"] {
+            assert!(!all.contains(secret), "{args:?} leaked {secret}:\n{all}");
+        }
+    }
+    // Same with an error in the file, whose message quotes the URI.
+    std::fs::write(dir.path().join("bad.toml"), "[model]\npath = \"m\"\n[mqtt]\nbroker = \"http://vigil:brokerPw9@b\"\n").unwrap();
+    let out = vigil(&["check", "--config", dir.path().join("bad.toml").to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!text(&out.stderr).contains("brokerPw9"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn unreadable_config_is_a_clear_error() {
+    let out = vigil(&["check", "--config", "/nonexistent/vigil.toml"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("/nonexistent/vigil.toml") && err.contains("cannot read"), "{err}");
+}
