@@ -5,6 +5,7 @@
 //! orchestrated by `daemon`.
 
 pub mod config;
+pub mod engine;
 pub mod logging;
 
 pub use config::Config;
