@@ -7,5 +7,6 @@
 pub mod config;
 pub mod engine;
 pub mod logging;
+pub mod metrics;
 
 pub use config::Config;
