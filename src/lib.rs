@@ -5,6 +5,7 @@
 //! orchestrated by `daemon`.
 
 pub mod config;
+pub mod daemon;
 pub mod engine;
 pub mod logging;
 pub mod metrics;
