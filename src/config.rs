@@ -780,37 +780,35 @@ impl Config {
         let m = &self.model;
 
         match (&m.path, &m.repo) {
-            (None, None) => v.fail(&["model"], "model", "set one of model.path or model.repo"),
-            (Some(_), Some(_)) => v.fail(&["model", "repo"], "model.repo", "set only one of model.path or model.repo"),
+            (None, None) => v.fail("model", "set one of model.path or model.repo"),
+            (Some(_), Some(_)) => v.fail("model.repo", "set only one of model.path or model.repo"),
             _ => {}
         }
         if let Err(e) = m.device.parse::<Device>() {
-            v.fail(&["model", "device"], "model.device", &e);
+            v.fail("model.device", &e);
         }
         if m.max_new_tokens == 0 {
-            v.fail(&["model", "max_new_tokens"], "model.max_new_tokens", "must be at least 1");
+            v.fail("model.max_new_tokens", "must be at least 1");
         }
         if !(m.temperature >= 0.0 && m.temperature.is_finite()) {
-            v.fail(&["model", "temperature"], "model.temperature", "must be >= 0 (0 = greedy)");
+            v.fail("model.temperature", "must be >= 0 (0 = greedy)");
         }
         if !(m.top_p > 0.0 && m.top_p <= 1.0) {
-            v.fail(&["model", "top_p"], "model.top_p", "must be in (0, 1]");
+            v.fail("model.top_p", "must be in (0, 1]");
         }
 
         let p = &self.pruning;
         if !(p.threshold >= 0.0 && p.threshold.is_finite()) {
-            v.fail(&["pruning", "threshold"], "pruning.threshold", "must be >= 0 (mean |Δpixel| on 0-255)");
+            v.fail("pruning.threshold", "must be >= 0 (mean |Δpixel| on 0-255)");
         }
         if p.min_tokens_per_frame == 0 {
-            v.fail(&["pruning", "min_tokens_per_frame"], "pruning.min_tokens_per_frame", "must be at least 1");
+            v.fail("pruning.min_tokens_per_frame", "must be at least 1");
         }
 
         self.validate_mqtt(&mut v);
 
         if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
-            v.fail(
-                &["metrics", "listen"],
-                "metrics.listen",
+            v.fail("metrics.listen",
                 &format!("{:?} is not host:port (e.g. \"127.0.0.1:9464\"; \"\" disables)", self.metrics.listen),
             );
         }
@@ -822,16 +820,16 @@ impl Config {
             ("queue_capacity", e.queue_capacity >= 1),
         ] {
             if !ok {
-                v.fail(&["engine", key], &format!("engine.{key}"), "must be at least 1");
+                v.fail(&format!("engine.{key}"), "must be at least 1");
             }
         }
         for (key, val) in [("max_queue_age_s", e.max_queue_age_s), ("shutdown_timeout_s", e.shutdown_timeout_s)] {
             if !(val > 0.0 && val.is_finite()) {
-                v.fail(&["engine", key], &format!("engine.{key}"), "must be > 0");
+                v.fail(&format!("engine.{key}"), "must be > 0");
             }
         }
 
-        self.validate_stream_settings(&mut v, &["defaults"], "defaults", &self.defaults);
+        self.validate_stream_settings(&mut v, "defaults", &self.defaults);
         let defaults_failed: HashSet<String> = v
             .problems
             .iter()
@@ -840,35 +838,33 @@ impl Config {
 
         let mut prompt_names = HashSet::new();
         for (i, pr) in self.prompts.iter().enumerate() {
-            let at = |k: &'static str| PathSeg::path(&[PathSeg::Key("prompt"), PathSeg::Index(i), PathSeg::Key(k)]);
             let key = |k: &str| format!("prompt[{i}].{k}");
             if let Err(e) = check_name(&pr.name) {
-                v.fail_at(&at("name"), &key("name"), &e);
+                v.fail(&key("name"), &e);
             } else if !prompt_names.insert(pr.name.as_str()) {
-                v.fail_at(&at("name"), &key("name"), &format!("duplicate prompt name {:?}", pr.name));
+                v.fail(&key("name"), &format!("duplicate prompt name {:?}", pr.name));
             }
             if pr.text.trim().is_empty() {
-                v.fail_at(&at("text"), &key("text"), "must not be empty");
+                v.fail(&key("text"), "must not be empty");
             }
             if pr.every == 0 {
-                v.fail_at(&at("every"), &key("every"), "must be at least 1 (1 = every window)");
+                v.fail(&key("every"), "must be at least 1 (1 = every window)");
             }
             if pr.max_new_tokens == Some(0) {
-                v.fail_at(&at("max_new_tokens"), &key("max_new_tokens"), "must be at least 1");
+                v.fail(&key("max_new_tokens"), "must be at least 1");
             }
         }
 
         let mut stream_names = HashSet::new();
         for (i, s) in self.streams.iter().enumerate() {
-            let segs = |k: &'static str| PathSeg::path(&[PathSeg::Key("stream"), PathSeg::Index(i), PathSeg::Key(k)]);
             let key = |k: &str| format!("stream[{i}].{k}");
             if let Err(e) = check_name(&s.name) {
-                v.fail_at(&segs("name"), &key("name"), &e);
+                v.fail(&key("name"), &e);
             } else if !stream_names.insert(s.name.as_str()) {
-                v.fail_at(&segs("name"), &key("name"), &format!("duplicate stream name {:?}", s.name));
+                v.fail(&key("name"), &format!("duplicate stream name {:?}", s.name));
             }
             if let Err(e) = SourceKind::of(&s.uri) {
-                v.fail_at(&segs("uri"), &key("uri"), &format!("{:?} {e}", redact_uri(&s.uri)));
+                v.fail(&key("uri"), &format!("{:?} {e}", redact_uri(&s.uri)));
             }
             for (j, name) in s.prompts.iter().enumerate() {
                 if !prompt_names.contains(name.as_str()) {
@@ -879,27 +875,20 @@ impl Config {
                     } else if defined.is_empty() {
                         msg.push_str(" (no [[prompt]] is defined)");
                     }
-                    let path = PathSeg::path(&[
-                        PathSeg::Key("stream"),
-                        PathSeg::Index(i),
-                        PathSeg::Key("prompts"),
-                        PathSeg::Index(j),
-                    ]);
-                    v.fail_at(&path, &key("prompts"), &msg);
+                    // Point at the offending element, report the key the user wrote.
+                    v.fail_at(&format!("stream[{i}].prompts[{j}]"), &key("prompts"), &msg);
                 }
             }
             if let Some(pf) = &s.password_file {
-                self.check_readable(&mut v, &segs("password_file"), &key("password_file"), pf);
+                self.check_readable(&mut v, &key("password_file"), pf);
             }
             // A bad value inherited from [defaults] is reported once, there, not again per stream.
             let before = v.problems.len();
-            let prefix = [PathSeg::Key("stream"), PathSeg::Index(i)];
-            self.validate_stream_settings_at(&mut v, &prefix, &format!("stream[{i}]"), &s.settings);
+            self.validate_stream_settings(&mut v, &format!("stream[{i}]"), &s.settings);
             let found: Vec<Problem> = v.problems.drain(before..).collect();
             for p in found {
                 let field = p.key.rsplit('.').next().unwrap_or_default().to_string();
-                let written = v.loc.is_written(&[prefix[0], prefix[1], PathSeg::Key(leak_key(&field))]);
-                if written || !defaults_failed.contains(&field) {
+                if v.loc.is_written(&p.key) || !defaults_failed.contains(&field) {
                     v.problems.push(p);
                 }
             }
@@ -910,51 +899,43 @@ impl Config {
     fn validate_mqtt(&self, v: &mut Validator) {
         let q = &self.mqtt;
         if q.broker != "embedded" && !q.broker.contains("://") {
-            v.fail(
-                &["mqtt", "broker"],
-                "mqtt.broker",
+            v.fail("mqtt.broker",
                 &format!("{:?} is not \"embedded\" or a broker URL like mqtt://host:1883", redact_uri(&q.broker)),
             );
         } else if q.broker != "embedded" {
             match url::Url::parse(&q.broker) {
                 Ok(u) if matches!(u.scheme(), "mqtt" | "mqtts" | "tcp" | "ssl") && u.host_str().is_some_and(|h| !h.is_empty()) => {}
-                Ok(u) if !matches!(u.scheme(), "mqtt" | "mqtts" | "tcp" | "ssl") => v.fail(
-                    &["mqtt", "broker"],
-                    "mqtt.broker",
+                Ok(u) if !matches!(u.scheme(), "mqtt" | "mqtts" | "tcp" | "ssl") => v.fail("mqtt.broker",
                     &format!("unsupported scheme {:?} (expected \"embedded\", mqtt://host:1883 or mqtts://host:8883)", u.scheme()),
                 ),
-                Ok(_) => v.fail(&["mqtt", "broker"], "mqtt.broker", "has no host"),
-                Err(e) => v.fail(
-                    &["mqtt", "broker"],
-                    "mqtt.broker",
+                Ok(_) => v.fail("mqtt.broker", "has no host"),
+                Err(e) => v.fail("mqtt.broker",
                     &format!("{:?} is not \"embedded\" or a broker URL like mqtt://host:1883 ({e})", redact_uri(&q.broker)),
                 ),
             }
         }
         if q.qos > 2 {
-            v.fail(&["mqtt", "qos"], "mqtt.qos", &format!("must be 0, 1 or 2 (got {})", q.qos));
+            v.fail("mqtt.qos", &format!("must be 0, 1 or 2 (got {})", q.qos));
         }
         if q.topic_prefix.is_empty()
             || q.topic_prefix.contains(['+', '#'])
             || q.topic_prefix.starts_with('/')
             || q.topic_prefix.ends_with('/')
         {
-            v.fail(
-                &["mqtt", "topic_prefix"],
-                "mqtt.topic_prefix",
+            v.fail("mqtt.topic_prefix",
                 "must be non-empty, without MQTT wildcards (+, #) or a leading/trailing '/'",
             );
         }
         if q.client_id.is_empty() {
-            v.fail(&["mqtt", "client_id"], "mqtt.client_id", "must not be empty");
+            v.fail("mqtt.client_id", "must not be empty");
         }
         if q.outbox_capacity == 0 {
-            v.fail(&["mqtt", "outbox_capacity"], "mqtt.outbox_capacity", "must be at least 1");
+            v.fail("mqtt.outbox_capacity", "must be at least 1");
         }
         if let Some(pf) = &q.password_file {
-            self.check_readable(v, &PathSeg::path(&[PathSeg::Key("mqtt"), PathSeg::Key("password_file")]), "mqtt.password_file", pf);
+            self.check_readable(v, "mqtt.password_file", pf);
             if q.username.is_none() {
-                v.fail(&["mqtt", "password_file"], "mqtt.password_file", "needs mqtt.username");
+                v.fail("mqtt.password_file", "needs mqtt.username");
             }
         }
         for key in ["ca_file", "cert_file", "key_file"] {
@@ -964,43 +945,33 @@ impl Config {
                 _ => &q.key_file,
             };
             if let Some(f) = f {
-                self.check_readable(v, &PathSeg::path(&[PathSeg::Key("mqtt"), PathSeg::Key(key)]), &format!("mqtt.{key}"), f);
+                self.check_readable(v, &format!("mqtt.{key}"), f);
             }
         }
         if q.cert_file.is_some() != q.key_file.is_some() {
-            v.fail(&["mqtt", "cert_file"], "mqtt.cert_file", "cert_file and key_file go together");
+            v.fail("mqtt.cert_file", "cert_file and key_file go together");
         }
         if let Some(listen) = &q.embedded_listen {
             if listen.parse::<std::net::IpAddr>().is_err() {
-                v.fail(&["mqtt", "embedded_listen"], "mqtt.embedded_listen", &format!("{listen:?} is not an IP address"));
+                v.fail("mqtt.embedded_listen", &format!("{listen:?} is not an IP address"));
             }
         }
     }
 
-    fn check_readable(&self, v: &mut Validator, segs: &[PathSeg], key: &str, p: &Path) {
+    fn check_readable(&self, v: &mut Validator, key: &str, p: &Path) {
         let full = self.resolve_path(p);
         if let Err(e) = std::fs::File::open(&full) {
-            v.fail_at(segs, key, &format!("cannot read {}: {e}", full.display()));
+            v.fail(key, &format!("cannot read {}: {e}", full.display()));
         }
     }
 
-    fn validate_stream_settings(&self, v: &mut Validator, table: &[&'static str], key: &str, s: &StreamDefaults) {
-        let segs: Vec<PathSeg> = table.iter().map(|k| PathSeg::Key(k)).collect();
-        self.validate_stream_settings_at(v, &segs, key, s);
-    }
-
-    fn validate_stream_settings_at(&self, v: &mut Validator, table: &[PathSeg], key: &str, s: &StreamDefaults) {
-        let at = |k: &'static str| {
-            let mut p = table.to_vec();
-            p.push(PathSeg::Key(k));
-            p
-        };
+    /// Settings of `[defaults]` or of one stream; `key` is the table (`defaults`, `stream[2]`).
+    fn validate_stream_settings(&self, v: &mut Validator, key: &str, s: &StreamDefaults) {
         let name = |k: &str| format!("{key}.{k}");
         if !(s.fps > 0.0 && s.fps.is_finite()) {
-            v.fail_at(&at("fps"), &name("fps"), &format!("must be > 0 (got {})", s.fps));
+            v.fail(&name("fps"), &format!("must be > 0 (got {})", s.fps));
         } else if !(s.window_seconds.is_finite() && s.window_seconds * s.fps >= 1.0 - 1e-9) {
-            v.fail_at(
-                &at("window_seconds"),
+            v.fail(
                 &name("window_seconds"),
                 &format!(
                     "window of {} s holds less than one frame at {} fps (needs >= {} s)",
@@ -1011,27 +982,18 @@ impl Config {
             );
         }
         if !(s.stride_seconds > 0.0 && s.stride_seconds.is_finite()) {
-            v.fail_at(&at("stride_seconds"), &name("stride_seconds"), &format!("must be > 0 (got {})", s.stride_seconds));
+            v.fail(&name("stride_seconds"), &format!("must be > 0 (got {})", s.stride_seconds));
         }
         // One 28×28 merged patch is the smallest frame the model can take.
         if s.max_frame_pixels < 28 * 28 {
-            v.fail_at(&at("max_frame_pixels"), &name("max_frame_pixels"), "must be at least 784 (28×28)");
+            v.fail(&name("max_frame_pixels"), "must be at least 784 (28×28)");
         }
         if !(s.reconnect_min_s > 0.0 && s.reconnect_min_s.is_finite()) {
-            v.fail_at(&at("reconnect_min_s"), &name("reconnect_min_s"), "must be > 0");
+            v.fail(&name("reconnect_min_s"), "must be > 0");
         } else if !(s.reconnect_max_s >= s.reconnect_min_s) {
-            v.fail_at(&at("reconnect_max_s"), &name("reconnect_max_s"), "must be >= reconnect_min_s");
+            v.fail(&name("reconnect_max_s"), "must be >= reconnect_min_s");
         }
     }
-}
-
-/// The stream settings' field names as `'static` keys for [`PathSeg`].
-fn leak_key(field: &str) -> &'static str {
-    const FIELDS: &[&str] = &[
-        "fps", "window_seconds", "stride_seconds", "max_frame_pixels", "gap_policy", "transport",
-        "latency_ms", "reconnect_min_s", "reconnect_max_s", "realtime", "loop",
-    ];
-    FIELDS.iter().copied().find(|f| *f == field).unwrap_or("")
 }
 
 fn plural(n: usize) -> &'static str {
@@ -1069,16 +1031,28 @@ pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str
 // Locating keys in the source
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum PathSeg {
-    Key(&'static str),
+/// One step of a key path such as `stream[1].prompts[0]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PathSeg<'k> {
+    Key(&'k str),
     Index(usize),
 }
 
-impl PathSeg {
-    fn path(segs: &[PathSeg]) -> Vec<PathSeg> {
-        segs.to_vec()
+/// Split a dotted key path (`stream[1].prompts[0]`) into steps.
+fn path_segs(key: &str) -> Vec<PathSeg<'_>> {
+    let mut out = Vec::new();
+    for part in key.split('.') {
+        let mut pieces = part.split('[');
+        if let Some(name) = pieces.next().filter(|n| !n.is_empty()) {
+            out.push(PathSeg::Key(name));
+        }
+        for idx in pieces {
+            if let Ok(i) = idx.trim_end_matches(']').parse() {
+                out.push(PathSeg::Index(i));
+            }
+        }
     }
+    out
 }
 
 struct Locator<'a> {
@@ -1087,50 +1061,39 @@ struct Locator<'a> {
 }
 
 impl Locator<'_> {
-    /// Whether the key at `path` is written in the file (rather than defaulted).
-    fn is_written(&self, path: &[PathSeg]) -> bool {
+    /// Whether `key` is written in the file (rather than defaulted).
+    fn is_written(&self, key: &str) -> bool {
         let mut item = Some(self.doc.as_item());
-        for seg in path {
-            item = match (seg, item) {
-                (PathSeg::Key(k), Some(it)) => it.get(*k),
-                (PathSeg::Index(i), Some(it)) => it.get(*i),
-                (_, None) => None,
+        for seg in path_segs(key) {
+            item = match seg {
+                PathSeg::Key(k) => item.and_then(|it| it.get(k)),
+                PathSeg::Index(i) => item.and_then(|it| it.get(i)),
             };
         }
         item.is_some()
     }
 
-    /// Line and column of the value at `path`, or of its nearest ancestor that is written down
+    /// Line and column of the value at `key`, or of its nearest ancestor that is written down
     /// (a default that was never written is reported at the table that would hold it).
-    fn find(&self, path: &[PathSeg]) -> (usize, usize) {
+    fn find(&self, key: &str) -> (usize, usize) {
         let mut best: Option<Range<usize>> = None;
         let mut item: Option<&toml_edit::Item> = Some(self.doc.as_item());
-        let mut table_key: Option<Range<usize>> = None;
-        for seg in path {
+        for seg in path_segs(key) {
             let Some(cur) = item else { break };
-            let next = match (seg, cur) {
-                (PathSeg::Key(k), toml_edit::Item::Table(t)) => {
-                    if let Some(key) = t.key(k) {
-                        table_key = key.span();
-                    }
-                    t.get(k)
+            let (next, key_span) = match seg {
+                PathSeg::Key(k) => {
+                    let key_span = match cur {
+                        toml_edit::Item::Table(t) => t.key(k).and_then(|k| k.span()),
+                        toml_edit::Item::Value(toml_edit::Value::InlineTable(t)) => t.key(k).and_then(|k| k.span()),
+                        _ => None,
+                    };
+                    (cur.get(k), key_span)
                 }
-                (PathSeg::Key(k), toml_edit::Item::Value(toml_edit::Value::InlineTable(t))) => {
-                    if let Some(key) = t.key(k) {
-                        table_key = key.span();
-                    }
-                    t.get(k).map(|_| cur).and_then(|c| c.get(k))
-                }
-                (PathSeg::Index(i), toml_edit::Item::ArrayOfTables(a)) => a.get(*i).map(|_| cur).and_then(|c| c.get(*i)),
-                (PathSeg::Index(i), toml_edit::Item::Value(toml_edit::Value::Array(a))) => {
-                    a.get(*i).map(|_| cur).and_then(|c| c.get(*i))
-                }
-                _ => None,
+                PathSeg::Index(i) => (cur.get(i), None),
             };
-            if let Some(n) = next {
-                if let Some(s) = n.span().or_else(|| table_key.clone()) {
-                    best = Some(s);
-                }
+            // Tables have no value span of their own; their header key stands in.
+            if let Some(s) = next.and_then(|n| n.span()).or(key_span) {
+                best = Some(s);
             }
             item = next;
         }
@@ -1147,13 +1110,14 @@ struct Validator<'a, 'b> {
 }
 
 impl Validator<'_, '_> {
-    fn fail(&mut self, path: &[&'static str], key: &str, message: &str) {
-        let segs: Vec<PathSeg> = path.iter().map(|k| PathSeg::Key(k)).collect();
-        self.fail_at(&segs, key, message);
+    /// Report a problem with `key`, located where the file writes it.
+    fn fail(&mut self, key: &str, message: &str) {
+        self.fail_at(key, key, message);
     }
 
-    fn fail_at(&mut self, path: &[PathSeg], key: &str, message: &str) {
-        let (line, col) = self.loc.find(path);
+    /// Report a problem with `key`, located at `locate` (a more precise path inside it).
+    fn fail_at(&mut self, locate: &str, key: &str, message: &str) {
+        let (line, col) = self.loc.find(locate);
         self.problems.push(Problem { line, col, key: key.to_string(), message: message.to_string() });
     }
 }
