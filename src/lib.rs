@@ -6,5 +6,7 @@
 
 pub mod config;
 pub mod logging;
+pub mod source;
+pub mod window;
 
 pub use config::Config;
