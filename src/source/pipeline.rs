@@ -99,36 +99,27 @@ pub fn build(spec: &SourceSpec) -> Result<Built, String> {
     }
 
     let native_caps: Arc<Mutex<Option<NativeCaps>>> = Arc::new(Mutex::new(None));
-    let rate_weak = rate.downgrade();
+
+    // decodebin3 exposes its pads before caps are known: link on pad-added, size the capsfilter
+    // when the decoded caps event reaches videorate (before it flows on to the capsfilter).
+    let rate_sink = rate.static_pad("sink").ok_or("videorate has no sink pad")?;
     let filter_weak = filter.downgrade();
-    let pipeline_weak = pipeline.downgrade();
+    let dec_weak = dec.downgrade();
     let caps_slot = native_caps.clone();
     let max_pixels = s.max_frame_pixels;
-    dec.connect_pad_added(move |dec, pad| {
-        let caps = pad.current_caps().unwrap_or_else(|| pad.query_caps(None));
-        let is_video = caps.structure(0).is_some_and(|st| st.name().starts_with("video/"));
-        let (Some(rate), Some(filter), Some(pipeline)) = (rate_weak.upgrade(), filter_weak.upgrade(), pipeline_weak.upgrade())
-        else {
-            return;
+    rate_sink.add_probe(gst::PadProbeType::EVENT_DOWNSTREAM, move |_pad, info| {
+        let Some(gst::PadProbeData::Event(ev)) = &info.data else { return gst::PadProbeReturn::Ok };
+        let gst::EventView::Caps(c) = ev.view() else { return gst::PadProbeReturn::Ok };
+        let caps = c.caps();
+        let (Some(filter), Some(dec)) = (filter_weak.upgrade(), dec_weak.upgrade()) else {
+            return gst::PadProbeReturn::Ok;
         };
-        if !is_video {
-            discard_pad(&pipeline, pad);
-            return;
-        }
-        let sink = match rate.static_pad("sink") {
-            Some(p) if !p.is_linked() => p,
-            // A second video stream: decodebin3 only exposes it on request; discard it.
-            _ => {
-                discard_pad(&pipeline, pad);
-                return;
-            }
-        };
-        let Ok(info) = gstreamer_video::VideoInfo::from_caps(&caps) else {
+        let Ok(vinfo) = gstreamer_video::VideoInfo::from_caps(caps) else {
             gst::element_error!(dec, gst::StreamError::Format, ("decoded video caps are not understood: {}", caps));
-            return;
+            return gst::PadProbeReturn::Drop;
         };
-        let par = info.par();
-        let (w, h) = fit_size(info.width(), info.height(), (par.numer(), par.denom()), max_pixels);
+        let par = vinfo.par();
+        let (w, h) = fit_size(vinfo.width(), vinfo.height(), (par.numer(), par.denom()), max_pixels);
         let mut out = filter.property::<gst::Caps>("caps");
         {
             let out = out.make_mut();
@@ -140,18 +131,41 @@ pub fn build(spec: &SourceSpec) -> Result<Built, String> {
         }
         filter.set_property("caps", &out);
         // No decoder inside: the source itself produced raw video (e.g. a raw v4l2 camera).
-        let codec_caps = decoder_input_caps(dec).unwrap_or_else(|| "video/x-raw".into());
-        let fr = info.fps();
+        let codec_caps = decoder_input_caps(&dec).unwrap_or_else(|| "video/x-raw".into());
+        let fr = vinfo.fps();
         *caps_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(NativeCaps {
             codec: codec_name(&codec_caps),
             codec_caps,
-            width: info.width(),
-            height: info.height(),
+            width: vinfo.width(),
+            height: vinfo.height(),
             framerate_num: fr.numer(),
             framerate_den: fr.denom(),
             out_width: w,
             out_height: h,
         });
+        gst::PadProbeReturn::Ok
+    });
+
+    if !live {
+        trim_extrapolated_tail(&rate)?;
+    }
+
+    let rate_weak = rate.downgrade();
+    let pipeline_weak = pipeline.downgrade();
+    dec.connect_pad_added(move |dec, pad| {
+        let caps = pad.current_caps().unwrap_or_else(|| pad.query_caps(None));
+        let is_video = caps.structure(0).is_some_and(|st| st.name().starts_with("video/"));
+        let (Some(rate), Some(pipeline)) = (rate_weak.upgrade(), pipeline_weak.upgrade()) else {
+            return;
+        };
+        let sink = match rate.static_pad("sink") {
+            Some(p) if is_video && !p.is_linked() => p,
+            // Audio, or a second video stream: not ours.
+            _ => {
+                discard_pad(&pipeline, pad);
+                return;
+            }
+        };
         if let Err(e) = pad.link(&sink) {
             gst::element_error!(dec, gst::CoreError::Negotiation, ("cannot link the decoded video: {:?}", e));
         }
@@ -181,6 +195,41 @@ fn configure_rtspsrc(src: &gst::Element, transport: RtspTransport, latency_ms: u
     if let (Some(p), true) = (pass, src.find_property("user-pw").is_some()) {
         src.set_property("user-pw", p);
     }
+}
+
+/// At the end of a file videorate may repeat the last frame at a time past the end of the
+/// content (it depends on the container's segment); such a frame shows nothing new and would
+/// make frame counts depend on the muxer. Drop output frames that start at or after the end of
+/// every input frame seen so far (reset on flush, i.e. when a loop seeks back).
+fn trim_extrapolated_tail(rate: &gst::Element) -> Result<(), String> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // Containers round timestamps (Matroska to 1 ms), so a frame ending at 3.000333 s is a
+    // 3.0 s frame.
+    const TOLERANCE_NS: u64 = 1_000_000;
+    let end = Arc::new(AtomicU64::new(0));
+    let sink = rate.static_pad("sink").ok_or("videorate has no sink pad")?;
+    let src = rate.static_pad("src").ok_or("videorate has no src pad")?;
+    let e = end.clone();
+    sink.add_probe(gst::PadProbeType::BUFFER | gst::PadProbeType::EVENT_FLUSH, move |_pad, info| {
+        match &info.data {
+            Some(gst::PadProbeData::Buffer(b)) => {
+                if let Some(pts) = b.pts() {
+                    let stop = pts + b.duration().unwrap_or(gst::ClockTime::ZERO);
+                    e.fetch_max(stop.nseconds().max(pts.nseconds() + 1), Ordering::Relaxed);
+                }
+            }
+            Some(gst::PadProbeData::Event(ev)) if ev.type_() == gst::EventType::FlushStop => e.store(0, Ordering::Relaxed),
+            _ => {}
+        }
+        gst::PadProbeReturn::Ok
+    });
+    src.add_probe(gst::PadProbeType::BUFFER, move |_pad, info| match &info.data {
+        Some(gst::PadProbeData::Buffer(b)) if b.pts().is_some_and(|p| p.nseconds() + TOLERANCE_NS >= end.load(Ordering::Relaxed)) => {
+            gst::PadProbeReturn::Drop
+        }
+        _ => gst::PadProbeReturn::Ok,
+    });
+    Ok(())
 }
 
 /// Send a pad we do not use into a fakesink, so it never returns not-linked upstream.

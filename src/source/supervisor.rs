@@ -363,7 +363,6 @@ fn sleep_unless_stopped(shared: &Shared, d: Duration) -> bool {
 fn supervise(shared: Arc<Shared>) {
     let spec = &shared.spec;
     let live = spec.is_live();
-    info!(stream = %spec.name, uri = %spec.redacted_uri(), "starting");
     shared.set_state(StreamState::Starting);
     let mut failures: u32 = 0;
     let mut first = true;
