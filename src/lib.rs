@@ -9,5 +9,7 @@ pub mod daemon;
 pub mod engine;
 pub mod logging;
 pub mod metrics;
+pub mod source;
+pub mod window;
 
 pub use config::Config;

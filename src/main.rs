@@ -33,6 +33,33 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Open a stream (rtsp://, http(s)://, file path, v4l2:///dev/videoN) and print its native
+    /// caps and the first windows, to check a camera before configuring it.
+    Probe {
+        /// Stream URI or file path (credentials in it are never printed).
+        uri: String,
+        /// Frames per second to sample.
+        #[arg(long, default_value_t = 1.0)]
+        fps: f64,
+        /// Window length in seconds.
+        #[arg(long, default_value_t = 8.0)]
+        window_seconds: f64,
+        /// Seconds between window starts (less than the window: overlap).
+        #[arg(long, default_value_t = 8.0)]
+        stride_seconds: f64,
+        /// Windows to print before stopping.
+        #[arg(long, default_value_t = 3)]
+        windows: usize,
+        /// Seconds allowed to open the stream.
+        #[arg(long, default_value_t = 10.0)]
+        timeout_s: f64,
+        /// Largest frame (pixels) after scaling, aspect kept.
+        #[arg(long, default_value_t = 200_704)]
+        max_frame_pixels: u64,
+        /// One JSON object per line (caps, then each window).
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -50,6 +77,41 @@ fn main() -> ExitCode {
                 return code;
             }
             eprintln!("vigil run: the daemon is not implemented yet (it arrives with the daemon issue); nothing was started");
+            ExitCode::FAILURE
+        }
+        Command::Probe { uri, fps, window_seconds, stride_seconds, windows, timeout_s, max_frame_pixels, json } => {
+            let opts = vigil::source::probe::ProbeOptions {
+                fps,
+                window_seconds,
+                stride_seconds,
+                windows,
+                timeout: std::time::Duration::from_secs_f64(timeout_s.max(0.1)),
+                max_frame_pixels,
+            };
+            probe(&uri, &opts, json)
+        }
+    }
+}
+
+fn probe(uri: &str, opts: &vigil::source::probe::ProbeOptions, json: bool) -> ExitCode {
+    use vigil::source::probe::{caps_line, probe, window_line, ProbeEvent};
+    if let Err(e) = vigil::window::WindowSpec::new(opts.fps, opts.window_seconds, opts.stride_seconds, vigil::config::GapPolicy::Emit) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let result = probe(uri, opts, |ev| match ev {
+        ProbeEvent::Caps(c) => println!("{}", caps_line(c, opts.fps, json)),
+        ProbeEvent::Window(w) => println!("{}", window_line(w, json)),
+    });
+    match result {
+        Ok(summary) => {
+            if summary.ended_early {
+                eprintln!("note: the stream ended after {} window(s)", summary.windows);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }

@@ -1,0 +1,215 @@
+//! Shared helpers for the source tests: clips generated with GStreamer, an in-process RTSP
+//! server on loopback, and collectors over the real `SourceManager`.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_rtsp_server as rtsp;
+use gstreamer_rtsp_server::prelude::*;
+use tokio::sync::mpsc::UnboundedReceiver;
+use vigil::config::StreamDefaults;
+use vigil::source::{EventKind, NativeCaps, SourceEvent, SourceManager, SourceOptions, SourceSpec, StreamState};
+use vigil::window::Window;
+
+pub fn init() {
+    vigil::source::init().expect("GStreamer init");
+}
+
+/// Run a gst-launch style description to EOS (bounded).
+pub fn run_to_eos(desc: &str) {
+    init();
+    let p = gst::parse::launch(desc).expect("parse pipeline").downcast::<gst::Pipeline>().unwrap();
+    p.set_state(gst::State::Playing).expect("play");
+    let bus = p.bus().unwrap();
+    let msg = bus
+        .timed_pop_filtered(gst::ClockTime::from_seconds(60), &[gst::MessageType::Eos, gst::MessageType::Error])
+        .expect("clip generation timed out");
+    if let gst::MessageView::Error(e) = msg.view() {
+        panic!("clip generation failed: {} {:?}", e.error(), e.debug());
+    }
+    p.set_state(gst::State::Null).unwrap();
+}
+
+/// A moving-ball test clip: `frames` frames at `rate` fps, `w`×`h`.
+pub fn h264_mp4(dir: &Path, name: &str, frames: u32, rate: u32, w: u32, h: u32) -> PathBuf {
+    let path = dir.join(name);
+    run_to_eos(&format!(
+        "videotestsrc pattern=ball num-buffers={frames} ! video/x-raw,format=I420,width={w},height={h},framerate={rate}/1 \
+         ! x264enc speed-preset=ultrafast key-int-max={rate} ! h264parse ! mp4mux ! filesink location={}",
+        path.display()
+    ));
+    path
+}
+
+pub fn vp8_webm(dir: &Path, name: &str, frames: u32, rate: u32, w: u32, h: u32) -> PathBuf {
+    let path = dir.join(name);
+    run_to_eos(&format!(
+        "videotestsrc pattern=ball num-buffers={frames} ! video/x-raw,format=I420,width={w},height={h},framerate={rate}/1 \
+         ! vp8enc deadline=1 keyframe-max-dist={rate} ! webmmux ! filesink location={}",
+        path.display()
+    ));
+    path
+}
+
+pub fn settings(fps: f64, window: f64, stride: f64) -> StreamDefaults {
+    StreamDefaults { fps, window_seconds: window, stride_seconds: stride, realtime: false, ..StreamDefaults::default() }
+}
+
+/// Everything one finite stream produced.
+pub struct Collected {
+    pub windows: Vec<Window>,
+    pub caps: Option<NativeCaps>,
+    pub states: Vec<StreamState>,
+}
+
+impl Collected {
+    pub fn final_state(&self) -> &StreamState {
+        self.states.last().expect("no state reported")
+    }
+}
+
+pub fn drain_events(rx: &mut UnboundedReceiver<SourceEvent>, out: &mut Vec<SourceEvent>) {
+    while let Ok(e) = rx.try_recv() {
+        out.push(e);
+    }
+}
+
+/// Run a finite stream to its end through a real `SourceManager` (bounded by `limit`).
+pub fn collect(uri: &str, s: StreamDefaults, limit: Duration) -> Collected {
+    init();
+    let (mut mgr, mut events) = SourceManager::new(SourceOptions::default()).unwrap();
+    let rx = mgr.add(SourceSpec::from_uri("clip", uri, s).unwrap()).unwrap();
+    let end = Instant::now() + limit;
+    let mut windows = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(50)) {
+            Some(w) => windows.push(w),
+            None if rx.is_closed() => break,
+            None => assert!(Instant::now() < end, "stream did not end within {limit:?}"),
+        }
+    }
+    assert!(mgr.shutdown(Duration::from_secs(5)), "stream thread did not end");
+    let mut evs = Vec::new();
+    drain_events(&mut events, &mut evs);
+    let mut caps = None;
+    let mut states = Vec::new();
+    for e in evs {
+        match e.kind {
+            EventKind::Caps(c) => caps = caps.or(Some(c)),
+            EventKind::State(s) => states.push(s),
+        }
+    }
+    Collected { windows, caps, states }
+}
+
+/// Frame times (s) of each window, rounded to the millisecond.
+pub fn times(ws: &[Window]) -> Vec<Vec<f64>> {
+    ws.iter().map(|w| w.frames.iter().map(|f| (f.time_s * 1000.0).round() / 1000.0).collect()).collect()
+}
+
+/// Wait for an event matching `pred` (collecting everything seen into `seen`).
+pub fn wait_event(
+    rx: &mut UnboundedReceiver<SourceEvent>,
+    seen: &mut Vec<SourceEvent>,
+    limit: Duration,
+    mut pred: impl FnMut(&SourceEvent) -> bool,
+) -> Option<SourceEvent> {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        match rx.try_recv() {
+            Ok(e) => {
+                seen.push(e.clone());
+                if pred(&e) {
+                    return Some(e);
+                }
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    None
+}
+
+pub fn is_state(e: &SourceEvent, stream: &str, name: &str) -> bool {
+    e.stream == stream && matches!(&e.kind, EventKind::State(s) if s.as_str() == name)
+}
+
+/// A free loopback TCP port (bound then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// An in-process RTSP server on 127.0.0.1 serving a live moving-ball H.264 stream at `/test`.
+pub struct RtspServer {
+    pub port: u16,
+    server: rtsp::RTSPServer,
+    ctx: gst::glib::MainContext,
+    main_loop: gst::glib::MainLoop,
+    source: Option<gst::glib::SourceId>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RtspServer {
+    pub fn start(port: u16) -> RtspServer {
+        init();
+        let ctx = gst::glib::MainContext::new();
+        let main_loop = gst::glib::MainLoop::new(Some(&ctx), false);
+        let server = rtsp::RTSPServer::new();
+        server.set_address("127.0.0.1");
+        server.set_service(&port.to_string());
+        let factory = rtsp::RTSPMediaFactory::new();
+        factory.set_launch(
+            "( videotestsrc is-live=true pattern=ball ! video/x-raw,format=I420,width=320,height=240,framerate=15/1 \
+             ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max=15 ! rtph264pay name=pay0 pt=96 config-interval=1 )",
+        );
+        factory.set_shared(true);
+        server.mount_points().unwrap().add_factory("/test", factory);
+        // The port may still be in TIME_WAIT from the previous instance: retry briefly.
+        let mut source = None;
+        for _ in 0..50 {
+            match server.attach(Some(&ctx)) {
+                Ok(id) => {
+                    source = Some(id);
+                    break;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+        let source = source.expect("RTSP server could not bind");
+        let ml = main_loop.clone();
+        let thread = std::thread::spawn(move || ml.run());
+        RtspServer { port, server, ctx, main_loop, source: Some(source), thread: Some(thread) }
+    }
+
+    pub fn url(&self) -> String {
+        format!("rtsp://127.0.0.1:{}/test", self.port)
+    }
+
+    /// Stop listening and drop every client connection.
+    pub fn stop(&mut self) {
+        self.main_loop.quit();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // The listening source lives in our own context, not the default one.
+        if let Some(id) = self.source.take() {
+            if let Some(src) = self.ctx.find_source_by_id(&id) {
+                src.destroy();
+            }
+        }
+        self.server.client_filter(Some(&mut |_s, _c| rtsp::RTSPFilterResult::Remove));
+    }
+}
+
+impl Drop for RtspServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn shared_frame_ptr_eq(a: &Window, ai: usize, b: &Window, bi: usize) -> bool {
+    Arc::ptr_eq(&a.frames[ai], &b.frames[bi])
+}
