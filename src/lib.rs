@@ -6,5 +6,6 @@
 
 pub mod config;
 pub mod logging;
+pub mod publish;
 
 pub use config::Config;

@@ -33,6 +33,23 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Print answers as they arrive on MQTT (from a config's broker, or --broker URL).
+    Tail {
+        #[arg(short, long, value_name = "FILE", required_unless_present = "broker", conflicts_with = "broker")]
+        config: Option<PathBuf>,
+        /// Broker URL, e.g. mqtt://127.0.0.1:1883.
+        #[arg(long, value_name = "URL")]
+        broker: Option<String>,
+        /// Topic prefix (default: the config's, else "vigil").
+        #[arg(long, value_name = "P")]
+        prefix: Option<String>,
+        /// Print the raw JSON payloads, one per line.
+        #[arg(long)]
+        json: bool,
+        /// Exit after N answers.
+        #[arg(short = 'n', long, value_name = "N")]
+        count: Option<usize>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -44,12 +61,42 @@ fn main() -> ExitCode {
             print!("{}", vigil::config::EXAMPLE_CONFIG);
             ExitCode::SUCCESS
         }
+        Command::Tail { config, broker, prefix, json, count } => tail(config, broker, prefix, json, count),
         Command::Run { config } => {
             // Validate first so `run` already reports config mistakes like `check` does.
             if let Err(code) = load(&config) {
                 return code;
             }
             eprintln!("vigil run: the daemon is not implemented yet (it arrives with the daemon issue); nothing was started");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn tail(config: Option<PathBuf>, broker: Option<String>, prefix: Option<String>, json: bool, count: Option<usize>) -> ExitCode {
+    let mut mqtt = match &config {
+        Some(path) => match load(path) {
+            Ok(cfg) => vigil::publish::connect::resolved(&cfg),
+            Err(code) => return code,
+        },
+        None => vigil::config::MqttConfig { broker: broker.unwrap_or_default(), ..Default::default() },
+    };
+    if let Some(p) = prefix {
+        mqtt.topic_prefix = p;
+    }
+    let opts = vigil::publish::tail::TailOptions { mqtt, json, count };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::stdout();
+    match rt.block_on(vigil::publish::tail::tail(opts, &mut out)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
             ExitCode::FAILURE
         }
     }
