@@ -293,9 +293,9 @@ pub fn fast() -> PublishOptions {
 /// Wait until the publisher's link matches `pred` (at most `t`).
 pub async fn wait_link(p: &Publisher, t: Duration, pred: impl Fn(&LinkState) -> bool) -> LinkState {
     let mut rx = p.link();
-    let r = tokio::time::timeout(t, rx.wait_for(|l| pred(l))).await;
+    let r = tokio::time::timeout(t, rx.wait_for(|l| pred(l))).await.map(|r| r.map(|l| l.clone()));
     match r {
-        Ok(Ok(l)) => l.clone(),
-        _ => panic!("link state not reached within {t:?}; now {:?}", *rx.borrow()),
+        Ok(Ok(l)) => l,
+        _ => panic!("link state not reached within {t:?}; now {:?}", *p.link().borrow()),
     }
 }
