@@ -39,13 +39,15 @@ impl Mosquitto {
     pub fn start_on(dir: &Path, port: u16, extra: &str) -> Mosquitto {
         let conf = dir.join("mosquitto.conf");
         let text = format!(
-            "per_listener_settings false\n\
+            // `user root`: when the tests run as root, mosquitto would otherwise switch to the
+            // `mosquitto` user and could not write its persistence file into our temp dir.
+            "user root\n\
+             per_listener_settings false\n\
              persistence true\n\
              persistence_location {}/\n\
              max_queued_messages 10000\n\
              log_dest stderr\n\
              log_type error\n\
-             log_type warning\n\
              listener {port} 127.0.0.1\n\
              {extra}\n",
             dir.display()
