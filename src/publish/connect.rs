@@ -193,7 +193,11 @@ pub fn describe(e: &ConnectionError, addr: &BrokerAddr, user: Option<&str>) -> S
                 user.unwrap_or("")
             ),
             ConnectReturnCode::NotAuthorized => {
-                format!("broker {addr} refused the connection: not authorized (user {:?})", user.unwrap_or(""))
+                // mosquitto 2 answers a wrong password with this code, not "bad username or password".
+                format!(
+                    "broker {addr} refused the connection: not authorized (wrong password for user {:?}, or the user is not allowed)",
+                    user.unwrap_or("")
+                )
             }
             ConnectReturnCode::BadClientId => {
                 format!("broker {addr} rejected the client id (mqtt.client_id)")
