@@ -19,6 +19,8 @@ pub struct BrokerAddr {
     pub host: String,
     pub port: u16,
     pub tls: bool,
+    /// The user name sent (for messages; the password is never kept here).
+    pub user: Option<String>,
 }
 
 impl BrokerAddr {
@@ -35,7 +37,7 @@ impl BrokerAddr {
         // IPv6 literals come back bracketed; the socket layer wants them bare.
         let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
         let port = u.port().unwrap_or(if tls { 8883 } else { 1883 });
-        Ok(BrokerAddr { host, port, tls })
+        Ok(BrokerAddr { host, port, tls, user: None })
     }
 }
 
@@ -53,7 +55,7 @@ pub fn broker_addr(m: &MqttConfig) -> Result<BrokerAddr, PublishError> {
             Some(ip) if !ip.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_unspecified()) => ip.to_string(),
             _ => "127.0.0.1".to_string(),
         };
-        return Ok(BrokerAddr { host, port: m.embedded_port, tls: false });
+        return Ok(BrokerAddr { host, port: m.embedded_port, tls: false, user: None });
     }
     BrokerAddr::parse(&m.broker)
 }
@@ -96,7 +98,7 @@ pub fn mqtt_options(
     resolve: &dyn Fn(&Path) -> PathBuf,
     will: Option<(String, &str)>,
 ) -> Result<(MqttOptions, BrokerAddr), PublishError> {
-    let addr = broker_addr(m)?;
+    let mut addr = broker_addr(m)?;
     let mut o = MqttOptions::new(client_id, addr.host.clone(), addr.port);
     // rumqttc refuses keep-alives under a second; 0 means "off".
     o.set_keep_alive(Duration::from_secs(if m.keepalive_s == 0 { 0 } else { m.keepalive_s.max(1) }));
@@ -118,6 +120,7 @@ pub fn mqtt_options(
             Some(pf) => read_password(&resolve(pf))?,
             None => url_user.as_ref().and_then(|u| u.password()).unwrap_or("").to_string(),
         };
+        addr.user = Some(user.clone());
         o.set_credentials(user, password);
     }
     if addr.tls {
@@ -185,7 +188,8 @@ fn read_certs(path: &Path, key: &str) -> Result<Vec<CertificateDer<'static>>, Pu
 
 /// A connection failure in words a user can act on. Never contains the password (rumqttc's
 /// errors do not carry it, and the address has no userinfo).
-pub fn describe(e: &ConnectionError, addr: &BrokerAddr, user: Option<&str>) -> String {
+pub fn describe(e: &ConnectionError, addr: &BrokerAddr) -> String {
+    let user = addr.user.as_deref();
     match e {
         ConnectionError::ConnectionRefused(code) => match code {
             ConnectReturnCode::BadUserNamePassword => format!(

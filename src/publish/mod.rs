@@ -230,9 +230,8 @@ impl Publisher {
             retain: true,
         });
 
-        let user = m.username.clone();
         tracing::info!("MQTT: publishing under {:?} to {addr}", m.topic_prefix);
-        let task = tokio::spawn(run_loop(shared.clone(), eventloop, opts, addr, user));
+        let task = tokio::spawn(run_loop(shared.clone(), eventloop, opts, addr));
         Ok((
             Publisher {
                 shared,
@@ -378,7 +377,7 @@ fn publish_enabled(shared: &Shared, target: &SetTarget, enabled: bool) {
 }
 
 /// The event loop task: polls rumqttc forever, reconnecting with exponential backoff.
-async fn run_loop(shared: Arc<Shared>, mut el: EventLoop, opts: PublishOptions, addr: BrokerAddr, user: Option<String>) {
+async fn run_loop(shared: Arc<Shared>, mut el: EventLoop, opts: PublishOptions, addr: BrokerAddr) {
     let mut backoff = opts.reconnect_min;
     let mut last_logged: Option<String> = None;
     loop {
@@ -440,7 +439,7 @@ async fn run_loop(shared: Arc<Shared>, mut el: EventLoop, opts: PublishOptions, 
                 if stopping {
                     return;
                 }
-                let msg = connect::describe(&e, &addr, user.as_deref());
+                let msg = connect::describe(&e, &addr);
                 if last_logged.as_deref() != Some(msg.as_str()) {
                     tracing::warn!("MQTT: {msg}; retrying (backoff from {:?} up to {:?})", backoff, opts.reconnect_max);
                     last_logged = Some(msg.clone());

@@ -65,7 +65,7 @@ pub async fn tail(opts: TailOptions, out: &mut (dyn Write + Send)) -> Result<(),
             }
             Ok(_) => {}
             Err(e) => {
-                let msg = connect::describe(&e, &addr, m.username.as_deref());
+                let msg = connect::describe(&e, &addr);
                 if matches!(e, ConnectionError::ConnectionRefused(_) | ConnectionError::Tls(_)) {
                     return Err(PublishError::Connect(msg));
                 }
