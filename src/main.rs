@@ -59,6 +59,22 @@ enum Command {
         /// One JSON object per line (caps, then each window).
         #[arg(long)]
         json: bool,
+    /// Print answers as they arrive on MQTT (from a config's broker, or --broker URL).
+    Tail {
+        #[arg(short, long, value_name = "FILE", required_unless_present = "broker", conflicts_with = "broker")]
+        config: Option<PathBuf>,
+        /// Broker URL, e.g. mqtt://127.0.0.1:1883.
+        #[arg(long, value_name = "URL")]
+        broker: Option<String>,
+        /// Topic prefix (default: the config's, else "vigil").
+        #[arg(long, value_name = "P")]
+        prefix: Option<String>,
+        /// Print the raw JSON payloads, one per line.
+        #[arg(long)]
+        json: bool,
+        /// Exit after N answers.
+        #[arg(short = 'n', long, value_name = "N")]
+        count: Option<usize>,
     },
 }
 
@@ -71,6 +87,7 @@ fn main() -> ExitCode {
             print!("{}", vigil::config::EXAMPLE_CONFIG);
             ExitCode::SUCCESS
         }
+        Command::Tail { config, broker, prefix, json, count } => tail(config, broker, prefix, json, count),
         Command::Run { config } => {
             // Validate first so `run` already reports config mistakes like `check` does.
             if let Err(code) = load(&config) {
@@ -110,6 +127,35 @@ fn probe(uri: &str, opts: &vigil::source::probe::ProbeOptions, json: bool) -> Ex
             }
             ExitCode::SUCCESS
         }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn tail(config: Option<PathBuf>, broker: Option<String>, prefix: Option<String>, json: bool, count: Option<usize>) -> ExitCode {
+    let mut mqtt = match &config {
+        Some(path) => match load(path) {
+            Ok(cfg) => vigil::publish::connect::resolved(&cfg),
+            Err(code) => return code,
+        },
+        None => vigil::config::MqttConfig { broker: broker.unwrap_or_default(), ..Default::default() },
+    };
+    if let Some(p) = prefix {
+        mqtt.topic_prefix = p;
+    }
+    let opts = vigil::publish::tail::TailOptions { mqtt, json, count };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut out = std::io::stdout();
+    match rt.block_on(vigil::publish::tail::tail(opts, &mut out)) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

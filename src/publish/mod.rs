@@ -1,0 +1,518 @@
+//! MQTT publishing: topics, payloads, availability, `set` commands, Home Assistant discovery and
+//! the embedded broker. Source of truth: issue 6; topic table in [`topics`], payloads in
+//! [`payload`] (schema for subscribers: `tests/schema/`).
+//!
+//! Design: every message goes through the [`outbox::Outbox`] (under a mutex, never held across
+//! an await); publishing is a synchronous, non-blocking call from any thread. rumqttc's event
+//! loop is polled in its own tokio task and is never blocked: it only moves acknowledgements
+//! into the outbox and hands it the next messages. On a disconnect the unacknowledged messages
+//! go back to the outbox, so QoS 1/2 answers survive a broker restart in order (up to
+//! `outbox_capacity`; beyond it the oldest are dropped and counted).
+
+pub mod connect;
+pub mod discovery;
+#[cfg(feature = "embedded-broker")]
+pub mod embedded;
+pub mod outbox;
+pub mod payload;
+pub mod tail;
+pub mod topics;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, QoS};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::{Config, PromptKind};
+use connect::BrokerAddr;
+use outbox::{Msg, Outbox, Pushed};
+pub use payload::*;
+pub use topics::{SetTarget, Topics};
+
+/// Why publishing could not start (connection problems after start are retried, not returned).
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("mqtt.broker {0}")]
+    Broker(String),
+    #[error("mqtt.password_file {}: {reason}", path.display())]
+    PasswordFile { path: PathBuf, reason: String },
+    #[error("MQTT TLS: {0}")]
+    Tls(String),
+    #[error("embedded MQTT broker: {0}")]
+    Embedded(String),
+    /// A connection failure that will not fix itself (refused credentials, TLS), for one-shot
+    /// tools such as `vigil tail`.
+    #[error("{0}")]
+    Connect(String),
+}
+
+/// A run-time command received on a `set` topic, for the daemon to apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    SetStream { stream: String, enabled: bool },
+    SetPrompt { stream: String, prompt: String, enabled: bool },
+}
+
+/// The connection as the event loop last saw it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkState {
+    pub connected: bool,
+    /// Successful connects since start.
+    pub connects: u64,
+    /// Failed connection attempts since the last successful connect.
+    pub failures: u64,
+    /// The last failure, in words (no secrets).
+    pub last_error: Option<String>,
+}
+
+/// Knobs that are not in the config file (tests shorten the backoff).
+#[derive(Debug, Clone)]
+pub struct PublishOptions {
+    /// First delay before reconnecting; doubles up to `reconnect_max`.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    /// Messages handed to rumqttc and not yet acknowledged, at most.
+    pub max_inflight: usize,
+}
+
+impl Default for PublishOptions {
+    fn default() -> Self {
+        PublishOptions { reconnect_min: Duration::from_millis(500), reconnect_max: Duration::from_secs(30), max_inflight: 64 }
+    }
+}
+
+struct Inner {
+    outbox: Outbox,
+    connected: bool,
+    stopping: bool,
+    /// Last value of each alert prompt, for false → true edges.
+    alerts: HashMap<(String, String), bool>,
+}
+
+struct Shared {
+    topics: Topics,
+    qos: QoS,
+    client: AsyncClient,
+    inner: Mutex<Inner>,
+    link: watch::Sender<LinkState>,
+    commands: mpsc::Sender<Command>,
+    /// stream → its prompts, to validate `set` commands.
+    streams: HashMap<String, HashSet<String>>,
+    ha_status_topic: Option<String>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain data behind; keep publishing.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn enqueue(&self, msg: Msg) {
+        let mut inner = self.lock();
+        if let Pushed::DroppedOldest { first_in_burst: true } = inner.outbox.push(msg) {
+            tracing::warn!(
+                "MQTT outbox full ({} messages): dropping the oldest until the broker takes them again",
+                inner.outbox.capacity()
+            );
+        }
+        self.pump(&mut inner);
+    }
+
+    fn event(&self, topic: String, payload: Vec<u8>) {
+        self.enqueue(Msg { topic, payload, qos: self.qos, retain: false });
+    }
+
+    fn retained(&self, topic: String, payload: Vec<u8>) {
+        self.enqueue(Msg { topic, payload, qos: self.qos, retain: true });
+    }
+
+    /// Hand queued messages to rumqttc while connected and the in-flight window allows.
+    fn pump(&self, inner: &mut Inner) {
+        while inner.connected && !inner.stopping {
+            let Some(m) = inner.outbox.next() else { break };
+            match self.client.try_publish(m.topic.clone(), m.qos, m.retain, m.payload.clone()) {
+                Ok(()) => inner.outbox.handed(m),
+                Err(_) => {
+                    // Channel full: the event loop is busy; the next ack pumps again.
+                    inner.outbox.unnext(m);
+                    break;
+                }
+            }
+        }
+    }
+
+    fn log_burst_end(&self, ended: Option<u64>) {
+        if let Some(n) = ended {
+            tracing::info!("MQTT outbox drained; {n} message(s) were dropped while it was full");
+        }
+    }
+}
+
+/// Publishes vigil's answers and states to MQTT. Cheap to share behind an `Arc`; every method
+/// returns at once.
+pub struct Publisher {
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+    #[cfg(feature = "embedded-broker")]
+    embedded: Option<embedded::EmbeddedBroker>,
+}
+
+impl Publisher {
+    /// Connect (in the background) and start publishing. Returns the publisher and the channel
+    /// on which `set` commands arrive. Must be called inside a tokio runtime.
+    pub async fn start(cfg: &Config, opts: PublishOptions) -> Result<(Publisher, mpsc::Receiver<Command>), PublishError> {
+        let m = &cfg.mqtt;
+        #[cfg(feature = "embedded-broker")]
+        let embedded = if m.is_embedded() {
+            let addr = embedded::EmbeddedBroker::listen_addr(m)?;
+            Some(tokio::task::spawn_blocking(move || embedded::EmbeddedBroker::start(addr)).await.map_err(
+                |e| PublishError::Embedded(format!("start-up task failed: {e}")),
+            )??)
+        } else {
+            None
+        };
+        #[cfg(not(feature = "embedded-broker"))]
+        if m.is_embedded() {
+            return Err(PublishError::Embedded(
+                "this vigil was built without the `embedded-broker` feature; set mqtt.broker to mqtt://host".into(),
+            ));
+        }
+
+        let topics = Topics::new(&m.topic_prefix);
+        let resolve = |p: &std::path::Path| cfg.resolve_path(p);
+        let (mqtt_opts, addr) =
+            connect::mqtt_options(m, &m.client_id, &resolve, Some((topics.available(), "offline")))?;
+        let (client, eventloop) = AsyncClient::new(mqtt_opts, 4 * opts.max_inflight + 16);
+        let (cmd_tx, cmd_rx) = mpsc::channel(64);
+        let (link_tx, _) = watch::channel(LinkState::default());
+        let streams = cfg
+            .streams
+            .iter()
+            .map(|s| (s.name.clone(), s.prompts.iter().cloned().collect::<HashSet<_>>()))
+            .collect();
+        let shared = Arc::new(Shared {
+            qos: connect::qos(m.qos),
+            client,
+            inner: Mutex::new(Inner {
+                outbox: Outbox::new(m.outbox_capacity, opts.max_inflight),
+                connected: false,
+                stopping: false,
+                alerts: HashMap::new(),
+            }),
+            link: link_tx,
+            commands: cmd_tx,
+            streams,
+            ha_status_topic: m.homeassistant_discovery.then(|| discovery::status_topic(cfg)),
+            topics,
+        });
+
+        // Initial retained states, in the order they are re-sent after each connect:
+        // discovery configs, then switches' states, then `online` (forced last).
+        if m.homeassistant_discovery {
+            for d in discovery::configs(cfg, &shared.topics) {
+                shared.retained(d.topic, d.payload.to_string().into_bytes());
+            }
+        }
+        for s in &cfg.streams {
+            shared.retained(shared.topics.stream_enabled(&s.name), on_off(s.enabled));
+            for p in &s.prompts {
+                shared.retained(shared.topics.prompt_enabled(&s.name, p), on_off(true));
+            }
+        }
+        shared.enqueue(Msg {
+            topic: shared.topics.available(),
+            payload: b"online".to_vec(),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+        });
+
+        tracing::info!("MQTT: publishing under {:?} to {addr}", m.topic_prefix);
+        let task = tokio::spawn(run_loop(shared.clone(), eventloop, opts, addr));
+        Ok((
+            Publisher {
+                shared,
+                task,
+                #[cfg(feature = "embedded-broker")]
+                embedded,
+            },
+            cmd_rx,
+        ))
+    }
+
+    /// Publish an answer: the JSON on `<stream>/<prompt>`, the short state (retained) and, for
+    /// alert prompts turning true, an alert.
+    pub fn answer(&self, a: &Answer) {
+        let t = &self.shared.topics;
+        self.shared.event(t.answer(&a.stream, &a.prompt), to_json(a));
+        if a.kind == PromptKind::Alert.as_str() {
+            let now = a.is_positive();
+            let before = self.shared.lock().alerts.insert((a.stream.clone(), a.prompt.clone()), now).unwrap_or(false);
+            if now && !before {
+                self.shared.event(t.alert(&a.stream, &a.prompt), to_json(&AlertPayload::from_answer(a)));
+            }
+        }
+        self.shared.retained(t.state(&a.stream, &a.prompt), a.short_state().into_bytes());
+    }
+
+    /// Publish a stream's source state (retained).
+    pub fn status(&self, stream: &str, status: &StatusPayload) {
+        self.shared.retained(self.shared.topics.status(stream), to_json(status));
+    }
+
+    /// Publish statistics; the outbox figures are filled in here.
+    pub fn stats(&self, mut stats: StatsPayload) {
+        stats.outbox = self.outbox_stats();
+        self.shared.event(self.shared.topics.stats(), to_json(&stats));
+    }
+
+    /// Report a failure worth a human's attention on `<prefix>/errors`.
+    pub fn error(&self, component: &str, stream: Option<&str>, message: &str) {
+        let e = ErrorPayload {
+            component: component.to_string(),
+            stream: stream.map(str::to_string),
+            message: crate::config::redact_uri(message),
+            timestamp: now_rfc3339(),
+        };
+        self.shared.event(self.shared.topics.errors(), to_json(&e));
+    }
+
+    /// Publish the enabled state of a stream or prompt (retained `.../enabled`), e.g. after the
+    /// daemon changed it on its own.
+    pub fn enabled(&self, target: &SetTarget, enabled: bool) {
+        publish_enabled(&self.shared, target, enabled);
+    }
+
+    pub fn outbox_stats(&self) -> OutboxStats {
+        let inner = self.shared.lock();
+        OutboxStats {
+            depth: inner.outbox.depth() as u64,
+            capacity: inner.outbox.capacity() as u64,
+            dropped: inner.outbox.dropped(),
+        }
+    }
+
+    /// Watch the connection state.
+    pub fn link(&self) -> watch::Receiver<LinkState> {
+        self.shared.link.subscribe()
+    }
+
+    pub fn topics(&self) -> &Topics {
+        &self.shared.topics
+    }
+
+    /// Where the embedded broker listens, when this publisher started one.
+    pub fn embedded_addr(&self) -> Option<std::net::SocketAddr> {
+        #[cfg(feature = "embedded-broker")]
+        return self.embedded.as_ref().map(|e| e.addr());
+        #[cfg(not(feature = "embedded-broker"))]
+        None
+    }
+
+    /// Clean shutdown: publish `stopped`, give queued messages up to `timeout` to go out, then
+    /// disconnect (so the broker does not send the `offline` will).
+    pub async fn shutdown(self, timeout: Duration) {
+        self.shared.enqueue(Msg {
+            topic: self.shared.topics.available(),
+            payload: b"stopped".to_vec(),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+        });
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let inner = self.shared.lock();
+                if inner.outbox.is_idle() || !inner.connected || Instant::now() >= deadline {
+                    if !inner.outbox.is_idle() {
+                        tracing::warn!("MQTT: {} message(s) not delivered at shutdown", inner.outbox.depth());
+                    }
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let connected = {
+            let mut inner = self.shared.lock();
+            inner.stopping = true;
+            inner.connected
+        };
+        let mut task = self.task;
+        if connected && self.shared.client.try_disconnect().is_ok() {
+            if tokio::time::timeout(Duration::from_secs(2), &mut task).await.is_ok() {
+                return;
+            }
+        }
+        task.abort();
+    }
+
+    /// Stop at once without DISCONNECT, as a crash would: the broker then publishes the
+    /// `offline` last will.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+fn on_off(b: bool) -> Vec<u8> {
+    if b { b"ON".to_vec() } else { b"OFF".to_vec() }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    // Our payload types have string keys and finite numbers are not checked by serde_json,
+    // so serialisation cannot fail; NaN/inf become null.
+    serde_json::to_vec(v).unwrap_or_else(|e| {
+        tracing::error!("cannot serialise MQTT payload: {e}");
+        b"null".to_vec()
+    })
+}
+
+fn publish_enabled(shared: &Shared, target: &SetTarget, enabled: bool) {
+    let topic = match target {
+        SetTarget::Stream(s) => shared.topics.stream_enabled(s),
+        SetTarget::Prompt { stream, prompt } => shared.topics.prompt_enabled(stream, prompt),
+    };
+    shared.retained(topic, on_off(enabled));
+}
+
+/// The event loop task: polls rumqttc forever, reconnecting with exponential backoff.
+async fn run_loop(shared: Arc<Shared>, mut el: EventLoop, opts: PublishOptions, addr: BrokerAddr) {
+    let mut backoff = opts.reconnect_min;
+    let mut last_logged: Option<String> = None;
+    loop {
+        match el.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = opts.reconnect_min;
+                last_logged = None;
+                let mut inner = shared.lock();
+                inner.connected = true;
+                inner.outbox.resend_retained(&shared.topics.available());
+                let mut filters: Vec<String> = shared.topics.set_filters().to_vec();
+                filters.extend(shared.ha_status_topic.clone());
+                let subs = filters.into_iter().map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce));
+                if let Err(e) = shared.client.try_subscribe_many(subs) {
+                    tracing::warn!("MQTT: cannot subscribe to commands: {e}");
+                }
+                shared.pump(&mut inner);
+                drop(inner);
+                shared.link.send_modify(|l| {
+                    l.connected = true;
+                    l.connects += 1;
+                    l.failures = 0;
+                });
+                tracing::info!("MQTT: connected to {addr}");
+            }
+            Ok(Event::Incoming(Packet::PubAck(a))) => ack(&shared, a.pkid),
+            Ok(Event::Incoming(Packet::PubComp(c))) => ack(&shared, c.pkid),
+            Ok(Event::Incoming(Packet::Publish(p))) => on_message(&shared, &p.topic, &p.payload),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                let mut inner = shared.lock();
+                inner.outbox.on_outgoing_publish(pkid);
+                if pkid == 0 {
+                    let ended = inner.outbox.end_burst_if_empty();
+                    shared.pump(&mut inner);
+                    drop(inner);
+                    shared.log_burst_end(ended);
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                if shared.lock().stopping {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let stopping = {
+                    let mut inner = shared.lock();
+                    inner.connected = false;
+                    // Requests that reached rumqttc's channel after it failed: move them to its
+                    // pending list, which the next (clean-session) connect discards; the outbox
+                    // re-sends them.
+                    el.clean();
+                    let n = inner.outbox.on_disconnect();
+                    if n > 0 {
+                        tracing::warn!("MQTT outbox full: dropped {n} unacknowledged message(s) on disconnect");
+                    }
+                    inner.stopping
+                };
+                if stopping {
+                    return;
+                }
+                let msg = connect::describe(&e, &addr);
+                if last_logged.as_deref() != Some(msg.as_str()) {
+                    tracing::warn!("MQTT: {msg}; retrying (backoff from {:?} up to {:?})", backoff, opts.reconnect_max);
+                    last_logged = Some(msg.clone());
+                } else {
+                    tracing::debug!("MQTT: {msg}; retrying in {:?}", backoff);
+                }
+                shared.link.send_modify(|l| {
+                    l.connected = false;
+                    l.failures += 1;
+                    l.last_error = Some(msg);
+                });
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(opts.reconnect_max);
+            }
+        }
+    }
+}
+
+fn ack(shared: &Shared, pkid: u16) {
+    let mut inner = shared.lock();
+    let ended = inner.outbox.on_ack(pkid);
+    shared.pump(&mut inner);
+    drop(inner);
+    shared.log_burst_end(ended);
+}
+
+/// A message on a subscribed topic: a `set` command or Home Assistant's birth message.
+fn on_message(shared: &Shared, topic: &str, payload: &[u8]) {
+    let text = String::from_utf8_lossy(payload);
+    let text = text.trim();
+    if shared.ha_status_topic.as_deref() == Some(topic) {
+        if text == "online" {
+            tracing::info!("Home Assistant came online: re-publishing discovery configs and states");
+            let mut inner = shared.lock();
+            inner.outbox.resend_retained(&shared.topics.available());
+            shared.pump(&mut inner);
+        }
+        return;
+    }
+    let Some(target) = shared.topics.parse_set(topic) else { return };
+    let enabled = match text.to_ascii_uppercase().as_str() {
+        "ON" | "TRUE" | "1" => true,
+        "OFF" | "FALSE" | "0" => false,
+        _ => {
+            let m = format!("{topic}: expected ON or OFF, got {:?}", payload::truncate_chars(text, 40));
+            tracing::warn!("MQTT command ignored: {m}");
+            send_error(shared, &m);
+            return;
+        }
+    };
+    let known = match &target {
+        SetTarget::Stream(s) => shared.streams.contains_key(s),
+        SetTarget::Prompt { stream, prompt } => shared.streams.get(stream).is_some_and(|p| p.contains(prompt)),
+    };
+    if !known {
+        let m = format!("{topic}: no such stream or prompt");
+        tracing::warn!("MQTT command ignored: {m}");
+        send_error(shared, &m);
+        return;
+    }
+    let cmd = match target.clone() {
+        SetTarget::Stream(stream) => Command::SetStream { stream, enabled },
+        SetTarget::Prompt { stream, prompt } => Command::SetPrompt { stream, prompt, enabled },
+    };
+    tracing::info!("MQTT command: {cmd:?}");
+    match shared.commands.try_send(cmd) {
+        Ok(()) => publish_enabled(shared, &target, enabled),
+        Err(mpsc::error::TrySendError::Full(_)) => tracing::warn!("MQTT command dropped: the daemon is not keeping up"),
+        Err(mpsc::error::TrySendError::Closed(_)) => tracing::debug!("MQTT command ignored: nobody listens"),
+    }
+}
+
+fn send_error(shared: &Shared, message: &str) {
+    let e = ErrorPayload { component: "mqtt".into(), stream: None, message: message.to_string(), timestamp: now_rfc3339() };
+    shared.event(shared.topics.errors(), to_json(&e));
+}

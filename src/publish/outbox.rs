@@ -1,0 +1,317 @@
+//! The outbox: every message the publisher sends, held until the broker acknowledges it.
+//! Source of truth: issue 6, "Outbox" (bounded, ordered, drop-oldest with a counter and one
+//! warning per burst).
+//!
+//! Why our own queue in front of rumqttc: with a clean session rumqttc forgets unacknowledged
+//! publishes on reconnect, and its request channel cannot drop the oldest entry. So messages
+//! stay here until their PUBACK/PUBCOMP, and on a disconnect the unacknowledged ones go back to
+//! the front of the queue in their original order.
+//!
+//! Two kinds of message:
+//! - *events* (answers, alerts, stats, errors): queued in order, at most `capacity` of them; when
+//!   full, the oldest is dropped and counted;
+//! - *retained states* (availability, statuses, `.../state`, `.../enabled`, discovery configs):
+//!   only the latest value per topic matters, so they are kept in a map and re-sent after every
+//!   connect (the broker may have restarted without persistence). They never compete with
+//!   events for capacity.
+
+use std::collections::{HashMap, VecDeque};
+
+use rumqttc::QoS;
+
+/// One MQTT message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Msg {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: QoS,
+    pub retain: bool,
+}
+
+/// What happened when a message was queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    Queued,
+    /// The oldest event was dropped; `first_in_burst` is true only for the first drop since the
+    /// outbox last emptied (so the caller warns once per burst).
+    DroppedOldest { first_in_burst: bool },
+}
+
+#[derive(Debug)]
+pub struct Outbox {
+    capacity: usize,
+    /// Most messages handed to the client and not yet acknowledged.
+    max_inflight: usize,
+    events: VecDeque<Msg>,
+    /// Latest retained message per topic, and the order topics were first seen.
+    retained: HashMap<String, Msg>,
+    retained_order: Vec<String>,
+    /// Retained topics still to (re)send, oldest first, without duplicates.
+    dirty: VecDeque<String>,
+    /// Handed to the client, its `Outgoing::Publish` not seen yet.
+    handed: VecDeque<Msg>,
+    /// Sent with a packet id, awaiting the broker's acknowledgement.
+    inflight: VecDeque<(u16, Msg)>,
+    dropped: u64,
+    burst_dropped: u64,
+}
+
+impl Outbox {
+    pub fn new(capacity: usize, max_inflight: usize) -> Self {
+        Outbox {
+            capacity: capacity.max(1),
+            max_inflight: max_inflight.max(1),
+            events: VecDeque::new(),
+            retained: HashMap::new(),
+            retained_order: Vec::new(),
+            dirty: VecDeque::new(),
+            handed: VecDeque::new(),
+            inflight: VecDeque::new(),
+            dropped: 0,
+            burst_dropped: 0,
+        }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Events dropped since start.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Events not yet acknowledged by the broker (queued or in flight).
+    pub fn depth(&self) -> usize {
+        self.events.len()
+            + self.handed.iter().filter(|m| !m.retain).count()
+            + self.inflight.iter().filter(|(_, m)| !m.retain).count()
+    }
+
+    /// Nothing waiting and nothing unacknowledged.
+    pub fn is_idle(&self) -> bool {
+        self.events.is_empty() && self.dirty.is_empty() && self.handed.is_empty() && self.inflight.is_empty()
+    }
+
+    /// Queue a message. Retained ones replace the previous value of their topic.
+    pub fn push(&mut self, msg: Msg) -> Pushed {
+        if msg.retain {
+            let topic = msg.topic.clone();
+            if self.retained.insert(topic.clone(), msg).is_none() {
+                self.retained_order.push(topic.clone());
+            }
+            self.mark_dirty(&topic);
+            return Pushed::Queued;
+        }
+        let mut result = Pushed::Queued;
+        while self.events.len() >= self.capacity {
+            self.events.pop_front();
+            result = Pushed::DroppedOldest { first_in_burst: self.count_drop() };
+        }
+        self.events.push_back(msg);
+        result
+    }
+
+    fn count_drop(&mut self) -> bool {
+        self.dropped += 1;
+        self.burst_dropped += 1;
+        self.burst_dropped == 1
+    }
+
+    /// The latest retained value of a topic.
+    pub fn retained(&self, topic: &str) -> Option<&Msg> {
+        self.retained.get(topic)
+    }
+
+    fn mark_dirty(&mut self, topic: &str) {
+        if !self.dirty.iter().any(|t| t == topic) {
+            self.dirty.push_back(topic.to_string());
+        }
+    }
+
+    /// Mark every retained topic for re-sending, in first-seen order, with `last` (the
+    /// availability topic) at the end so `online` follows the initial states.
+    pub fn resend_retained(&mut self, last: &str) {
+        let order = self.retained_order.clone();
+        for t in order.iter().filter(|t| *t != last) {
+            self.mark_dirty(t);
+        }
+        if self.retained.contains_key(last) {
+            self.dirty.retain(|t| t != last);
+            self.dirty.push_back(last.to_string());
+        }
+    }
+
+    /// Mark the retained topics under `prefix` for re-sending (discovery configs).
+    pub fn resend_retained_under(&mut self, prefix: &str) {
+        let order: Vec<String> = self.retained_order.iter().filter(|t| t.starts_with(prefix)).cloned().collect();
+        for t in order {
+            self.mark_dirty(&t);
+        }
+    }
+
+    /// The next message to hand to the client, if the in-flight window allows one. Retained
+    /// states go first (they are few and describe the present).
+    pub fn next(&mut self) -> Option<Msg> {
+        if self.handed.len() + self.inflight.len() >= self.max_inflight {
+            return None;
+        }
+        while let Some(topic) = self.dirty.pop_front() {
+            if let Some(m) = self.retained.get(&topic) {
+                return Some(m.clone());
+            }
+        }
+        self.events.pop_front()
+    }
+
+    /// The client took `msg` (after [`Outbox::next`]).
+    pub fn handed(&mut self, msg: Msg) {
+        self.handed.push_back(msg);
+    }
+
+    /// The client refused `msg` (its channel was full): put it back where it came from.
+    pub fn unnext(&mut self, msg: Msg) {
+        if msg.retain {
+            let t = msg.topic.clone();
+            self.dirty.retain(|x| *x != t);
+            self.dirty.push_front(t);
+        } else {
+            self.events.push_front(msg);
+        }
+    }
+
+    /// The client wrote the oldest handed message with packet id `pkid` (0 for QoS 0, which
+    /// is done at that point).
+    pub fn on_outgoing_publish(&mut self, pkid: u16) {
+        if let Some(m) = self.handed.pop_front() {
+            if m.qos != QoS::AtMostOnce {
+                self.inflight.push_back((pkid, m));
+            }
+        }
+    }
+
+    /// The broker acknowledged `pkid` (PUBACK for QoS 1, PUBCOMP for QoS 2). Returns the number
+    /// dropped in the burst that ends now that the outbox is empty, if one does.
+    pub fn on_ack(&mut self, pkid: u16) -> Option<u64> {
+        if let Some(i) = self.inflight.iter().position(|(p, _)| *p == pkid) {
+            self.inflight.remove(i);
+        }
+        self.end_burst_if_empty()
+    }
+
+    /// After QoS 0 traffic or any ack: a burst ends when every event is out.
+    pub fn end_burst_if_empty(&mut self) -> Option<u64> {
+        if self.burst_dropped > 0 && self.depth() == 0 {
+            let n = self.burst_dropped;
+            self.burst_dropped = 0;
+            return Some(n);
+        }
+        None
+    }
+
+    /// The connection dropped: unacknowledged events go back to the front of the queue in their
+    /// original order (the oldest beyond capacity are dropped); retained states are re-sent
+    /// after the next connect anyway. Returns how many events were dropped to fit.
+    pub fn on_disconnect(&mut self) -> u64 {
+        let mut back: Vec<Msg> = self.inflight.drain(..).map(|(_, m)| m).collect();
+        back.extend(self.handed.drain(..));
+        for m in back.into_iter().rev() {
+            if !m.retain {
+                self.events.push_front(m);
+            }
+        }
+        let mut n = 0;
+        while self.events.len() > self.capacity {
+            self.events.pop_front();
+            self.count_drop();
+            n += 1;
+        }
+        self.dirty.clear();
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(i: u32) -> Msg {
+        Msg { topic: "p/s/q".into(), payload: i.to_string().into_bytes(), qos: QoS::AtLeastOnce, retain: false }
+    }
+    fn ret(topic: &str, v: &str) -> Msg {
+        Msg { topic: topic.into(), payload: v.as_bytes().to_vec(), qos: QoS::AtLeastOnce, retain: true }
+    }
+    fn num(m: &Msg) -> u32 {
+        String::from_utf8(m.payload.clone()).unwrap().parse().unwrap()
+    }
+
+    #[test]
+    fn drops_oldest_beyond_capacity_and_warns_once_per_burst() {
+        let mut o = Outbox::new(3, 10);
+        assert_eq!(o.push(ev(0)), Pushed::Queued);
+        o.push(ev(1));
+        o.push(ev(2));
+        assert_eq!(o.push(ev(3)), Pushed::DroppedOldest { first_in_burst: true });
+        assert_eq!(o.push(ev(4)), Pushed::DroppedOldest { first_in_burst: false });
+        assert_eq!(o.dropped(), 2);
+        let got: Vec<u32> = std::iter::from_fn(|| o.next()).map(|m| {
+            let n = num(&m);
+            o.handed(m);
+            n
+        }).collect();
+        assert_eq!(got, vec![2, 3, 4]);
+        for pkid in 1..=3 {
+            o.on_outgoing_publish(pkid);
+        }
+        assert_eq!(o.on_ack(1), None);
+        assert_eq!(o.on_ack(2), None);
+        assert_eq!(o.on_ack(3), Some(2), "burst ends when the outbox empties");
+        assert!(o.is_idle());
+        o.push(ev(5));
+        o.push(ev(6));
+        o.push(ev(7));
+        assert_eq!(o.push(ev(8)), Pushed::DroppedOldest { first_in_burst: true }, "a new burst warns again");
+    }
+
+    #[test]
+    fn unacked_events_return_in_order_after_disconnect() {
+        let mut o = Outbox::new(10, 2);
+        for i in 0..5 {
+            o.push(ev(i));
+        }
+        let a = o.next().unwrap();
+        o.handed(a);
+        let b = o.next().unwrap();
+        o.handed(b);
+        assert!(o.next().is_none(), "in-flight window of 2");
+        o.on_outgoing_publish(7); // 0 in flight, 1 still handed
+        assert_eq!(o.depth(), 5);
+        o.on_disconnect();
+        let order: Vec<u32> = std::iter::from_fn(|| {
+            let m = o.next()?;
+            o.handed(m.clone());
+            o.on_outgoing_publish(1);
+            o.on_ack(1);
+            Some(num(&m))
+        })
+        .collect();
+        assert_eq!(order, vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn retained_latest_value_first_and_availability_last() {
+        let mut o = Outbox::new(2, 10);
+        o.push(ret("p/available", "online"));
+        o.push(ret("p/s/status", "a"));
+        o.push(ev(1));
+        o.push(ret("p/s/status", "b"));
+        o.on_disconnect();
+        assert!(o.next().map(|m| !m.retain).unwrap(), "dirty marks are cleared on disconnect");
+        o.resend_retained("p/available");
+        let m = o.next().unwrap();
+        assert_eq!((m.topic.as_str(), m.payload.as_slice()), ("p/s/status", &b"b"[..]));
+        let m = o.next().unwrap();
+        assert_eq!(m.topic, "p/available");
+        assert!(o.next().is_none());
+    }
+}

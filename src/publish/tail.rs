@@ -1,0 +1,127 @@
+//! `vigil tail`: subscribe to a vigil's answers and print them as they arrive. Source of truth:
+//! issue 6 "What to build" 5.
+//!
+//! Human-readable by default (`time  stream/prompt  [start–end s]  answer`), raw JSON lines with
+//! `--json`. Only answer and alert payloads are printed; statuses, states and commands that
+//! share the wildcard levels are skipped.
+
+use std::io::Write;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, ConnectionError, Event, Packet, QoS};
+
+use super::connect;
+use super::payload::{AlertPayload, Answer};
+use super::PublishError;
+use crate::config::MqttConfig;
+
+#[derive(Debug, Clone)]
+pub struct TailOptions {
+    /// Broker and credentials; relative paths must already be resolved.
+    pub mqtt: MqttConfig,
+    /// Raw JSON lines instead of the human format.
+    pub json: bool,
+    /// Exit after this many answers (and alerts).
+    pub count: Option<usize>,
+}
+
+/// Subscribe and print until `count` messages were printed (or forever). Connection failures
+/// that will not fix themselves (refused credentials, TLS) end it with an error; others are
+/// retried with a message on stderr.
+pub async fn tail(opts: TailOptions, out: &mut (dyn Write + Send)) -> Result<(), PublishError> {
+    let m = &opts.mqtt;
+    let client_id = format!("{}-tail-{}", m.client_id, std::process::id());
+    let (mqtt_opts, addr) = connect::mqtt_options(m, &client_id, &|p| p.to_path_buf(), None)?;
+    let (client, mut el) = AsyncClient::new(mqtt_opts, 16);
+    let prefix = m.topic_prefix.clone();
+    let filters = [format!("{prefix}/+/+"), format!("{prefix}/+/+/alert")];
+    let mut printed = 0usize;
+    let mut announced = false;
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match el.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                backoff = Duration::from_millis(500);
+                let subs = filters.iter().map(|f| rumqttc::SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+                client.subscribe_many(subs).await.map_err(|e| PublishError::Connect(e.to_string()))?;
+            }
+            Ok(Event::Incoming(Packet::SubAck(_))) if !announced => {
+                announced = true;
+                eprintln!("vigil tail: subscribed to {} on {addr}", filters.join(", "));
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let line = if opts.json { json_line(&p.topic, &p.payload) } else { human_line(&p.topic, &p.payload) };
+                if let Some(line) = line {
+                    // A closed stdout (e.g. `| head`) ends the tail quietly.
+                    if writeln!(out, "{line}").and_then(|_| out.flush()).is_err() {
+                        return Ok(());
+                    }
+                    printed += 1;
+                    if opts.count.is_some_and(|n| printed >= n) {
+                        let _ = client.try_disconnect();
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let msg = connect::describe(&e, &addr);
+                if matches!(e, ConnectionError::ConnectionRefused(_) | ConnectionError::Tls(_)) {
+                    return Err(PublishError::Connect(msg));
+                }
+                eprintln!("vigil tail: {msg}; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+fn is_alert_topic(topic: &str) -> bool {
+    topic.ends_with("/alert")
+}
+
+/// The payload as one JSON line, if it is an answer or an alert.
+fn json_line(topic: &str, payload: &[u8]) -> Option<String> {
+    let ok = if is_alert_topic(topic) {
+        serde_json::from_slice::<AlertPayload>(payload).is_ok()
+    } else {
+        serde_json::from_slice::<Answer>(payload).is_ok()
+    };
+    ok.then(|| String::from_utf8_lossy(payload).trim().to_string())
+}
+
+/// `2026-11-24 20:31:05Z  cam1/person  [0.0–8.0 s]  a person walks in`
+fn human_line(topic: &str, payload: &[u8]) -> Option<String> {
+    let when = |s: &str| s.replacen('T', " ", 1).split('.').next().unwrap_or(s).trim_end_matches('Z').to_string() + "Z";
+    if is_alert_topic(topic) {
+        let a: AlertPayload = serde_json::from_slice(payload).ok()?;
+        return Some(format!(
+            "{}  {}/{}  [{:.1}–{:.1} s]  ALERT: {}",
+            when(&a.window.start),
+            a.stream,
+            a.prompt,
+            a.window.start_s,
+            a.window.end_s,
+            one_line(&a.answer)
+        ));
+    }
+    let a: Answer = serde_json::from_slice(payload).ok()?;
+    let mut line = format!(
+        "{}  {}/{}  [{:.1}–{:.1} s]  {}",
+        when(&a.window.start),
+        a.stream,
+        a.prompt,
+        a.window.start_s,
+        a.window.end_s,
+        one_line(&a.answer)
+    );
+    if let Some(e) = &a.parse_error {
+        line.push_str(&format!("  (unparsed: {e})"));
+    }
+    Some(line)
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
