@@ -6,5 +6,6 @@
 
 pub mod config;
 pub mod logging;
+pub mod model;
 
 pub use config::Config;
