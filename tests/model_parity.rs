@@ -344,3 +344,20 @@ fn bad_inputs_are_errors_not_panics() {
     let err = fx.model.forward(&inputs, &mut KvCache::new()).unwrap_err();
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
 }
+
+#[test]
+fn reduced_precision_loads_and_tracks_f32() {
+    let fx = load("tiny_b");
+    let inputs = fx.inputs("batch");
+    let reference = fx.model.prefill_last(&inputs, &mut KvCache::new()).unwrap();
+    let scale = reference.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    for dtype in [DType::BF16, DType::F16] {
+        let model =
+            VideoLlama3ForConditionalGeneration::from_pretrained(&fixtures().join("tiny_b"), dtype, &Device::Cpu).unwrap();
+        assert_eq!(model.dtype(), dtype);
+        let logits = model.prefill_last(&inputs, &mut KvCache::new()).unwrap();
+        let d = max_abs_diff(&logits, &reference);
+        eprintln!("tiny_b batch {dtype:?}: last-position logits max |diff| vs f32 = {d:.3e} (max |logit| {scale:.2})");
+        assert!(d.is_finite() && d < 0.1 * scale, "{dtype:?} drifted by {d}");
+    }
+}

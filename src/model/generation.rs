@@ -139,6 +139,9 @@ impl VideoLlama3ForConditionalGeneration {
             .or_else(|| eos.first().copied())
             .unwrap_or(0);
         let (b, l) = inputs.input_ids.dims2()?;
+        if b == 0 || l == 0 {
+            return Err(ModelError::InvalidInput(format!("empty prompt batch {:?}", inputs.input_ids.dims())));
+        }
         let mask = match &inputs.attention_mask {
             Some(m) => m.to_dtype(DType::F32)?,
             None => Tensor::ones((b, l), DType::F32, inputs.input_ids.device())?,

@@ -129,6 +129,9 @@ impl VideoLlama3Model {
         let (b, l) = ids_t.dims2().map_err(|_| {
             ModelError::InvalidInput(format!("input_ids must be [batch, len], got {:?}", ids_t.dims()))
         })?;
+        if b == 0 || l == 0 {
+            return Err(ModelError::InvalidInput(format!("empty input_ids {:?}", ids_t.dims())));
+        }
         let ids: Vec<u32> = ids_t.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
         let vocab = self.config.text_config.vocab_size;
         if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
