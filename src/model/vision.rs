@@ -56,7 +56,7 @@ impl VisualInputs {
         }
         let mut total = 0;
         for (i, (g, &m)) in self.grid_thw.iter().zip(&self.merge_sizes).enumerate() {
-            if m == 0 || g[1] % m != 0 || g[2] % m != 0 || g.iter().any(|&x| x == 0) {
+            if m == 0 || g[1] % m != 0 || g[2] % m != 0 || g.contains(&0) {
                 return bad(format!("item {i}: grid {g:?} is not divisible by merge size {m}"));
             }
             total += g[0] * g[1] * g[2];
