@@ -62,6 +62,8 @@ impl Fixture {
             video_compression_mask: self
                 .get(case, "video_compression_mask")
                 .map(|m| m.to_vec1::<u8>().unwrap().into_iter().map(|v| v != 0).collect()),
+            image_embeds: None,
+            video_embeds: None,
         }
     }
     /// Expected greedy tokens per row, cut after the first EOS (transformers pads finished rows).
@@ -384,4 +386,19 @@ fn video_frames_attend_only_within_themselves() {
     let per = out.dim(0).unwrap() / t;
     assert_eq!(max_abs_diff(&out.narrow(0, per, per * (t - 1)).unwrap(), &whole.narrow(0, per, per * (t - 1)).unwrap()), 0.0);
     assert!(max_abs_diff(&out.narrow(0, 0, per).unwrap(), &whole.narrow(0, 0, per).unwrap()) > 1e-3);
+}
+
+#[test]
+fn precomputed_visual_embeddings_give_the_same_logits() {
+    let fx = load("tiny_b");
+    let inputs = fx.inputs("batch");
+    let reference = fx.model.forward(&inputs, &mut KvCache::new()).unwrap().logits;
+    let m = &fx.model.model;
+    let image = Tensor::cat(&m.get_image_features(inputs.images.as_ref().unwrap()).unwrap(), 0).unwrap();
+    let video = Tensor::cat(&m.get_video_features(inputs.videos.as_ref().unwrap()).unwrap(), 0).unwrap();
+    let pre = MultimodalInputs { images: None, videos: None, image_embeds: Some(image), video_embeds: Some(video), ..inputs.clone() };
+    let logits = fx.model.forward(&pre, &mut KvCache::new()).unwrap().logits;
+    assert_eq!(max_abs_diff(&logits, &reference), 0.0);
+    let both = MultimodalInputs { image_embeds: pre.image_embeds.clone(), ..inputs.clone() };
+    assert!(matches!(fx.model.forward(&both, &mut KvCache::new()), Err(ModelError::InvalidInput(_))));
 }

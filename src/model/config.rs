@@ -63,6 +63,14 @@ struct RawText {
     pad_token_id: Option<i64>,
 }
 
+/// `patch_size` may be an int or a `[h, w]` pair (square patches only are supported).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum PatchSize {
+    One(usize),
+    Pair(Vec<usize>),
+}
+
 #[derive(Debug, Clone, Deserialize)]
 struct RawVision {
     model_type: Option<String>,
@@ -72,7 +80,7 @@ struct RawVision {
     num_attention_heads: usize,
     #[serde(default = "default_channels")]
     num_channels: usize,
-    patch_size: usize,
+    patch_size: PatchSize,
     #[serde(default = "default_gelu_tanh")]
     hidden_act: String,
     #[serde(default = "default_ln_eps")]
@@ -273,13 +281,23 @@ impl VideoLlama3Config {
         if (v.hidden_size / v.num_attention_heads) % 4 != 0 {
             return Err(invalid("vision_config: head dim must be a multiple of 4 for axial 2-D RoPE"));
         }
+        let patch_size = match &v.patch_size {
+            PatchSize::One(p) => *p,
+            PatchSize::Pair(p) if p.len() == 2 && p[0] == p[1] => p[0],
+            PatchSize::Pair(p) => {
+                return Err(invalid(format!("vision_config.patch_size {p:?}: only square patches are supported")))
+            }
+        };
+        if patch_size == 0 {
+            return Err(invalid("vision_config.patch_size must be positive"));
+        }
         let vision_config = VideoLlama3VisionConfig {
             hidden_size: v.hidden_size,
             intermediate_size: v.intermediate_size,
             num_hidden_layers: v.num_hidden_layers,
             num_attention_heads: v.num_attention_heads,
             num_channels: v.num_channels,
-            patch_size: v.patch_size,
+            patch_size,
             layer_norm_eps: v.layer_norm_eps,
             rope_theta: vision_rope.rope_theta.or(v.rope_theta).unwrap_or(DEFAULT_VISION_ROPE_THETA),
         };
@@ -353,5 +371,72 @@ impl GenerationDefaults {
             out.pad_token_id = config.text_config.pad_token_id;
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> serde_json::Value {
+        serde_json::json!({
+            "model_type": "video_llama_3",
+            "image_token_id": 10, "video_token_id": 11,
+            "text_config": {"model_type": "qwen2", "vocab_size": 32, "hidden_size": 16,
+                "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+                "num_key_value_heads": 2},
+            "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                "num_attention_heads": 2, "patch_size": 14}
+        })
+    }
+
+    fn parse(v: &serde_json::Value) -> Result<VideoLlama3Config, ModelError> {
+        VideoLlama3Config::from_json(&v.to_string())
+    }
+
+    #[test]
+    fn defaults_and_both_rope_layouts() {
+        let c = parse(&base()).unwrap();
+        assert_eq!(c.text_config.rope_theta, 10000.0);
+        assert_eq!(c.vision_config.rope_theta, 10000.0);
+        assert_eq!(c.text_config.head_dim, 4);
+        assert!(!c.tie_word_embeddings);
+        let mut v = base();
+        v["text_config"]["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 1e6});
+        v["vision_config"]["rope_parameters"] = serde_json::json!({"rope_type": "axial", "rope_theta": 123.0});
+        v["tie_word_embeddings"] = true.into();
+        let c = parse(&v).unwrap();
+        assert_eq!((c.text_config.rope_theta, c.vision_config.rope_theta), (1e6, 123.0));
+        assert!(c.tie_word_embeddings);
+        let mut v = base();
+        v["text_config"]["rope_theta"] = 5e5.into();
+        v["text_config"]["tie_word_embeddings"] = true.into();
+        v["vision_config"]["patch_size"] = serde_json::json!([14, 14]);
+        let c = parse(&v).unwrap();
+        assert_eq!(c.text_config.rope_theta, 5e5);
+        assert!(c.tie_word_embeddings);
+        assert_eq!(c.vision_config.patch_size, 14);
+    }
+
+    #[test]
+    fn unsupported_settings_are_named() {
+        let mut v = base();
+        v["model_type"] = "qwen2_vl".into();
+        assert!(matches!(parse(&v), Err(ModelError::UnsupportedModelType(t)) if t == "qwen2_vl"));
+        let mut v = base();
+        v["text_config"]["rope_parameters"] = serde_json::json!({"rope_type": "yarn", "rope_theta": 1e6});
+        assert!(parse(&v).unwrap_err().to_string().contains("yarn"));
+        let mut v = base();
+        v["text_config"]["num_key_value_heads"] = 3.into();
+        assert!(parse(&v).unwrap_err().to_string().contains("num_key_value_heads"));
+        let mut v = base();
+        v["image_token_id"] = 99.into();
+        assert!(parse(&v).unwrap_err().to_string().contains("outside the vocabulary"));
+        let mut v = base();
+        v["vision_config"]["patch_size"] = serde_json::json!([14, 16]);
+        assert!(parse(&v).unwrap_err().to_string().contains("square"));
+        let mut v = base();
+        v["text_config"].as_object_mut().unwrap().remove("hidden_size");
+        assert!(parse(&v).unwrap_err().to_string().contains("hidden_size"));
     }
 }

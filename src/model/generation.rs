@@ -59,6 +59,9 @@ pub struct GenerationOutput {
     pub stopped_on_eos: Vec<bool>,
     /// Non-padding prompt tokens per row.
     pub prompt_tokens: Vec<usize>,
+    /// Vision tower + projector + embedding stitch.
+    pub vision_ms: f64,
+    /// Language-model prefill (after the stitch).
     pub prefill_ms: f64,
     pub decode_ms: f64,
 }
@@ -158,7 +161,14 @@ impl VideoLlama3ForConditionalGeneration {
         };
         let mut cache = KvCache::new();
         let t0 = Instant::now();
-        let mut logits = if params.max_new_tokens > 0 { Some(self.prefill_last(inputs, &mut cache)?) } else { None };
+        let embeds = self.model.input_embeddings(inputs)?;
+        let vision_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let t0 = Instant::now();
+        let mut logits = if params.max_new_tokens > 0 {
+            Some(self.prefill_last_embeds(&embeds, Some(&mask), &mut cache)?)
+        } else {
+            None
+        };
         let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t1 = Instant::now();
 
@@ -200,6 +210,7 @@ impl VideoLlama3ForConditionalGeneration {
             tokens,
             stopped_on_eos,
             prompt_tokens,
+            vision_ms,
             prefill_ms,
             decode_ms: t1.elapsed().as_secs_f64() * 1e3,
         })

@@ -28,27 +28,25 @@ pub struct MultimodalInputs {
     pub videos: Option<VisualInputs>,
     /// One flag per merged video token (all videos concatenated): `false` = pruned.
     pub video_compression_mask: Option<Vec<bool>>,
+    /// Precomputed projected image embeddings `[tokens, text_hidden]` (from
+    /// [`VideoLlama3Model::get_image_features`], concatenated), used instead of `images` — e.g.
+    /// one window asked several prompts runs the vision tower once (transformers' `mm_encoder_outputs`).
+    pub image_embeds: Option<Tensor>,
+    /// Precomputed projected video embeddings before pruning; used instead of `videos`.
+    pub video_embeds: Option<Tensor>,
 }
 
 impl MultimodalInputs {
     /// Text-only inputs without padding.
     pub fn text(input_ids: Tensor) -> Self {
-        Self { input_ids, attention_mask: None, images: None, videos: None, video_compression_mask: None }
-    }
-
-    fn mask_or_ones(&self) -> Result<Tensor, ModelError> {
-        match &self.attention_mask {
-            Some(m) => {
-                if m.dims() != self.input_ids.dims() {
-                    return Err(ModelError::InvalidInput(format!(
-                        "attention_mask shape {:?} differs from input_ids {:?}",
-                        m.dims(),
-                        self.input_ids.dims()
-                    )));
-                }
-                Ok(m.to_dtype(DType::F32)?)
-            }
-            None => Ok(Tensor::ones(self.input_ids.dims(), DType::F32, self.input_ids.device())?),
+        Self {
+            input_ids,
+            attention_mask: None,
+            images: None,
+            videos: None,
+            video_compression_mask: None,
+            image_embeds: None,
+            video_embeds: None,
         }
     }
 }
@@ -147,10 +145,38 @@ impl VideoLlama3Model {
         let n_video_tokens = ids.iter().filter(|&&t| t == video_id).count();
         let dtype = sources[0].dtype();
 
+        if inputs.images.is_some() && inputs.image_embeds.is_some() {
+            return Err(ModelError::InvalidInput("give images or image_embeds, not both".into()));
+        }
+        if inputs.videos.is_some() && inputs.video_embeds.is_some() {
+            return Err(ModelError::InvalidInput("give videos or video_embeds, not both".into()));
+        }
+        let image_embeds = match (&inputs.images, &inputs.image_embeds) {
+            (Some(images), _) => Some(Tensor::cat(&self.get_image_features(images)?, 0)?),
+            (None, Some(e)) => Some(e.clone()),
+            (None, None) => None,
+        };
+        let video_embeds = match (&inputs.videos, &inputs.video_embeds) {
+            (Some(videos), _) => Some(Tensor::cat(&self.get_video_features(videos)?, 0)?),
+            (None, Some(e)) => Some(e.clone()),
+            (None, None) => None,
+        };
+        let hidden = self.config.text_config.hidden_size;
+        for (what, e) in [("image_embeds", &image_embeds), ("video_embeds", &video_embeds)] {
+            if let Some(e) = e {
+                if e.rank() != 2 || e.dim(1)? != hidden {
+                    return Err(ModelError::InvalidInput(format!(
+                        "{what} must be [tokens, {hidden}], got {:?}",
+                        e.dims()
+                    )));
+                }
+            }
+        }
+
         let image_base = next;
-        match &inputs.images {
-            Some(images) => {
-                let emb = Tensor::cat(&self.get_image_features(images)?, 0)?.to_dtype(dtype)?;
+        match image_embeds {
+            Some(emb) => {
+                let emb = emb.to_dtype(dtype)?;
                 if emb.dim(0)? != n_image_tokens {
                     return Err(ModelError::InvalidInput(format!(
                         "Image features and image tokens do not match, tokens: {n_image_tokens}, features: {}",
@@ -168,9 +194,9 @@ impl VideoLlama3Model {
             None => {}
         }
         let video_base = next;
-        match &inputs.videos {
-            Some(videos) => {
-                let mut emb = Tensor::cat(&self.get_video_features(videos)?, 0)?.to_dtype(dtype)?;
+        match video_embeds {
+            Some(emb) => {
+                let mut emb = emb.to_dtype(dtype)?;
                 if let Some(keep) = &inputs.video_compression_mask {
                     if keep.len() != emb.dim(0)? {
                         return Err(ModelError::InvalidInput(format!(
@@ -225,19 +251,38 @@ impl VideoLlama3Model {
     }
 
     /// Final hidden states `[batch, len, hidden]`. Positions come from the padding mask (as in
-    /// `generate`); the KV cache is extended.
+    /// `generate`); this is a prefill, so `cache` must be empty and is filled.
     pub fn forward(&self, inputs: &MultimodalInputs, cache: &mut KvCache) -> Result<Tensor, ModelError> {
         let embeds = self.input_embeddings(inputs)?;
-        let mask = inputs.mask_or_ones()?;
-        let pos = if cache.seq_len() == 0 {
-            position_ids_from_mask(&mask)?
-        } else {
+        self.forward_embeds(&embeds, inputs.attention_mask.as_ref(), cache)
+    }
+
+    /// Prefill from already stitched embeddings `[batch, len, hidden]`.
+    pub fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError> {
+        if cache.seq_len() != 0 {
             return Err(ModelError::InvalidInput(
-                "forward() runs a prefill; use decode_step for cached decoding".into(),
+                "forward() runs a prefill on an empty cache; use decode_step for cached decoding".into(),
             ));
+        }
+        let (b, l, _) = embeds.dims3()?;
+        let mask = match attention_mask {
+            Some(m) if m.dims() != [b, l] => {
+                return Err(ModelError::InvalidInput(format!(
+                    "attention_mask shape {:?} differs from input_ids [{b}, {l}]",
+                    m.dims()
+                )))
+            }
+            Some(m) => m.to_dtype(DType::F32)?,
+            None => Tensor::ones((b, l), DType::F32, embeds.device())?,
         };
+        let pos = position_ids_from_mask(&mask)?;
         Ok(self.language_model.forward(
-            &DecoderInputs { inputs_embeds: &embeds, position_ids: &pos, attention_mask: &mask },
+            &DecoderInputs { inputs_embeds: embeds, position_ids: &pos, attention_mask: &mask },
             cache,
         )?)
     }
@@ -336,7 +381,18 @@ impl VideoLlama3ForConditionalGeneration {
 
     /// Prefill returning only the last position's logits `[batch, vocab]` (what generation needs).
     pub fn prefill_last(&self, inputs: &MultimodalInputs, cache: &mut KvCache) -> Result<Tensor, ModelError> {
-        let hidden = self.model.forward(inputs, cache)?;
+        let embeds = self.model.input_embeddings(inputs)?;
+        self.prefill_last_embeds(&embeds, inputs.attention_mask.as_ref(), cache)
+    }
+
+    /// [`Self::prefill_last`] from stitched embeddings (see [`VideoLlama3Model::input_embeddings`]).
+    pub fn prefill_last_embeds(
+        &self,
+        embeds: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError> {
+        let hidden = self.model.forward_embeds(embeds, attention_mask, cache)?;
         let l = hidden.dim(1)?;
         Ok(self.lm_head(&hidden.narrow(1, l - 1, 1)?)?.squeeze(1)?)
     }
