@@ -19,6 +19,7 @@
 //! # Ok(()) }
 //! ```
 
+mod attention;
 pub mod config;
 pub mod generation;
 pub mod text;

@@ -9,6 +9,7 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{linear, linear_no_bias, rms_norm, Linear, RmsNorm, VarBuilder};
 
+use super::attention::{attention, rows_per_chunk};
 use super::config::VideoLlama3TextConfig;
 use super::vision::apply_rotary;
 
@@ -64,7 +65,7 @@ impl Attention {
         xs: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
+        mask: &ChunkedBias,
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> candle_core::Result<Tensor> {
         let (b, l, _) = xs.dims3()?;
@@ -82,10 +83,9 @@ impl Attention {
         let groups = self.num_heads / self.num_kv_heads;
         let k = repeat_kv(&k, groups)?;
         let v = repeat_kv(&v, groups)?;
-        let scores = (q.matmul(&k.t()?)? * self.scale)?.to_dtype(DType::F32)?;
-        let scores = scores.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, self.num_heads * self.head_dim))?;
+        let pick = |start: usize, len: usize| mask.rows_at(start, len);
+        let out = attention(&q, &k, &v, self.scale, Some(&pick))?;
+        let out = out.transpose(1, 2)?.reshape((b, l, self.num_heads * self.head_dim))?;
         self.o_proj.forward(&out)
     }
 }
@@ -145,7 +145,7 @@ impl DecoderLayer {
         xs: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
+        mask: &ChunkedBias,
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> candle_core::Result<Tensor> {
         let h = self.self_attn.forward(&self.input_layernorm.forward(xs)?, cos, sin, mask, cache)?;
@@ -223,7 +223,8 @@ impl Qwen2Decoder {
             None => new_mask,
         };
         cache.key_mask = Some(key_mask.clone());
-        let mask = attention_bias(&key_mask, past, l, device)?;
+        let rows = rows_per_chunk(b, self.cfg.num_attention_heads, past + l);
+        let mask = ChunkedBias::new(&key_mask, past, l, rows, device)?;
         // RoPE tables in f32, as transformers computes them (then cast to the model dtype).
         let pos = inputs.position_ids.to_dtype(DType::F32)?.unsqueeze(2)?; // [b, l, 1]
         let freqs = pos.broadcast_mul(&self.inv_freq)?;
@@ -240,22 +241,47 @@ impl Qwen2Decoder {
     }
 }
 
-/// Additive mask `[b, 1, l, past + l]`: causal within the new tokens, padded keys hidden.
+/// Additive attention mask `[b, 1, rows, past + l]` per chunk of query rows: causal within the
+/// new tokens, padded keys hidden. Built once per forward and shared by every layer.
 /// Hidden entries get f32::MIN rather than -inf so a fully padded query row stays finite
 /// (its output is never used, but NaN would poison later layers through 0·NaN).
-fn attention_bias(key_mask: &Tensor, past: usize, l: usize, device: &Device) -> candle_core::Result<Tensor> {
-    let (b, total) = key_mask.dims2()?;
-    let keys = key_mask.to_vec2::<f32>()?;
-    let mut bias = vec![0f32; b * l * total];
-    for (bi, row) in keys.iter().enumerate() {
-        for q in 0..l {
-            let qpos = past + q;
-            for (k, &valid) in row.iter().enumerate() {
-                if k > qpos || valid == 0.0 {
-                    bias[(bi * l + q) * total + k] = f32::MIN;
+struct ChunkedBias {
+    rows: usize,
+    chunks: Vec<Tensor>,
+}
+
+impl ChunkedBias {
+    fn new(key_mask: &Tensor, past: usize, l: usize, rows: usize, device: &Device) -> candle_core::Result<Self> {
+        let (b, total) = key_mask.dims2()?;
+        let keys = key_mask.to_vec2::<f32>()?;
+        let mut chunks = Vec::with_capacity(l.div_ceil(rows));
+        let mut start = 0;
+        while start < l {
+            let len = rows.min(l - start);
+            let mut bias = vec![0f32; b * len * total];
+            for (bi, row) in keys.iter().enumerate() {
+                for q in 0..len {
+                    let qpos = past + start + q;
+                    let out = &mut bias[(bi * len + q) * total..(bi * len + q + 1) * total];
+                    for (k, (&valid, o)) in row.iter().zip(out.iter_mut()).enumerate() {
+                        if k > qpos || valid == 0.0 {
+                            *o = f32::MIN;
+                        }
+                    }
                 }
             }
+            chunks.push(Tensor::from_vec(bias, (b, 1, len, total), device)?);
+            start += len;
+        }
+        Ok(Self { rows, chunks })
+    }
+
+    /// The bias for query rows `start..start+len`, which must be one of the chunks built.
+    fn rows_at(&self, start: usize, len: usize) -> candle_core::Result<Tensor> {
+        let chunk = self.chunks.get(start / self.rows).filter(|_| start % self.rows == 0);
+        match chunk {
+            Some(c) if c.dim(2)? == len => Ok(c.clone()),
+            _ => candle_core::bail!("attention chunking mismatch at rows {start}+{len} (chunk {})", self.rows),
         }
     }
-    Tensor::from_vec(bias, (b, 1, l, total), device)
 }

@@ -1,0 +1,88 @@
+//! Scaled dot-product attention with a bounded score buffer.
+//!
+//! Source of truth: transformers' `eager_attention_forward` (scores · scale + mask, softmax in
+//! float32, · values). Queries are processed in row chunks so the `[batch, heads, rows, keys]`
+//! score tensor never exceeds [`SCORE_BUDGET_BYTES`]: a long video (hundreds of frames) or a
+//! multi-thousand-token prefill would otherwise allocate gigabytes at once. Rows are independent,
+//! so chunking does not change the result.
+
+use candle_core::{DType, Tensor};
+
+/// Upper bound for one chunk's f32 score tensor.
+pub const SCORE_BUDGET_BYTES: usize = 256 << 20;
+
+/// Rows of queries per chunk for `batch × heads × keys` scores per row.
+pub(crate) fn rows_per_chunk(batch: usize, heads: usize, keys: usize) -> usize {
+    rows_for_budget(batch, heads, keys, SCORE_BUDGET_BYTES)
+}
+
+fn rows_for_budget(batch: usize, heads: usize, keys: usize, budget: usize) -> usize {
+    let per_row = batch.max(1) * heads.max(1) * keys.max(1) * 4;
+    (budget / per_row).max(1)
+}
+
+/// `q` `[b, h, l, d]`, `k`/`v` `[b, h, s, d]` (heads already repeated for GQA);
+/// `bias(start, len)` returns the additive mask for query rows `start..start+len`, broadcastable
+/// to `[b, h, len, s]`. Returns `[b, h, l, d]`.
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    bias: Option<&dyn Fn(usize, usize) -> candle_core::Result<Tensor>>,
+) -> candle_core::Result<Tensor> {
+    attention_with_budget(q, k, v, scale, bias, SCORE_BUDGET_BYTES)
+}
+
+fn attention_with_budget(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    bias: Option<&dyn Fn(usize, usize) -> candle_core::Result<Tensor>>,
+    budget: usize,
+) -> candle_core::Result<Tensor> {
+    let (b, h, l, _) = q.dims4()?;
+    let s = k.dim(2)?;
+    let kt = k.t()?;
+    let chunk = rows_for_budget(b, h, s, budget);
+    let mut outs = Vec::with_capacity(l.div_ceil(chunk));
+    let mut start = 0;
+    while start < l {
+        let len = chunk.min(l - start);
+        let qc = if len == l { q.clone() } else { q.narrow(2, start, len)? };
+        let mut scores = (qc.matmul(&kt)? * scale)?.to_dtype(DType::F32)?;
+        if let Some(bias) = bias {
+            scores = scores.broadcast_add(&bias(start, len)?)?;
+        }
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        outs.push(probs.matmul(v)?);
+        start += len;
+    }
+    if outs.len() == 1 {
+        Ok(outs.remove(0))
+    } else {
+        Tensor::cat(&outs, 2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn chunked_rows_equal_one_shot() {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 3, 17, 8), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (2, 3, 17, 8), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (2, 3, 17, 8), &dev).unwrap();
+        let full_bias = Tensor::randn(0f32, 1.0, (2, 1, 17, 17), &dev).unwrap();
+        let bias = |start: usize, len: usize| full_bias.narrow(2, start, len);
+        let one = attention_with_budget(&q, &k, &v, 0.3, Some(&bias), usize::MAX).unwrap();
+        // 2·3·17·4 bytes per row: a 500-byte budget forces one row per chunk.
+        let chunked = attention_with_budget(&q, &k, &v, 0.3, Some(&bias), 500).unwrap();
+        let d = (one - chunked).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+    }
+}
