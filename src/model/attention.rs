@@ -50,7 +50,11 @@ fn attention_with_budget(
     let mut start = 0;
     while start < l {
         let len = chunk.min(l - start);
-        let qc = if len == l { q.clone() } else { q.narrow(2, start, len)? };
+        let qc = if len == l {
+            q.clone()
+        } else {
+            q.narrow(2, start, len)?
+        };
         let mut scores = (qc.matmul(&kt)? * scale)?.to_dtype(DType::F32)?;
         if let Some(bias) = bias {
             scores = scores.broadcast_add(&bias(start, len)?)?;
@@ -82,7 +86,14 @@ mod tests {
         let one = attention_with_budget(&q, &k, &v, 0.3, Some(&bias), usize::MAX).unwrap();
         // 2·3·17·4 bytes per row: a 500-byte budget forces one row per chunk.
         let chunked = attention_with_budget(&q, &k, &v, 0.3, Some(&bias), 500).unwrap();
-        let d = (one - chunked).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        let d = (one - chunked)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
         assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
     }
 }

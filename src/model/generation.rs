@@ -11,7 +11,9 @@ use std::time::Instant;
 use candle_core::{DType, Tensor};
 
 use super::text::KvCache;
-use super::video_llama3::{position_ids_from_mask, MultimodalInputs, VideoLlama3ForConditionalGeneration};
+use super::video_llama3::{
+    position_ids_from_mask, MultimodalInputs, VideoLlama3ForConditionalGeneration,
+};
 use super::ModelError;
 
 /// How the next token is chosen.
@@ -20,7 +22,12 @@ pub enum Sampling {
     /// Arg-max (first index on ties, like `torch.argmax`).
     Greedy,
     /// Multinomial sampling after temperature, top-k and top-p filtering.
-    Sample { temperature: f64, top_k: Option<usize>, top_p: Option<f64>, seed: u64 },
+    Sample {
+        temperature: f64,
+        top_k: Option<usize>,
+        top_p: Option<f64>,
+        seed: u64,
+    },
 }
 
 /// Generation settings for one call.
@@ -36,7 +43,12 @@ pub struct GenerationParams {
 
 impl GenerationParams {
     pub fn greedy(max_new_tokens: usize) -> Self {
-        Self { max_new_tokens, sampling: Sampling::Greedy, eos_token_ids: None, pad_token_id: None }
+        Self {
+            max_new_tokens,
+            sampling: Sampling::Greedy,
+            eos_token_ids: None,
+            pad_token_id: None,
+        }
     }
 }
 
@@ -66,6 +78,59 @@ pub struct GenerationOutput {
     pub decode_ms: f64,
 }
 
+/// Turns a row's token stream into text deltas for a streaming callback.
+///
+/// `decode` maps all tokens so far to text (the processor's tokenizer, `skip_special_tokens`
+/// as the caller likes). Each push re-decodes and emits only the new suffix; a decode ending in
+/// U+FFFD (a multi-byte character split across tokens) is held back until it completes, as
+/// transformers' `TextStreamer` does.
+pub struct TextStreamer<F> {
+    decode: F,
+    tokens: Vec<u32>,
+    emitted: usize,
+}
+
+impl<F, E> TextStreamer<F>
+where
+    F: FnMut(&[u32]) -> Result<String, E>,
+{
+    pub fn new(decode: F) -> Self {
+        Self {
+            decode,
+            tokens: Vec::new(),
+            emitted: 0,
+        }
+    }
+
+    /// Add a token; returns the newly printable text, if any.
+    pub fn push(&mut self, token: u32) -> Result<Option<String>, E> {
+        self.tokens.push(token);
+        let text = (self.decode)(&self.tokens)?;
+        if text.ends_with('\u{FFFD}') {
+            return Ok(None);
+        }
+        Ok(self.take_new(text))
+    }
+
+    /// Emit whatever is left (including a trailing incomplete character) at the end.
+    pub fn finish(&mut self) -> Result<Option<String>, E> {
+        let text = (self.decode)(&self.tokens)?;
+        Ok(self.take_new(text))
+    }
+
+    fn take_new(&mut self, text: String) -> Option<String> {
+        // A decoder may rewrite earlier text (e.g. cleanup of spaces): only emit past what was sent.
+        let start = if text.is_char_boundary(self.emitted.min(text.len())) {
+            self.emitted.min(text.len())
+        } else {
+            text.len()
+        };
+        let delta = &text[start..];
+        self.emitted = text.len().max(self.emitted);
+        (!delta.is_empty()).then(|| delta.to_string())
+    }
+}
+
 /// splitmix64: tiny, seedable and good enough for token sampling.
 struct Rng(u64);
 
@@ -91,16 +156,29 @@ fn argmax(row: &[f32]) -> u32 {
 }
 
 /// Temperature, then top-k, then top-p (nucleus), then a multinomial draw.
-fn sample(row: &[f32], temperature: f64, top_k: Option<usize>, top_p: Option<f64>, rng: &mut Rng) -> u32 {
+fn sample(
+    row: &[f32],
+    temperature: f64,
+    top_k: Option<usize>,
+    top_p: Option<f64>,
+    rng: &mut Rng,
+) -> u32 {
     let t = temperature.max(1e-6);
     let mut order: Vec<usize> = (0..row.len()).collect();
-    order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap_or(std::cmp::Ordering::Equal));
+    order.sort_by(|&a, &b| {
+        row[b]
+            .partial_cmp(&row[a])
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
     let mut keep = order.len();
     if let Some(k) = top_k.filter(|&k| k > 0) {
         keep = keep.min(k);
     }
     let max = row[order[0]] as f64 / t;
-    let weights: Vec<f64> = order[..keep].iter().map(|&i| (row[i] as f64 / t - max).exp()).collect();
+    let weights: Vec<f64> = order[..keep]
+        .iter()
+        .map(|&i| (row[i] as f64 / t - max).exp())
+        .collect();
     let total: f64 = weights.iter().sum();
     if let Some(p) = top_p.filter(|&p| p < 1.0) {
         // Smallest prefix of the sorted distribution whose mass reaches p (at least one token).
@@ -135,7 +213,10 @@ impl VideoLlama3ForConditionalGeneration {
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<GenerationOutput, ModelError> {
         let defaults = self.generation_defaults();
-        let eos: Vec<u32> = params.eos_token_ids.clone().unwrap_or_else(|| defaults.eos_token_ids.clone());
+        let eos: Vec<u32> = params
+            .eos_token_ids
+            .clone()
+            .unwrap_or_else(|| defaults.eos_token_ids.clone());
         let pad = params
             .pad_token_id
             .or(defaults.pad_token_id)
@@ -143,14 +224,20 @@ impl VideoLlama3ForConditionalGeneration {
             .unwrap_or(0);
         let (b, l) = inputs.input_ids.dims2()?;
         if b == 0 || l == 0 {
-            return Err(ModelError::InvalidInput(format!("empty prompt batch {:?}", inputs.input_ids.dims())));
+            return Err(ModelError::InvalidInput(format!(
+                "empty prompt batch {:?}",
+                inputs.input_ids.dims()
+            )));
         }
         let mask = match &inputs.attention_mask {
             Some(m) => m.to_dtype(DType::F32)?,
             None => Tensor::ones((b, l), DType::F32, inputs.input_ids.device())?,
         };
-        let prompt_tokens: Vec<usize> =
-            mask.to_vec2::<f32>()?.iter().map(|r| r.iter().filter(|&&v| v != 0.0).count()).collect();
+        let prompt_tokens: Vec<usize> = mask
+            .to_vec2::<f32>()?
+            .iter()
+            .map(|r| r.iter().filter(|&&v| v != 0.0).count())
+            .collect();
         // Decode positions continue from the last column's position (generate's `position_ids[..., -1:] + 1`).
         let pos = position_ids_from_mask(&mask)?.to_vec2::<i64>()?;
         let mut next_pos: Vec<i64> = pos.iter().map(|r| r[l - 1] + 1).collect();
@@ -176,7 +263,10 @@ impl VideoLlama3ForConditionalGeneration {
         let mut finished = vec![false; b];
         let mut stopped_on_eos = vec![false; b];
         for step in 0..params.max_new_tokens {
-            let rows = logits.take().expect("logits exist for every step").to_vec2::<f32>()?;
+            let rows = logits
+                .take()
+                .expect("logits exist for every step")
+                .to_vec2::<f32>()?;
             let mut chosen = Vec::with_capacity(b);
             for (r, row) in rows.iter().enumerate() {
                 if finished[r] {
@@ -184,14 +274,25 @@ impl VideoLlama3ForConditionalGeneration {
                     continue;
                 }
                 let tok = match (&params.sampling, rng.as_mut()) {
-                    (Sampling::Sample { temperature, top_k, top_p, .. }, Some(rng)) => {
-                        sample(row, *temperature, *top_k, *top_p, rng)
-                    }
+                    (
+                        Sampling::Sample {
+                            temperature,
+                            top_k,
+                            top_p,
+                            ..
+                        },
+                        Some(rng),
+                    ) => sample(row, *temperature, *top_k, *top_p, rng),
                     _ => argmax(row),
                 };
                 let is_eos = eos.contains(&tok);
                 tokens[r].push(tok);
-                on_token(&TokenEvent { row: r, step, token: tok, is_eos });
+                on_token(&TokenEvent {
+                    row: r,
+                    step,
+                    token: tok,
+                    is_eos,
+                });
                 if is_eos {
                     finished[r] = true;
                     stopped_on_eos[r] = true;
@@ -231,13 +332,39 @@ mod tests {
         let row = [0.0f32, 5.0, 4.9, 4.8, -1.0];
         let draw = |seed| {
             let mut rng = Rng(seed);
-            (0..50).map(|_| sample(&row, 1.0, Some(2), None, &mut rng)).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| sample(&row, 1.0, Some(2), None, &mut rng))
+                .collect::<Vec<_>>()
         };
         let a = draw(7);
         assert!(a.iter().all(|&t| t == 1 || t == 2), "{a:?}");
         assert!(a.contains(&1) && a.contains(&2));
         assert_eq!(a, draw(7));
         assert_ne!(a, draw(8));
+    }
+
+    #[test]
+    fn streamer_holds_back_split_characters() {
+        // Byte-level "tokenizer": each token is one byte of UTF-8.
+        let decode = |t: &[u32]| -> Result<String, ()> {
+            Ok(
+                String::from_utf8_lossy(&t.iter().map(|&b| b as u8).collect::<Vec<_>>())
+                    .into_owned(),
+            )
+        };
+        let mut s = TextStreamer::new(decode);
+        let mut out = String::new();
+        for b in "hé!".bytes() {
+            if let Some(d) = s.push(b as u32).unwrap() {
+                out.push_str(&d);
+            }
+        }
+        assert_eq!(out, "hé!");
+        assert_eq!(s.finish().unwrap(), None);
+        let mut s = TextStreamer::new(decode);
+        assert_eq!(s.push(b'a' as u32).unwrap().as_deref(), Some("a"));
+        assert_eq!(s.push(0xC3).unwrap(), None, "half a character is held back");
+        assert_eq!(s.push(0xA9).unwrap().as_deref(), Some("é"));
     }
 
     #[test]

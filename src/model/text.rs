@@ -27,7 +27,10 @@ impl KvCache {
     }
     /// Tokens cached so far (including padding columns).
     pub fn seq_len(&self) -> usize {
-        self.key_mask.as_ref().and_then(|m| m.dim(1).ok()).unwrap_or(0)
+        self.key_mask
+            .as_ref()
+            .and_then(|m| m.dim(1).ok())
+            .unwrap_or(0)
     }
     pub fn clear(&mut self) {
         *self = Self::default();
@@ -69,9 +72,21 @@ impl Attention {
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> candle_core::Result<Tensor> {
         let (b, l, _) = xs.dims3()?;
-        let q = self.q_proj.forward(xs)?.reshape((b, l, self.num_heads, self.head_dim))?.transpose(1, 2)?;
-        let k = self.k_proj.forward(xs)?.reshape((b, l, self.num_kv_heads, self.head_dim))?.transpose(1, 2)?;
-        let v = self.v_proj.forward(xs)?.reshape((b, l, self.num_kv_heads, self.head_dim))?.transpose(1, 2)?;
+        let q = self
+            .q_proj
+            .forward(xs)?
+            .reshape((b, l, self.num_heads, self.head_dim))?
+            .transpose(1, 2)?;
+        let k = self
+            .k_proj
+            .forward(xs)?
+            .reshape((b, l, self.num_kv_heads, self.head_dim))?
+            .transpose(1, 2)?;
+        let v = self
+            .v_proj
+            .forward(xs)?
+            .reshape((b, l, self.num_kv_heads, self.head_dim))?
+            .transpose(1, 2)?;
         let q = apply_rotary(&q, cos, sin)?.contiguous()?;
         let k = apply_rotary(&k, cos, sin)?.contiguous()?;
         let v = v.contiguous()?;
@@ -85,7 +100,9 @@ impl Attention {
         let v = repeat_kv(&v, groups)?;
         let pick = |start: usize, len: usize| mask.rows_at(start, len);
         let out = attention(&q, &k, &v, self.scale, Some(&pick))?;
-        let out = out.transpose(1, 2)?.reshape((b, l, self.num_heads * self.head_dim))?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, l, self.num_heads * self.head_dim))?;
         self.o_proj.forward(&out)
     }
 }
@@ -96,7 +113,9 @@ fn repeat_kv(x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, kv, s, d) = x.dims4()?;
-    x.unsqueeze(2)?.broadcast_as((b, kv, n, s, d))?.reshape((b, kv * n, s, d))
+    x.unsqueeze(2)?
+        .broadcast_as((b, kv, n, s, d))?
+        .reshape((b, kv * n, s, d))
 }
 
 struct Mlp {
@@ -135,7 +154,11 @@ impl DecoderLayer {
         Ok(Self {
             input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
             self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
-            post_attention_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+            post_attention_layernorm: rms_norm(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
             mlp: Mlp::new(cfg, vb.pp("mlp"))?,
         })
     }
@@ -148,9 +171,13 @@ impl DecoderLayer {
         mask: &ChunkedBias,
         cache: &mut Option<(Tensor, Tensor)>,
     ) -> candle_core::Result<Tensor> {
-        let h = self.self_attn.forward(&self.input_layernorm.forward(xs)?, cos, sin, mask, cache)?;
+        let h =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(xs)?, cos, sin, mask, cache)?;
         let xs = (xs + h)?;
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&xs)?)?;
+        let h = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&xs)?)?;
         xs + h
     }
 }
@@ -178,7 +205,9 @@ pub struct Qwen2Decoder {
 impl Qwen2Decoder {
     /// `vb` points at `model.language_model`.
     pub fn new(cfg: &VideoLlama3TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let embed_tokens = vb.pp("embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let embed_tokens = vb
+            .pp("embed_tokens")
+            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(cfg, vb.pp("layers").pp(i)))
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -189,7 +218,13 @@ impl Qwen2Decoder {
             .collect();
         let n = inv.len();
         let inv_freq = Tensor::from_vec(inv, (1, 1, n), vb.device())?;
-        Ok(Self { embed_tokens, layers, norm, inv_freq, cfg: cfg.clone() })
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            inv_freq,
+            cfg: cfg.clone(),
+        })
     }
 
     pub fn config(&self) -> &VideoLlama3TextConfig {
@@ -205,11 +240,17 @@ impl Qwen2Decoder {
     pub fn embed(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
         let (b, l) = input_ids.dims2()?;
         let flat = input_ids.flatten_all()?.to_dtype(DType::U32)?;
-        self.embed_tokens.index_select(&flat, 0)?.reshape((b, l, self.cfg.hidden_size))
+        self.embed_tokens
+            .index_select(&flat, 0)?
+            .reshape((b, l, self.cfg.hidden_size))
     }
 
     /// Final hidden states `[batch, len, hidden]` (after the last RMSNorm); extends `cache`.
-    pub fn forward(&self, inputs: &DecoderInputs, cache: &mut KvCache) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        inputs: &DecoderInputs,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
         let xs = inputs.inputs_embeds;
         let (b, l, _) = xs.dims3()?;
         let device = xs.device();
@@ -230,8 +271,16 @@ impl Qwen2Decoder {
         let freqs = pos.broadcast_mul(&self.inv_freq)?;
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
         let dtype = xs.dtype();
-        let cos = emb.cos()?.to_dtype(dtype)?.to_dtype(DType::F32)?.unsqueeze(1)?; // [b, 1, l, hd]
-        let sin = emb.sin()?.to_dtype(dtype)?.to_dtype(DType::F32)?.unsqueeze(1)?;
+        let cos = emb
+            .cos()?
+            .to_dtype(dtype)?
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?; // [b, 1, l, hd]
+        let sin = emb
+            .sin()?
+            .to_dtype(dtype)?
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?;
         let mut hidden = xs.clone();
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             hidden = layer.forward(&hidden, &cos, &sin, &mask, slot)?;
@@ -251,7 +300,13 @@ struct ChunkedBias {
 }
 
 impl ChunkedBias {
-    fn new(key_mask: &Tensor, past: usize, l: usize, rows: usize, device: &Device) -> candle_core::Result<Self> {
+    fn new(
+        key_mask: &Tensor,
+        past: usize,
+        l: usize,
+        rows: usize,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
         let (b, total) = key_mask.dims2()?;
         let keys = key_mask.to_vec2::<f32>()?;
         let mut chunks = Vec::with_capacity(l.div_ceil(rows));
@@ -278,10 +333,16 @@ impl ChunkedBias {
 
     /// The bias for query rows `start..start+len`, which must be one of the chunks built.
     fn rows_at(&self, start: usize, len: usize) -> candle_core::Result<Tensor> {
-        let chunk = self.chunks.get(start / self.rows).filter(|_| start % self.rows == 0);
+        let chunk = self
+            .chunks
+            .get(start / self.rows)
+            .filter(|_| start % self.rows == 0);
         match chunk {
             Some(c) if c.dim(2)? == len => Ok(c.clone()),
-            _ => candle_core::bail!("attention chunking mismatch at rows {start}+{len} (chunk {})", self.rows),
+            _ => candle_core::bail!(
+                "attention chunking mismatch at rows {start}+{len} (chunk {})",
+                self.rows
+            ),
         }
     }
 }

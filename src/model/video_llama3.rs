@@ -90,7 +90,10 @@ impl VideoLlama3Model {
     pub fn new(config: &VideoLlama3Config, vb: VarBuilder) -> Result<Self, ModelError> {
         let build = || -> candle_core::Result<Self> {
             Ok(Self {
-                vision_model: VideoLlama3VisionModel::new(&config.vision_config, vb.pp("vision_model"))?,
+                vision_model: VideoLlama3VisionModel::new(
+                    &config.vision_config,
+                    vb.pp("vision_model"),
+                )?,
                 projector: VideoLlama3Projector::new(config, vb.pp("projector"))?,
                 language_model: Qwen2Decoder::new(&config.text_config, vb.pp("language_model"))?,
                 config: config.clone(),
@@ -125,17 +128,28 @@ impl VideoLlama3Model {
     pub fn input_embeddings(&self, inputs: &MultimodalInputs) -> Result<Tensor, ModelError> {
         let ids_t = &inputs.input_ids;
         let (b, l) = ids_t.dims2().map_err(|_| {
-            ModelError::InvalidInput(format!("input_ids must be [batch, len], got {:?}", ids_t.dims()))
+            ModelError::InvalidInput(format!(
+                "input_ids must be [batch, len], got {:?}",
+                ids_t.dims()
+            ))
         })?;
         if b == 0 || l == 0 {
-            return Err(ModelError::InvalidInput(format!("empty input_ids {:?}", ids_t.dims())));
+            return Err(ModelError::InvalidInput(format!(
+                "empty input_ids {:?}",
+                ids_t.dims()
+            )));
         }
         let ids: Vec<u32> = ids_t.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
         let vocab = self.config.text_config.vocab_size;
         if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(ModelError::InvalidInput(format!("token id {bad} is outside the vocabulary ({vocab})")));
+            return Err(ModelError::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary ({vocab})"
+            )));
         }
-        let text = self.language_model.embed(ids_t)?.reshape((b * l, self.config.text_config.hidden_size))?;
+        let text = self
+            .language_model
+            .embed(ids_t)?
+            .reshape((b * l, self.config.text_config.hidden_size))?;
         let mut sources = vec![text];
         let mut next = b * l;
 
@@ -146,10 +160,14 @@ impl VideoLlama3Model {
         let dtype = sources[0].dtype();
 
         if inputs.images.is_some() && inputs.image_embeds.is_some() {
-            return Err(ModelError::InvalidInput("give images or image_embeds, not both".into()));
+            return Err(ModelError::InvalidInput(
+                "give images or image_embeds, not both".into(),
+            ));
         }
         if inputs.videos.is_some() && inputs.video_embeds.is_some() {
-            return Err(ModelError::InvalidInput("give videos or video_embeds, not both".into()));
+            return Err(ModelError::InvalidInput(
+                "give videos or video_embeds, not both".into(),
+            ));
         }
         let image_embeds = match (&inputs.images, &inputs.image_embeds) {
             (Some(images), _) => Some(Tensor::cat(&self.get_image_features(images)?, 0)?),
@@ -162,7 +180,10 @@ impl VideoLlama3Model {
             (None, None) => None,
         };
         let hidden = self.config.text_config.hidden_size;
-        for (what, e) in [("image_embeds", &image_embeds), ("video_embeds", &video_embeds)] {
+        for (what, e) in [
+            ("image_embeds", &image_embeds),
+            ("video_embeds", &video_embeds),
+        ] {
             if let Some(e) = e {
                 if e.rank() != 2 || e.dim(1)? != hidden {
                     return Err(ModelError::InvalidInput(format!(
@@ -205,8 +226,12 @@ impl VideoLlama3Model {
                             emb.dim(0)?
                         )));
                     }
-                    let kept: Vec<u32> =
-                        keep.iter().enumerate().filter(|(_, &k)| k).map(|(i, _)| i as u32).collect();
+                    let kept: Vec<u32> = keep
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, &k)| k)
+                        .map(|(i, _)| i as u32)
+                        .collect();
                     let idx = Tensor::from_vec(kept.clone(), kept.len(), emb.device())?;
                     emb = emb.index_select(&idx, 0)?;
                 }
@@ -252,7 +277,11 @@ impl VideoLlama3Model {
 
     /// Final hidden states `[batch, len, hidden]`. Positions come from the padding mask (as in
     /// `generate`); this is a prefill, so `cache` must be empty and is filled.
-    pub fn forward(&self, inputs: &MultimodalInputs, cache: &mut KvCache) -> Result<Tensor, ModelError> {
+    pub fn forward(
+        &self,
+        inputs: &MultimodalInputs,
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError> {
         let embeds = self.input_embeddings(inputs)?;
         self.forward_embeds(&embeds, inputs.attention_mask.as_ref(), cache)
     }
@@ -266,7 +295,8 @@ impl VideoLlama3Model {
     ) -> Result<Tensor, ModelError> {
         if cache.seq_len() != 0 {
             return Err(ModelError::InvalidInput(
-                "forward() runs a prefill on an empty cache; use decode_step for cached decoding".into(),
+                "forward() runs a prefill on an empty cache; use decode_step for cached decoding"
+                    .into(),
             ));
         }
         let (b, l, _) = embeds.dims3()?;
@@ -282,7 +312,11 @@ impl VideoLlama3Model {
         };
         let pos = position_ids_from_mask(&mask)?;
         Ok(self.language_model.forward(
-            &DecoderInputs { inputs_embeds: embeds, position_ids: &pos, attention_mask: &mask },
+            &DecoderInputs {
+                inputs_embeds: embeds,
+                position_ids: &pos,
+                attention_mask: &mask,
+            },
             cache,
         )?)
     }
@@ -301,14 +335,22 @@ pub struct VideoLlama3ForConditionalGeneration {
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index)
-            .map_err(|source| ModelError::Io { path: index.display().to_string(), source })?;
+        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+            path: index.display().to_string(),
+            source,
+        })?;
         let json: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| ModelError::InvalidConfig(format!("{}: {e}", index.display())))?;
-        let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-            ModelError::InvalidConfig(format!("{}: no weight_map object", index.display()))
-        })?;
-        let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+        let map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| {
+                ModelError::InvalidConfig(format!("{}: no weight_map object", index.display()))
+            })?;
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect();
         files.sort();
         files.dedup();
         let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
@@ -316,7 +358,10 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
             if !p.is_file() {
                 return Err(ModelError::Io {
                     path: p.display().to_string(),
-                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "shard listed in the index is missing"),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "shard listed in the index is missing",
+                    ),
                 });
             }
         }
@@ -344,15 +389,27 @@ impl VideoLlama3ForConditionalGeneration {
     }
 
     /// Build from an already opened `VarBuilder` rooted at the checkpoint's top level.
-    pub fn new(config: &VideoLlama3Config, vb: VarBuilder, generation: GenerationDefaults) -> Result<Self, ModelError> {
+    pub fn new(
+        config: &VideoLlama3Config,
+        vb: VarBuilder,
+        generation: GenerationDefaults,
+    ) -> Result<Self, ModelError> {
         let model = VideoLlama3Model::new(config, vb.pp("model"))?;
         let t = &config.text_config;
         let lm_head = if config.tie_word_embeddings {
             model.language_model.embed_weight().clone()
         } else {
-            vb.pp("lm_head").get((t.vocab_size, t.hidden_size), "weight").map_err(ModelError::from_load)?
+            vb.pp("lm_head")
+                .get((t.vocab_size, t.hidden_size), "weight")
+                .map_err(ModelError::from_load)?
         };
-        Ok(Self { model, lm_head, generation, device: vb.device().clone(), dtype: vb.dtype() })
+        Ok(Self {
+            model,
+            lm_head,
+            generation,
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+        })
     }
 
     pub fn config(&self) -> &VideoLlama3Config {
@@ -370,17 +427,29 @@ impl VideoLlama3ForConditionalGeneration {
 
     /// Logits `[batch, len, vocab]` (f32) for hidden states `[batch, len, hidden]`.
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(hidden.broadcast_matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+        Ok(hidden
+            .broadcast_matmul(&self.lm_head.t()?)?
+            .to_dtype(DType::F32)?)
     }
 
     /// Prefill forward over all positions: logits `[batch, len, vocab]`; fills `cache`.
-    pub fn forward(&self, inputs: &MultimodalInputs, cache: &mut KvCache) -> Result<ModelOutput, ModelError> {
+    pub fn forward(
+        &self,
+        inputs: &MultimodalInputs,
+        cache: &mut KvCache,
+    ) -> Result<ModelOutput, ModelError> {
         let hidden = self.model.forward(inputs, cache)?;
-        Ok(ModelOutput { logits: self.lm_head(&hidden)? })
+        Ok(ModelOutput {
+            logits: self.lm_head(&hidden)?,
+        })
     }
 
     /// Prefill returning only the last position's logits `[batch, vocab]` (what generation needs).
-    pub fn prefill_last(&self, inputs: &MultimodalInputs, cache: &mut KvCache) -> Result<Tensor, ModelError> {
+    pub fn prefill_last(
+        &self,
+        inputs: &MultimodalInputs,
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError> {
         let embeds = self.model.input_embeddings(inputs)?;
         self.prefill_last_embeds(&embeds, inputs.attention_mask.as_ref(), cache)
     }
@@ -398,17 +467,28 @@ impl VideoLlama3ForConditionalGeneration {
     }
 
     /// One cached decode step: `tokens` `[batch]` at `positions` `[batch]`; logits `[batch, vocab]`.
-    pub fn decode_step(&self, tokens: &[u32], positions: &[i64], cache: &mut KvCache) -> Result<Tensor, ModelError> {
+    pub fn decode_step(
+        &self,
+        tokens: &[u32],
+        positions: &[i64],
+        cache: &mut KvCache,
+    ) -> Result<Tensor, ModelError> {
         let b = tokens.len();
         if positions.len() != b || cache.seq_len() == 0 {
-            return Err(ModelError::InvalidInput("decode_step needs a prefilled cache and one position per row".into()));
+            return Err(ModelError::InvalidInput(
+                "decode_step needs a prefilled cache and one position per row".into(),
+            ));
         }
         let ids = Tensor::from_vec(tokens.to_vec(), (b, 1), &self.device)?;
         let embeds = self.model.language_model.embed(&ids)?;
         let pos = Tensor::from_vec(positions.to_vec(), (b, 1), &self.device)?;
         let mask = Tensor::ones((b, 1), DType::F32, &self.device)?;
         let hidden = self.model.language_model.forward(
-            &DecoderInputs { inputs_embeds: &embeds, position_ids: &pos, attention_mask: &mask },
+            &DecoderInputs {
+                inputs_embeds: &embeds,
+                position_ids: &pos,
+                attention_mask: &mask,
+            },
             cache,
         )?;
         Ok(self.lm_head(&hidden)?.squeeze(1)?)

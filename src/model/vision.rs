@@ -58,12 +58,17 @@ impl VisualInputs {
         let mut total = 0;
         for (i, (g, &m)) in self.grid_thw.iter().zip(&self.merge_sizes).enumerate() {
             if m == 0 || g[1] % m != 0 || g[2] % m != 0 || g.contains(&0) {
-                return bad(format!("item {i}: grid {g:?} is not divisible by merge size {m}"));
+                return bad(format!(
+                    "item {i}: grid {g:?} is not divisible by merge size {m}"
+                ));
             }
             total += g[0] * g[1] * g[2];
         }
         if total != dims[0] {
-            return bad(format!("grid_thw covers {total} patches but pixel_values has {} rows", dims[0]));
+            return bad(format!(
+                "grid_thw covers {total} patches but pixel_values has {} rows",
+                dims[0]
+            ));
         }
         Ok(())
     }
@@ -103,8 +108,12 @@ impl VisionAttention {
         // transformers applies the vision rotary in float32 whatever the model dtype.
         let cos = cos.unsqueeze(1)?.unsqueeze(0)?; // [1, hw, 1, hd]
         let sin = sin.unsqueeze(1)?.unsqueeze(0)?;
-        let q = apply_rotary(&q, &cos, &sin)?.transpose(1, 2)?.contiguous()?; // [f, h, n, hd]
-        let k = apply_rotary(&k, &cos, &sin)?.transpose(1, 2)?.contiguous()?;
+        let q = apply_rotary(&q, &cos, &sin)?
+            .transpose(1, 2)?
+            .contiguous()?; // [f, h, n, hd]
+        let k = apply_rotary(&k, &cos, &sin)?
+            .transpose(1, 2)?
+            .contiguous()?;
         let v = v.transpose(1, 2)?.contiguous()?;
         // Whole frames per chunk so no score tensor spans more frames than the budget allows.
         let frames_per_chunk = (SCORE_BUDGET_BYTES / (self.num_heads * n * n * 4).max(1)).max(1);
@@ -112,7 +121,11 @@ impl VisionAttention {
         let mut start = 0;
         while start < f {
             let len = frames_per_chunk.min(f - start);
-            let (qc, kc, vc) = (q.narrow(0, start, len)?, k.narrow(0, start, len)?, v.narrow(0, start, len)?);
+            let (qc, kc, vc) = (
+                q.narrow(0, start, len)?,
+                k.narrow(0, start, len)?,
+                v.narrow(0, start, len)?,
+            );
             outs.push(attention(&qc, &kc, &vc, self.scale, None)?);
             start += len;
         }
@@ -162,7 +175,10 @@ struct VisionEncoderLayer {
 }
 
 fn ln_config(eps: f64) -> LayerNormConfig {
-    LayerNormConfig { eps, ..Default::default() }
+    LayerNormConfig {
+        eps,
+        ..Default::default()
+    }
 }
 
 impl VisionEncoderLayer {
@@ -177,7 +193,9 @@ impl VisionEncoderLayer {
     }
 
     fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self.self_attn.forward(&self.layer_norm1.forward(xs)?, cos, sin)?;
+        let h = self
+            .self_attn
+            .forward(&self.layer_norm1.forward(xs)?, cos, sin)?;
         let xs = (xs + h)?;
         let h = self.mlp.forward(&self.layer_norm2.forward(&xs)?)?;
         xs + h
@@ -200,7 +218,9 @@ impl VideoLlama3VisionModel {
         let d = cfg.hidden_size;
         let p = cfg.patch_size;
         let pe = vb.pp("embeddings").pp("patch_embedding");
-        let patch_weight = pe.get((d, cfg.num_channels, p, p), "weight")?.reshape((d, cfg.patch_dim()))?;
+        let patch_weight = pe
+            .get((d, cfg.num_channels, p, p), "weight")?
+            .reshape((d, cfg.patch_dim()))?;
         let patch_bias = pe.get(d, "bias")?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| VisionEncoderLayer::new(cfg, vb.pp("encoder").pp("layers").pp(i)))
@@ -213,7 +233,14 @@ impl VideoLlama3VisionModel {
             .step_by(2)
             .map(|i| 1.0f32 / (cfg.rope_theta as f32).powf(i as f32 / spatial as f32))
             .collect();
-        Ok(Self { patch_weight, patch_bias, layers, post_layernorm, inv_freq, cfg: cfg.clone() })
+        Ok(Self {
+            patch_weight,
+            patch_bias,
+            layers,
+            post_layernorm,
+            inv_freq,
+            cfg: cfg.clone(),
+        })
     }
 
     pub fn config(&self) -> &VideoLlama3VisionConfig {
@@ -221,7 +248,13 @@ impl VideoLlama3VisionModel {
     }
 
     /// cos/sin `[h·w, head_dim]` for one frame, positions in merge-block order.
-    fn rotary(&self, h: usize, w: usize, m: usize, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    fn rotary(
+        &self,
+        h: usize,
+        w: usize,
+        m: usize,
+        device: &Device,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let nf = self.inv_freq.len();
         let hd = 4 * nf;
         let mut cos = Vec::with_capacity(h * w * hd);
@@ -243,7 +276,10 @@ impl VideoLlama3VisionModel {
                 }
             }
         }
-        Ok((Tensor::from_vec(cos, (h * w, hd), device)?, Tensor::from_vec(sin, (h * w, hd), device)?))
+        Ok((
+            Tensor::from_vec(cos, (h * w, hd), device)?,
+            Tensor::from_vec(sin, (h * w, hd), device)?,
+        ))
     }
 
     /// Vision features after `pixel_unshuffle`: `[Σ t·(h/m)·(w/m), hidden]`.
@@ -252,7 +288,9 @@ impl VideoLlama3VisionModel {
         let device = inputs.pixel_values.device().clone();
         let dtype = self.patch_weight.dtype();
         let pixels = inputs.pixel_values.to_dtype(dtype)?;
-        let embeds = pixels.matmul(&self.patch_weight.t()?)?.broadcast_add(&self.patch_bias)?;
+        let embeds = pixels
+            .matmul(&self.patch_weight.t()?)?
+            .broadcast_add(&self.patch_bias)?;
         let d = self.cfg.hidden_size;
         let mut offset = 0;
         let mut outputs = Vec::with_capacity(inputs.grid_thw.len());
@@ -273,7 +311,13 @@ impl VideoLlama3VisionModel {
 
 /// Un-permute merge blocks to raster order, then bilinear-downsample by `m`
 /// (`torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`).
-fn pixel_unshuffle(xs: &Tensor, t: usize, h: usize, w: usize, m: usize) -> candle_core::Result<Tensor> {
+fn pixel_unshuffle(
+    xs: &Tensor,
+    t: usize,
+    h: usize,
+    w: usize,
+    m: usize,
+) -> candle_core::Result<Tensor> {
     let c = xs.dim(D::Minus1)?;
     let (ho, wo) = (h / m, w / m);
     let raster = xs
@@ -286,10 +330,24 @@ fn pixel_unshuffle(xs: &Tensor, t: usize, h: usize, w: usize, m: usize) -> candl
     let wh = Tensor::from_vec(bilinear_matrix(h, ho), (ho, h), dev)?.to_dtype(dtype)?;
     let ww = Tensor::from_vec(bilinear_matrix(w, wo), (wo, w), dev)?.to_dtype(dtype)?;
     // Rows: [t, ho, w·c]; then columns on [t·ho, c, w] → [t·ho, c, wo].
-    let rows = wh.unsqueeze(0)?.broadcast_as((t, ho, h))?.contiguous()?.matmul(&raster)?;
-    let rows = rows.reshape((t * ho, w, c))?.transpose(1, 2)?.contiguous()?;
-    let cols = rows.matmul(&ww.t()?.unsqueeze(0)?.broadcast_as((t * ho, w, wo))?.contiguous()?)?;
-    cols.transpose(1, 2)?.contiguous()?.reshape((t * ho * wo, c))
+    let rows = wh
+        .unsqueeze(0)?
+        .broadcast_as((t, ho, h))?
+        .contiguous()?
+        .matmul(&raster)?;
+    let rows = rows
+        .reshape((t * ho, w, c))?
+        .transpose(1, 2)?
+        .contiguous()?;
+    let cols = rows.matmul(
+        &ww.t()?
+            .unsqueeze(0)?
+            .broadcast_as((t * ho, w, wo))?
+            .contiguous()?,
+    )?;
+    cols.transpose(1, 2)?
+        .contiguous()?
+        .reshape((t * ho * wo, c))
 }
 
 /// Row-interpolation matrix `[out, in]` with torch's half-pixel bilinear weights (f32 arithmetic).
@@ -321,7 +379,10 @@ impl VideoLlama3Projector {
         let out = cfg.text_config.hidden_size;
         let vb = vb.pp("readout");
         // nn.Sequential indices: 0 = Linear, 1 = GELU, 2 = Linear.
-        Ok(Self { fc1: linear(vin, out, vb.pp(0))?, fc2: linear(out, out, vb.pp(2))? })
+        Ok(Self {
+            fc1: linear(vin, out, vb.pp(0))?,
+            fc2: linear(out, out, vb.pp(2))?,
+        })
     }
 }
 
