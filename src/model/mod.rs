@@ -22,6 +22,7 @@
 mod attention;
 pub mod config;
 pub mod generation;
+pub mod load;
 pub mod text;
 pub mod vision;
 
