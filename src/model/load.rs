@@ -97,6 +97,80 @@ pub fn model_dir(model: &ModelConfig, base_dir: &Path) -> Result<PathBuf, ModelE
     }
 }
 
+/// Files besides the weights that a VideoLLaMA3 directory carries (processor, tokenizer,
+/// generation defaults); fetched when present, skipped when the repo lacks them.
+#[cfg(feature = "hub")]
+const OPTIONAL_FILES: &[&str] = &[
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+];
+
+/// Download `repo` at `revision` into the Hugging Face cache (huggingface_hub's layout, so
+/// later runs find it offline) and return the snapshot directory.
+#[cfg(feature = "hub")]
+pub fn download_snapshot(repo: &str, revision: Option<&str>) -> Result<PathBuf, ModelError> {
+    use hf_hub::api::sync::ApiBuilder;
+    use hf_hub::{Repo, RepoType};
+
+    let hub_err = |file: &str, e: hf_hub::api::sync::ApiError| {
+        ModelError::InvalidInput(format!("downloading {file} of {repo}: {e}"))
+    };
+    let api = ApiBuilder::from_env()
+        .with_progress(false)
+        .build()
+        .map_err(|e| hub_err("(connect)", e))?;
+    let api = api.repo(Repo::with_revision(
+        repo.to_string(),
+        RepoType::Model,
+        revision.unwrap_or("main").to_string(),
+    ));
+    let config = api
+        .get("config.json")
+        .map_err(|e| hub_err("config.json", e))?;
+    let dir = config
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| ModelError::InvalidInput(format!("odd cache path {}", config.display())))?;
+    for file in OPTIONAL_FILES {
+        let _ = api.get(file);
+    }
+    match api.get("model.safetensors.index.json") {
+        Ok(index) => {
+            let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+                path: index.display().to_string(),
+                source,
+            })?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| ModelError::InvalidConfig(format!("{}: {e}", index.display())))?;
+            let mut shards: Vec<&str> = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .map(|m| m.values().filter_map(|v| v.as_str()).collect())
+                .unwrap_or_default();
+            shards.sort_unstable();
+            shards.dedup();
+            for shard in shards {
+                api.get(shard).map_err(|e| hub_err(shard, e))?;
+            }
+        }
+        Err(_) => {
+            api.get("model.safetensors")
+                .map_err(|e| hub_err("model.safetensors", e))?;
+        }
+    }
+    Ok(dir)
+}
+
 /// Load the model a `[model]` section describes.
 pub fn load_model(
     model: &ModelConfig,

@@ -474,6 +474,12 @@ impl VideoLlama3ForConditionalGeneration {
         cache: &mut KvCache,
     ) -> Result<Tensor, ModelError> {
         let b = tokens.len();
+        let vocab = self.config().text_config.vocab_size;
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary ({vocab})"
+            )));
+        }
         if positions.len() != b || cache.seq_len() == 0 {
             return Err(ModelError::InvalidInput(
                 "decode_step needs a prefilled cache and one position per row".into(),
