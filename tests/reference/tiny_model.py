@@ -203,8 +203,34 @@ SPECS = {
 }
 
 
-def spec_copy(name: str, **overrides) -> TinySpec:
-    spec = copy.deepcopy(SPECS[name])
+def spec_copy(base: str, **overrides) -> TinySpec:
+    spec = copy.deepcopy(SPECS[base])
+    for k, v in overrides.items():
+        setattr(spec, k, v)
+    return spec
+
+
+def spec_for_tokenizer(tokenizer, name: str = "demo", base: str = "tiny_a", **overrides) -> TinySpec:
+    """A tiny spec whose vocabulary and special ids match `tokenizer` (e.g. the processor's Qwen2
+    tokenizer), so the checkpoint can be driven end to end with real prompts.
+
+    Image/video placeholder ids follow `VideoLlama3Processor` (`<|image_pad|>`, `<|video_pad|>`);
+    EOS is the tokenizer's eos token (`<|im_end|>` for Qwen2 chat), pad its pad token.
+    """
+    def token_id(tok: str) -> int:
+        i = tokenizer.convert_tokens_to_ids(tok)
+        if i is None or i == tokenizer.unk_token_id:
+            raise ValueError(f"tokenizer has no {tok!r} token")
+        return int(i)
+
+    spec = spec_copy(base, name=name)
+    spec.vocab_size = len(tokenizer)
+    spec.image_token_id = token_id(getattr(tokenizer, "image_token", None) or "<|image_pad|>")
+    spec.video_token_id = token_id(getattr(tokenizer, "video_token", None) or "<|video_pad|>")
+    eos = tokenizer.eos_token_id
+    spec.eos_token_ids = [int(eos)] if eos is not None else []
+    pad = tokenizer.pad_token_id
+    spec.pad_token_id = int(pad) if pad is not None else (spec.eos_token_ids or [0])[0]
     for k, v in overrides.items():
         setattr(spec, k, v)
     return spec
