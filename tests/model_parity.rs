@@ -629,3 +629,30 @@ fn precomputed_visual_embeddings_give_the_same_logits() {
         Err(ModelError::InvalidInput(_))
     ));
 }
+
+#[test]
+fn model_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<VideoLlama3ForConditionalGeneration>();
+    assert_send_sync::<MultimodalInputs>();
+    let fx = std::sync::Arc::new(load("tiny_a"));
+    let expected = fx.expected_tokens("text");
+    let handles: Vec<_> = (0..2)
+        .map(|_| {
+            let fx = fx.clone();
+            std::thread::spawn(move || {
+                fx.model
+                    .generate(
+                        &fx.inputs("text"),
+                        &GenerationParams::greedy(16),
+                        &mut |_| {},
+                    )
+                    .unwrap()
+                    .tokens
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), expected);
+    }
+}

@@ -49,7 +49,11 @@ pub enum ModelError {
     },
     #[error("invalid model config: {0}")]
     InvalidConfig(String),
-    #[error("unsupported model_type {0:?} (expected \"video_llama_3\" with a qwen2 text model)")]
+    #[error(
+        "unsupported model_type {0:?}: expected a transformers-native VideoLLaMA3 checkpoint \
+         (model_type \"video_llama_3\" with a qwen2 text model, e.g. lkhl/VideoLLaMA3-2B-Image-HF); \
+         the remote-code DAMO-NLP-SG releases (\"videollama3_qwen2\") are not supported"
+    )]
     UnsupportedModelType(String),
     #[error("checkpoint is missing tensor {0:?}")]
     MissingTensor(String),
