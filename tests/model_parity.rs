@@ -210,6 +210,8 @@ fn vision_and_projector_parity() {
             ("video", "video"),
             ("batch", "image"),
             ("batch", "video"),
+            ("multi", "image"),
+            ("multi", "video"),
         ] {
             let visual = if kind == "image" {
                 fx.visual(case, "pixel_values", "image_grid_thw", "image_merge_sizes")
@@ -250,6 +252,9 @@ fn multimodal_prefill_and_decode_parity() {
             check_prefill(&fx, name, case);
             check_decode_steps(&fx, name, case);
         }
+        // Several images and videos per row, across two rows (no stored full prefill logits:
+        // step 0 is the last prefill row of each sequence).
+        check_decode_steps(&fx, name, "multi");
     }
 }
 
@@ -257,7 +262,7 @@ fn multimodal_prefill_and_decode_parity() {
 fn greedy_generation_matches_transformers() {
     for name in CHECKPOINTS {
         let fx = load(name);
-        for case in ["text", "image", "video", "batch"] {
+        for case in ["text", "image", "video", "batch", "multi"] {
             let expected = fx.expected_tokens(case);
             let mut streamed: Vec<Vec<u32>> = vec![Vec::new(); expected.len()];
             let out = fx

@@ -85,7 +85,42 @@ def build_requests(spec, media):
         "video_compression_mask": vmask,
     }
     text = {"ids": text_ids(g, 11, spec)}
-    return {"image": image, "video": video, "text": text}
+    return {"image": image, "video": video, "text": text, **build_multi_requests(spec)}
+
+
+def build_multi_requests(spec):
+    """Two rows with several media each (images of different shapes, two pruned videos), so the
+    stitch must keep item order across rows: images A | B, C and videos A | B."""
+    g = torch.Generator().manual_seed(4321 + spec.seed)
+    rows = []
+    layouts = [
+        [("image", (1, 4, 6)), ("video", (2, 4, 4))],
+        [("image", (1, 2, 4)), ("image", (1, 4, 2)), ("video", (3, 4, 6))],
+    ]
+    for layout in layouts:
+        req = {"ids": text_ids(g, 3, spec)}
+        parts = {}
+        for kind, grid in layout:
+            merge = 1 if kind == "image" else 2
+            pix, grid_t, merge_t = make_media(g, spec, grid, merge)
+            if kind == "image":
+                n = int(grid_t.prod())
+                parts.setdefault("pixel_values", []).append(pix)
+                parts.setdefault("image_grid_thw", []).append(grid_t)
+                parts.setdefault("image_merge_sizes", []).append(merge_t)
+                req["ids"] += [spec.image_token_id] * n
+            else:
+                keep = compression_mask(g, grid, merge)
+                parts.setdefault("pixel_values_videos", []).append(pix)
+                parts.setdefault("video_grid_thw", []).append(grid_t)
+                parts.setdefault("video_merge_sizes", []).append(merge_t)
+                parts.setdefault("video_compression_mask", []).append(keep)
+                req["ids"] += [spec.video_token_id] * int(keep.sum())
+            req["ids"] += text_ids(g, 2, spec)
+        for k, v in parts.items():
+            req[k] = torch.cat(v, dim=0)
+        rows.append(req)
+    return {"multi0": rows[0], "multi1": rows[1]}
 
 
 def collate(reqs: list[dict], pad_id: int) -> dict:
@@ -106,7 +141,7 @@ def collate(reqs: list[dict], pad_id: int) -> dict:
 
 
 @torch.no_grad()
-def run_case(model, batch: dict, gen_kwargs: dict) -> tuple[dict, dict]:
+def run_case(model, batch: dict, gen_kwargs: dict, store_prefill: bool = True) -> tuple[dict, dict]:
     tensors = {k: v for k, v in batch.items()}
     inner = model.model
     if "pixel_values" in batch:
@@ -135,7 +170,8 @@ def run_case(model, batch: dict, gen_kwargs: dict) -> tuple[dict, dict]:
     pos = (am.cumsum(-1) - 1).masked_fill(am == 0, 0)
     fwd = {k: v for k, v in batch.items() if k != "input_ids"}
     out = model(input_ids=batch["input_ids"], position_ids=pos, **fwd)
-    tensors["prefill_logits"] = out.logits
+    if store_prefill:
+        tensors["prefill_logits"] = out.logits
 
     gen = model.generate(
         **batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, output_logits=True,
@@ -204,11 +240,14 @@ def build_fixture(name: str, spec) -> dict:
         "video": [requests["video"]],
         "text": [requests["text"]],
         "batch": [requests["image"], requests["video"], requests["text"]],
+        "multi": [requests["multi0"], requests["multi1"]],
     }
     all_tensors, metas = {}, {}
     for case, reqs in cases.items():
         batch = collate(reqs, spec.pad_token_id)
-        tensors, meta = run_case(model, batch, {})
+        # Full prefill logits of "multi" would push the fixtures past their size budget; its
+        # step-0 logits are the last prefill rows and are stored.
+        tensors, meta = run_case(model, batch, {}, store_prefill=case != "multi")
         for k, v in tensors.items():
             v = v.contiguous()
             if v.dtype == torch.bool:
