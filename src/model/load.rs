@@ -116,19 +116,35 @@ const OPTIONAL_FILES: &[&str] = &[
 ];
 
 /// Download `repo` at `revision` into the Hugging Face cache (huggingface_hub's layout, so
-/// later runs find it offline) and return the snapshot directory.
+/// later runs find it offline) and return the snapshot directory. `HF_ENDPOINT`, `HF_HOME` and
+/// the stored token apply, as in huggingface_hub.
 #[cfg(feature = "hub")]
 pub fn download_snapshot(repo: &str, revision: Option<&str>) -> Result<PathBuf, ModelError> {
+    download_snapshot_from(None, None, repo, revision)
+}
+
+/// [`download_snapshot`] with an explicit endpoint and cache directory (mirrors, tests).
+#[cfg(feature = "hub")]
+pub fn download_snapshot_from(
+    endpoint: Option<&str>,
+    cache_dir: Option<&Path>,
+    repo: &str,
+    revision: Option<&str>,
+) -> Result<PathBuf, ModelError> {
     use hf_hub::api::sync::ApiBuilder;
     use hf_hub::{Repo, RepoType};
 
     let hub_err = |file: &str, e: hf_hub::api::sync::ApiError| {
         ModelError::InvalidInput(format!("downloading {file} of {repo}: {e}"))
     };
-    let api = ApiBuilder::from_env()
-        .with_progress(false)
-        .build()
-        .map_err(|e| hub_err("(connect)", e))?;
+    let mut builder = ApiBuilder::from_env().with_progress(false);
+    if let Some(endpoint) = endpoint {
+        builder = builder.with_endpoint(endpoint.to_string());
+    }
+    if let Some(cache_dir) = cache_dir {
+        builder = builder.with_cache_dir(cache_dir.to_path_buf());
+    }
+    let api = builder.build().map_err(|e| hub_err("(connect)", e))?;
     let api = api.repo(Repo::with_revision(
         repo.to_string(),
         RepoType::Model,
