@@ -94,13 +94,16 @@ impl Fixture {
     }
     /// Expected greedy tokens per row, cut after the first EOS (transformers pads finished rows).
     fn expected_tokens(&self, case: &str) -> Vec<Vec<u32>> {
+        self.expected(case, "greedy_tokens")
+    }
+    fn expected(&self, case: &str, key: &str) -> Vec<Vec<u32>> {
         let eos: Vec<u32> = self.meta["eos_token_ids"]
             .as_array()
             .unwrap()
             .iter()
             .map(|v| v.as_u64().unwrap() as u32)
             .collect();
-        let rows: Vec<Vec<i64>> = self.t(case, "greedy_tokens").to_vec2().unwrap();
+        let rows: Vec<Vec<i64>> = self.t(case, key).to_vec2().unwrap();
         rows.into_iter()
             .map(|r| {
                 let mut out = Vec::new();
@@ -660,4 +663,53 @@ fn model_can_be_shared_across_threads() {
     for h in handles {
         assert_eq!(h.join().unwrap(), expected);
     }
+}
+
+#[test]
+fn repetition_penalty_matches_transformers() {
+    for name in CHECKPOINTS {
+        let fx = load(name);
+        let penalty = fx.meta["cases"]["text"]["repetition_penalty"]
+            .as_f64()
+            .unwrap() as f32;
+        for case in ["text", "image", "video", "batch", "multi"] {
+            let params = GenerationParams {
+                repetition_penalty: Some(penalty),
+                ..GenerationParams::greedy(16)
+            };
+            let out = fx
+                .model
+                .generate(&fx.inputs(case), &params, &mut |_| {})
+                .unwrap();
+            assert_eq!(
+                out.tokens,
+                fx.expected(case, "greedy_tokens_rp"),
+                "{name} {case}: penalized greedy differs"
+            );
+        }
+    }
+    // The penalty can come from generation_config.json, as in Qwen2.5 releases.
+    let tmp = copy_checkpoint("tiny_b");
+    let gen_path = tmp.path().join("generation_config.json");
+    let mut gen: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&gen_path).unwrap()).unwrap();
+    gen["repetition_penalty"] = 1.3.into();
+    std::fs::write(&gen_path, gen.to_string()).unwrap();
+    let model =
+        VideoLlama3ForConditionalGeneration::from_pretrained(tmp.path(), DType::F32, &Device::Cpu)
+            .unwrap();
+    let fx = load("tiny_b");
+    let out = model
+        .generate(
+            &fx.inputs("batch"),
+            &GenerationParams::greedy(16),
+            &mut |_| {},
+        )
+        .unwrap();
+    assert_eq!(out.tokens, fx.expected("batch", "greedy_tokens_rp"));
+    assert_ne!(
+        out.tokens,
+        fx.expected("batch", "greedy_tokens"),
+        "fixture must show the penalty's effect"
+    );
 }

@@ -372,6 +372,8 @@ pub struct GenerationDefaults {
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
     pub top_k: Option<usize>,
+    /// transformers' `RepetitionPenaltyLogitsProcessor` factor (applied in greedy mode too).
+    pub repetition_penalty: Option<f32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -384,6 +386,7 @@ struct RawGeneration {
     temperature: Option<f64>,
     top_p: Option<f64>,
     top_k: Option<usize>,
+    repetition_penalty: Option<f32>,
 }
 
 impl GenerationDefaults {
@@ -405,6 +408,7 @@ impl GenerationDefaults {
                 temperature: raw.temperature,
                 top_p: raw.top_p,
                 top_k: raw.top_k,
+                repetition_penalty: raw.repetition_penalty,
             }
         } else {
             Self::default()

@@ -39,6 +39,10 @@ pub struct GenerationParams {
     pub eos_token_ids: Option<Vec<u32>>,
     /// Token fed for rows that already finished; defaults to the checkpoint's pad id, then EOS.
     pub pad_token_id: Option<u32>,
+    /// Overrides the checkpoint's `repetition_penalty` (generation_config.json; 1.0 = off).
+    /// Like transformers it applies to greedy decoding as well, over the prompt (left padding
+    /// excluded) and the generated tokens.
+    pub repetition_penalty: Option<f32>,
 }
 
 impl GenerationParams {
@@ -48,6 +52,7 @@ impl GenerationParams {
             sampling: Sampling::Greedy,
             eos_token_ids: None,
             pad_token_id: None,
+            repetition_penalty: None,
         }
     }
 }
@@ -142,6 +147,16 @@ impl Rng {
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^= z >> 31;
         (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// transformers' `RepetitionPenaltyLogitsProcessor`: seen tokens' logits are divided by the
+/// penalty when positive, multiplied when negative.
+fn apply_repetition_penalty(row: &mut [f32], seen: &[bool], penalty: f32) {
+    for (v, &s) in row.iter_mut().zip(seen) {
+        if s {
+            *v = if *v < 0.0 { *v * penalty } else { *v / penalty };
+        }
     }
 }
 
@@ -242,6 +257,34 @@ impl VideoLlama3ForConditionalGeneration {
         let pos = position_ids_from_mask(&mask)?.to_vec2::<i64>()?;
         let mut next_pos: Vec<i64> = pos.iter().map(|r| r[l - 1] + 1).collect();
 
+        let penalty = params
+            .repetition_penalty
+            .or(defaults.repetition_penalty)
+            .filter(|&p| p != 1.0);
+        if let Some(p) = penalty {
+            if !(p > 0.0 && p.is_finite()) {
+                return Err(ModelError::InvalidInput(format!(
+                    "repetition_penalty must be positive, got {p}"
+                )));
+            }
+        }
+        // Per row: which ids the penalty covers (prompt after its left padding, then outputs).
+        let mut seen: Vec<Vec<bool>> = Vec::new();
+        if penalty.is_some() {
+            let vocab = self.config().text_config.vocab_size;
+            let ids: Vec<Vec<u32>> = inputs.input_ids.to_dtype(DType::U32)?.to_vec2()?;
+            let mask_rows = mask.to_vec2::<f32>()?;
+            for (row, m) in ids.iter().zip(&mask_rows) {
+                let first = m.iter().position(|&v| v != 0.0).unwrap_or(0);
+                let mut s = vec![false; vocab];
+                for &t in &row[first..] {
+                    if let Some(x) = s.get_mut(t as usize) {
+                        *x = true;
+                    }
+                }
+                seen.push(s);
+            }
+        }
         let mut rng = match &params.sampling {
             Sampling::Sample { seed, .. } => Some(Rng(*seed)),
             Sampling::Greedy => None,
@@ -263,15 +306,20 @@ impl VideoLlama3ForConditionalGeneration {
         let mut finished = vec![false; b];
         let mut stopped_on_eos = vec![false; b];
         for step in 0..params.max_new_tokens {
-            let rows = logits
+            let mut rows = logits
                 .take()
-                .expect("logits exist for every step")
+                .ok_or_else(|| {
+                    ModelError::InvalidInput("internal: no logits for this step".into())
+                })?
                 .to_vec2::<f32>()?;
             let mut chosen = Vec::with_capacity(b);
-            for (r, row) in rows.iter().enumerate() {
+            for (r, row) in rows.iter_mut().enumerate() {
                 if finished[r] {
                     chosen.push(pad);
                     continue;
+                }
+                if let Some(p) = penalty {
+                    apply_repetition_penalty(row, &seen[r], p);
                 }
                 let tok = match (&params.sampling, rng.as_mut()) {
                     (
@@ -286,6 +334,9 @@ impl VideoLlama3ForConditionalGeneration {
                     _ => argmax(row),
                 };
                 let is_eos = eos.contains(&tok);
+                if let Some(x) = seen.get_mut(r).and_then(|s| s.get_mut(tok as usize)) {
+                    *x = true;
+                }
                 tokens[r].push(tok);
                 on_token(&TokenEvent {
                     row: r,

@@ -215,6 +215,7 @@ impl GenerationParams {
             sampling,
             eos_token_ids: None,
             pad_token_id: None,
+            repetition_penalty: None,
         }
     }
 }

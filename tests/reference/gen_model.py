@@ -26,7 +26,8 @@ ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 OUT = os.path.join(ROOT, "tests", "fixtures", "model")
 MAX_NEW_TOKENS = 16
 DECODE_STEPS = 4  # step 0 = last prefill position, then 3 decode steps
-MIN_GAP = 1e-3  # top-1/top-2 logit gap required at every greedy step (round-off is ~1e-6)
+MIN_GAP = 1e-3
+REPETITION_PENALTY = 1.3  # top-1/top-2 logit gap required at every greedy step (round-off is ~1e-6)
 
 # Per checkpoint: image grid (t,h,w) at merge 1, video grid at merge 2 and the fraction of video
 # tokens (after frame 0) the compression mask drops.
@@ -194,8 +195,26 @@ def run_case(model, batch: dict, gen_kwargs: dict, store_prefill: bool = True) -
             min_gap = min(min_gap, float(top[0] - top[1]))
             if int(new_tokens[b, s]) in eos:
                 break
+    # Greedy with a repetition penalty: a logits processor that transformers applies in greedy
+    # mode too (Qwen2.5-style generation_config.json files set one), skipping left padding.
+    gen_rp = model.generate(
+        **batch, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, repetition_penalty=REPETITION_PENALTY,
+        output_scores=True, return_dict_in_generate=True, **gen_kwargs,
+    )
+    tokens_rp = gen_rp.sequences[:, batch["input_ids"].shape[1]:]
+    tensors["greedy_tokens_rp"] = tokens_rp
+    scores_rp = torch.stack(gen_rp.scores, dim=0)
+    for b in range(tokens_rp.shape[0]):
+        for s in range(tokens_rp.shape[1]):
+            top = scores_rp[s, b].topk(2).values
+            min_gap = min(min_gap, float(top[0] - top[1]))
+            if int(tokens_rp[b, s]) in eos:
+                break
+
     meta = {
         "input_lengths": [int(x) for x in am.sum(-1)],
+        "greedy_tokens_rp": tokens_rp.tolist(),
+        "repetition_penalty": REPETITION_PENALTY,
         "greedy_tokens": new_tokens.tolist(),
         "min_top2_gap": min_gap,
         "max_new_tokens": MAX_NEW_TOKENS,
