@@ -21,7 +21,9 @@ fn rows_for_budget(batch: usize, heads: usize, keys: usize, budget: usize) -> us
     (budget / per_row).max(1)
 }
 
-/// `q` `[b, h, l, d]`, `k`/`v` `[b, h, s, d]` (heads already repeated for GQA);
+/// `q` `[b, h, l, d]`, `k`/`v` `[b, kv, s, d]` with `h = kv · groups` (GQA: query head `j` reads
+/// kv head `j / groups`, transformers' `repeat_kv` order). The kv heads are never expanded:
+/// each kv head's `groups` query heads are stacked into one `[groups·len, d]` matrix.
 /// `bias(start, len)` returns the additive mask for query rows `start..start+len`, broadcastable
 /// to `[b, h, len, s]`. Returns `[b, h, l, d]`.
 pub(crate) fn attention(
@@ -42,8 +44,12 @@ fn attention_with_budget(
     bias: Option<&dyn Fn(usize, usize) -> candle_core::Result<Tensor>>,
     budget: usize,
 ) -> candle_core::Result<Tensor> {
-    let (b, h, l, _) = q.dims4()?;
-    let s = k.dim(2)?;
+    let (b, h, l, d) = q.dims4()?;
+    let (_, kv, s, _) = k.dims4()?;
+    if kv == 0 || h % kv != 0 {
+        candle_core::bail!("attention: {h} query heads are not a multiple of {kv} kv heads");
+    }
+    let groups = h / kv;
     let kt = k.t()?;
     let chunk = rows_for_budget(b, h, s, budget);
     let mut outs = Vec::with_capacity(l.div_ceil(chunk));
@@ -55,12 +61,17 @@ fn attention_with_budget(
         } else {
             q.narrow(2, start, len)?
         };
-        let mut scores = (qc.matmul(&kt)? * scale)?.to_dtype(DType::F32)?;
+        // [b, kv·groups, len, d] → [b, kv, groups·len, d]: same memory order, no copy when contiguous.
+        let qc = qc.contiguous()?.reshape((b, kv, groups * len, d))?;
+        let scores = (qc.matmul(&kt)? * scale)?.to_dtype(DType::F32)?;
+        let mut scores = scores.reshape((b, h, len, s))?;
         if let Some(bias) = bias {
             scores = scores.broadcast_add(&bias(start, len)?)?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        outs.push(probs.matmul(v)?);
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?
+            .to_dtype(v.dtype())?
+            .reshape((b, kv, groups * len, s))?;
+        outs.push(probs.matmul(v)?.reshape((b, h, len, d))?);
         start += len;
     }
     if outs.len() == 1 {
@@ -87,6 +98,39 @@ mod tests {
         // 2·3·17·4 bytes per row: a 500-byte budget forces one row per chunk.
         let chunked = attention_with_budget(&q, &k, &v, 0.3, Some(&bias), 500).unwrap();
         let d = (one - chunked)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+    }
+
+    #[test]
+    fn grouped_kv_equals_repeated_heads() {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 6, 5, 4), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (2, 2, 7, 4), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (2, 2, 7, 4), &dev).unwrap();
+        let grouped = attention(&q, &k, &v, 0.5, None).unwrap();
+        // Reference: repeat each kv head 3 times (transformers' repeat_kv), one head per query head.
+        let rep = |x: &Tensor| {
+            x.unsqueeze(2)
+                .unwrap()
+                .broadcast_as((2, 2, 3, 7, 4))
+                .unwrap()
+                .reshape((2, 6, 7, 4))
+                .unwrap()
+        };
+        let (k6, v6) = (rep(&k), rep(&v));
+        let scores = (q.matmul(&k6.t().unwrap()).unwrap() * 0.5).unwrap();
+        let want = candle_nn::ops::softmax_last_dim(&scores)
+            .unwrap()
+            .matmul(&v6)
+            .unwrap();
+        let d = (grouped - want)
             .unwrap()
             .abs()
             .unwrap()

@@ -95,9 +95,6 @@ impl Attention {
             None => (k, v),
         };
         *cache = Some((k.clone(), v.clone()));
-        let groups = self.num_heads / self.num_kv_heads;
-        let k = repeat_kv(&k, groups)?;
-        let v = repeat_kv(&v, groups)?;
         let pick = |start: usize, len: usize| mask.rows_at(start, len);
         let out = attention(&q, &k, &v, self.scale, Some(&pick))?;
         let out = out
@@ -105,17 +102,6 @@ impl Attention {
             .reshape((b, l, self.num_heads * self.head_dim))?;
         self.o_proj.forward(&out)
     }
-}
-
-/// `[b, kv, s, d]` → `[b, kv·n, s, d]`, each kv head repeated `n` times consecutively.
-fn repeat_kv(x: &Tensor, n: usize) -> candle_core::Result<Tensor> {
-    if n == 1 {
-        return Ok(x.clone());
-    }
-    let (b, kv, s, d) = x.dims4()?;
-    x.unsqueeze(2)?
-        .broadcast_as((b, kv, n, s, d))?
-        .reshape((b, kv * n, s, d))
 }
 
 struct Mlp {
