@@ -4,20 +4,56 @@
 //! `configuration_video_llama_3.py` and `models/qwen2/`. Parity against transformers is checked
 //! by `tests/model_parity.rs` on fixtures written by `tests/reference/gen_model.py`.
 //!
+//! Inputs mirror what `VideoLlama3Processor` returns: `input_ids` holding one placeholder id per
+//! kept visual token, `pixel_values` rows of flattened patches in merge-block order with
+//! `grid_thw` and merge sizes (1 for images, 2 for video), and the video compression mask.
+//!
+//! Image inference (the processor supplies ids and patches):
+//!
 //! ```no_run
 //! use candle_core::{DType, Device, Tensor};
-//! use vigil::model::{GenerationParams, MultimodalInputs, VideoLlama3ForConditionalGeneration};
+//! use vigil::model::{
+//!     GenerationParams, MultimodalInputs, VideoLlama3ForConditionalGeneration, VisualInputs,
+//! };
 //!
 //! # fn main() -> Result<(), vigil::model::ModelError> {
+//! # let (ids, pixels): (Vec<u32>, Vec<f32>) = (vec![], vec![]);
 //! let device = Device::Cpu;
-//! let model = VideoLlama3ForConditionalGeneration::from_pretrained("VideoLLaMA3-2B".as_ref(), DType::F32, &device)?;
-//! // input ids (with image/video placeholders) and pixel rows come from the processor.
-//! let input_ids = Tensor::new(&[[151644u32, 872, 198]], &device)?;
-//! let inputs = MultimodalInputs::text(input_ids);
-//! let out = model.generate(&inputs, &GenerationParams::greedy(64), &mut |_ev| {})?;
+//! let model =
+//!     VideoLlama3ForConditionalGeneration::from_pretrained("VideoLLaMA3-2B-Image-HF".as_ref(), DType::F32, &device)?;
+//! let n = ids.len();
+//! let inputs = MultimodalInputs {
+//!     images: Some(VisualInputs {
+//!         pixel_values: Tensor::from_vec(pixels, (28 * 28, 3 * 14 * 14), &device)?,
+//!         grid_thw: vec![[1, 28, 28]],
+//!         merge_sizes: vec![1],
+//!     }),
+//!     ..MultimodalInputs::text(Tensor::from_vec(ids, (1, n), &device)?)
+//! };
+//! let out = model.generate(&inputs, &GenerationParams::greedy(128), &mut |_| {})?;
 //! println!("{:?}", out.tokens[0]);
 //! # Ok(()) }
 //! ```
+//!
+//! Streaming text while generating, with any tokenizer's decode function:
+//!
+//! ```no_run
+//! # use vigil::model::*;
+//! # fn run(model: &VideoLlama3ForConditionalGeneration, inputs: &MultimodalInputs,
+//! #        decode: impl FnMut(&[u32]) -> Result<String, std::fmt::Error>) -> Result<(), ModelError> {
+//! let mut streamer = TextStreamer::new(decode);
+//! model.generate(inputs, &GenerationParams::greedy(128), &mut |ev| {
+//!     if !ev.is_eos {
+//!         if let Ok(Some(text)) = streamer.push(ev.token) {
+//!             print!("{text}");
+//!         }
+//!     }
+//! })?;
+//! # Ok(()) }
+//! ```
+//!
+//! A left-padded batch (`attention_mask` 0 on padding) mixes images, videos and text in one
+//! call; each row stops on its own EOS and yields the same tokens as when run alone.
 
 mod attention;
 pub mod config;
