@@ -245,8 +245,8 @@ impl VideoLlama3ForConditionalGeneration {
             )));
         }
         let mask = match &inputs.attention_mask {
-            Some(m) => m.to_dtype(DType::F32)?,
-            None => Tensor::ones((b, l), DType::F32, inputs.input_ids.device())?,
+            Some(m) => m.to_device(self.device())?.to_dtype(DType::F32)?,
+            None => Tensor::ones((b, l), DType::F32, self.device())?,
         };
         let prompt_tokens: Vec<usize> = mask
             .to_vec2::<f32>()?

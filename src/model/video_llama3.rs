@@ -146,9 +146,10 @@ impl VideoLlama3Model {
                 "token id {bad} is outside the vocabulary ({vocab})"
             )));
         }
+        let device = self.language_model.embed_weight().device().clone();
         let text = self
             .language_model
-            .embed(ids_t)?
+            .embed(&ids_t.to_device(&device)?)?
             .reshape((b * l, self.config.text_config.hidden_size))?;
         let mut sources = vec![text];
         let mut next = b * l;
@@ -171,12 +172,12 @@ impl VideoLlama3Model {
         }
         let image_embeds = match (&inputs.images, &inputs.image_embeds) {
             (Some(images), _) => Some(Tensor::cat(&self.get_image_features(images)?, 0)?),
-            (None, Some(e)) => Some(e.clone()),
+            (None, Some(e)) => Some(e.to_device(&device)?),
             (None, None) => None,
         };
         let video_embeds = match (&inputs.videos, &inputs.video_embeds) {
             (Some(videos), _) => Some(Tensor::cat(&self.get_video_features(videos)?, 0)?),
-            (None, Some(e)) => Some(e.clone()),
+            (None, Some(e)) => Some(e.to_device(&device)?),
             (None, None) => None,
         };
         let hidden = self.config.text_config.hidden_size;
@@ -307,7 +308,7 @@ impl VideoLlama3Model {
                     m.dims()
                 )))
             }
-            Some(m) => m.to_dtype(DType::F32)?,
+            Some(m) => m.to_device(embeds.device())?.to_dtype(DType::F32)?,
             None => Tensor::ones((b, l), DType::F32, embeds.device())?,
         };
         let pos = position_ids_from_mask(&mask)?;

@@ -285,9 +285,10 @@ impl VideoLlama3VisionModel {
     /// Vision features after `pixel_unshuffle`: `[Σ t·(h/m)·(w/m), hidden]`.
     pub fn forward(&self, inputs: &VisualInputs) -> Result<Tensor, ModelError> {
         inputs.validate(&self.cfg)?;
-        let device = inputs.pixel_values.device().clone();
+        // Inputs may come from the CPU-side processor; compute where the weights live.
+        let device = self.patch_weight.device().clone();
         let dtype = self.patch_weight.dtype();
-        let pixels = inputs.pixel_values.to_dtype(dtype)?;
+        let pixels = inputs.pixel_values.to_device(&device)?.to_dtype(dtype)?;
         let embeds = pixels
             .matmul(&self.patch_weight.t()?)?
             .broadcast_add(&self.patch_bias)?;
