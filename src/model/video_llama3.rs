@@ -54,7 +54,7 @@ impl MultimodalInputs {
 /// Output of a forward pass.
 #[derive(Debug, Clone)]
 pub struct ModelOutput {
-    /// `[batch, len, vocab]` (conditional generation) or `[batch, len, hidden]` (base model).
+    /// `[batch, len, vocab]`, f32.
     pub logits: Tensor,
 }
 
