@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod engine;
 pub mod logging;
 pub mod metrics;
+pub mod model;
 pub mod publish;
 pub mod source;
 pub mod window;

@@ -59,6 +59,7 @@ enum Command {
         /// One JSON object per line (caps, then each window).
         #[arg(long)]
         json: bool,
+    },
     /// Print answers as they arrive on MQTT (from a config's broker, or --broker URL).
     Tail {
         #[arg(short, long, value_name = "FILE", required_unless_present = "broker", conflicts_with = "broker")]

@@ -1,0 +1,294 @@
+//! Glue from vigil's TOML `[model]` section to a loaded model: device, dtype, checkpoint
+//! directory (local path, or a repo already in the Hugging Face cache) and generation settings.
+//!
+//! Source of truth for the cache layout: huggingface_hub's `file_download.py`
+//! (`$HF_HUB_CACHE` or `$HF_HOME/hub` or `~/.cache/huggingface/hub`, then
+//! `models--{org}--{name}/refs/{revision}` holding a commit hash and
+//! `snapshots/{commit}/` holding the files).
+
+use std::path::{Path, PathBuf};
+
+use candle_core::DType;
+
+use super::generation::{GenerationParams, Sampling};
+use super::video_llama3::VideoLlama3ForConditionalGeneration;
+use super::ModelError;
+use crate::config::{self, ModelConfig};
+
+/// candle device for a configured one; CUDA needs the `cuda` feature.
+pub fn candle_device(device: config::Device) -> Result<candle_core::Device, ModelError> {
+    match device {
+        config::Device::Cpu => Ok(candle_core::Device::Cpu),
+        config::Device::Cuda(n) => candle_core::Device::new_cuda(n).map_err(|e| {
+            ModelError::InvalidInput(format!(
+                "cannot open cuda:{n} ({e}); vigil must be built with `--features cuda` for GPU inference"
+            ))
+        }),
+    }
+}
+
+pub fn candle_dtype(dtype: config::DType) -> DType {
+    match dtype {
+        config::DType::F32 => DType::F32,
+        config::DType::F16 => DType::F16,
+        config::DType::Bf16 => DType::BF16,
+    }
+}
+
+/// The Hugging Face hub cache root, following huggingface_hub's environment variables.
+pub fn hf_cache_dir() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("HF_HUB_CACHE") {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(p) = std::env::var_os("HF_HOME") {
+        return Some(PathBuf::from(p).join("hub"));
+    }
+    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub"))
+}
+
+/// Snapshot directory of `repo` at `revision` (branch, tag or commit; default `main`) inside
+/// the cache at `cache`. Works offline; it does not download.
+pub fn cached_snapshot(
+    cache: &Path,
+    repo: &str,
+    revision: Option<&str>,
+) -> Result<PathBuf, ModelError> {
+    let revision = revision.unwrap_or("main");
+    let repo_dir = cache.join(format!("models--{}", repo.replace('/', "--")));
+    let not_cached = |why: &str| {
+        ModelError::InvalidInput(format!(
+            "model repo {repo:?} (revision {revision}) is not in the Hugging Face cache {} ({why}); \
+             fetch it first, e.g. `huggingface-cli download {repo}`, or set model.path",
+            cache.display()
+        ))
+    };
+    if !repo_dir.is_dir() {
+        return Err(not_cached("no cache entry"));
+    }
+    let commit = match std::fs::read_to_string(repo_dir.join("refs").join(revision)) {
+        Ok(c) => c.trim().to_string(),
+        // A commit hash is used as is.
+        Err(_) => revision.to_string(),
+    };
+    let snapshot = repo_dir.join("snapshots").join(&commit);
+    if !snapshot.join("config.json").is_file() {
+        return Err(not_cached("snapshot has no config.json"));
+    }
+    Ok(snapshot)
+}
+
+/// The checkpoint directory a `[model]` section names (`path` resolved against `base_dir`).
+pub fn model_dir(model: &ModelConfig, base_dir: &Path) -> Result<PathBuf, ModelError> {
+    match (&model.path, &model.repo) {
+        (Some(p), _) => Ok(if p.is_absolute() {
+            p.clone()
+        } else {
+            base_dir.join(p)
+        }),
+        (None, Some(repo)) => {
+            let cache = hf_cache_dir().ok_or_else(|| {
+                ModelError::InvalidInput("cannot locate the Hugging Face cache (no HOME)".into())
+            })?;
+            cached_snapshot(&cache, repo, model.revision.as_deref())
+        }
+        (None, None) => Err(ModelError::InvalidInput(
+            "set model.path or model.repo".into(),
+        )),
+    }
+}
+
+/// Files besides the weights that a VideoLLaMA3 directory carries (processor, tokenizer,
+/// generation defaults); fetched when present, skipped when the repo lacks them.
+#[cfg(feature = "hub")]
+const OPTIONAL_FILES: &[&str] = &[
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "video_preprocessor_config.json",
+];
+
+/// Download `repo` at `revision` into the Hugging Face cache (huggingface_hub's layout, so
+/// later runs find it offline) and return the snapshot directory. `HF_ENDPOINT`, `HF_HOME` and
+/// the stored token apply, as in huggingface_hub.
+#[cfg(feature = "hub")]
+pub fn download_snapshot(repo: &str, revision: Option<&str>) -> Result<PathBuf, ModelError> {
+    download_snapshot_from(None, None, repo, revision)
+}
+
+/// [`download_snapshot`] with an explicit endpoint and cache directory (mirrors, tests).
+#[cfg(feature = "hub")]
+pub fn download_snapshot_from(
+    endpoint: Option<&str>,
+    cache_dir: Option<&Path>,
+    repo: &str,
+    revision: Option<&str>,
+) -> Result<PathBuf, ModelError> {
+    use hf_hub::api::sync::ApiBuilder;
+    use hf_hub::{Repo, RepoType};
+
+    let hub_err = |file: &str, e: hf_hub::api::sync::ApiError| {
+        ModelError::InvalidInput(format!("downloading {file} of {repo}: {e}"))
+    };
+    let mut builder = ApiBuilder::from_env().with_progress(false);
+    if let Some(endpoint) = endpoint {
+        builder = builder.with_endpoint(endpoint.to_string());
+    }
+    if let Some(cache_dir) = cache_dir {
+        builder = builder.with_cache_dir(cache_dir.to_path_buf());
+    }
+    let api = builder.build().map_err(|e| hub_err("(connect)", e))?;
+    let api = api.repo(Repo::with_revision(
+        repo.to_string(),
+        RepoType::Model,
+        revision.unwrap_or("main").to_string(),
+    ));
+    let config = api
+        .get("config.json")
+        .map_err(|e| hub_err("config.json", e))?;
+    let dir = config
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| ModelError::InvalidInput(format!("odd cache path {}", config.display())))?;
+    for file in OPTIONAL_FILES {
+        let _ = api.get(file);
+    }
+    match api.get("model.safetensors.index.json") {
+        Ok(index) => {
+            let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
+                path: index.display().to_string(),
+                source,
+            })?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| ModelError::InvalidConfig(format!("{}: {e}", index.display())))?;
+            let mut shards: Vec<&str> = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .map(|m| m.values().filter_map(|v| v.as_str()).collect())
+                .unwrap_or_default();
+            shards.sort_unstable();
+            shards.dedup();
+            for shard in shards {
+                api.get(shard).map_err(|e| hub_err(shard, e))?;
+            }
+        }
+        Err(_) => {
+            api.get("model.safetensors")
+                .map_err(|e| hub_err("model.safetensors", e))?;
+        }
+    }
+    Ok(dir)
+}
+
+/// Load the model a `[model]` section describes.
+pub fn load_model(
+    model: &ModelConfig,
+    base_dir: &Path,
+) -> Result<VideoLlama3ForConditionalGeneration, ModelError> {
+    let device = candle_device(model.device().map_err(ModelError::InvalidInput)?)?;
+    let dir = model_dir(model, base_dir)?;
+    VideoLlama3ForConditionalGeneration::from_pretrained(&dir, candle_dtype(model.dtype), &device)
+}
+
+impl GenerationParams {
+    /// `temperature = 0` means greedy; `top_k = 0` and `top_p = 1` disable those filters.
+    pub fn from_model_config(model: &ModelConfig) -> Self {
+        let sampling = if model.temperature <= 0.0 {
+            Sampling::Greedy
+        } else {
+            Sampling::Sample {
+                temperature: model.temperature,
+                top_k: (model.top_k > 0).then_some(model.top_k),
+                top_p: (model.top_p < 1.0).then_some(model.top_p),
+                seed: model.seed,
+            }
+        };
+        Self {
+            max_new_tokens: model.max_new_tokens,
+            sampling,
+            eos_token_ids: None,
+            pad_token_id: None,
+            repetition_penalty: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_lookup_follows_the_hub_cache_layout() {
+        let cache = tempfile::tempdir().unwrap();
+        let repo = cache.path().join("models--lkhl--VideoLLaMA3-2B-Image-HF");
+        let commit = "0123456789abcdef0123456789abcdef01234567";
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::create_dir_all(repo.join("snapshots").join(commit)).unwrap();
+        std::fs::write(repo.join("refs/main"), format!("{commit}\n")).unwrap();
+        std::fs::write(
+            repo.join("snapshots").join(commit).join("config.json"),
+            "{}",
+        )
+        .unwrap();
+        let got = cached_snapshot(cache.path(), "lkhl/VideoLLaMA3-2B-Image-HF", None).unwrap();
+        assert_eq!(got, repo.join("snapshots").join(commit));
+        let got =
+            cached_snapshot(cache.path(), "lkhl/VideoLLaMA3-2B-Image-HF", Some(commit)).unwrap();
+        assert_eq!(got, repo.join("snapshots").join(commit));
+        let err = cached_snapshot(cache.path(), "lkhl/other", None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not in the Hugging Face cache") && err.contains("lkhl/other"),
+            "{err}"
+        );
+        let err =
+            cached_snapshot(cache.path(), "lkhl/VideoLLaMA3-2B-Image-HF", Some("v2")).unwrap_err();
+        assert!(err.to_string().contains("revision v2"));
+    }
+
+    #[test]
+    fn generation_params_from_toml_settings() {
+        let mut m = ModelConfig::default();
+        assert_eq!(
+            GenerationParams::from_model_config(&m).sampling,
+            Sampling::Greedy
+        );
+        m.temperature = 0.7;
+        m.top_k = 20;
+        m.seed = 3;
+        let p = GenerationParams::from_model_config(&m);
+        assert_eq!(
+            p.sampling,
+            Sampling::Sample {
+                temperature: 0.7,
+                top_k: Some(20),
+                top_p: None,
+                seed: 3
+            }
+        );
+        assert_eq!(p.max_new_tokens, m.max_new_tokens);
+    }
+
+    #[test]
+    fn cuda_without_the_feature_is_a_clear_error() {
+        if cfg!(feature = "cuda") {
+            return;
+        }
+        let err = candle_device(config::Device::Cuda(0))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--features cuda"), "{err}");
+        assert!(matches!(
+            candle_device(config::Device::Cpu),
+            Ok(candle_core::Device::Cpu)
+        ));
+    }
+}

@@ -1,0 +1,334 @@
+//! Qwen2 decoder (the VideoLLaMA3 language model) with a KV cache and left-padded batches.
+//!
+//! Source of truth: transformers 5.24 `models/qwen2/modeling_qwen2.py` (RMSNorm, biased q/k/v,
+//! GQA, default RoPE, SwiGLU MLP) and `masking_utils.create_causal_mask` /
+//! `generation/utils.py::_prepare_position_ids_for_generation` for padding. Unlike
+//! candle-transformers' qwen2.rs this decoder takes input embeddings (the multimodal stitch
+//! happens before it), per-row position ids and a key padding mask.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{linear, linear_no_bias, rms_norm, Linear, RmsNorm, VarBuilder};
+
+use super::attention::{attention, rows_per_chunk};
+use super::config::VideoLlama3TextConfig;
+use super::vision::apply_rotary;
+
+/// Key/value cache of every layer plus the key padding mask seen so far.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// `[batch, cached_len]`, 1.0 = real token, 0.0 = padding.
+    key_mask: Option<Tensor>,
+}
+
+impl KvCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Tokens cached so far (including padding columns).
+    pub fn seq_len(&self) -> usize {
+        self.key_mask
+            .as_ref()
+            .and_then(|m| m.dim(1).ok())
+            .unwrap_or(0)
+    }
+    pub fn clear(&mut self) {
+        *self = Self::default();
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    scale: f64,
+}
+
+impl Attention {
+    fn new(cfg: &VideoLlama3TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        Ok(Self {
+            q_proj: linear(h, cfg.num_attention_heads * hd, vb.pp("q_proj"))?,
+            k_proj: linear(h, cfg.num_key_value_heads * hd, vb.pp("k_proj"))?,
+            v_proj: linear(h, cfg.num_key_value_heads * hd, vb.pp("v_proj"))?,
+            o_proj: linear_no_bias(cfg.num_attention_heads * hd, h, vb.pp("o_proj"))?,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: hd,
+            scale: (hd as f64).powf(-0.5),
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &ChunkedBias,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, l, _) = xs.dims3()?;
+        let q = self
+            .q_proj
+            .forward(xs)?
+            .reshape((b, l, self.num_heads, self.head_dim))?
+            .transpose(1, 2)?;
+        let k = self
+            .k_proj
+            .forward(xs)?
+            .reshape((b, l, self.num_kv_heads, self.head_dim))?
+            .transpose(1, 2)?;
+        let v = self
+            .v_proj
+            .forward(xs)?
+            .reshape((b, l, self.num_kv_heads, self.head_dim))?
+            .transpose(1, 2)?;
+        let q = apply_rotary(&q, cos, sin)?.contiguous()?;
+        let k = apply_rotary(&k, cos, sin)?.contiguous()?;
+        let v = v.contiguous()?;
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let pick = |start: usize, len: usize| mask.rows_at(start, len);
+        let out = attention(&q, &k, &v, self.scale, Some(&pick))?;
+        let out = out
+            .transpose(1, 2)?
+            .reshape((b, l, self.num_heads * self.head_dim))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &VideoLlama3TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: linear_no_bias(h, i, vb.pp("gate_proj"))?,
+            up_proj: linear_no_bias(h, i, vb.pp("up_proj"))?,
+            down_proj: linear_no_bias(i, h, vb.pp("down_proj"))?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate_proj.forward(xs)?)?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+    }
+}
+
+struct DecoderLayer {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl DecoderLayer {
+    fn new(cfg: &VideoLlama3TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self {
+            input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            post_attention_layernorm: rms_norm(
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                vb.pp("post_attention_layernorm"),
+            )?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &ChunkedBias,
+        cache: &mut Option<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Tensor> {
+        let h =
+            self.self_attn
+                .forward(&self.input_layernorm.forward(xs)?, cos, sin, mask, cache)?;
+        let xs = (xs + h)?;
+        let h = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&xs)?)?;
+        xs + h
+    }
+}
+
+/// One decoder step's inputs.
+#[derive(Debug, Clone)]
+pub struct DecoderInputs<'a> {
+    /// `[batch, len, hidden]`.
+    pub inputs_embeds: &'a Tensor,
+    /// `[batch, len]` (u32/i64): RoPE positions per row.
+    pub position_ids: &'a Tensor,
+    /// `[batch, len]`: 1 = token, 0 = padding. Appended to the cached key mask.
+    pub attention_mask: &'a Tensor,
+}
+
+/// `model.language_model` (a `Qwen2Model`).
+pub struct Qwen2Decoder {
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    inv_freq: Tensor,
+    cfg: VideoLlama3TextConfig,
+}
+
+impl Qwen2Decoder {
+    /// `vb` points at `model.language_model`.
+    pub fn new(cfg: &VideoLlama3TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let embed_tokens = vb
+            .pp("embed_tokens")
+            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::new(cfg, vb.pp("layers").pp(i)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?;
+        let inv: Vec<f32> = (0..cfg.head_dim)
+            .step_by(2)
+            .map(|i| 1.0f32 / (cfg.rope_theta as f32).powf(i as f32 / cfg.head_dim as f32))
+            .collect();
+        let n = inv.len();
+        let inv_freq = Tensor::from_vec(inv, (1, 1, n), vb.device())?;
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm,
+            inv_freq,
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &VideoLlama3TextConfig {
+        &self.cfg
+    }
+
+    /// The `[vocab, hidden]` embedding matrix (also the LM head when tied).
+    pub fn embed_weight(&self) -> &Tensor {
+        &self.embed_tokens
+    }
+
+    /// Token embeddings for `[batch, len]` ids.
+    pub fn embed(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, l) = input_ids.dims2()?;
+        let flat = input_ids.flatten_all()?.to_dtype(DType::U32)?;
+        self.embed_tokens
+            .index_select(&flat, 0)?
+            .reshape((b, l, self.cfg.hidden_size))
+    }
+
+    /// Final hidden states `[batch, len, hidden]` (after the last RMSNorm); extends `cache`.
+    pub fn forward(
+        &self,
+        inputs: &DecoderInputs,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
+        let xs = inputs.inputs_embeds;
+        let (b, l, _) = xs.dims3()?;
+        let device = xs.device();
+        if cache.layers.len() != self.layers.len() {
+            cache.layers = vec![None; self.layers.len()];
+        }
+        let past = cache.seq_len();
+        let new_mask = inputs.attention_mask.to_dtype(DType::F32)?;
+        let key_mask = match cache.key_mask.take() {
+            Some(prev) => Tensor::cat(&[&prev, &new_mask], 1)?,
+            None => new_mask,
+        };
+        cache.key_mask = Some(key_mask.clone());
+        let rows = rows_per_chunk(b, self.cfg.num_attention_heads, past + l);
+        let mask = ChunkedBias::new(&key_mask, past, l, rows, device)?;
+        // RoPE tables in f32, as transformers computes them (then cast to the model dtype).
+        let pos = inputs.position_ids.to_dtype(DType::F32)?.unsqueeze(2)?; // [b, l, 1]
+        let freqs = pos.broadcast_mul(&self.inv_freq)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
+        let dtype = xs.dtype();
+        let cos = emb
+            .cos()?
+            .to_dtype(dtype)?
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?; // [b, 1, l, hd]
+        let sin = emb
+            .sin()?
+            .to_dtype(dtype)?
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?;
+        let mut hidden = xs.clone();
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            hidden = layer.forward(&hidden, &cos, &sin, &mask, slot)?;
+        }
+        let _ = b;
+        self.norm.forward(&hidden)
+    }
+}
+
+/// Additive attention mask `[b, 1, rows, past + l]` per chunk of query rows: causal within the
+/// new tokens, padded keys hidden. Built once per forward and shared by every layer.
+/// Hidden entries get f32::MIN rather than -inf so a fully padded query row stays finite
+/// (its output is never used, but NaN would poison later layers through 0·NaN).
+struct ChunkedBias {
+    rows: usize,
+    chunks: Vec<Tensor>,
+}
+
+impl ChunkedBias {
+    fn new(
+        key_mask: &Tensor,
+        past: usize,
+        l: usize,
+        rows: usize,
+        device: &Device,
+    ) -> candle_core::Result<Self> {
+        let (b, total) = key_mask.dims2()?;
+        let keys = key_mask.to_vec2::<f32>()?;
+        let mut chunks = Vec::with_capacity(l.div_ceil(rows));
+        let mut start = 0;
+        while start < l {
+            let len = rows.min(l - start);
+            let mut bias = vec![0f32; b * len * total];
+            for (bi, row) in keys.iter().enumerate() {
+                for q in 0..len {
+                    let qpos = past + start + q;
+                    let out = &mut bias[(bi * len + q) * total..(bi * len + q + 1) * total];
+                    for (k, (&valid, o)) in row.iter().zip(out.iter_mut()).enumerate() {
+                        if k > qpos || valid == 0.0 {
+                            *o = f32::MIN;
+                        }
+                    }
+                }
+            }
+            chunks.push(Tensor::from_vec(bias, (b, 1, len, total), device)?);
+            start += len;
+        }
+        Ok(Self { rows, chunks })
+    }
+
+    /// The bias for query rows `start..start+len`, which must be one of the chunks built.
+    fn rows_at(&self, start: usize, len: usize) -> candle_core::Result<Tensor> {
+        let chunk = self
+            .chunks
+            .get(start / self.rows)
+            .filter(|_| start % self.rows == 0);
+        match chunk {
+            Some(c) if c.dim(2)? == len => Ok(c.clone()),
+            _ => candle_core::bail!(
+                "attention chunking mismatch at rows {start}+{len} (chunk {})",
+                self.rows
+            ),
+        }
+    }
+}
