@@ -516,8 +516,11 @@ mod tests {
         })
     }
 
-    /// Feed slots, finish, return (index, slots, partial, missing) per window.
-    fn run(spec: WindowSpec, slots: impl IntoIterator<Item = u64>) -> (Vec<(u64, Vec<u64>, bool, usize)>, WindowerStats) {
+    /// (index, slots, partial, missing) of one window.
+    type Summary = (u64, Vec<u64>, bool, usize);
+
+    /// Feed slots, finish, summarise each window.
+    fn run(spec: WindowSpec, slots: impl IntoIterator<Item = u64>) -> (Vec<Summary>, WindowerStats) {
         let mut w = Windower::new("t", spec);
         let mut out = Vec::new();
         for s in slots {

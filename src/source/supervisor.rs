@@ -301,7 +301,7 @@ fn watch(
         // The reason is on the bus.
         while let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(500)) {
             if let gst::MessageView::Error(err) = msg.view() {
-                return Outcome::Error(error_text(spec, &err));
+                return Outcome::Error(error_text(spec, err));
             }
         }
         return Outcome::Error("the pipeline could not be started".into());
@@ -325,7 +325,7 @@ fn watch(
                     }
                     return Outcome::Eos;
                 }
-                gst::MessageView::Error(err) => return Outcome::Error(error_text(spec, &err)),
+                gst::MessageView::Error(err) => return Outcome::Error(error_text(spec, err)),
                 gst::MessageView::Warning(w) => {
                     debug!(stream = %spec.name, "GStreamer warning: {}", spec.scrub(&w.error().to_string()))
                 }
