@@ -172,7 +172,7 @@ fn credentials_from_password_file_and_uri_are_used_but_never_shown() {
     std::fs::write(dir.path().join("cam.pw"), "pa55word\n").unwrap();
     let toml = format!(
         "[model]\npath = \"m\"\n[[prompt]]\nname = \"p\"\ntext = \"t\"\n\
-         [[stream]]\nname = \"good\"\nuri = \"{}\"\nprompts = [\"p\"]\nusername = \"viewer\"\npassword_file = \"cam.pw\"\n",
+         [[stream]]\nname = \"good\"\nuri = \"{}\"\nprompts = [\"p\"]\nusername = \"viewer\"\npassword_file = \"cam.pw\"\nfps = 5.0\nwindow_seconds = 1.0\nstride_seconds = 1.0\n",
         server.url()
     );
     let cfg = vigil::config::Config::parse(&toml, "test.toml", dir.path()).expect("config");
