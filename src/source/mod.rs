@@ -310,6 +310,29 @@ mod tests {
     }
 
     #[test]
+    fn relative_paths_resolve_against_the_config_dir() {
+        let dir = std::env::temp_dir().join(format!("vigil-src-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pw"), "s3cret\r\n").unwrap();
+        let cfg = StreamConfig {
+            name: "c".into(),
+            uri: "clips/a.mp4".into(),
+            prompts: vec![],
+            enabled: true,
+            username: Some("u".into()),
+            password_file: Some("pw".into()),
+            settings: StreamDefaults::default(),
+        };
+        let spec = SourceSpec::from_config(&cfg, &dir).unwrap();
+        assert_eq!(Path::new(&spec.uri), dir.join("clips/a.mp4"));
+        assert_eq!(spec.password.as_deref(), Some("s3cret"));
+        assert!(!spec.is_live());
+        let missing = StreamConfig { password_file: Some("nope".into()), ..cfg };
+        assert!(matches!(SourceSpec::from_config(&missing, &dir), Err(SourceError::PasswordFile { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn debug_and_scrub_hide_passwords() {
         let mut spec = SourceSpec::from_uri("cam", "rtsp://admin:hunter22@10.0.0.1/live", StreamDefaults::default()).unwrap();
         spec.password = Some("filepass".into());
