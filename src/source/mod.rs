@@ -4,9 +4,10 @@
 //! Source of truth: issue "GStreamer ingest and frame windows, with `vigil probe`" (items 1–3, 5)
 //! and the GStreamer element docs (uridecodebin3, rtspsrc, videorate, appsink).
 //!
-//! * [`pipeline`] builds one attempt's pipeline: `uridecodebin3 → videorate → videoconvert →
-//!   videoscale → capsfilter(RGB, fps, size) → appsink`. Rate limiting and scaling happen before
-//!   the appsink so CPU is only spent on kept frames.
+//! * [`pipeline`] builds one attempt's pipeline: `uridecodebin3` (rtsp, http) or
+//!   `filesrc`/`v4l2src ! decodebin3` → `videorate → videoconvert → videoscale →
+//!   capsfilter(RGB, fps, size) → appsink`. Rate limiting comes first so conversion and scaling
+//!   are only spent on kept frames.
 //! * [`supervisor`] runs each stream on its own thread (bus loop, backoff) so one stream's
 //!   failure never stalls another, and [`SourceManager`] adds/removes streams at run time.
 //! * [`probe`] is the library side of `vigil probe`.
