@@ -566,6 +566,14 @@ mod tests {
     use super::*;
 
     #[test]
+    fn handles_can_move_into_async_tasks() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<SourceManager>();
+        send_sync::<WindowReceiver>();
+        send_sync::<SourceEvent>();
+    }
+
+    #[test]
     fn backoff_grows_caps_and_jitters() {
         assert_eq!(backoff_delay(1, 1.0, 30.0, 1.0), Duration::from_secs(1));
         assert_eq!(backoff_delay(1, 1.0, 30.0, 0.0), Duration::from_millis(500));
