@@ -516,8 +516,11 @@ mod tests {
         })
     }
 
-    /// Feed slots, finish, return (index, slots, partial, missing) per window.
-    fn run(spec: WindowSpec, slots: impl IntoIterator<Item = u64>) -> (Vec<(u64, Vec<u64>, bool, usize)>, WindowerStats) {
+    /// (index, slots, partial, missing) of one window.
+    type Summary = (u64, Vec<u64>, bool, usize);
+
+    /// Feed slots, finish, summarise each window.
+    fn run(spec: WindowSpec, slots: impl IntoIterator<Item = u64>) -> (Vec<Summary>, WindowerStats) {
         let mut w = Windower::new("t", spec);
         let mut out = Vec::new();
         for s in slots {
@@ -670,6 +673,42 @@ mod tests {
         assert_eq!(got, vec![7, 8, 9]);
         tx.close();
         assert!(rx.recv_timeout(Duration::from_millis(10)).is_none());
+    }
+
+    /// Poll a future to completion on this thread (the tests have no async runtime).
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        struct Unpark(std::thread::Thread);
+        impl std::task::Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = std::task::Context::from_waker(&waker);
+        let mut f = std::pin::pin!(f);
+        loop {
+            if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+                return v;
+            }
+            std::thread::park_timeout(Duration::from_secs(5));
+        }
+    }
+
+    #[test]
+    fn async_recv_wakes_on_push_and_close() {
+        let (tx, rx) = window_queue(2);
+        let t = {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                tx.push(dummy_window(7));
+                std::thread::sleep(Duration::from_millis(50));
+                tx.close();
+            })
+        };
+        assert_eq!(block_on(rx.recv()).map(|w| w.seq), Some(7));
+        assert!(block_on(rx.recv()).is_none(), "closed and drained");
+        t.join().unwrap();
     }
 
     #[test]

@@ -4,9 +4,10 @@
 //! Source of truth: issue "GStreamer ingest and frame windows, with `vigil probe`" (items 1–3, 5)
 //! and the GStreamer element docs (uridecodebin3, rtspsrc, videorate, appsink).
 //!
-//! * [`pipeline`] builds one attempt's pipeline: `uridecodebin3 → videorate → videoconvert →
-//!   videoscale → capsfilter(RGB, fps, size) → appsink`. Rate limiting and scaling happen before
-//!   the appsink so CPU is only spent on kept frames.
+//! * [`pipeline`] builds one attempt's pipeline: `uridecodebin3` (rtsp, http) or
+//!   `filesrc`/`v4l2src ! decodebin3` → `videorate → videoconvert → videoscale →
+//!   capsfilter(RGB, fps, size) → appsink`. Rate limiting comes first so conversion and scaling
+//!   are only spent on kept frames.
 //! * [`supervisor`] runs each stream on its own thread (bus loop, backoff) so one stream's
 //!   failure never stalls another, and [`SourceManager`] adds/removes streams at run time.
 //! * [`probe`] is the library side of `vigil probe`.
@@ -307,6 +308,29 @@ mod tests {
         assert_eq!((w, h), (768, 576));
         assert_eq!(fit_size(100, 1, (1, 1), 784), (100, 1));
         assert_eq!(fit_size(10000, 10000, (1, 1), 784), (28, 28));
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_dir() {
+        let dir = std::env::temp_dir().join(format!("vigil-src-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pw"), "s3cret\r\n").unwrap();
+        let cfg = StreamConfig {
+            name: "c".into(),
+            uri: "clips/a.mp4".into(),
+            prompts: vec![],
+            enabled: true,
+            username: Some("u".into()),
+            password_file: Some("pw".into()),
+            settings: StreamDefaults::default(),
+        };
+        let spec = SourceSpec::from_config(&cfg, &dir).unwrap();
+        assert_eq!(Path::new(&spec.uri), dir.join("clips/a.mp4"));
+        assert_eq!(spec.password.as_deref(), Some("s3cret"));
+        assert!(!spec.is_live());
+        let missing = StreamConfig { password_file: Some("nope".into()), ..cfg };
+        assert!(matches!(SourceSpec::from_config(&missing, &dir), Err(SourceError::PasswordFile { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

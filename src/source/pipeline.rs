@@ -2,8 +2,9 @@
 //!
 //! `uridecodebin3 → videorate → videoconvert → videoscale → capsfilter → appsink`
 //!
-//! * `uridecodebin3` picks the source element from the URI scheme (rtspsrc, souphttpsrc,
-//!   filesrc, v4l2src) and decodebin3 picks the highest-ranked decoder, hardware ones included.
+//! * `uridecodebin3` picks the source element from the URI scheme (rtspsrc, souphttpsrc); files
+//!   and v4l2 devices use `filesrc`/`v4l2src ! decodebin3` (see `build`). decodebin3 picks the
+//!   highest-ranked decoder, hardware ones included.
 //! * `videorate` sits first so that conversion and scaling run only on the frames kept at `fps`.
 //! * The capsfilter's size is fixed when the decoded pad appears (aspect kept, at most
 //!   `max_frame_pixels`, square pixels), so the appsink receives exactly what the model gets.
@@ -57,8 +58,35 @@ pub fn build(spec: &SourceSpec) -> Result<Built, String> {
     let s = &spec.settings;
     let uri = gst_uri(spec)?;
     let pipeline = gst::Pipeline::with_name(&format!("vigil-{}", spec.name));
-    let dec = make("uridecodebin3", "dec")?;
-    dec.set_property("uri", &uri);
+    // Local sources get an explicit source element in front of decodebin3: under load,
+    // GStreamer 1.22's uridecodebin3 sometimes never starts its file source ("pad not activated
+    // yet") and the pipeline waits forever. Network sources keep uridecodebin3 (they retry).
+    let local_src = match spec.kind {
+        SourceKind::File => {
+            let path = url::Url::parse(&uri)
+                .ok()
+                .and_then(|u| u.to_file_path().ok())
+                .ok_or_else(|| format!("{} is not a local file URI", spec.redacted_uri()))?;
+            let src = make("filesrc", "src")?;
+            src.set_property("location", path.to_string_lossy().as_ref());
+            Some(src)
+        }
+        SourceKind::V4l2 => {
+            let device = url::Url::parse(&uri).map(|u| u.path().to_string()).map_err(|e| e.to_string())?;
+            let src = make("v4l2src", "src")?;
+            src.set_property("device", device.as_str());
+            Some(src)
+        }
+        _ => None,
+    };
+    let dec = match &local_src {
+        Some(_) => make("decodebin3", "dec")?,
+        None => {
+            let d = make("uridecodebin3", "dec")?;
+            d.set_property("uri", &uri);
+            d
+        }
+    };
     let rate = make("videorate", "rate")?;
     // Without this, videorate would invent frames from the segment start up to a live source's
     // first buffer.
@@ -86,6 +114,10 @@ pub fn build(spec: &SourceSpec) -> Result<Built, String> {
         .add_many([&dec, &rate, &convert, &scale, &filter, appsink.upcast_ref()])
         .map_err(|e| e.to_string())?;
     gst::Element::link_many([&rate, &convert, &scale, &filter, appsink.upcast_ref()]).map_err(|e| e.to_string())?;
+    if let Some(src) = &local_src {
+        pipeline.add(src).map_err(|e| e.to_string())?;
+        src.link(&dec).map_err(|e| e.to_string())?;
+    }
 
     if spec.kind == SourceKind::Rtsp {
         let (transport, latency) = (s.transport, s.latency_ms);
@@ -153,8 +185,11 @@ pub fn build(spec: &SourceSpec) -> Result<Built, String> {
     let rate_weak = rate.downgrade();
     let pipeline_weak = pipeline.downgrade();
     dec.connect_pad_added(move |dec, pad| {
-        let caps = pad.current_caps().unwrap_or_else(|| pad.query_caps(None));
-        let is_video = caps.structure(0).is_some_and(|st| st.name().starts_with("video/"));
+        // decodebin3 exposes pads before their caps are fixed; its pads are named after the
+        // stream type (`video_0`), and carry a `gst::Stream` once known.
+        let is_video = pad.name().starts_with("video")
+            || pad.stream().is_some_and(|st| st.stream_type().contains(gst::StreamType::VIDEO))
+            || pad.current_caps().and_then(|c| c.structure(0).map(|st| st.name().starts_with("video/"))).unwrap_or(false);
         let (Some(rate), Some(pipeline)) = (rate_weak.upgrade(), pipeline_weak.upgrade()) else {
             return;
         };

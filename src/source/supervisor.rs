@@ -240,7 +240,14 @@ enum Outcome {
     Stopped,
     Eos,
     Error(String),
+    /// No frame within the start timeout (and no error either).
+    NoStart(String),
 }
+
+/// A local file shows its first frame quickly; one that does not is retried (GStreamer 1.22's
+/// decodebin3 occasionally stalls before exposing its pads when many pipelines start at once).
+const FILE_START_TIMEOUT: Duration = Duration::from_secs(8);
+const FILE_START_RETRIES: u32 = 2;
 
 /// A readable sentence from a GStreamer error message, credentials removed.
 fn error_text(spec: &SourceSpec, err: &gst::message::Error) -> String {
@@ -294,7 +301,7 @@ fn watch(
         // The reason is on the bus.
         while let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(500)) {
             if let gst::MessageView::Error(err) = msg.view() {
-                return Outcome::Error(error_text(spec, &err));
+                return Outcome::Error(error_text(spec, err));
             }
         }
         return Outcome::Error("the pipeline could not be started".into());
@@ -318,7 +325,7 @@ fn watch(
                     }
                     return Outcome::Eos;
                 }
-                gst::MessageView::Error(err) => return Outcome::Error(error_text(spec, &err)),
+                gst::MessageView::Error(err) => return Outcome::Error(error_text(spec, err)),
                 gst::MessageView::Warning(w) => {
                     debug!(stream = %spec.name, "GStreamer warning: {}", spec.scrub(&w.error().to_string()))
                 }
@@ -336,10 +343,12 @@ fn watch(
             }
             shared.set_state(StreamState::Streaming);
         }
+        // Also for files: a pipeline that never produces a frame must not hang the stream.
+        let start_timeout = if live { shared.opts.start_timeout } else { shared.opts.start_timeout.min(FILE_START_TIMEOUT) };
+        if n == 0 && start.elapsed() > start_timeout {
+            return Outcome::NoStart(format!("no video within {:.0} s", start_timeout.as_secs_f64()));
+        }
         if live {
-            if n == 0 && start.elapsed() > shared.opts.start_timeout {
-                return Outcome::Error(format!("no video within {:.0} s", shared.opts.start_timeout.as_secs_f64()));
-            }
             let stall = shared.stall_timeout();
             if n > 0 && lock(&shared.last_frame).is_some_and(|t| t.elapsed() > stall) {
                 return Outcome::Error(format!("stream stalled: no frame for {:.0} s", stall.as_secs_f64()));
@@ -365,6 +374,7 @@ fn supervise(shared: Arc<Shared>) {
     let live = spec.is_live();
     shared.set_state(StreamState::Starting);
     let mut failures: u32 = 0;
+    let mut file_retries: u32 = 0;
     let mut first = true;
     let final_state = loop {
         if shared.stopped() {
@@ -386,13 +396,17 @@ fn supervise(shared: Arc<Shared>) {
                 shared.flush();
                 break StreamState::Stopped;
             }
-            Outcome::Error(error) if !live => {
+            Outcome::NoStart(error) if !live && file_retries < FILE_START_RETRIES => {
+                file_retries += 1;
+                warn!(stream = %spec.name, "{error}; retrying ({file_retries}/{FILE_START_RETRIES})");
+            }
+            Outcome::Error(error) | Outcome::NoStart(error) if !live => {
                 shared.flush();
                 break StreamState::Failed { error };
             }
-            Outcome::Eos | Outcome::Error(_) => {
+            Outcome::Eos | Outcome::Error(_) | Outcome::NoStart(_) => {
                 let error = match outcome {
-                    Outcome::Error(e) => e,
+                    Outcome::Error(e) | Outcome::NoStart(e) => e,
                     _ => "the source ended the stream (EOS)".into(),
                 };
                 if streamed_for >= shared.opts.stable_after.as_secs_f64() {
@@ -550,6 +564,14 @@ impl Drop for SourceManager {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handles_can_move_into_async_tasks() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<SourceManager>();
+        send_sync::<WindowReceiver>();
+        send_sync::<SourceEvent>();
+    }
 
     #[test]
     fn backoff_grows_caps_and_jitters() {

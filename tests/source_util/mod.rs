@@ -83,13 +83,14 @@ pub fn collect(uri: &str, s: StreamDefaults, limit: Duration) -> Collected {
     init();
     let (mut mgr, mut events) = SourceManager::new(SourceOptions::default()).unwrap();
     let rx = mgr.add(SourceSpec::from_uri("clip", uri, s).unwrap()).unwrap();
-    let end = Instant::now() + limit;
+    // Room for the supervisor's own start timeout and retries (8 s each) under a loaded CI.
+    let end = Instant::now() + limit.max(Duration::from_secs(40));
     let mut windows = Vec::new();
     loop {
         match rx.recv_timeout(Duration::from_millis(50)) {
             Some(w) => windows.push(w),
             None if rx.is_closed() => break,
-            None => assert!(Instant::now() < end, "stream did not end within {limit:?}"),
+            None => assert!(Instant::now() < end, "stream did not end within {limit:?}: {:?}", mgr.stats("clip")),
         }
     }
     assert!(mgr.shutdown(Duration::from_secs(5)), "stream thread did not end");
@@ -154,6 +155,11 @@ pub struct RtspServer {
 
 impl RtspServer {
     pub fn start(port: u16) -> RtspServer {
+        Self::start_with_auth(port, None)
+    }
+
+    /// Like [`RtspServer::start`], requiring HTTP basic credentials when `auth` is given.
+    pub fn start_with_auth(port: u16, auth: Option<(&str, &str)>) -> RtspServer {
         init();
         let ctx = gst::glib::MainContext::new();
         let main_loop = gst::glib::MainLoop::new(Some(&ctx), false);
@@ -166,6 +172,18 @@ impl RtspServer {
              ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max=15 ! rtph264pay name=pay0 pt=96 config-interval=1 )",
         );
         factory.set_shared(true);
+        if let Some((user, pass)) = auth {
+            let a = rtsp::RTSPAuth::new();
+            let token = rtsp::RTSPToken::builder().field(rtsp::RTSP_TOKEN_MEDIA_FACTORY_ROLE, "viewer").build();
+            a.add_basic(rtsp::RTSPAuth::make_basic(user, pass).as_str(), &token);
+            server.set_auth(Some(&a));
+            factory.add_role_from_structure(
+                &gst::Structure::builder("viewer")
+                    .field(rtsp::RTSP_PERM_MEDIA_FACTORY_ACCESS, true)
+                    .field(rtsp::RTSP_PERM_MEDIA_FACTORY_CONSTRUCT, true)
+                    .build(),
+            );
+        }
         server.mount_points().unwrap().add_factory("/test", factory);
         // The port may still be in TIME_WAIT from the previous instance: retry briefly.
         let mut source = None;
