@@ -6,5 +6,6 @@
 
 pub mod config;
 pub mod logging;
+pub mod processor;
 
 pub use config::Config;
