@@ -13,6 +13,7 @@ use super::image::RgbImage;
 use super::ProcessorError;
 
 /// All frames of a clip and its nominal frame rate.
+#[derive(Debug)]
 pub struct DecodedVideo {
     pub frames: Vec<RgbImage>,
     pub fps: f64,
