@@ -58,6 +58,9 @@ def make_media():
         "rgba": Image.fromarray(np.concatenate([smooth_image(70, 50), (np.arange(70 * 50).reshape(70, 50, 1) % 256).astype(np.uint8)], axis=-1), mode="RGBA"),
         "exact": Image.fromarray(smooth_image(56, 84)),           # already a multiple of 14: no resize
         "bad_aspect": Image.fromarray(smooth_image(1, 250)),      # aspect 250 > 200 -> error
+        # Both sides shrink, the height much more: Pillow 13 resizes vertically first here.
+        "tall": Image.fromarray(smooth_image(160, 40)),
+        "tall_tie": Image.fromarray(smooth_image(150, 40)),       # 2*(40-28) == 150-126: order tie
     }
     for k, im in images.items():
         im.save(os.path.join(MEDIA, f"{k}.png"))
