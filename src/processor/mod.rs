@@ -46,6 +46,7 @@
 pub mod checkpoint;
 pub mod decode;
 pub mod image;
+pub mod report;
 pub mod resize;
 pub mod template;
 pub mod video;
