@@ -242,3 +242,36 @@ fn errors_are_clear() {
     let e = p.call(&["<|image_pad|>".to_string()], &[], &[], &CallOptions::default()).unwrap_err();
     assert!(e.to_string().contains("1 <|image_pad|> placeholders but 0 images"), "{e}");
 }
+
+#[test]
+fn chat_templates_render_like_transformers_jinja() {
+    let exp = expected();
+    for case in exp["templates"].as_array().unwrap() {
+        let t = ChatTemplate::new(case["template"].as_str().unwrap().to_string()).unwrap();
+        for (i, conv) in case["conversations"].as_array().unwrap().iter().enumerate() {
+            let mut ctx = case["kwargs"].as_object().unwrap().clone();
+            ctx.insert("messages".into(), conv.clone());
+            ctx.insert("add_generation_prompt".into(), case["add_generation_prompt"].clone());
+            let got = t.render_context(&ctx).unwrap();
+            assert_eq!(got, case["rendered"][i].as_str().unwrap(), "template {} conversation {i}", case["name"]);
+        }
+    }
+}
+
+#[test]
+fn pruning_threshold_and_min_tokens_match_transformers() {
+    let exp = expected();
+    let proc = VideoProcessor::from_pretrained(&root().join("ckpt_tf5")).unwrap();
+    let mut distinct = std::collections::HashSet::new();
+    for case in exp["pruning_params"].as_array().unwrap() {
+        let c = &exp["videos"][case["clip"].as_str().unwrap()];
+        let frames = c["frames"].as_array().unwrap().iter().map(|p| open(p.as_str().unwrap())).collect();
+        let video = Video::from_frames(frames, c["fps"].as_f64()).unwrap();
+        let cfg = PruningConfig { enabled: true, threshold: case["threshold"].as_f64().unwrap(), min_tokens_per_frame: case["min_tokens"].as_u64().unwrap() as usize };
+        let out = proc.preprocess(&[video], &cfg).unwrap();
+        let want = bools(&case["mask"]);
+        assert_eq!(out.video_compression_mask, want, "{case}");
+        distinct.insert(want);
+    }
+    assert!(distinct.len() >= 8, "fixture masks are too uniform to prove anything");
+}

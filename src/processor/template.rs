@@ -51,44 +51,71 @@ impl Message {
 /// A conversation: the messages of one batch sample.
 pub type Conversation = Vec<Message>;
 
-/// Python `json.dumps(value, ensure_ascii=False)` with its default separators `", "` / `": "`.
-fn py_json(v: &serde_json::Value, indent: Option<usize>, level: usize, out: &mut String) {
-    use serde_json::Value as J;
+/// Python `json.dumps(value, ensure_ascii=False, indent=indent)`: default separators `", "` /
+/// `": "` (`","` with an indent), mapping keys in insertion order.
+fn py_json(v: &Value, indent: Option<usize>, level: usize, out: &mut String) -> Result<(), Error> {
+    use minijinja::value::ValueKind as K;
     let nl = |out: &mut String, l: usize| {
         if let Some(n) = indent {
             out.push('\n');
             out.push_str(&" ".repeat(n * l));
         }
     };
-    match v {
-        J::Array(a) if !a.is_empty() => {
+    let sep = if indent.is_some() { "," } else { ", " };
+    match v.kind() {
+        K::Undefined | K::None => out.push_str("null"),
+        K::Bool => out.push_str(if v.is_true() { "true" } else { "false" }),
+        K::Number => {
+            if let Some(i) = v.as_i64() {
+                out.push_str(&i.to_string());
+            } else {
+                let f = f64::try_from(v.clone()).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+                // Python prints floats with repr(): always a '.' or an exponent.
+                let s = if f.is_finite() && f.fract() == 0.0 && f.abs() < 1e16 { format!("{f:.1}") } else { f.to_string() };
+                out.push_str(&s);
+            }
+        }
+        K::String => out.push_str(&serde_json::to_string(v.as_str().unwrap_or_default()).unwrap_or_default()),
+        K::Seq | K::Iterable => {
+            let items: Vec<Value> = v.try_iter()?.collect();
+            if items.is_empty() {
+                out.push_str("[]");
+                return Ok(());
+            }
             out.push('[');
-            for (i, x) in a.iter().enumerate() {
+            for (i, x) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push_str(if indent.is_some() { "," } else { ", " });
+                    out.push_str(sep);
                 }
                 nl(out, level + 1);
-                py_json(x, indent, level + 1, out);
+                py_json(x, indent, level + 1, out)?;
             }
             nl(out, level);
             out.push(']');
         }
-        J::Object(m) if !m.is_empty() => {
+        K::Map => {
+            let keys: Vec<Value> = v.try_iter()?.collect();
+            if keys.is_empty() {
+                out.push_str("{}");
+                return Ok(());
+            }
             out.push('{');
-            for (i, (k, x)) in m.iter().enumerate() {
+            for (i, k) in keys.iter().enumerate() {
                 if i > 0 {
-                    out.push_str(if indent.is_some() { "," } else { ", " });
+                    out.push_str(sep);
                 }
                 nl(out, level + 1);
-                out.push_str(&serde_json::to_string(k).unwrap_or_default());
+                let key = k.as_str().map(str::to_string).unwrap_or_else(|| k.to_string());
+                out.push_str(&serde_json::to_string(&key).unwrap_or_default());
                 out.push_str(": ");
-                py_json(x, indent, level + 1, out);
+                py_json(&v.get_item(k)?, indent, level + 1, out)?;
             }
             nl(out, level);
             out.push('}');
         }
-        other => out.push_str(&serde_json::to_string(other).unwrap_or_default()),
+        _ => return Err(Error::new(ErrorKind::InvalidOperation, format!("cannot convert {} to JSON", v.kind()))),
     }
+    Ok(())
 }
 
 fn tojson(value: Value, kwargs: minijinja::value::Kwargs) -> Result<Value, Error> {
@@ -96,9 +123,8 @@ fn tojson(value: Value, kwargs: minijinja::value::Kwargs) -> Result<Value, Error
     let _ = kwargs.get::<Option<Value>>("separators")?;
     let _ = kwargs.get::<Option<bool>>("sort_keys")?;
     kwargs.assert_all_used()?;
-    let json = serde_json::to_value(&value).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
     let mut s = String::new();
-    py_json(&json, indent, 0, &mut s);
+    py_json(&value, indent, 0, &mut s)?;
     Ok(Value::from_safe_string(s))
 }
 
@@ -130,6 +156,13 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned("chat", source).map_err(|e| ProcessorError::Template(format!("cannot compile the chat template: {e:#}")))?;
         Ok(Self { env })
+    }
+
+    /// Render with an arbitrary context (e.g. `{"messages": [...], "tools": [...],
+    /// "add_generation_prompt": true}`), like `render_jinja_template(**kwargs)`.
+    pub fn render_context<S: Serialize>(&self, ctx: &S) -> Result<String, ProcessorError> {
+        let tmpl = self.env.get_template("chat").map_err(|e| ProcessorError::Template(e.to_string()))?;
+        tmpl.render(Value::from_serialize(ctx)).map_err(|e| ProcessorError::Template(format!("rendering the chat template failed: {e:#}")))
     }
 
     /// Render one conversation. `special_tokens` are passed as template variables.

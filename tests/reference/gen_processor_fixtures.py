@@ -167,6 +167,47 @@ def main():
         }
     expected["sampling_file"] = {"file": "media/clip12.mkv", "fps": 6.0, "total_num_frames": 12}
 
+    # ---- compression mask with non-default threshold / min tokens (what `[pruning]` configures;
+    # the processor call always uses 0.1 / 1, so call transformers' mask function directly)
+    expected["pruning_params"] = []
+    for clip in ["moving", "odd"]:
+        frames, fps = clips[clip]
+        clip_md = {"total_num_frames": len(frames), "fps": fps, "frames_indices": list(range(len(frames)))}
+        out = vp(videos=[frames], video_metadata=[clip_md], return_tensors="pt")
+        for thr in [0.0, 0.1, 5.0, 20.0, 60.0]:
+            for mt in [0, 1, 2, 3]:
+                m = vp._get_compression_mask(out["pixel_values_videos"], out["video_grid_thw"], out["video_merge_sizes"],
+                                             threshold=thr, min_tokens=mt)
+                expected["pruning_params"].append({"clip": clip, "threshold": thr, "min_tokens": mt,
+                                                   "mask": [int(b) for b in m.tolist()]})
+
+    # ---- chat templates rendered by transformers' jinja environment
+    from transformers.utils.chat_template_utils import render_jinja_template
+    tmpl_cases = [
+        ("real", tiny_checkpoint.CHAT_TEMPLATE, {}, [
+            [{"role": "user", "content": "plain string"}],
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "  spaced  "}]}],
+            [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Q?"}]}, {"role": "assistant", "content": [{"type": "text", "text": "A."}]}],
+            [{"role": "stream", "content": [{"type": "text", "text": "live"}]}, {"role": "user", "content": "go"}],
+        ]),
+        ("real_system", tiny_checkpoint.CHAT_TEMPLATE, {"add_system_prompt": True}, [
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}],
+        ]),
+        ("features", tiny_checkpoint.FEATURES_TEMPLATE, {"eos_token": "<|im_end|>", "tools": [
+            {"type": "function", "function": {"name": "get_weather", "description": "Wetter für Köln \"heute\"",
+                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                              "required": ["city"], "n": 3, "x": 1.5, "ok": True, "none": None}}}]}, [
+            [{"role": "system", "content": "  Be brief.  "}, {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "日本語 <b>&amp;</b>"}, {"type": "image"}]},
+             {"role": "assistant", "content": "Sure: \"quoted\"\nnext line"}] + [{"role": "user", "content": f"turn {i}"} for i in range(6)],
+        ]),
+    ]
+    expected["templates"] = []
+    for name, tmpl, kw, convs in tmpl_cases:
+        for agp in [True, False]:
+            rendered, _ = render_jinja_template(conversations=convs, chat_template=tmpl, add_generation_prompt=agp, **kw)
+            expected["templates"].append({"name": name, "template": tmpl, "kwargs": kw, "conversations": convs,
+                                          "add_generation_prompt": agp, "rendered": rendered})
+
     # ---- tokenizer
     tok = ck["tf5"].tokenizer
     for i, s in enumerate(tiny_checkpoint.CORPUS + ["<|im_start|>user\nhi<|im_end|>\n", "  spaces\n\n and\ttabs  "]):
@@ -228,6 +269,7 @@ def main():
 
     # ---- what `vigil preprocess` must print for one invocation (media before the text, in order)
     proc = ck["tf5"]
+    md = {"total_num_frames": 12, "fps": 6.0, "duration": 2.0, "frames_indices": list(range(12))}
     file_out = vp(videos=[file_frames], video_metadata=[dict(md)], do_sample_frames=True, fps=2, return_tensors="pt")
     sampled = file_frames[file_out["video_metadata"][0].frames_indices.numpy() if hasattr(file_out["video_metadata"][0].frames_indices, "numpy") else file_out["video_metadata"][0].frames_indices]
     conv = [{"role": "user", "content": [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "Is anyone at the door?"}]}]

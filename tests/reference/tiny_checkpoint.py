@@ -26,32 +26,81 @@ QWEN2_SPLIT = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
-# The VideoLLaMA3 HF chat template could not be located in the reference corpus; this one is
-# reconstructed from transformers' integration test for lkhl/VideoLLaMA3-2B-Image-HF
-# ("<|im_start|>user\n" + image tokens + "\nDescribe the image.<|im_end|>\n<|im_start|>assistant\n")
-# and the processor (one <|image_pad|> / <|video_pad|> placeholder per media item).
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}\n"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}\n"
-    "{%- if message['content'] is string -%}\n"
-    "{{- message['content'] -}}\n"
-    "{%- else -%}\n"
-    "{%- for content in message['content'] -%}\n"
-    "{%- if content['type'] == 'image' or 'image' in content or 'image_url' in content -%}\n"
-    "{{- '<|image_pad|>\\n' -}}\n"
-    "{%- elif content['type'] == 'video' or 'video' in content -%}\n"
-    "{{- '<|video_pad|>\\n' -}}\n"
-    "{%- elif content['type'] == 'text' -%}\n"
-    "{{- content['text'] | trim -}}\n"
-    "{%- endif -%}\n"
-    "{%- endfor -%}\n"
-    "{%- endif -%}\n"
-    "{{- '<|im_end|>\\n' -}}\n"
-    "{%- endfor -%}\n"
-    "{%- if add_generation_prompt -%}\n"
-    "{{- '<|im_start|>assistant\\n' -}}\n"
-    "{%- endif -%}\n"
-)
+# The chat template of the converted checkpoint lkhl/VideoLLaMA3-2B-Image-HF (the one transformers'
+# integration tests use), chat_template.jinja on its main branch as mirrored at
+# https://hf.898520.xyz/lkhl/VideoLLaMA3-2B-Image-HF/blob/main/chat_template.jinja — the checkpoint's
+# own data, kept byte-for-byte so the Rust renderer is tested on the real thing (multi-line string
+# literals, `set` inside loops, an optional system prompt, the 'stream' role).
+CHAT_TEMPLATE = """{%- set identifier = 'im' %}
+{% for message in messages %}
+{% if add_system_prompt and loop.first and message['role'] != 'system' %}
+{{- '<|im_start|>system
+You are VideoLLaMA3 created by Alibaba DAMO Academy, a helpful assistant to help people understand images and videos.<|im_end|>
+' -}}
+{% endif %}
+{% if message['role'] == 'stream' %}
+{% set identifier = 'stream' %}
+{% else %}
+{% set identifier = 'im' %}
+{% endif %}
+{{- '<|' + identifier + '_start|>' + message['role'] + '
+' -}}
+{% if message['content'] is string %}
+{{- message['content'] -}}
+{% else %}
+{% for content in message['content'] %}
+{% if content['type'] == 'text' %}
+{{- content['text'] -}}
+{% elif content['type'] == 'image' %}
+{{- '<|image_pad|>' + '
+' -}}
+{% elif content['type'] == 'video' %}
+{{- '<|video_pad|>' + '
+' -}}
+{% endif %}
+{% endfor %}
+{% endif %}
+{{- '<|' + identifier + '_end|>' -}}
+{% if identifier != 'stream' %}
+{{- '
+' -}}
+{% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+{{- '<|im_start|>assistant
+' -}}
+{% endif %}
+"""
+
+# A template written for vigil's tests that exercises the jinja features HF templates rely on
+# (namespace, loop controls, python string methods, tojson on nested data, raise_exception guard).
+FEATURES_TEMPLATE = """{%- set ns = namespace(turns=0, images=0) -%}
+{%- for m in messages -%}
+{%- if m.role == 'system' -%}
+{{- '[SYS] ' + m.content.strip() + '\n' -}}
+{%- continue -%}
+{%- endif -%}
+{%- set ns.turns = ns.turns + 1 -%}
+{{- loop.index ~ '/' ~ loop.length ~ ' ' ~ m.role | upper ~ ':' -}}
+{%- if m.content is string -%}
+{{- ' ' + m.content | tojson -}}
+{%- else -%}
+{%- for c in m.content -%}
+{%- if c.type == 'text' %} {{ c.text | tojson }}{% elif c.type == 'image' %}{% set ns.images = ns.images + 1 %} <img{{ ns.images }}>{% endif -%}
+{%- if loop.last %};{% endif -%}
+{%- endfor -%}
+{%- endif %}
+{% if m.role.startswith('assi') %}[a]
+{% endif -%}
+{%- if loop.index >= 6 %}{% break %}{% endif -%}
+{%- endfor -%}
+{{- 'turns=' ~ ns.turns -}}
+{%- if tools is defined and tools %} tools={{ tools | tojson }}{% endif %}
+{%- if tools is defined and tools %} pretty={{ tools[0] | tojson(indent=2) }}{% endif %}
+{%- if add_generation_prompt %}
+<gen>{{ eos_token }}
+{%- endif %}
+"""
 
 CORPUS = [
     "Describe the image.", "What is shown in this video?", "Is anyone at the door?",
