@@ -83,8 +83,9 @@ def moving_clip(t, h, w, static=False):
 
 def write_lossless_video(path, frames, fps):
     """FFV1 (lossless) in Matroska, RGB planar: decodes bit-exactly with PyAV and GStreamer."""
-    with av.open(path, "w") as c:
-        s = c.add_stream("ffv1", rate=fps)
+    # bitexact: no random segment UID or encoder string, so regenerating gives identical bytes.
+    with av.open(path, "w", format="matroska", options={"fflags": "+bitexact"}) as c:
+        s = c.add_stream("ffv1", rate=fps, options={"flags": "+bitexact"})
         s.width, s.height = frames.shape[2], frames.shape[1]
         s.pix_fmt = "bgr0"
         for f in frames:
