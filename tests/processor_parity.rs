@@ -275,3 +275,15 @@ fn pruning_threshold_and_min_tokens_match_transformers() {
     }
     assert!(distinct.len() >= 8, "fixture masks are too uniform to prove anything");
 }
+
+#[test]
+fn system_prompt_switch_of_the_real_template() {
+    let exp = expected();
+    let case = exp["templates"].as_array().unwrap().iter().find(|c| c["name"] == "real_system" && c["add_generation_prompt"] == true).unwrap();
+    let p = Processor::from_pretrained(&root().join("ckpt_tf5")).unwrap();
+    let convs: Vec<Conversation> = serde_json::from_value(case["conversations"].clone()).unwrap();
+    let mut extra = serde_json::Map::new();
+    extra.insert("add_system_prompt".into(), true.into());
+    let got = p.apply_chat_template_with(&convs, true, &extra).unwrap();
+    assert_eq!(got[0], case["rendered"][0].as_str().unwrap());
+}

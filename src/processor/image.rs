@@ -94,7 +94,7 @@ pub struct ImageInputs {
 impl ImageInputs {
     /// Number of patch rows in `pixel_values`.
     pub fn rows(&self) -> usize {
-        if self.patch_dim == 0 { 0 } else { self.pixel_values.len() / self.patch_dim }
+        self.pixel_values.len().checked_div(self.patch_dim).unwrap_or(0)
     }
 }
 

@@ -179,20 +179,46 @@ impl Processor {
 
     /// Render each conversation with the checkpoint's chat template.
     pub fn apply_chat_template(&self, conversations: &[Conversation], add_generation_prompt: bool) -> Result<Vec<String>, ProcessorError> {
+        self.apply_chat_template_with(conversations, add_generation_prompt, &serde_json::Map::new())
+    }
+
+    /// [`Processor::apply_chat_template`] with extra template variables (transformers'
+    /// `**kwargs`, e.g. `{"add_system_prompt": true}` for VideoLLaMA3's default system prompt).
+    pub fn apply_chat_template_with(
+        &self,
+        conversations: &[Conversation],
+        add_generation_prompt: bool,
+        extra: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Vec<String>, ProcessorError> {
         let t = self.template.as_ref().ok_or_else(|| {
             ProcessorError::Template(format!(
                 "{} has no chat template (looked for chat_template in processor_config.json, chat_template.json, chat_template.jinja, tokenizer_config.json)",
                 self.files.dir.display()
             ))
         })?;
-        let specials = [
+        // Special tokens first, then the caller's variables (they win, as in transformers).
+        let mut base = serde_json::Map::new();
+        for (k, v) in [
             ("bos_token", self.files.bos_token.as_deref()),
             ("eos_token", self.files.eos_token.as_deref()),
             ("pad_token", self.files.pad_token.as_deref()),
             ("image_token", Some(self.files.image_token.as_str())),
             ("video_token", Some(self.files.video_token.as_str())),
-        ];
-        conversations.iter().map(|c| t.render(c, add_generation_prompt, &specials)).collect()
+        ] {
+            if let Some(v) = v {
+                base.insert(k.into(), v.into());
+            }
+        }
+        base.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
+        conversations
+            .iter()
+            .map(|c| {
+                let mut ctx = base.clone();
+                ctx.insert("messages".into(), serde_json::to_value(c).map_err(|e| ProcessorError::Template(e.to_string()))?);
+                ctx.insert("add_generation_prompt".into(), add_generation_prompt.into());
+                t.render_context(&ctx)
+            })
+            .collect()
     }
 
     /// Turn prompts (with one image / video placeholder per media item) plus the media, in the

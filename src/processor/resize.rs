@@ -192,6 +192,7 @@ fn pass_vertical(src: &[u8], w: usize, c: usize, out_h: usize, co: &FixedCoeffs)
     out
 }
 
+#[allow(clippy::too_many_arguments)]
 fn separable(
     src: &[u8],
     h: usize,

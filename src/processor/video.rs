@@ -8,9 +8,9 @@
 
 use std::path::Path;
 
-use super::checkpoint::{ResizeBackend, VideoProcessorConfig};
+use super::checkpoint::VideoProcessorConfig;
 use super::image::{normalize_planes, patchify_frames, RgbImage};
-use super::resize::{resize_pil_bicubic, resize_torchvision_bicubic_u8, smart_resize};
+use super::resize::{resize_torchvision_bicubic_u8, smart_resize};
 use super::ProcessorError;
 use crate::config::PruningConfig;
 
@@ -29,6 +29,9 @@ impl Video {
     /// Timestamps are `i / fps` in f64, as transformers computes them for a list of indices;
     /// without `fps` transformers falls back to 1 fps (with a warning), and so do we.
     pub fn from_frames(frames: Vec<RgbImage>, fps: Option<f64>) -> Result<Self, ProcessorError> {
+        if fps.is_none() {
+            tracing::warn!("no fps given for pre-sampled video frames; timestamps assume 1 fps (as transformers does)");
+        }
         let fps = fps.unwrap_or(1.0);
         if !(fps.is_finite() && fps > 0.0) {
             return Err(ProcessorError::Input(format!("video fps must be a positive number, got {fps}")));
@@ -148,7 +151,7 @@ pub struct VideoInputs {
 
 impl VideoInputs {
     pub fn rows(&self) -> usize {
-        if self.patch_dim == 0 { 0 } else { self.pixel_values_videos.len() / self.patch_dim }
+        self.pixel_values_videos.len().checked_div(self.patch_dim).unwrap_or(0)
     }
     /// Merged tokens of video `i` (before pruning).
     pub fn tokens_of(&self, i: usize) -> usize {
@@ -214,15 +217,11 @@ impl VideoProcessor {
                 .frames
                 .iter()
                 .map(|f| {
+                    // transformers has no PIL video backend: videos always resize like torchvision.
                     let data = if (h, w) == (f.height, f.width) {
                         f.data.clone()
                     } else {
-                        match c.backend {
-                            // The video processor always uses the torchvision backend.
-                            ResizeBackend::Torchvision | ResizeBackend::Pil => {
-                                resize_torchvision_bicubic_u8(&f.data, f.height, f.width, 3, h, w)
-                            }
-                        }
+                        resize_torchvision_bicubic_u8(&f.data, f.height, f.width, 3, h, w)
                     };
                     normalize_planes(&RgbImage { width: w, height: h, data }, &norm)
                 })
@@ -241,7 +240,6 @@ impl VideoProcessor {
             out.video_merge_sizes.push(c.merge_size);
             out.timestamps.push(video.timestamps.clone());
         }
-        let _ = resize_pil_bicubic; // the PIL path exists for images only (transformers has no PIL video backend)
         Ok(out)
     }
 }
