@@ -287,3 +287,36 @@ fn system_prompt_switch_of_the_real_template() {
     let got = p.apply_chat_template_with(&convs, true, &extra).unwrap();
     assert_eq!(got[0], case["rendered"][0].as_str().unwrap());
 }
+
+/// The Python generator's `formula_image`.
+fn formula_image(h: usize, w: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(h * w * 3);
+    for y in 0..h {
+        for x in 0..w {
+            for c in 0..3 {
+                v.push(((x * 7 + y * 13 + c * 50 + (x * y) % 17 * 9) % 256) as u8);
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn resize_kernels_are_bit_exact_at_large_scale_factors() {
+    use vigil::processor::resize::{resize_pil_bicubic, resize_torchvision_bicubic_u8};
+    let exp = expected();
+    for case in exp["resize"].as_array().unwrap() {
+        let hw = |k: &str| (case[k][0].as_u64().unwrap() as usize, case[k][1].as_u64().unwrap() as usize);
+        let ((h, w), (oh, ow)) = (hw("in_hw"), hw("out_hw"));
+        let src = formula_image(h, w);
+        for (tag, got) in [
+            ("torchvision", resize_torchvision_bicubic_u8(&src, h, w, 3, oh, ow)),
+            ("pil", resize_pil_bicubic(&src, h, w, 3, oh, ow)),
+        ] {
+            let want = RgbImage::open(&root().join("expected").join(case[tag].as_str().unwrap())).unwrap();
+            assert_eq!((want.height, want.width), (oh, ow));
+            let bad = got.iter().zip(&want.data).filter(|(a, b)| a != b).count();
+            assert_eq!(bad, 0, "{tag} {h}x{w} -> {oh}x{ow}: {bad} of {} values differ", got.len());
+        }
+    }
+}

@@ -33,6 +33,14 @@ def smooth_image(h, w, channels=3, noise=40):
     return np.clip(base, 0, 255).astype(np.uint8)
 
 
+def formula_image(h, w):
+    """Deterministic test pattern, also computed by the Rust test: sharp edges + ramps."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.int64)
+    c = np.arange(3).reshape(1, 1, 3)
+    v = (x[..., None] * 7 + y[..., None] * 13 + c * 50 + (x[..., None] * y[..., None]) % 17 * 9) % 256
+    return v.astype(np.uint8)
+
+
 def save_f32(name, arr):
     arr = np.ascontiguousarray(np.asarray(arr, dtype=np.float32))
     arr.astype("<f4").tofile(os.path.join(OUT, name))
@@ -208,6 +216,23 @@ def main():
             rendered, _ = render_jinja_template(conversations=convs, chat_template=tmpl, add_generation_prompt=agp, **kw)
             expected["templates"].append({"name": name, "template": tmpl, "kwargs": kw, "conversations": convs,
                                           "add_generation_prompt": agp, "rendered": rendered})
+
+    # ---- raw resize kernels at large scale factors. The input is a formula both sides compute, so
+    # only the (small) outputs are stored, as PNG.
+    import torchvision.transforms.v2.functional as tvF
+    expected["resize"] = []
+    for (h, w, oh, ow) in [(720, 1280, 42, 70), (480, 640, 97, 31), (1080, 1920, 64, 112), (37, 23, 180, 140),
+                           (300, 8, 30, 101), (61, 83, 59, 85), (500, 40, 71, 13)]:
+        arr = formula_image(h, w)
+        tv = tvF.resize(torch.from_numpy(arr).permute(2, 0, 1).contiguous(), [oh, ow],
+                        interpolation=tvF.InterpolationMode.BICUBIC, antialias=True).permute(1, 2, 0).numpy()
+        pil = np.array(Image.fromarray(arr).resize((ow, oh), Image.BICUBIC))
+        names = {}
+        for tag, out in [("torchvision", tv), ("pil", pil)]:
+            name = f"resize_{h}x{w}_{oh}x{ow}_{tag}.png"
+            Image.fromarray(np.ascontiguousarray(out)).save(os.path.join(OUT, name))
+            names[tag] = name
+        expected["resize"].append({"in_hw": [h, w], "out_hw": [oh, ow], **names})
 
     # ---- tokenizer
     tok = ck["tf5"].tokenizer
