@@ -49,56 +49,52 @@ pub fn decode_video_file(path: &Path) -> Result<DecodedVideo, ProcessorError> {
     let mut frames = Vec::new();
     let mut fps = None;
     let bus = pipeline.bus().expect("pipeline has a bus");
+    // Poll in short slices so that a decoding error (posted on the bus) is reported at once;
+    // give up if no frame arrives for 10 s.
+    let mut last_progress = std::time::Instant::now();
     let result = loop {
         if let Some(msg) = bus.pop_filtered(&[gst::MessageType::Error]) {
             if let gst::MessageView::Error(e) = msg.view() {
                 break Err(err(format!("decoding failed: {}", e.error())));
             }
         }
-        match sink.try_pull_sample(gst::ClockTime::from_seconds(10)) {
-            Some(sample) => {
-                let caps = sample.caps().ok_or_else(|| err("sample without caps".into()));
-                let info = caps.and_then(|c| gst_video::VideoInfo::from_caps(c).map_err(|e| err(e.to_string())));
-                let info = match info {
-                    Ok(i) => i,
-                    Err(e) => break Err(e),
-                };
-                if fps.is_none() {
-                    let f = info.fps();
-                    if f.numer() > 0 && f.denom() > 0 {
-                        fps = Some(f.numer() as f64 / f.denom() as f64);
-                    }
-                }
-                let Some(buffer) = sample.buffer() else { continue };
-                let frame = match gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, &info) {
-                    Ok(f) => f,
-                    Err(e) => break Err(err(format!("cannot map frame: {e}"))),
-                };
-                let (w, h) = (info.width() as usize, info.height() as usize);
-                let stride = info.stride()[0] as usize;
-                let plane = match frame.plane_data(0) {
-                    Ok(p) => p,
-                    Err(e) => break Err(err(format!("cannot read frame: {e}"))),
-                };
-                // GStreamer pads RGB rows to 4 bytes; copy row by row.
-                let mut data = Vec::with_capacity(w * h * 3);
-                for y in 0..h {
-                    data.extend_from_slice(&plane[y * stride..y * stride + w * 3]);
-                }
-                frames.push(RgbImage { width: w, height: h, data });
+        let Some(sample) = sink.try_pull_sample(gst::ClockTime::from_mseconds(50)) else {
+            if sink.is_eos() {
+                break Ok(());
             }
-            None => {
-                if sink.is_eos() {
-                    break Ok(());
-                }
-                if let Some(msg) = bus.pop_filtered(&[gst::MessageType::Error]) {
-                    if let gst::MessageView::Error(e) = msg.view() {
-                        break Err(err(format!("decoding failed: {}", e.error())));
-                    }
-                }
+            if last_progress.elapsed() > std::time::Duration::from_secs(10) {
                 break Err(err("timed out waiting for a frame".into()));
             }
+            continue;
+        };
+        last_progress = std::time::Instant::now();
+        let info = match sample.caps().ok_or_else(|| err("sample without caps".into())).and_then(|c| gst_video::VideoInfo::from_caps(c).map_err(|e| err(e.to_string()))) {
+            Ok(i) => i,
+            Err(e) => break Err(e),
+        };
+        if fps.is_none() {
+            let f = info.fps();
+            if f.numer() > 0 && f.denom() > 0 {
+                fps = Some(f.numer() as f64 / f.denom() as f64);
+            }
         }
+        let Some(buffer) = sample.buffer() else { continue };
+        let frame = match gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, &info) {
+            Ok(f) => f,
+            Err(e) => break Err(err(format!("cannot map frame: {e}"))),
+        };
+        let (w, h) = (info.width() as usize, info.height() as usize);
+        let stride = info.stride()[0] as usize;
+        let plane = match frame.plane_data(0) {
+            Ok(p) => p,
+            Err(e) => break Err(err(format!("cannot read frame: {e}"))),
+        };
+        // GStreamer pads RGB rows to 4 bytes; copy row by row.
+        let mut data = Vec::with_capacity(w * h * 3);
+        for y in 0..h {
+            data.extend_from_slice(&plane[y * stride..y * stride + w * 3]);
+        }
+        frames.push(RgbImage { width: w, height: h, data });
     };
     let _ = pipeline.set_state(gst::State::Null);
     result?;
