@@ -64,3 +64,19 @@ fn errors_exit_nonzero_with_a_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.mkv"));
 }
+
+#[test]
+fn max_frames_caps_a_video() {
+    let run = |extra: &[&str]| -> Value {
+        let mut a = vec!["preprocess", "--model", "ckpt_tf5", "--json", "--video", "media/clip12.mkv", "--prompt", "x"];
+        a.extend(extra);
+        let out = vigil(&a);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // All 12 frames without sampling; 5 with --max-frames 5 (uniform, like num_frames=5).
+    assert_eq!(run(&[])["video_grid_thw"][0][0], 12);
+    assert_eq!(run(&["--max-frames", "5"])["video_grid_thw"][0][0], 5);
+    // With --fps the cap applies to fps sampling: 12 frames at 6 fps sampled at 4 fps = 8, capped to 6.
+    assert_eq!(run(&["--fps", "4", "--max-frames", "6"])["video_grid_thw"][0][0], 6);
+}

@@ -72,21 +72,10 @@ pub fn preprocess(req: &PreprocessRequest) -> Result<PreprocessReport, Processor
     }
     let mut videos = Vec::new();
     if let Some(v) = &req.video {
-        let mut sampling = Sampling { fps: req.fps, ..Default::default() };
-        if let Some(n) = req.max_frames {
-            if n == 0 {
-                return Err(ProcessorError::Input("--max-frames must be at least 1".into()));
-            }
-            if req.fps.is_some() {
-                sampling.max_frames = Some(n);
-            } else {
-                // Without an fps, keep at most n frames spread uniformly over the clip.
-                let total = super::decode::decode_video_file(v)?.frames.len();
-                if total > n {
-                    sampling.num_frames = Some(n);
-                }
-            }
+        if req.max_frames == Some(0) {
+            return Err(ProcessorError::Input("--max-frames must be at least 1".into()));
         }
+        let sampling = Sampling { fps: req.fps, max_frames: req.max_frames, ..Default::default() };
         videos.push(Video::from_file(v, &sampling, &processor.video_processor.config)?);
         parts.push(ContentPart::Video);
         sources.push(("video", v.display().to_string()));

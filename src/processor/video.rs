@@ -63,6 +63,14 @@ impl Video {
         if total == 0 {
             return Err(ProcessorError::Media { path: path.into(), msg: "the video has no frames".into() });
         }
+        // vigil extension: `max_frames` alone caps a clip by uniform sampling (transformers only
+        // applies `max_frames` together with `fps`).
+        let mut sampling = sampling.clone();
+        if sampling.fps.is_none() && sampling.num_frames.is_none() {
+            if let Some(n) = sampling.max_frames.filter(|&n| total > n) {
+                sampling.num_frames = Some(n);
+            }
+        }
         let do_sample = sampling.fps.is_some() || sampling.num_frames.is_some() || cfg.do_sample_frames;
         if !do_sample {
             let indices: Vec<usize> = (0..total).collect();
@@ -84,7 +92,8 @@ impl Video {
     }
 }
 
-/// Frame-sampling request for a video file (`fps` and `num_frames` are mutually exclusive).
+/// Frame-sampling request for a video file (`fps` and `num_frames` are mutually exclusive;
+/// `max_frames` without either keeps at most that many frames, uniformly sampled).
 #[derive(Debug, Clone, Default)]
 pub struct Sampling {
     pub fps: Option<f64>,
