@@ -10,6 +10,7 @@ pub mod engine;
 pub mod logging;
 pub mod metrics;
 pub mod model;
+pub mod processor;
 pub mod publish;
 pub mod source;
 pub mod window;

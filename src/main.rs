@@ -77,6 +77,39 @@ enum Command {
         #[arg(short = 'n', long, value_name = "N")]
         count: Option<usize>,
     },
+    /// Show what a prompt costs: tokens, visual tokens before/after pruning, grids.
+    Preprocess(PreprocessArgs),
+}
+
+#[derive(clap::Args)]
+struct PreprocessArgs {
+    /// Checkpoint directory (processor_config.json or preprocessor_config.json layout).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// The question, placed after the media in the user turn.
+    #[arg(long)]
+    prompt: String,
+    /// An image file (repeatable; in the order given, before any video).
+    #[arg(long = "image", value_name = "PATH")]
+    images: Vec<PathBuf>,
+    /// A video file, decoded with GStreamer.
+    #[arg(long, value_name = "PATH")]
+    video: Option<PathBuf>,
+    /// With --video: sample this many frames per second. With --frames: their frame rate.
+    #[arg(long, value_name = "F")]
+    fps: Option<f64>,
+    /// With --video: use at most N frames.
+    #[arg(long, value_name = "N", requires = "video")]
+    max_frames: Option<usize>,
+    /// Already sampled frames of one clip (image files, in order).
+    #[arg(long, value_name = "PATH", num_args = 1..)]
+    frames: Vec<PathBuf>,
+    /// Keep every video token (transformers' use_token_compression=False).
+    #[arg(long)]
+    no_pruning: bool,
+    /// Print one JSON object instead of the summary.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
@@ -126,6 +159,34 @@ fn probe(uri: &str, opts: &vigil::source::probe::ProbeOptions, json: bool) -> Ex
             if summary.ended_early {
                 eprintln!("note: the stream ended after {} window(s)", summary.windows);
             }
+        Command::Preprocess(args) => preprocess(args),
+    }
+}
+
+fn preprocess(a: PreprocessArgs) -> ExitCode {
+    let req = vigil::processor::report::PreprocessRequest {
+        model: a.model,
+        prompt: a.prompt,
+        images: a.images,
+        video: a.video,
+        fps: a.fps,
+        max_frames: a.max_frames,
+        frames: a.frames,
+        pruning: vigil::config::PruningConfig { enabled: !a.no_pruning, ..Default::default() },
+    };
+    match vigil::processor::report::preprocess(&req) {
+        Ok(r) if a.json => match serde_json::to_string(&r) {
+            Ok(s) => {
+                println!("{s}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Ok(r) => {
+            print!("{}", r.human());
             ExitCode::SUCCESS
         }
         Err(e) => {
