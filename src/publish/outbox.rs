@@ -254,11 +254,11 @@ mod tests {
         assert_eq!(o.push(ev(3)), Pushed::DroppedOldest { first_in_burst: true });
         assert_eq!(o.push(ev(4)), Pushed::DroppedOldest { first_in_burst: false });
         assert_eq!(o.dropped(), 2);
-        let got: Vec<u32> = std::iter::from_fn(|| o.next()).map(|m| {
-            let n = num(&m);
+        let mut got = Vec::new();
+        while let Some(m) = o.next() {
+            got.push(num(&m));
             o.handed(m);
-            n
-        }).collect();
+        }
         assert_eq!(got, vec![2, 3, 4]);
         for pkid in 1..=3 {
             o.on_outgoing_publish(pkid);
