@@ -202,3 +202,47 @@ async fn last_will_offline_when_process_is_killed() {
     assert_eq!(g.text(), "offline");
     sub.stop();
 }
+
+/// QoS 0, 1 and 2 go through the same outbox (QoS 0 is done once written, QoS 2 at PUBCOMP);
+/// stats are sent periodically with the outbox figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_0_1_2_deliver_in_order_and_stats_tick() {
+    for qos in [0u8, 1, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Mosquitto::start(dir.path(), "");
+        let cfg = config(dir.path(), &broker.url(), &format!("qos = {qos}"));
+        let mut sub = Sub::connect(broker.port, "sub-qos", &["vt/cam1/scene", "vt/stats"], false).await;
+        let (p, _c) = Publisher::start(&cfg, fast()).await.unwrap();
+        wait_link(&p, T, |l| l.connected).await;
+        for seq in 0..200 {
+            p.answer(&answer("cam1", "scene", "caption", seq));
+        }
+        let mut seqs = Vec::new();
+        while seqs.len() < 200 {
+            let g = sub.next_on("vt/cam1/scene", T).await.unwrap_or_else(|| panic!("qos {qos}: {} of 200; {:?} {:?}", seqs.len(), p.outbox_stats(), *p.link().borrow()));
+            seqs.push(g.json()["window"]["seq"].as_u64().unwrap());
+        }
+        assert_eq!(seqs, (0..200).collect::<Vec<_>>(), "qos {qos}");
+        let deadline = std::time::Instant::now() + T;
+        while p.outbox_stats().depth > 0 {
+            assert!(std::time::Instant::now() < deadline, "qos {qos}: outbox never emptied: {:?}", p.outbox_stats());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let ticker = p.stats_every(Duration::from_millis(150), || StatsPayload {
+            v: 1,
+            uptime_s: 2.0,
+            streams: Default::default(),
+            inference: Default::default(),
+            outbox: Default::default(),
+            timestamp: now_rfc3339(),
+        });
+        for _ in 0..2 {
+            let g = sub.next_on("vt/stats", T).await.expect("periodic stats");
+            common::schema::assert_valid(&load("stats.v1.schema.json"), &g.json());
+            assert_eq!(g.json()["outbox"]["capacity"], 1000);
+        }
+        ticker.abort();
+        p.shutdown(T).await;
+        sub.stop();
+    }
+}

@@ -75,13 +75,15 @@ pub struct PublishOptions {
     /// First delay before reconnecting; doubles up to `reconnect_max`.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
-    /// Messages handed to rumqttc and not yet acknowledged, at most.
+    /// Messages handed to rumqttc and not yet acknowledged, at most. Brokers cap this per
+    /// client (mosquitto's `max_inflight_messages` defaults to 20 and, over MQTT 3.1.1, silently
+    /// discards QoS 2 messages beyond it), so stay under that.
     pub max_inflight: usize,
 }
 
 impl Default for PublishOptions {
     fn default() -> Self {
-        PublishOptions { reconnect_min: Duration::from_millis(500), reconnect_max: Duration::from_secs(30), max_inflight: 64 }
+        PublishOptions { reconnect_min: Duration::from_millis(500), reconnect_max: Duration::from_secs(30), max_inflight: 16 }
     }
 }
 
@@ -143,6 +145,20 @@ impl Shared {
                 }
             }
         }
+    }
+
+    fn outbox_stats(&self) -> OutboxStats {
+        let inner = self.lock();
+        OutboxStats {
+            depth: inner.outbox.depth() as u64,
+            capacity: inner.outbox.capacity() as u64,
+            dropped: inner.outbox.dropped(),
+        }
+    }
+
+    fn stats(&self, mut stats: StatsPayload) {
+        stats.outbox = self.outbox_stats();
+        self.event(self.topics.stats(), to_json(&stats));
     }
 
     fn log_burst_end(&self, ended: Option<u64>) {
@@ -264,9 +280,26 @@ impl Publisher {
     }
 
     /// Publish statistics; the outbox figures are filled in here.
-    pub fn stats(&self, mut stats: StatsPayload) {
-        stats.outbox = self.outbox_stats();
-        self.shared.event(self.shared.topics.stats(), to_json(&stats));
+    pub fn stats(&self, stats: StatsPayload) {
+        self.shared.stats(stats);
+    }
+
+    /// Publish `collect()` on `<prefix>/stats` every `every` (the daemon uses 60 s), the first
+    /// time after one period, until the publisher shuts down or the task is aborted.
+    pub fn stats_every(&self, every: Duration, mut collect: impl FnMut() -> StatsPayload + Send + 'static) -> JoinHandle<()> {
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now() + every;
+            let mut tick = tokio::time::interval_at(start, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if shared.lock().stopping {
+                    return;
+                }
+                shared.stats(collect());
+            }
+        })
     }
 
     /// Report a failure worth a human's attention on `<prefix>/errors`.
@@ -287,12 +320,7 @@ impl Publisher {
     }
 
     pub fn outbox_stats(&self) -> OutboxStats {
-        let inner = self.shared.lock();
-        OutboxStats {
-            depth: inner.outbox.depth() as u64,
-            capacity: inner.outbox.capacity() as u64,
-            dropped: inner.outbox.dropped(),
-        }
+        self.shared.outbox_stats()
     }
 
     /// Watch the connection state.

@@ -166,7 +166,10 @@ impl Sub {
                         let _ = tx.send(Got { topic: p.topic, payload: p.payload.to_vec(), retain: p.retain });
                     }
                     Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(e) => {
+                        eprintln!("test subscriber: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await
+                    }
                 }
             }
         });
