@@ -135,7 +135,7 @@ impl Shared {
     /// Hand queued messages to rumqttc while connected and the in-flight window allows.
     fn pump(&self, inner: &mut Inner) {
         while inner.connected && !inner.stopping {
-            let Some(m) = inner.outbox.next() else { break };
+            let Some(m) = inner.outbox.take_next() else { break };
             match self.client.try_publish(m.topic.clone(), m.qos, m.retain, m.payload.clone()) {
                 Ok(()) => inner.outbox.handed(m),
                 Err(_) => {
@@ -368,10 +368,11 @@ impl Publisher {
             inner.connected
         };
         let mut task = self.task;
-        if connected && self.shared.client.try_disconnect().is_ok() {
-            if tokio::time::timeout(Duration::from_secs(2), &mut task).await.is_ok() {
-                return;
-            }
+        if connected
+            && self.shared.client.try_disconnect().is_ok()
+            && tokio::time::timeout(Duration::from_secs(2), &mut task).await.is_ok()
+        {
+            return;
         }
         task.abort();
     }
