@@ -168,11 +168,12 @@ impl Shared {
     }
 }
 
-/// Publishes vigil's answers and states to MQTT. Cheap to share behind an `Arc`; every method
-/// returns at once.
+/// Publishes vigil's answers and states to MQTT. Share it behind an `Arc`; every method but
+/// `shutdown` returns at once.
 pub struct Publisher {
     shared: Arc<Shared>,
-    task: JoinHandle<()>,
+    /// The event-loop task; taken by `shutdown`/`kill`.
+    task: Mutex<Option<JoinHandle<()>>>,
     #[cfg(feature = "embedded-broker")]
     embedded: Option<embedded::EmbeddedBroker>,
 }
@@ -251,7 +252,7 @@ impl Publisher {
         Ok((
             Publisher {
                 shared,
-                task,
+                task: Mutex::new(Some(task)),
                 #[cfg(feature = "embedded-broker")]
                 embedded,
             },
@@ -341,8 +342,9 @@ impl Publisher {
     }
 
     /// Clean shutdown: publish `stopped`, give queued messages up to `timeout` to go out, then
-    /// disconnect (so the broker does not send the `offline` will).
-    pub async fn shutdown(self, timeout: Duration) {
+    /// disconnect (so the broker does not send the `offline` will). Later calls do nothing.
+    pub async fn shutdown(&self, timeout: Duration) {
+        let Some(mut task) = self.task.lock().unwrap_or_else(|p| p.into_inner()).take() else { return };
         self.shared.enqueue(Msg {
             topic: self.shared.topics.available(),
             payload: b"stopped".to_vec(),
@@ -367,7 +369,6 @@ impl Publisher {
             inner.stopping = true;
             inner.connected
         };
-        let mut task = self.task;
         if connected
             && self.shared.client.try_disconnect().is_ok()
             && tokio::time::timeout(Duration::from_secs(2), &mut task).await.is_ok()
@@ -379,8 +380,17 @@ impl Publisher {
 
     /// Stop at once without DISCONNECT, as a crash would: the broker then publishes the
     /// `offline` last will.
-    pub fn kill(self) {
-        self.task.abort();
+    pub fn kill(&self) {
+        if let Some(t) = self.task.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Publisher {
+    /// Dropped without `shutdown`: stop the event loop (the broker then sends `offline`).
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
