@@ -188,16 +188,16 @@ async fn last_will_offline_when_process_is_killed() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(dir.path(), "");
     let mut sub = Sub::connect(broker.port, "sub-proc", &["vt/available"], false).await;
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+    let mut child = KillOnDrop(std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "last_will_offline_when_process_is_killed", "--nocapture"])
         .env("VIGIL_TEST_CHILD_BROKER", broker.url())
         .stdout(std::process::Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap());
     let online = sub.next_on("vt/available", T).await;
     assert_eq!(online.map(|g| g.text()).as_deref(), Some("online"));
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    child.0.kill().unwrap(); // SIGKILL
+    child.0.wait().unwrap();
     let g = sub.next_on("vt/available", T).await.expect("last will after SIGKILL");
     assert_eq!(g.text(), "offline");
     sub.stop();

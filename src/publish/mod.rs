@@ -265,7 +265,7 @@ impl Publisher {
     pub fn answer(&self, a: &Answer) {
         let t = &self.shared.topics;
         self.shared.event(t.answer(&a.stream, &a.prompt), to_json(a));
-        if a.kind == PromptKind::Alert.as_str() {
+        if a.kind == PromptKind::Alert {
             let now = a.is_positive();
             let before = self.shared.lock().alerts.insert((a.stream.clone(), a.prompt.clone()), now).unwrap_or(false);
             if now && !before {
