@@ -246,3 +246,24 @@ async fn qos_0_1_2_deliver_in_order_and_stats_tick() {
         sub.stop();
     }
 }
+
+/// A message the broker would refuse (too large) is refused up front and does not block the
+/// answers behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_message_does_not_block_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "");
+    let cfg = config(dir.path(), &broker.url(), "");
+    let mut sub = Sub::connect(broker.port, "sub-big", &["vt/cam1/scene"], false).await;
+    let (p, _c) = Publisher::start(&cfg, fast()).await.unwrap();
+    wait_link(&p, T, |l| l.connected).await;
+    let mut big = answer("cam1", "scene", "caption", 0);
+    big.answer = "x".repeat(2 << 20);
+    p.answer(&big);
+    p.answer(&answer("cam1", "scene", "caption", 1));
+    let g = sub.next_on("vt/cam1/scene", T).await.expect("the next answer gets through");
+    assert_eq!(g.json()["window"]["seq"], 1);
+    assert_eq!(p.link().borrow().connects, 1, "no reconnect was needed");
+    p.shutdown(T).await;
+    sub.stop();
+}

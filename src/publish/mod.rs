@@ -33,6 +33,9 @@ use outbox::{Msg, Outbox, Pushed};
 pub use payload::*;
 pub use topics::{SetTarget, Topics};
 
+/// Largest message vigil sends (and rumqttc accepts): answers are a few KiB.
+const MAX_MESSAGE_BYTES: usize = (1 << 20) - 1024;
+
 /// Why publishing could not start (connection problems after start are retried, not returned).
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -114,6 +117,20 @@ impl Shared {
     }
 
     fn enqueue(&self, msg: Msg) {
+        // A message the client or broker would refuse would block the queue head forever
+        // (each refusal drops the connection and the message is re-sent): refuse it here.
+        if msg.topic.is_empty() || msg.topic.contains(['+', '#', '\0']) {
+            tracing::error!("MQTT: not publishing to invalid topic {:?}", msg.topic);
+            return;
+        }
+        if msg.payload.len() + msg.topic.len() > MAX_MESSAGE_BYTES {
+            tracing::error!(
+                "MQTT: not publishing {} bytes to {} (limit {MAX_MESSAGE_BYTES})",
+                msg.payload.len(),
+                msg.topic
+            );
+            return;
+        }
         let mut inner = self.lock();
         if let Pushed::DroppedOldest { first_in_burst: true } = inner.outbox.push(msg) {
             tracing::warn!(
