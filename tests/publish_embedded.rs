@@ -1,5 +1,6 @@
 //! The embedded broker (rumqttd in-process, loopback) round-trips with `vigil tail` run as a
 //! real subprocess.
+#![cfg(feature = "embedded-broker")]
 
 mod common;
 

@@ -267,3 +267,12 @@ async fn oversized_message_does_not_block_the_queue() {
     p.shutdown(T).await;
     sub.stop();
 }
+
+#[tokio::test]
+async fn prompt_names_that_collide_with_stream_topics_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), "mqtt://127.0.0.1:1", "");
+    cfg.prompts[0].name = "status".into();
+    let e = Publisher::start(&cfg, fast()).await.err().expect("refused").to_string();
+    assert!(e.contains("\"status\"") && e.contains("vt/<stream>/status"), "{e}");
+}

@@ -36,6 +36,9 @@ pub use topics::{SetTarget, Topics};
 /// Largest message vigil sends (and rumqttc accepts): answers are a few KiB.
 const MAX_MESSAGE_BYTES: usize = (1 << 20) - 1024;
 
+/// Prompt names that would land on a per-stream topic of their own.
+pub const RESERVED_PROMPT_NAMES: [&str; 3] = ["status", "set", "enabled"];
+
 /// Why publishing could not start (connection problems after start are retried, not returned).
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -47,6 +50,9 @@ pub enum PublishError {
     Tls(String),
     #[error("embedded MQTT broker: {0}")]
     Embedded(String),
+    /// A config that cannot be mapped onto topics.
+    #[error("{0}")]
+    Config(String),
     /// A connection failure that will not fix itself (refused credentials, TLS), for one-shot
     /// tools such as `vigil tail`.
     #[error("{0}")]
@@ -200,6 +206,13 @@ impl Publisher {
     /// on which `set` commands arrive. Must be called inside a tokio runtime.
     pub async fn start(cfg: &Config, opts: PublishOptions) -> Result<(Publisher, mpsc::Receiver<Command>), PublishError> {
         let m = &cfg.mqtt;
+        // `<prefix>/<stream>/<prompt>` shares its level with these per-stream topics.
+        if let Some(p) = cfg.prompts.iter().find(|p| RESERVED_PROMPT_NAMES.contains(&p.name.as_str())) {
+            return Err(PublishError::Config(format!(
+                "prompt name {:?} collides with the topic {}/<stream>/{}; rename the prompt",
+                p.name, m.topic_prefix, p.name
+            )));
+        }
         #[cfg(feature = "embedded-broker")]
         let embedded = if m.is_embedded() {
             let addr = embedded::EmbeddedBroker::listen_addr(m)?;
