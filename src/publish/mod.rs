@@ -8,6 +8,12 @@
 //! into the outbox and hands it the next messages. On a disconnect the unacknowledged messages
 //! go back to the outbox, so QoS 1/2 answers survive a broker restart in order (up to
 //! `outbox_capacity`; beyond it the oldest are dropped and counted).
+//!
+//! Use (daemon): `let (publisher, commands) = Publisher::start(&cfg, PublishOptions::default())`
+//! inside the tokio runtime; `publisher.answer(&Answer{..})` per answer (state and alert edges
+//! follow from it), `publisher.status(stream, &StatusPayload{..})` on source state changes,
+//! `publisher.stats_every(60 s, || StatsPayload{..})`, `publisher.error(..)`; apply the
+//! [`Command`]s from `commands`; `publisher.shutdown(timeout).await` on SIGTERM.
 
 pub mod connect;
 pub mod discovery;
