@@ -62,6 +62,7 @@ enum Command {
     },
     /// Print answers as they arrive on MQTT (from a config's broker, or --broker URL).
     Tail {
+        /// Config file whose [mqtt] section (broker, credentials, TLS, prefix) to use; or --broker.
         #[arg(short, long, value_name = "FILE", required_unless_present = "broker", conflicts_with = "broker")]
         config: Option<PathBuf>,
         /// Broker URL, e.g. mqtt://127.0.0.1:1883.

@@ -1,10 +1,11 @@
 //! The embedded broker (rumqttd in-process, loopback) round-trips with `vigil tail` run as a
 //! real subprocess.
+#![cfg(feature = "embedded-broker")]
 
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -28,7 +29,7 @@ fn lines(r: impl std::io::Read + Send + 'static) -> mpsc::Receiver<String> {
 }
 
 /// Start `vigil tail` and wait until it has subscribed.
-fn spawn_tail(args: &[&str]) -> (Child, mpsc::Receiver<String>, mpsc::Receiver<String>) {
+fn spawn_tail(args: &[&str]) -> (KillOnDrop, mpsc::Receiver<String>, mpsc::Receiver<String>) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_vigil"))
         .arg("tail")
         .args(args)
@@ -39,6 +40,7 @@ fn spawn_tail(args: &[&str]) -> (Child, mpsc::Receiver<String>, mpsc::Receiver<S
         .unwrap();
     let out = lines(child.stdout.take().unwrap());
     let err = lines(child.stderr.take().unwrap());
+    let child = KillOnDrop(child);
     loop {
         let l = err.recv_timeout(T).expect("vigil tail announces its subscription within 5 s");
         if l.contains("vigil tail: subscribed to") {
@@ -48,7 +50,8 @@ fn spawn_tail(args: &[&str]) -> (Child, mpsc::Receiver<String>, mpsc::Receiver<S
     (child, out, err)
 }
 
-fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+fn wait_exit(child: &mut KillOnDrop) -> std::process::ExitStatus {
+    let child = &mut child.0;
     let deadline = std::time::Instant::now() + T;
     loop {
         if let Some(s) = child.try_wait().unwrap() {

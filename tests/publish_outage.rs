@@ -92,3 +92,26 @@ async fn broker_restart_keeps_order_up_to_capacity_and_counts_drops() {
     sub.stop();
     stats_sub.stop();
 }
+
+/// Answers published before the broker was ever reachable wait and arrive once it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_before_first_connect_are_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Mosquitto::start(dir.path(), "");
+    // Register a persistent session, then take the broker away before vigil starts.
+    let mut sub = Sub::connect(broker.port, "sub-early", &["vt/cam1/scene"], true).await;
+    broker.stop();
+    let cfg = config(dir.path(), &broker.url(), "");
+    let (p, _c) = Publisher::start(&cfg, fast()).await.unwrap();
+    for seq in 0..3 {
+        p.answer(&answer("cam1", "scene", "caption", seq));
+    }
+    let l = wait_link(&p, T, |l| l.failures >= 2).await;
+    assert!(l.last_error.unwrap().contains("connection refused"));
+    assert_eq!(p.outbox_stats().depth, 3);
+    broker.restart();
+    wait_link(&p, T, |l| l.connected).await;
+    assert_eq!(collect(&mut sub, "vt/cam1/scene", 3, T).await, vec![0, 1, 2]);
+    p.shutdown(T).await;
+    sub.stop();
+}

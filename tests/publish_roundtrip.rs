@@ -188,17 +188,91 @@ async fn last_will_offline_when_process_is_killed() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(dir.path(), "");
     let mut sub = Sub::connect(broker.port, "sub-proc", &["vt/available"], false).await;
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+    let mut child = KillOnDrop(std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "last_will_offline_when_process_is_killed", "--nocapture"])
         .env("VIGIL_TEST_CHILD_BROKER", broker.url())
         .stdout(std::process::Stdio::null())
         .spawn()
-        .unwrap();
+        .unwrap());
     let online = sub.next_on("vt/available", T).await;
     assert_eq!(online.map(|g| g.text()).as_deref(), Some("online"));
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    child.0.kill().unwrap(); // SIGKILL
+    child.0.wait().unwrap();
     let g = sub.next_on("vt/available", T).await.expect("last will after SIGKILL");
     assert_eq!(g.text(), "offline");
     sub.stop();
+}
+
+/// QoS 0, 1 and 2 go through the same outbox (QoS 0 is done once written, QoS 2 at PUBCOMP);
+/// stats are sent periodically with the outbox figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos_0_1_2_deliver_in_order_and_stats_tick() {
+    for qos in [0u8, 1, 2] {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Mosquitto::start(dir.path(), "");
+        let cfg = config(dir.path(), &broker.url(), &format!("qos = {qos}"));
+        let mut sub = Sub::connect(broker.port, "sub-qos", &["vt/cam1/scene", "vt/stats"], false).await;
+        let (p, _c) = Publisher::start(&cfg, fast()).await.unwrap();
+        wait_link(&p, T, |l| l.connected).await;
+        for seq in 0..200 {
+            p.answer(&answer("cam1", "scene", "caption", seq));
+        }
+        let mut seqs = Vec::new();
+        while seqs.len() < 200 {
+            let g = sub.next_on("vt/cam1/scene", T).await.unwrap_or_else(|| panic!("qos {qos}: {} of 200; {:?} {:?}", seqs.len(), p.outbox_stats(), *p.link().borrow()));
+            seqs.push(g.json()["window"]["seq"].as_u64().unwrap());
+        }
+        assert_eq!(seqs, (0..200).collect::<Vec<_>>(), "qos {qos}");
+        let deadline = std::time::Instant::now() + T;
+        while p.outbox_stats().depth > 0 {
+            assert!(std::time::Instant::now() < deadline, "qos {qos}: outbox never emptied: {:?}", p.outbox_stats());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let ticker = p.stats_every(Duration::from_millis(150), || StatsPayload {
+            v: 1,
+            uptime_s: 2.0,
+            streams: Default::default(),
+            inference: Default::default(),
+            outbox: Default::default(),
+            timestamp: now_rfc3339(),
+        });
+        for _ in 0..2 {
+            let g = sub.next_on("vt/stats", T).await.expect("periodic stats");
+            common::schema::assert_valid(&load("stats.v1.schema.json"), &g.json());
+            assert_eq!(g.json()["outbox"]["capacity"], 1000);
+        }
+        ticker.abort();
+        p.shutdown(T).await;
+        sub.stop();
+    }
+}
+
+/// A message the broker would refuse (too large) is refused up front and does not block the
+/// answers behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_message_does_not_block_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "");
+    let cfg = config(dir.path(), &broker.url(), "");
+    let mut sub = Sub::connect(broker.port, "sub-big", &["vt/cam1/scene"], false).await;
+    let (p, _c) = Publisher::start(&cfg, fast()).await.unwrap();
+    wait_link(&p, T, |l| l.connected).await;
+    let mut big = answer("cam1", "scene", "caption", 0);
+    big.answer = "x".repeat(2 << 20);
+    p.answer(&big);
+    p.answer(&answer("cam1", "scene", "caption", 1));
+    let g = sub.next_on("vt/cam1/scene", T).await.expect("the next answer gets through");
+    assert_eq!(g.json()["window"]["seq"], 1);
+    assert_eq!(p.link().borrow().connects, 1, "no reconnect was needed");
+    p.shutdown(T).await;
+    sub.stop();
+}
+
+#[tokio::test]
+async fn prompt_names_that_collide_with_stream_topics_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), "mqtt://127.0.0.1:1", "");
+    cfg.prompts[0].name = "status".into();
+    let e = Publisher::start(&cfg, fast()).await.err().expect("refused").to_string();
+    assert!(e.contains("\"status\"") && e.contains("vt/<stream>/status"), "{e}");
 }

@@ -8,6 +8,12 @@
 //! into the outbox and hands it the next messages. On a disconnect the unacknowledged messages
 //! go back to the outbox, so QoS 1/2 answers survive a broker restart in order (up to
 //! `outbox_capacity`; beyond it the oldest are dropped and counted).
+//!
+//! Use (daemon): `let (publisher, commands) = Publisher::start(&cfg, PublishOptions::default())`
+//! inside the tokio runtime; `publisher.answer(&Answer{..})` per answer (state and alert edges
+//! follow from it), `publisher.status(stream, &StatusPayload{..})` on source state changes,
+//! `publisher.stats_every(60 s, || StatsPayload{..})`, `publisher.error(..)`; apply the
+//! [`Command`]s from `commands`; `publisher.shutdown(timeout).await` on SIGTERM.
 
 pub mod connect;
 pub mod discovery;
@@ -33,6 +39,12 @@ use outbox::{Msg, Outbox, Pushed};
 pub use payload::*;
 pub use topics::{SetTarget, Topics};
 
+/// Largest message vigil sends (and rumqttc accepts): answers are a few KiB.
+const MAX_MESSAGE_BYTES: usize = (1 << 20) - 1024;
+
+/// Prompt names that would land on a per-stream topic of their own.
+pub const RESERVED_PROMPT_NAMES: [&str; 3] = ["status", "set", "enabled"];
+
 /// Why publishing could not start (connection problems after start are retried, not returned).
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -44,6 +56,9 @@ pub enum PublishError {
     Tls(String),
     #[error("embedded MQTT broker: {0}")]
     Embedded(String),
+    /// A config that cannot be mapped onto topics.
+    #[error("{0}")]
+    Config(String),
     /// A connection failure that will not fix itself (refused credentials, TLS), for one-shot
     /// tools such as `vigil tail`.
     #[error("{0}")]
@@ -75,13 +90,15 @@ pub struct PublishOptions {
     /// First delay before reconnecting; doubles up to `reconnect_max`.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
-    /// Messages handed to rumqttc and not yet acknowledged, at most.
+    /// Messages handed to rumqttc and not yet acknowledged, at most. Brokers cap this per
+    /// client (mosquitto's `max_inflight_messages` defaults to 20 and, over MQTT 3.1.1, silently
+    /// discards QoS 2 messages beyond it), so stay under that.
     pub max_inflight: usize,
 }
 
 impl Default for PublishOptions {
     fn default() -> Self {
-        PublishOptions { reconnect_min: Duration::from_millis(500), reconnect_max: Duration::from_secs(30), max_inflight: 64 }
+        PublishOptions { reconnect_min: Duration::from_millis(500), reconnect_max: Duration::from_secs(30), max_inflight: 16 }
     }
 }
 
@@ -112,6 +129,20 @@ impl Shared {
     }
 
     fn enqueue(&self, msg: Msg) {
+        // A message the client or broker would refuse would block the queue head forever
+        // (each refusal drops the connection and the message is re-sent): refuse it here.
+        if msg.topic.is_empty() || msg.topic.contains(['+', '#', '\0']) {
+            tracing::error!("MQTT: not publishing to invalid topic {:?}", msg.topic);
+            return;
+        }
+        if msg.payload.len() + msg.topic.len() > MAX_MESSAGE_BYTES {
+            tracing::error!(
+                "MQTT: not publishing {} bytes to {} (limit {MAX_MESSAGE_BYTES})",
+                msg.payload.len(),
+                msg.topic
+            );
+            return;
+        }
         let mut inner = self.lock();
         if let Pushed::DroppedOldest { first_in_burst: true } = inner.outbox.push(msg) {
             tracing::warn!(
@@ -133,7 +164,7 @@ impl Shared {
     /// Hand queued messages to rumqttc while connected and the in-flight window allows.
     fn pump(&self, inner: &mut Inner) {
         while inner.connected && !inner.stopping {
-            let Some(m) = inner.outbox.next() else { break };
+            let Some(m) = inner.outbox.take_next() else { break };
             match self.client.try_publish(m.topic.clone(), m.qos, m.retain, m.payload.clone()) {
                 Ok(()) => inner.outbox.handed(m),
                 Err(_) => {
@@ -145,6 +176,20 @@ impl Shared {
         }
     }
 
+    fn outbox_stats(&self) -> OutboxStats {
+        let inner = self.lock();
+        OutboxStats {
+            depth: inner.outbox.depth() as u64,
+            capacity: inner.outbox.capacity() as u64,
+            dropped: inner.outbox.dropped(),
+        }
+    }
+
+    fn stats(&self, mut stats: StatsPayload) {
+        stats.outbox = self.outbox_stats();
+        self.event(self.topics.stats(), to_json(&stats));
+    }
+
     fn log_burst_end(&self, ended: Option<u64>) {
         if let Some(n) = ended {
             tracing::info!("MQTT outbox drained; {n} message(s) were dropped while it was full");
@@ -152,11 +197,12 @@ impl Shared {
     }
 }
 
-/// Publishes vigil's answers and states to MQTT. Cheap to share behind an `Arc`; every method
-/// returns at once.
+/// Publishes vigil's answers and states to MQTT. Share it behind an `Arc`; every method but
+/// `shutdown` returns at once.
 pub struct Publisher {
     shared: Arc<Shared>,
-    task: JoinHandle<()>,
+    /// The event-loop task; taken by `shutdown`/`kill`.
+    task: Mutex<Option<JoinHandle<()>>>,
     #[cfg(feature = "embedded-broker")]
     embedded: Option<embedded::EmbeddedBroker>,
 }
@@ -166,6 +212,13 @@ impl Publisher {
     /// on which `set` commands arrive. Must be called inside a tokio runtime.
     pub async fn start(cfg: &Config, opts: PublishOptions) -> Result<(Publisher, mpsc::Receiver<Command>), PublishError> {
         let m = &cfg.mqtt;
+        // `<prefix>/<stream>/<prompt>` shares its level with these per-stream topics.
+        if let Some(p) = cfg.prompts.iter().find(|p| RESERVED_PROMPT_NAMES.contains(&p.name.as_str())) {
+            return Err(PublishError::Config(format!(
+                "prompt name {:?} collides with the topic {}/<stream>/{}; rename the prompt",
+                p.name, m.topic_prefix, p.name
+            )));
+        }
         #[cfg(feature = "embedded-broker")]
         let embedded = if m.is_embedded() {
             let addr = embedded::EmbeddedBroker::listen_addr(m)?;
@@ -235,7 +288,7 @@ impl Publisher {
         Ok((
             Publisher {
                 shared,
-                task,
+                task: Mutex::new(Some(task)),
                 #[cfg(feature = "embedded-broker")]
                 embedded,
             },
@@ -248,7 +301,7 @@ impl Publisher {
     pub fn answer(&self, a: &Answer) {
         let t = &self.shared.topics;
         self.shared.event(t.answer(&a.stream, &a.prompt), to_json(a));
-        if a.kind == PromptKind::Alert.as_str() {
+        if a.kind == PromptKind::Alert {
             let now = a.is_positive();
             let before = self.shared.lock().alerts.insert((a.stream.clone(), a.prompt.clone()), now).unwrap_or(false);
             if now && !before {
@@ -264,9 +317,26 @@ impl Publisher {
     }
 
     /// Publish statistics; the outbox figures are filled in here.
-    pub fn stats(&self, mut stats: StatsPayload) {
-        stats.outbox = self.outbox_stats();
-        self.shared.event(self.shared.topics.stats(), to_json(&stats));
+    pub fn stats(&self, stats: StatsPayload) {
+        self.shared.stats(stats);
+    }
+
+    /// Publish `collect()` on `<prefix>/stats` every `every` (the daemon uses 60 s), the first
+    /// time after one period, until the publisher shuts down or the task is aborted.
+    pub fn stats_every(&self, every: Duration, mut collect: impl FnMut() -> StatsPayload + Send + 'static) -> JoinHandle<()> {
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now() + every;
+            let mut tick = tokio::time::interval_at(start, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if shared.lock().stopping {
+                    return;
+                }
+                shared.stats(collect());
+            }
+        })
     }
 
     /// Report a failure worth a human's attention on `<prefix>/errors`.
@@ -287,12 +357,7 @@ impl Publisher {
     }
 
     pub fn outbox_stats(&self) -> OutboxStats {
-        let inner = self.shared.lock();
-        OutboxStats {
-            depth: inner.outbox.depth() as u64,
-            capacity: inner.outbox.capacity() as u64,
-            dropped: inner.outbox.dropped(),
-        }
+        self.shared.outbox_stats()
     }
 
     /// Watch the connection state.
@@ -313,8 +378,9 @@ impl Publisher {
     }
 
     /// Clean shutdown: publish `stopped`, give queued messages up to `timeout` to go out, then
-    /// disconnect (so the broker does not send the `offline` will).
-    pub async fn shutdown(self, timeout: Duration) {
+    /// disconnect (so the broker does not send the `offline` will). Later calls do nothing.
+    pub async fn shutdown(&self, timeout: Duration) {
+        let Some(mut task) = self.task.lock().unwrap_or_else(|p| p.into_inner()).take() else { return };
         self.shared.enqueue(Msg {
             topic: self.shared.topics.available(),
             payload: b"stopped".to_vec(),
@@ -339,19 +405,28 @@ impl Publisher {
             inner.stopping = true;
             inner.connected
         };
-        let mut task = self.task;
-        if connected && self.shared.client.try_disconnect().is_ok() {
-            if tokio::time::timeout(Duration::from_secs(2), &mut task).await.is_ok() {
-                return;
-            }
+        if connected
+            && self.shared.client.try_disconnect().is_ok()
+            && tokio::time::timeout(Duration::from_secs(2), &mut task).await.is_ok()
+        {
+            return;
         }
         task.abort();
     }
 
     /// Stop at once without DISCONNECT, as a crash would: the broker then publishes the
     /// `offline` last will.
-    pub fn kill(self) {
-        self.task.abort();
+    pub fn kill(&self) {
+        if let Some(t) = self.task.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Publisher {
+    /// Dropped without `shutdown`: stop the event loop (the broker then sends `offline`).
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

@@ -152,7 +152,7 @@ impl Outbox {
 
     /// The next message to hand to the client, if the in-flight window allows one. Retained
     /// states go first (they are few and describe the present).
-    pub fn next(&mut self) -> Option<Msg> {
+    pub fn take_next(&mut self) -> Option<Msg> {
         if self.handed.len() + self.inflight.len() >= self.max_inflight {
             return None;
         }
@@ -164,7 +164,7 @@ impl Outbox {
         self.events.pop_front()
     }
 
-    /// The client took `msg` (after [`Outbox::next`]).
+    /// The client took `msg` (after [`Outbox::take_next`]).
     pub fn handed(&mut self, msg: Msg) {
         self.handed.push_back(msg);
     }
@@ -254,11 +254,11 @@ mod tests {
         assert_eq!(o.push(ev(3)), Pushed::DroppedOldest { first_in_burst: true });
         assert_eq!(o.push(ev(4)), Pushed::DroppedOldest { first_in_burst: false });
         assert_eq!(o.dropped(), 2);
-        let got: Vec<u32> = std::iter::from_fn(|| o.next()).map(|m| {
-            let n = num(&m);
+        let mut got = Vec::new();
+        while let Some(m) = o.take_next() {
+            got.push(num(&m));
             o.handed(m);
-            n
-        }).collect();
+        }
         assert_eq!(got, vec![2, 3, 4]);
         for pkid in 1..=3 {
             o.on_outgoing_publish(pkid);
@@ -279,16 +279,16 @@ mod tests {
         for i in 0..5 {
             o.push(ev(i));
         }
-        let a = o.next().unwrap();
+        let a = o.take_next().unwrap();
         o.handed(a);
-        let b = o.next().unwrap();
+        let b = o.take_next().unwrap();
         o.handed(b);
-        assert!(o.next().is_none(), "in-flight window of 2");
+        assert!(o.take_next().is_none(), "in-flight window of 2");
         o.on_outgoing_publish(7); // 0 in flight, 1 still handed
         assert_eq!(o.depth(), 5);
         o.on_disconnect();
         let order: Vec<u32> = std::iter::from_fn(|| {
-            let m = o.next()?;
+            let m = o.take_next()?;
             o.handed(m.clone());
             o.on_outgoing_publish(1);
             o.on_ack(1);
@@ -306,12 +306,12 @@ mod tests {
         o.push(ev(1));
         o.push(ret("p/s/status", "b"));
         o.on_disconnect();
-        assert!(o.next().map(|m| !m.retain).unwrap(), "dirty marks are cleared on disconnect");
+        assert!(o.take_next().map(|m| !m.retain).unwrap(), "dirty marks are cleared on disconnect");
         o.resend_retained("p/available");
-        let m = o.next().unwrap();
+        let m = o.take_next().unwrap();
         assert_eq!((m.topic.as_str(), m.payload.as_slice()), ("p/s/status", &b"b"[..]));
-        let m = o.next().unwrap();
+        let m = o.take_next().unwrap();
         assert_eq!(m.topic, "p/available");
-        assert!(o.next().is_none());
+        assert!(o.take_next().is_none());
     }
 }

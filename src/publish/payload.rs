@@ -8,6 +8,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::PromptKind;
+
 /// Version of the answer payload.
 pub const ANSWER_VERSION: u32 = 1;
 
@@ -24,7 +26,7 @@ pub struct Answer {
     /// Prompt text as asked.
     pub question: String,
     /// `caption` | `alert` | `json`.
-    pub kind: String,
+    pub kind: PromptKind,
     /// The generated text.
     pub answer: String,
     /// Bool for alert prompts, the parsed object for json prompts, null when unparsable (then
@@ -57,7 +59,7 @@ impl Answer {
     /// The state for `.../state`: `ON`/`OFF` for alerts, else the answer cut to 255 characters
     /// (Home Assistant rejects longer sensor states).
     pub fn short_state(&self) -> String {
-        if self.kind == "alert" {
+        if self.kind == PromptKind::Alert {
             return if self.is_positive() { "ON" } else { "OFF" }.to_string();
         }
         truncate_chars(self.answer.trim(), 255)

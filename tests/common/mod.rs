@@ -166,7 +166,10 @@ impl Sub {
                         let _ = tx.send(Got { topic: p.topic, payload: p.payload.to_vec(), retain: p.retain });
                     }
                     Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    Err(e) => {
+                        eprintln!("test subscriber: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await
+                    }
                 }
             }
         });
@@ -251,6 +254,16 @@ enabled = false
     vigil::Config::load(&p).unwrap_or_else(|e| panic!("test config invalid:\n{e}"))
 }
 
+/// Kills a child process when dropped (a failing test must not leave it running).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A fully populated sample answer for window `seq`.
 pub fn answer(stream: &str, prompt: &str, kind: &str, seq: u64) -> Answer {
     let (answer, value, parse_error) = match kind {
@@ -266,7 +279,7 @@ pub fn answer(stream: &str, prompt: &str, kind: &str, seq: u64) -> Answer {
         stream: stream.into(),
         prompt: prompt.into(),
         question: "Describe the scene.".into(),
-        kind: kind.into(),
+        kind: serde_json::from_value(serde_json::json!(kind)).unwrap(),
         answer,
         value,
         parse_error,
