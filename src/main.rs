@@ -142,6 +142,7 @@ fn main() -> ExitCode {
             };
             probe(&uri, &opts, json)
         }
+        Command::Preprocess(args) => preprocess(args),
     }
 }
 
@@ -160,7 +161,12 @@ fn probe(uri: &str, opts: &vigil::source::probe::ProbeOptions, json: bool) -> Ex
             if summary.ended_early {
                 eprintln!("note: the stream ended after {} window(s)", summary.windows);
             }
-        Command::Preprocess(args) => preprocess(args),
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
