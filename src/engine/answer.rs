@@ -1,7 +1,5 @@
-//! Turning generated text into typed answers, per prompt kind (`caption`, `alert`, `json`), and
-//! the per-(stream, prompt) state that turns alert answers into rising edges.
-
-use std::collections::HashMap;
+//! Turning generated text into typed answers, per prompt kind (`caption`, `alert`, `json`).
+//! (Rising edges of alert answers are tracked where they are published: `publish::Publisher`.)
 
 use crate::config::PromptKind;
 
@@ -60,34 +58,6 @@ pub fn first_json_object(text: &str) -> Option<serde_json::Value> {
     None
 }
 
-/// Remembers the last alert value per (stream, prompt) and reports false→true changes.
-///
-/// The state starts OFF, so a first `true` is a rising edge; an unparsable answer leaves the
-/// state as it was (it is neither evidence for nor against).
-#[derive(Debug, Default)]
-pub struct AlertEdges {
-    state: HashMap<(String, String), bool>,
-}
-
-impl AlertEdges {
-    /// Record an alert value; returns true on a rising edge.
-    pub fn update(&mut self, stream: &str, prompt: &str, value: Option<bool>) -> bool {
-        let Some(now) = value else { return false };
-        let prev = self.state.insert((stream.to_string(), prompt.to_string()), now).unwrap_or(false);
-        now && !prev
-    }
-
-    /// The current state (OFF until a `true` arrives).
-    pub fn is_on(&self, stream: &str, prompt: &str) -> bool {
-        self.state.get(&(stream.to_string(), prompt.to_string())).copied().unwrap_or(false)
-    }
-
-    /// Forget a stream (removed at reload).
-    pub fn forget_stream(&mut self, stream: &str) {
-        self.state.retain(|(s, _), _| s != stream);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,30 +113,5 @@ mod tests {
     fn captions_are_text_only() {
         let got = parse_answer(PromptKind::Caption, "A man walks a dog.");
         assert_eq!(got, ParsedAnswer { value: None, parse_error: None });
-    }
-
-    #[test]
-    fn rising_edges() {
-        let mut e = AlertEdges::default();
-        let seq = [
-            (Some(false), false),
-            (Some(true), true),
-            (Some(true), false),
-            (None, false),
-            (Some(true), false),
-            (Some(false), false),
-            (None, false),
-            (Some(true), true),
-        ];
-        for (i, (v, edge)) in seq.iter().enumerate() {
-            assert_eq!(e.update("cam", "person", *v), *edge, "step {i}");
-        }
-        assert!(e.is_on("cam", "person"));
-        // Independent per stream and prompt; a first true is an edge.
-        assert!(e.update("cam2", "person", Some(true)));
-        assert!(e.update("cam", "car", Some(true)));
-        e.forget_stream("cam");
-        assert!(!e.is_on("cam", "person"));
-        assert!(e.is_on("cam2", "person"));
     }
 }
