@@ -1,6 +1,674 @@
-//! The daemon: tokio orchestration of sources → windows → engine → MQTT, signals, reload,
-//! systemd integration and metrics (see issue "The daemon").
+//! The daemon: config → sources → windows → engine → MQTT, as a well-mannered systemd service.
 //!
-//! So far: the systemd notify protocol ([`notify`]).
+//! [`run`] is the whole service (mini-redis style: the binary only maps signals to [`Control`]s).
+//! Start order: metrics endpoint, broker connection, engine (model load), then streams; `READY=1`
+//! once the model is loaded and the broker connected. Shutdown: stop the sources, let in-flight
+//! jobs finish within `engine.shutdown_timeout_s`, publish `stopped`, flush the outbox.
+//! Reload (SIGHUP) re-reads the config: streams and prompts change in place, the model stays
+//! loaded; a config that fails validation is rejected and the running one kept.
 
 pub mod notify;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, PromptConfig, StreamConfig};
+use crate::engine::{Engine, Job, JobOutput, PromptResult};
+use crate::metrics::{CounterVec, GaugeVec, HistogramVec, MetricsServer, Registry, LATENCY_BUCKETS};
+use crate::publish::{
+    rfc3339, Answer, Command, InferenceStats, Latency, PublishOptions, Publisher, SetTarget, StatsPayload,
+    StatusPayload, StreamState as PubState, StreamStats as PubStreamStats, TokenCounts, VisualTokens, WindowInfo,
+    ANSWER_VERSION,
+};
+use crate::source::{EventKind, SourceEvent, SourceManager, SourceOptions, SourceSpec, StreamState};
+use crate::window::{Window, WindowReceiver};
+use notify::Notifier;
+
+/// What the outside world asks of a running daemon (signals, tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Re-read the config file (SIGHUP).
+    Reload,
+    /// Stop cleanly (SIGTERM, SIGINT).
+    Shutdown,
+}
+
+/// Why the daemon could not start (problems after start are logged, published and retried).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics { addr: String, source: std::io::Error },
+    #[error(transparent)]
+    Publish(#[from] crate::publish::PublishError),
+    #[error("model: {0}")]
+    Engine(String),
+    #[error("sources: {0}")]
+    Source(String),
+}
+
+/// Map SIGTERM/SIGINT to [`Control::Shutdown`] and SIGHUP to [`Control::Reload`].
+pub fn signal_controls() -> std::io::Result<mpsc::Receiver<Control>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (tx, rx) = mpsc::channel(8);
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        loop {
+            let c = tokio::select! {
+                _ = term.recv() => Control::Shutdown,
+                _ = int.recv() => Control::Shutdown,
+                _ = hup.recv() => Control::Reload,
+            };
+            if tx.send(c).await.is_err() {
+                break;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Prometheus families; names follow the conventions (`vigil_`, `_total`, `_seconds`).
+struct Metrics {
+    registry: Registry,
+    frames: CounterVec,
+    windows: CounterVec,
+    windows_dropped: CounterVec,
+    jobs_queued: CounterVec,
+    jobs_dropped: CounterVec,
+    answers: CounterVec,
+    answer_errors: CounterVec,
+    stage: HistogramVec,
+    tokens_generated: CounterVec,
+    visual_total: CounterVec,
+    visual_kept: CounterVec,
+    cache_hits: CounterVec,
+    cache_misses: CounterVec,
+    prefix_shared: CounterVec,
+    mqtt_queued: GaugeVec,
+    mqtt_dropped: CounterVec,
+    stream_up: GaugeVec,
+    engine_queue: GaugeVec,
+    heartbeat_age: GaugeVec,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        let r = Registry::new();
+        Metrics {
+            frames: r.counter("vigil_frames_total", "Frames delivered by the stream's pipeline (after rate limiting).", &["stream"]),
+            windows: r.counter("vigil_windows_total", "Windows emitted.", &["stream"]),
+            windows_dropped: r.counter(
+                "vigil_windows_dropped_total",
+                "Windows dropped: gaps under gap_policy=drop, or the oldest when the consumer was behind.",
+                &["stream"],
+            ),
+            jobs_queued: r.counter("vigil_jobs_queued_total", "Jobs (window x due prompts) submitted to the engine.", &["stream"]),
+            jobs_dropped: r.counter("vigil_jobs_dropped_total", "Jobs dropped instead of answered late.", &["stream"]),
+            answers: r.counter("vigil_answers_total", "Answers published.", &["stream", "prompt"]),
+            answer_errors: r.counter("vigil_answer_errors_total", "Prompts that failed in the engine.", &["stream"]),
+            stage: r.histogram(
+                "vigil_stage_seconds",
+                "Time per stage: queue, vision, prefill, decode, and total from window close to publish.",
+                &["stage"],
+                LATENCY_BUCKETS,
+            ),
+            tokens_generated: r.counter("vigil_tokens_generated_total", "Tokens generated.", &[]),
+            visual_total: r.counter("vigil_visual_tokens_total", "Video tokens before pruning.", &[]),
+            visual_kept: r.counter("vigil_visual_tokens_kept_total", "Video tokens kept after pruning.", &[]),
+            cache_hits: r.counter("vigil_vision_cache_hits_total", "Frames whose vision features came from the cache.", &[]),
+            cache_misses: r.counter("vigil_vision_cache_misses_total", "Frames run through the vision encoder.", &[]),
+            prefix_shared: r.counter(
+                "vigil_prefix_shared_total",
+                "Prompts that re-used a window's prefilled video prefix.",
+                &[],
+            ),
+            mqtt_queued: r.gauge("vigil_mqtt_queued", "Messages waiting in the MQTT outbox.", &[]),
+            mqtt_dropped: r.counter("vigil_mqtt_dropped_total", "MQTT messages dropped because the outbox was full.", &[]),
+            stream_up: r.gauge("vigil_stream_up", "1 while the stream delivers frames.", &["stream"]),
+            engine_queue: r.gauge("vigil_engine_queue_depth", "Jobs waiting for the engine.", &[]),
+            heartbeat_age: r.gauge("vigil_engine_heartbeat_age_seconds", "Seconds since the engine thread last showed life.", &[]),
+            registry: r,
+        }
+    }
+}
+
+/// A window whose answers are still outstanding.
+struct Pending {
+    info: WindowInfo,
+    closed_at: Instant,
+    remaining: usize,
+}
+
+/// Everything the tasks share.
+struct State {
+    cfg: Mutex<Config>,
+    config_path: PathBuf,
+    engine: Engine,
+    publisher: Arc<Publisher>,
+    sources: Mutex<SourceManager>,
+    metrics: Metrics,
+    started: Instant,
+    /// Streams disabled with `set OFF` (kept across reloads).
+    disabled_streams: Mutex<HashSet<String>>,
+    disabled_prompts: Mutex<HashSet<(String, String)>>,
+    /// Per stream: the window-reading task.
+    readers: Mutex<HashMap<String, JoinHandle<()>>>,
+    pending: Mutex<HashMap<(String, u64), Pending>>,
+    states: Mutex<BTreeMap<String, StreamState>>,
+    /// Recent total latencies (s), for the stats' p50/p95.
+    recent_latency: Mutex<VecDeque<f64>>,
+    answers_tx: mpsc::UnboundedSender<JobOutput>,
+    notifier: Notifier,
+}
+
+/// Run the daemon until a [`Control::Shutdown`] arrives (or `controls` closes).
+pub async fn run(config_path: &Path, mut controls: mpsc::Receiver<Control>) -> Result<(), DaemonError> {
+    let cfg = Config::load(config_path)?;
+    let notifier = Notifier::from_env();
+    let _ = notifier.status("starting: metrics, broker, model");
+    let metrics = Metrics::new();
+
+    let (publisher, mut commands) = Publisher::start(&cfg, PublishOptions::default()).await?;
+    let publisher = Arc::new(publisher);
+
+    let engine_cfg = cfg.clone();
+    let load_started = Instant::now();
+    let engine = tokio::task::spawn_blocking(move || Engine::start(&engine_cfg))
+        .await
+        .map_err(|e| DaemonError::Engine(e.to_string()))?
+        .map_err(|e| DaemonError::Engine(e.to_string()))?;
+    info!("model {} loaded in {:.1} s", cfg.model.model_id(), load_started.elapsed().as_secs_f64());
+
+    let heartbeat_engine = engine.clone();
+    let heartbeat_limit = Duration::from_secs(30).max(notifier.watchdog_timeout().unwrap_or_default());
+    let _metrics_server = match cfg.metrics.listen_addr() {
+        Some(addr) => Some(
+            MetricsServer::start(addr, metrics.registry.clone(), move || heartbeat_engine.heartbeat_age() < heartbeat_limit)
+                .map_err(|source| DaemonError::Metrics { addr: addr.to_string(), source })?,
+        ),
+        None => None,
+    };
+
+    // READY=1 only once the broker took us (the embedded one is up at once).
+    let mut link = publisher.link();
+    let connected = tokio::time::timeout(Duration::from_secs(30), link.wait_for(|l| l.connected)).await;
+    if connected.is_err() {
+        warn!("MQTT broker not reachable yet; answers queue in the outbox until it is");
+    }
+
+    let (sources, mut events) =
+        SourceManager::new(SourceOptions::default()).map_err(|e| DaemonError::Source(e.to_string()))?;
+    let (answers_tx, mut answers_rx) = mpsc::unbounded_channel();
+    let state = Arc::new(State {
+        cfg: Mutex::new(cfg.clone()),
+        config_path: config_path.to_path_buf(),
+        engine,
+        publisher: publisher.clone(),
+        sources: Mutex::new(sources),
+        metrics,
+        started: Instant::now(),
+        disabled_streams: Mutex::default(),
+        disabled_prompts: Mutex::default(),
+        readers: Mutex::default(),
+        pending: Mutex::default(),
+        states: Mutex::default(),
+        recent_latency: Mutex::default(),
+        answers_tx,
+        notifier,
+    });
+    install_scrape_hook(&state);
+
+    for s in cfg.streams.iter().filter(|s| s.enabled) {
+        start_stream(&state, s);
+    }
+    let _ = state.notifier.ready();
+    update_status_line(&state);
+    info!("vigil running: {}", cfg.summary());
+
+    let stats_state = state.clone();
+    let stats_task = publisher.stats_every(Duration::from_secs(60), move || collect_stats(&stats_state));
+    let watchdog_task = spawn_watchdog(&state);
+
+    loop {
+        tokio::select! {
+            c = controls.recv() => match c {
+                Some(Control::Reload) => reload(&state),
+                Some(Control::Shutdown) | None => break,
+            },
+            Some(ev) = events.recv() => on_source_event(&state, ev),
+            Some(out) = answers_rx.recv() => on_output(&state, out),
+            Some(cmd) = commands.recv() => on_command(&state, cmd),
+        }
+    }
+
+    // Shutdown: sources first (no new windows), then the engine's in-flight jobs, then MQTT.
+    info!("stopping");
+    let _ = state.notifier.stopping();
+    let timeout = Duration::from_secs_f64(lock(&state.cfg).engine.shutdown_timeout_s);
+    let deadline = Instant::now() + timeout;
+    for (_, h) in lock(&state.readers).drain() {
+        h.abort();
+    }
+    let src_state = state.clone();
+    let _ = tokio::task::spawn_blocking(move || lock(&src_state.sources).shutdown(Duration::from_secs(5))).await;
+    let eng = state.engine.clone();
+    let left = deadline.saturating_duration_since(Instant::now());
+    let clean = tokio::task::spawn_blocking(move || eng.shutdown(left)).await.unwrap_or(false);
+    if !clean {
+        warn!("in-flight jobs did not finish within {:.0} s", timeout.as_secs_f64());
+    }
+    // Publish what the engine finished before it stopped.
+    while let Ok(out) = answers_rx.try_recv() {
+        on_output(&state, out);
+    }
+    stats_task.abort();
+    watchdog_task.abort();
+    publisher.shutdown(Duration::from_secs(10)).await;
+    info!("stopped");
+    Ok(())
+}
+
+/// Start a stream's pipeline and the task that turns its windows into jobs.
+fn start_stream(state: &Arc<State>, s: &StreamConfig) {
+    let base = lock(&state.cfg).base_dir.clone();
+    let spec = match SourceSpec::from_config(s, &base) {
+        Ok(spec) => spec,
+        Err(e) => {
+            let msg = e.to_string();
+            error!("stream {}: {msg}", s.name);
+            state.publisher.error("source", Some(&s.name), &msg);
+            return;
+        }
+    };
+    let rx = match lock(&state.sources).add(spec) {
+        Ok(rx) => rx,
+        Err(e) => {
+            let msg = e.to_string();
+            error!("stream {}: {msg}", s.name);
+            state.publisher.error("source", Some(&s.name), &msg);
+            return;
+        }
+    };
+    let task = tokio::spawn(read_windows(state.clone(), s.name.clone(), rx));
+    if let Some(old) = lock(&state.readers).insert(s.name.clone(), task) {
+        old.abort();
+    }
+}
+
+fn stop_stream(state: &Arc<State>, name: &str) {
+    if let Some(h) = lock(&state.readers).remove(name) {
+        h.abort();
+    }
+    lock(&state.sources).remove(name);
+    state.engine.forget_stream(name);
+    lock(&state.states).remove(name);
+    state.metrics.stream_up.remove(&[name]);
+}
+
+/// Windows → jobs with the prompts due for them.
+async fn read_windows(state: Arc<State>, stream: String, rx: WindowReceiver) {
+    while let Some(w) = rx.recv().await {
+        let closed_at = Instant::now();
+        state.metrics.windows.with(&[&stream]).inc();
+        let prompts = due_prompts(&state, &stream, w.seq);
+        if prompts.is_empty() {
+            continue;
+        }
+        let info = window_info(&w, &lock(&state.cfg));
+        lock(&state.pending).insert((stream.clone(), w.seq), Pending { info, closed_at, remaining: prompts.len() });
+        let job = Job { stream: stream.clone(), window: Arc::new(w), prompts, closed_at, reply: state.answers_tx.clone() };
+        state.metrics.jobs_queued.with(&[&stream]).inc();
+        if let Err(e) = state.engine.submit(job) {
+            warn!("stream {stream}: engine refused a job: {e}");
+        }
+    }
+}
+
+/// The stream's prompts whose `every` divides the window's sequence number, minus disabled ones.
+fn due_prompts(state: &State, stream: &str, seq: u64) -> Vec<PromptConfig> {
+    let cfg = lock(&state.cfg);
+    let disabled = lock(&state.disabled_prompts);
+    let Some(s) = cfg.streams.iter().find(|s| s.name == stream) else { return Vec::new() };
+    s.prompts
+        .iter()
+        .filter(|p| !disabled.contains(&(stream.to_string(), p.to_string())))
+        .filter_map(|p| cfg.prompt(p))
+        .filter(|p| seq % p.every.max(1) == 0)
+        .cloned()
+        .collect()
+}
+
+fn window_info(w: &Window, cfg: &Config) -> WindowInfo {
+    let fps = cfg.streams.iter().find(|s| s.name == w.stream).map(|s| s.settings.fps).unwrap_or(0.0);
+    let first = w.frames.first().map(|f| f.captured_at).unwrap_or_else(SystemTime::now);
+    let last = w.frames.last().map(|f| f.captured_at).unwrap_or(first);
+    WindowInfo {
+        seq: w.seq,
+        start: rfc3339(first),
+        end: rfc3339(last),
+        start_s: w.first_time_s(),
+        end_s: w.last_time_s(),
+        frames: w.frames.len() as u32,
+        fps,
+    }
+}
+
+fn on_output(state: &Arc<State>, out: JobOutput) {
+    match out {
+        JobOutput::Answer(r) => publish_answer(state, r),
+        JobOutput::Dropped { stream, window_seq, prompts, reason } => {
+            state.metrics.jobs_dropped.with(&[&stream]).inc();
+            warn!("stream {stream}: window {window_seq} dropped ({reason}); prompts {prompts:?} not answered");
+            lock(&state.pending).remove(&(stream, window_seq));
+        }
+        JobOutput::Failed { stream, window_seq, prompt, error } => {
+            state.metrics.answer_errors.with(&[&stream]).inc();
+            error!("stream {stream}: window {window_seq} prompt {prompt}: {error}");
+            state.publisher.error("engine", Some(&stream), &format!("window {window_seq} prompt {prompt}: {error}"));
+            settle(state, &stream, window_seq);
+        }
+    }
+}
+
+/// One prompt of a window is done; forget the window when all are.
+fn settle(state: &State, stream: &str, seq: u64) -> Option<(WindowInfo, Instant)> {
+    let mut pending = lock(&state.pending);
+    let key = (stream.to_string(), seq);
+    let p = pending.get_mut(&key)?;
+    let found = (p.info.clone(), p.closed_at);
+    p.remaining = p.remaining.saturating_sub(1);
+    if p.remaining == 0 {
+        pending.remove(&key);
+    }
+    Some(found)
+}
+
+fn publish_answer(state: &Arc<State>, r: PromptResult) {
+    let Some((window, closed_at)) = settle(state, &r.stream, r.window_seq) else {
+        warn!("stream {}: answer for unknown window {}", r.stream, r.window_seq);
+        return;
+    };
+    let total = closed_at.elapsed();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let model = lock(&state.cfg).model.model_id();
+    let answer = Answer {
+        v: ANSWER_VERSION,
+        id: Answer::make_id(&r.stream, r.window_seq, &r.prompt),
+        stream: r.stream.clone(),
+        prompt: r.prompt.clone(),
+        question: r.question,
+        kind: r.kind,
+        answer: r.text,
+        value: r.value,
+        parse_error: r.parse_error,
+        window,
+        tokens: TokenCounts { prompt: r.prompt_tokens, generated: r.generated_tokens },
+        visual_tokens: VisualTokens { total: r.visual_total, kept: r.visual_kept },
+        latency_ms: Latency { queue: ms(r.queue), vision: ms(r.vision), prefill: ms(r.prefill), decode: ms(r.decode), total: ms(total) },
+        model,
+        timestamp: rfc3339(SystemTime::now()),
+    };
+    state.publisher.answer(&answer);
+
+    let m = &state.metrics;
+    m.answers.with(&[&r.stream, &r.prompt]).inc();
+    for (stage, d) in [("queue", r.queue), ("vision", r.vision), ("prefill", r.prefill), ("decode", r.decode), ("total", total)] {
+        m.stage.with(&[stage]).observe(d.as_secs_f64());
+    }
+    m.tokens_generated.inc_by(r.generated_tokens as f64);
+    let mut recent = lock(&state.recent_latency);
+    if recent.len() >= 512 {
+        recent.pop_front();
+    }
+    recent.push_back(total.as_secs_f64());
+}
+
+fn pub_state(s: &StreamState) -> PubState {
+    match s {
+        StreamState::Starting => PubState::Starting,
+        StreamState::Streaming => PubState::Streaming,
+        StreamState::Reconnecting { .. } => PubState::Reconnecting,
+        StreamState::Stopped => PubState::Stopped,
+        StreamState::Failed { .. } => PubState::Failed,
+    }
+}
+
+fn on_source_event(state: &Arc<State>, ev: SourceEvent) {
+    let EventKind::State(s) = ev.kind else { return };
+    // A stream removed at reload may still report its last state.
+    if !lock(&state.readers).contains_key(&ev.stream) {
+        return;
+    }
+    let error = s.error().map(str::to_string);
+    match &s {
+        StreamState::Failed { error } => state.publisher.error("source", Some(&ev.stream), error),
+        StreamState::Reconnecting { attempt, delay, error } => {
+            warn!("stream {}: reconnecting (attempt {attempt}, in {:.1} s): {error}", ev.stream, delay.as_secs_f64())
+        }
+        _ => info!("stream {}: {}", ev.stream, s.as_str()),
+    }
+    state.publisher.status(&ev.stream, &StatusPayload { state: pub_state(&s), since: rfc3339(ev.at), error });
+    state.metrics.stream_up.with(&[&ev.stream]).set(if s == StreamState::Streaming { 1.0 } else { 0.0 });
+    lock(&state.states).insert(ev.stream, s);
+    update_status_line(state);
+}
+
+fn update_status_line(state: &State) {
+    let states = lock(&state.states);
+    let streaming = states.values().filter(|s| **s == StreamState::Streaming).count();
+    let configured = lock(&state.cfg).streams.len();
+    let _ = state.notifier.status(&format!(
+        "{streaming}/{configured} streams streaming, {} jobs queued",
+        state.engine.queue_len()
+    ));
+}
+
+fn on_command(state: &Arc<State>, cmd: Command) {
+    match cmd {
+        Command::SetStream { stream, enabled } => {
+            let configured = lock(&state.cfg).streams.iter().find(|s| s.name == stream).cloned();
+            let Some(s) = configured else { return };
+            if enabled {
+                lock(&state.disabled_streams).remove(&stream);
+                if !lock(&state.readers).contains_key(&stream) && s.enabled {
+                    start_stream(state, &s);
+                }
+            } else {
+                lock(&state.disabled_streams).insert(stream.clone());
+                stop_stream(state, &stream);
+                state.publisher.status(&stream, &StatusPayload { state: PubState::Disabled, since: rfc3339(SystemTime::now()), error: None });
+            }
+            info!("stream {stream}: {}", if enabled { "enabled" } else { "disabled" });
+            state.publisher.enabled(&SetTarget::Stream(stream), enabled);
+        }
+        Command::SetPrompt { stream, prompt, enabled } => {
+            if enabled {
+                lock(&state.disabled_prompts).remove(&(stream.clone(), prompt.clone()));
+            } else {
+                lock(&state.disabled_prompts).insert((stream.clone(), prompt.clone()));
+            }
+            info!("stream {stream} prompt {prompt}: {}", if enabled { "enabled" } else { "disabled" });
+            state.publisher.enabled(&SetTarget::Prompt { stream, prompt }, enabled);
+        }
+    }
+}
+
+/// SIGHUP: apply stream and prompt changes; keep the model, broker and engine as they are.
+fn reload(state: &Arc<State>) {
+    let _ = state.notifier.reloading();
+    let new = match Config::load(&state.config_path) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("reload rejected, keeping the running config:\n{e}");
+            state.publisher.error("config", None, &format!("reload rejected: {e}"));
+            let _ = state.notifier.ready();
+            return;
+        }
+    };
+    let old = lock(&state.cfg).clone();
+    let same = |a: &dyn erased::Ser, b: &dyn erased::Ser| a.json() == b.json();
+    for (section, changed) in [
+        ("model", !same(&old.model, &new.model)),
+        ("mqtt", !same(&old.mqtt, &new.mqtt)),
+        ("metrics", !same(&old.metrics, &new.metrics)),
+        ("engine", !same(&old.engine, &new.engine)),
+        ("pruning", !same(&old.pruning, &new.pruning)),
+    ] {
+        if changed {
+            warn!("reload: [{section}] changed; it takes effect at the next restart");
+        }
+    }
+    let mut kept = new.clone();
+    kept.model = old.model.clone();
+    kept.mqtt = old.mqtt.clone();
+    kept.metrics = old.metrics.clone();
+    kept.engine = old.engine.clone();
+    kept.pruning = old.pruning.clone();
+    *lock(&state.cfg) = kept;
+
+    let old_streams: HashMap<&str, &StreamConfig> = old.streams.iter().map(|s| (s.name.as_str(), s)).collect();
+    let disabled = lock(&state.disabled_streams).clone();
+    let (mut added, mut removed, mut changed) = (0, 0, 0);
+    for s in &new.streams {
+        let run = s.enabled && !disabled.contains(&s.name);
+        match old_streams.get(s.name.as_str()) {
+            None if run => {
+                start_stream(state, s);
+                added += 1;
+            }
+            Some(o) if !same(*o, s) => {
+                stop_stream(state, &s.name);
+                if run {
+                    start_stream(state, s);
+                }
+                changed += 1;
+            }
+            _ => {}
+        }
+    }
+    for name in old_streams.keys() {
+        if !new.streams.iter().any(|s| s.name == *name) {
+            stop_stream(state, name);
+            removed += 1;
+        }
+    }
+    info!("reloaded {}: {added} stream(s) added, {changed} changed, {removed} removed; {} prompts", state.config_path.display(), new.prompts.len());
+    let _ = state.notifier.ready();
+    update_status_line(state);
+}
+
+/// Compare config sections by their serialised form.
+mod erased {
+    pub trait Ser {
+        fn json(&self) -> serde_json::Value;
+    }
+    impl<T: serde::Serialize> Ser for T {
+        fn json(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+        }
+    }
+}
+
+/// WATCHDOG=1 at half the systemd timeout, only while the engine thread shows life.
+fn spawn_watchdog(state: &Arc<State>) -> JoinHandle<()> {
+    let state = state.clone();
+    tokio::spawn(async move {
+        let Some(timeout) = state.notifier.watchdog_timeout() else { return };
+        let mut tick = tokio::time::interval(timeout / 2);
+        loop {
+            tick.tick().await;
+            let age = state.engine.heartbeat_age();
+            if age < timeout {
+                let _ = state.notifier.watchdog();
+            } else {
+                warn!("engine heartbeat is {:.0} s old: withholding the watchdog ping", age.as_secs_f64());
+            }
+        }
+    })
+}
+
+/// Copy counters that live in the sources, the engine and the outbox into the registry.
+fn install_scrape_hook(state: &Arc<State>) {
+    let weak = Arc::downgrade(state);
+    state.metrics.registry.on_scrape(move || {
+        let Some(state) = weak.upgrade() else { return };
+        let m = &state.metrics;
+        {
+            let sources = lock(&state.sources);
+            for name in sources.names() {
+                if let Some(st) = sources.stats(&name) {
+                    m.frames.with(&[&name]).set_total(st.frames as f64);
+                    m.windows_dropped
+                        .with(&[&name])
+                        .set_total((st.windows.windows_dropped_gap + st.windows_dropped_queue) as f64);
+                }
+            }
+        }
+        let c = state.engine.counters();
+        m.visual_total.with(&[]).set_total(c.visual_tokens_total as f64);
+        m.visual_kept.with(&[]).set_total(c.visual_tokens_kept as f64);
+        m.cache_hits.with(&[]).set_total(c.vision_cache_hits as f64);
+        m.cache_misses.with(&[]).set_total(c.vision_cache_misses as f64);
+        m.prefix_shared.with(&[]).set_total(c.prefix_shared as f64);
+        let o = state.publisher.outbox_stats();
+        m.mqtt_queued.with(&[]).set(o.depth as f64);
+        m.mqtt_dropped.with(&[]).set_total(o.dropped as f64);
+        m.engine_queue.with(&[]).set(state.engine.queue_len() as f64);
+        m.heartbeat_age.with(&[]).set(state.engine.heartbeat_age().as_secs_f64());
+    });
+}
+
+fn collect_stats(state: &State) -> StatsPayload {
+    let mut streams = BTreeMap::new();
+    {
+        let sources = lock(&state.sources);
+        for name in sources.names() {
+            if let Some(st) = sources.stats(&name) {
+                let jobs_dropped = state.metrics.jobs_dropped.with(&[&name]).get() as u64;
+                streams.insert(
+                    name.clone(),
+                    PubStreamStats {
+                        frames: st.frames,
+                        windows: st.windows.windows_emitted,
+                        drops: st.windows.windows_dropped_gap + st.windows_dropped_queue + jobs_dropped,
+                    },
+                );
+            }
+        }
+    }
+    let mut lat: Vec<f64> = lock(&state.recent_latency).iter().copied().collect();
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let q = |p: f64| if lat.is_empty() { 0.0 } else { lat[((lat.len() - 1) as f64 * p).round() as usize] * 1e3 };
+    let c = state.engine.counters();
+    let uptime = state.started.elapsed().as_secs_f64();
+    StatsPayload {
+        v: ANSWER_VERSION,
+        uptime_s: uptime,
+        streams,
+        inference: InferenceStats {
+            latency_p50_ms: q(0.5),
+            latency_p95_ms: q(0.95),
+            tokens_per_s: if uptime > 0.0 { c.tokens_generated as f64 / uptime } else { 0.0 },
+            pruning_ratio: if c.visual_tokens_total > 0 {
+                1.0 - c.visual_tokens_kept as f64 / c.visual_tokens_total as f64
+            } else {
+                0.0
+            },
+        },
+        outbox: Default::default(),
+        timestamp: rfc3339(SystemTime::now()),
+    }
+}

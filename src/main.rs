@@ -123,14 +123,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Tail { config, broker, prefix, json, count } => tail(config, broker, prefix, json, count),
-        Command::Run { config } => {
-            // Validate first so `run` already reports config mistakes like `check` does.
-            if let Err(code) = load(&config) {
-                return code;
-            }
-            eprintln!("vigil run: the daemon is not implemented yet (it arrives with the daemon issue); nothing was started");
-            ExitCode::FAILURE
-        }
+        Command::Run { config } => run(&config),
         Command::Probe { uri, fps, window_seconds, stride_seconds, windows, timeout_s, max_frame_pixels, json } => {
             let opts = vigil::source::probe::ProbeOptions {
                 fps,
@@ -227,6 +220,34 @@ fn tail(config: Option<PathBuf>, broker: Option<String>, prefix: Option<String>,
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `vigil run`: the daemon until SIGTERM/SIGINT (exit 0); SIGHUP reloads the config.
+fn run(path: &std::path::Path) -> ExitCode {
+    // Validate first so config mistakes exit 2 with the same messages as `check`.
+    if let Err(code) = load(path) {
+        return code;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("vigil").build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        let controls = vigil::daemon::signal_controls()?;
+        vigil::daemon::run(path, controls).await.map_err(anyhow::Error::from)
+    });
+    // Pipelines and the embedded broker own threads of their own: do not wait for them.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", vigil::config::redact_uri(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

@@ -20,10 +20,14 @@ trait Family: Send + Sync {
     fn render(&self, out: &mut String);
 }
 
+type Hook = Box<dyn Fn() + Send + Sync>;
+
 /// The set of metric families the daemon exposes.
 #[derive(Default, Clone)]
 pub struct Registry {
     families: Arc<Mutex<Vec<Arc<dyn Family>>>>,
+    /// Run before each render: they copy counters kept elsewhere (sources, engine, outbox) in.
+    hooks: Arc<Mutex<Vec<Hook>>>,
 }
 
 impl Registry {
@@ -51,8 +55,16 @@ impl Registry {
         h
     }
 
+    /// Run `hook` before every render (to mirror counters that live in other components).
+    pub fn on_scrape(&self, hook: impl Fn() + Send + Sync + 'static) {
+        self.hooks.lock().unwrap().push(Box::new(hook));
+    }
+
     /// The whole registry in Prometheus text format.
     pub fn render(&self) -> String {
+        for h in self.hooks.lock().unwrap().iter() {
+            h();
+        }
         let mut out = String::new();
         for f in self.families.lock().unwrap().iter() {
             f.render(&mut out);
@@ -172,6 +184,10 @@ impl Counter {
     }
     pub fn get(&self) -> f64 {
         f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+    /// Mirror a monotonic total counted elsewhere; never moves the counter backwards.
+    pub fn set_total(&self, v: f64) {
+        let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| Some(f64::from_bits(b).max(v).to_bits()));
     }
 }
 

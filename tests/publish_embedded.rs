@@ -85,7 +85,7 @@ async fn embedded_broker_round_trips_with_vigil_tail() {
 
     let scene = answer("cam1", "scene", "caption", 0);
     let person = answer("cam1", "person", "alert", 1); // true: answer + alert
-    p.status("cam1", &StatusPayload { state: StreamState::Running, since: now_rfc3339(), error: None }); // not printed
+    p.status("cam1", &StatusPayload { state: StreamState::Streaming, since: now_rfc3339(), error: None }); // not printed
     p.answer(&scene);
     p.answer(&person);
 

@@ -140,7 +140,7 @@ impl AlertPayload {
 #[serde(rename_all = "lowercase")]
 pub enum StreamState {
     Starting,
-    Running,
+    Streaming,
     Reconnecting,
     Stopped,
     Disabled,

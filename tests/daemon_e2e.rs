@@ -1,0 +1,289 @@
+//! `vigil run` end to end: the real binary, a real mosquitto, the shipped tiny checkpoint and
+//! the bundled clip, on the CPU. Signals are real signals.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, schema, KillOnDrop, Mosquitto, Sub};
+
+fn repo(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
+}
+
+/// A config for the tiny model on the CPU against `broker_port`; `streams` is TOML appended.
+fn write_config(dir: &Path, broker_port: u16, metrics_port: u16, engine: &str, streams: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[model]
+path = "{model}"
+device = "cpu"
+dtype = "f32"
+max_new_tokens = 4
+
+[mqtt]
+broker = "mqtt://127.0.0.1:{broker_port}"
+client_id = "vigil-e2e"
+keepalive_s = 5
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+
+[engine]
+{engine}
+
+[defaults]
+fps = 1.0
+window_seconds = 4.0
+stride_seconds = 4.0
+max_frame_pixels = 12544
+realtime = false
+
+[[prompt]]
+name = "caption"
+text = "Describe what is happening in the video."
+
+[[prompt]]
+name = "motion"
+text = "Is anything moving? Answer yes or no."
+kind = "alert"
+
+{streams}
+"#,
+        model = repo("models/tiny-videollama3").display(),
+    );
+    let p = dir.join("vigil.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn clip_stream(name: &str, extra: &str) -> String {
+    format!(
+        "[[stream]]\nname = \"{name}\"\nuri = \"{}\"\nprompts = [\"caption\", \"motion\"]\n{extra}\n",
+        repo("assets/demo.mp4").display()
+    )
+}
+
+fn spawn_vigil(config: &Path, log: &Path) -> KillOnDrop {
+    let child = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("start vigil run");
+    KillOnDrop(child)
+}
+
+fn signal(child: &KillOnDrop, sig: &str) {
+    let ok = Command::new("kill").args([&format!("-{sig}"), &child.0.id().to_string()]).status().unwrap().success();
+    assert!(ok, "kill -{sig}");
+}
+
+fn wait_exit(child: &mut KillOnDrop, t: Duration) -> Option<i32> {
+    let deadline = Instant::now() + t;
+    while Instant::now() < deadline {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            return s.code();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    use std::io::Write;
+    write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut s = String::new();
+    c.read_to_string(&mut s).unwrap();
+    s
+}
+
+/// The value of a sample line `name{labels} value` in Prometheus text.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn is_answer_topic(topic: &str) -> bool {
+    let parts: Vec<&str> = topic.split('/').collect();
+    parts.len() == 3 && parts[0] == "vigil" && ["caption", "motion"].contains(&parts[2])
+}
+
+/// Collect answers (skipping other topics) until `n` arrived or `t` passed.
+async fn answers(sub: &mut Sub, n: usize, t: Duration) -> Vec<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + t;
+    let mut got = Vec::new();
+    while got.len() < n {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(m) = sub.next(left).await else { break };
+        if is_answer_topic(&m.topic) {
+            got.push(m.json());
+        }
+    }
+    got
+}
+
+fn log_text(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_window_gets_one_answer_per_prompt_then_sigterm_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "");
+    let metrics_port = free_port();
+    // The 12 s clip at 1 fps in 4 s windows: windows 0, 1, 2 of 4 frames each.
+    let cfg = write_config(dir.path(), broker.port, metrics_port, "", &clip_stream("clip", ""));
+    let mut sub = Sub::connect(broker.port, "e2e-sub", &["vigil/#"], false).await;
+    let log = dir.path().join("vigil.log");
+    let mut vigil = spawn_vigil(&cfg, &log);
+
+    let got = answers(&mut sub, 6, Duration::from_secs(120)).await;
+    assert_eq!(got.len(), 6, "expected 3 windows x 2 prompts; log:\n{}", log_text(&log));
+    let answer_schema = schema::load("answer.v1.schema.json");
+    let mut ids = HashSet::new();
+    let mut per_prompt: HashMap<String, Vec<u64>> = HashMap::new();
+    for a in &got {
+        schema::assert_valid(&answer_schema, a);
+        assert!(ids.insert(a["id"].as_str().unwrap().to_string()), "duplicate id {}", a["id"]);
+        let w = &a["window"];
+        let seq = w["seq"].as_u64().unwrap();
+        assert_eq!(w["frames"], 4, "{a}");
+        assert_eq!(w["start_s"].as_f64().unwrap(), 4.0 * seq as f64, "{a}");
+        assert_eq!(w["end_s"].as_f64().unwrap(), 4.0 * seq as f64 + 3.0, "{a}");
+        assert_eq!(w["fps"], 1.0);
+        assert!(a["visual_tokens"]["kept"].as_u64().unwrap() <= a["visual_tokens"]["total"].as_u64().unwrap());
+        assert!(a["tokens"]["generated"].as_u64().unwrap() >= 1);
+        let total = a["latency_ms"]["total"].as_f64().unwrap();
+        assert!(total >= a["latency_ms"]["decode"].as_f64().unwrap(), "{a}");
+        per_prompt.entry(a["prompt"].as_str().unwrap().to_string()).or_default().push(seq);
+    }
+    for p in ["caption", "motion"] {
+        let mut seqs = per_prompt.remove(p).unwrap_or_default();
+        seqs.sort();
+        assert_eq!(seqs, vec![0, 1, 2], "prompt {p}");
+    }
+
+    let m = http_get(metrics_port, "/metrics");
+    assert_eq!(metric(&m, "vigil_windows_total{stream=\"clip\"}"), 3.0);
+    assert_eq!(metric(&m, "vigil_answers_total{stream=\"clip\",prompt=\"caption\"}"), 3.0);
+    assert_eq!(metric(&m, "vigil_answers_total{stream=\"clip\",prompt=\"motion\"}"), 3.0);
+    assert_eq!(metric(&m, "vigil_jobs_queued_total{stream=\"clip\"}"), 3.0);
+    let total = metric(&m, "vigil_visual_tokens_total");
+    let kept = metric(&m, "vigil_visual_tokens_kept_total");
+    assert!(total > 0.0 && kept > 0.0 && kept < total, "the ball moves over a static background: {kept}/{total}");
+    assert!(metric(&m, "vigil_prefix_shared_total") >= 3.0, "two prompts per window share the video prefix");
+    assert!(metric(&m, "vigil_stage_seconds_count{stage=\"total\"}") == 6.0);
+    assert!(http_get(metrics_port, "/healthz").starts_with("HTTP/1.1 200"));
+
+    signal(&vigil, "TERM");
+    assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0), "log:\n{}", log_text(&log));
+    sub.stop();
+    // A fresh subscriber sees the retained availability.
+    let mut late = Sub::connect(broker.port, "e2e-late", &["vigil/available"], false).await;
+    let avail = late.next_on("vigil/available", Duration::from_secs(5)).await.expect("retained availability");
+    assert_eq!(avail.text(), "stopped");
+    assert!(avail.retain);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adds_a_stream_and_set_off_silences_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "");
+    let metrics_port = free_port();
+    let a = clip_stream("a", "loop = true\nrealtime = true");
+    let cfg = write_config(dir.path(), broker.port, metrics_port, "", &a);
+    let mut sub = Sub::connect(broker.port, "e2e-sub2", &["vigil/#"], false).await;
+    let log = dir.path().join("vigil.log");
+    let mut vigil = spawn_vigil(&cfg, &log);
+
+    let first = answers(&mut sub, 1, Duration::from_secs(60)).await;
+    assert_eq!(first.len(), 1, "log:\n{}", log_text(&log));
+
+    // Add stream b and reload.
+    let b = clip_stream("b", "loop = true\nrealtime = true");
+    write_config(dir.path(), broker.port, metrics_port, "", &format!("{a}\n{b}"));
+    signal(&vigil, "HUP");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut from_b = 0;
+    while from_b == 0 && tokio::time::Instant::now() < deadline {
+        for ans in answers(&mut sub, 1, Duration::from_secs(5)).await {
+            if ans["stream"] == "b" {
+                from_b += 1;
+            }
+        }
+    }
+    assert!(from_b > 0, "stream b added by SIGHUP never answered; log:\n{}", log_text(&log));
+    let loads = log_text(&log).matches("loaded in").count();
+    assert_eq!(loads, 1, "the model must not be reloaded; log:\n{}", log_text(&log));
+
+    // A config that fails validation is rejected and the running one kept.
+    std::fs::write(&cfg, "[model]\npath = 3\n").unwrap();
+    signal(&vigil, "HUP");
+
+    // set OFF silences stream a.
+    sub.client.publish("vigil/a/set", rumqttc::QoS::AtLeastOnce, false, "OFF").await.unwrap();
+    let status = sub.next_on("vigil/a/status", Duration::from_secs(10)).await.expect("a's status after set OFF");
+    assert_eq!(status.json()["state"], "disabled");
+    // Jobs already queued may still finish: let them, then expect silence from a only.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let _ = sub.drain(Duration::from_millis(200)).await;
+    let later = answers(&mut sub, 4, Duration::from_secs(12)).await;
+    assert!(later.iter().all(|x| x["stream"] == "b"), "stream a answered after set OFF: {later:?}");
+    assert!(!later.is_empty(), "stream b should keep answering");
+    assert!(log_text(&log).contains("reload rejected"), "log:\n{}", log_text(&log));
+
+    signal(&vigil, "TERM");
+    assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0), "log:\n{}", log_text(&log));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_model_drops_old_jobs_with_counters() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "");
+    let metrics_port = free_port();
+    // Many windows at once (file as fast as possible, 1 s windows) against long answers and a
+    // short queue age: the engine must shed load instead of growing a backlog.
+    let engine = "max_queue_age_s = 0.5\nqueue_capacity = 4\nmax_batch = 1";
+    let s = clip_stream("flood", "window_seconds = 1.0\nstride_seconds = 1.0");
+    let cfg = write_config(dir.path(), broker.port, metrics_port, engine, &s);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("max_new_tokens = 4", "max_new_tokens = 64");
+    std::fs::write(&cfg, text).unwrap();
+    let log = dir.path().join("vigil.log");
+    let mut vigil = spawn_vigil(&cfg, &log);
+
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut dropped = 0.0;
+    let mut windows = 0.0;
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        if let Ok(m) = std::panic::catch_unwind(|| http_get(metrics_port, "/metrics")) {
+            if m.contains("vigil_windows_total{stream=\"flood\"}") {
+                windows = metric(&m, "vigil_windows_total{stream=\"flood\"}");
+                dropped = m
+                    .lines()
+                    .find_map(|l| l.strip_prefix("vigil_jobs_dropped_total{stream=\"flood\"} "))
+                    .map(|v| v.trim().parse().unwrap())
+                    .unwrap_or(0.0);
+                let queued = metric(&m, "vigil_engine_queue_depth");
+                assert!(queued <= 4.0, "queue must stay bounded: {queued}");
+                if windows >= 12.0 && dropped > 0.0 {
+                    break;
+                }
+            }
+        }
+    }
+    assert!(windows >= 12.0, "all 12 windows should be read; log:\n{}", log_text(&log));
+    assert!(dropped > 0.0, "a slow engine must drop old jobs (counted); log:\n{}", log_text(&log));
+    signal(&vigil, "TERM");
+    assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0), "log:\n{}", log_text(&log));
+}
