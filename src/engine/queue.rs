@@ -15,6 +15,10 @@ pub trait QueuedJob {
     fn enqueued_at(&self) -> Instant;
     /// Prompt tokens this job adds to a prefill batch (for `max_batch_tokens`).
     fn tokens(&self) -> usize;
+    /// Sequences this job decodes (one per prompt), counted against a batch's `max_jobs`.
+    fn sequences(&self) -> usize {
+        1
+    }
 }
 
 /// Why a job left the queue without being run.
@@ -105,28 +109,32 @@ impl<J: QueuedJob> JobQueue<J> {
         jobs
     }
 
-    /// Take up to `max_jobs` jobs totalling at most `max_tokens` prompt tokens, round-robin over
-    /// streams. A single job larger than `max_tokens` is still taken alone, so it cannot block
-    /// the queue forever.
+    /// Take jobs worth up to `max_jobs` sequences ([`QueuedJob::sequences`]) totalling at most
+    /// `max_tokens` prompt tokens, round-robin over streams. A single job larger than either
+    /// limit is still taken alone, so it cannot block the queue forever.
     pub fn take_batch(&mut self, max_jobs: usize, max_tokens: usize) -> Vec<J> {
         let mut batch = Vec::new();
         let mut tokens = 0usize;
+        let mut seqs = 0usize;
         loop {
             let streams = self.round_robin_order();
-            if streams.is_empty() || batch.len() >= max_jobs {
+            if streams.is_empty() || seqs >= max_jobs {
                 break;
             }
             let mut took_any = false;
             for s in streams {
-                if batch.len() >= max_jobs {
+                if seqs >= max_jobs {
                     break;
                 }
-                let cost = self.per_stream.get(&s).and_then(|q| q.front()).map(|j| j.tokens()).unwrap_or(0);
-                if !batch.is_empty() && tokens + cost > max_tokens {
+                let head = self.per_stream.get(&s).and_then(|q| q.front());
+                let cost = head.map(|j| j.tokens()).unwrap_or(0);
+                let n = head.map(|j| j.sequences()).unwrap_or(1);
+                if !batch.is_empty() && (tokens.saturating_add(cost) > max_tokens || seqs + n > max_jobs) {
                     continue;
                 }
                 if let Some(j) = self.pop_front(&s) {
                     tokens += cost;
+                    seqs += n;
                     batch.push(j);
                     self.cursor = Some(s);
                     took_any = true;
