@@ -120,6 +120,9 @@ pub struct EngineCounters {
     pub prefix_fallbacks: u64,
     /// Video prefixes prefilled.
     pub video_prefills: u64,
+    /// Tokens prefilled as video prefixes (once per window) and as per-prompt questions.
+    pub prefix_tokens: u64,
+    pub suffix_tokens: u64,
     pub batches: u64,
     /// Sequences over all batches (`batch_size_sum / batches` = mean batch size).
     pub batch_size_sum: u64,
@@ -138,6 +141,8 @@ impl EngineCounters {
         self.prefix_shared += s.prefix_shared;
         self.prefix_fallbacks += s.prefix_fallbacks;
         self.video_prefills += s.video_prefills;
+        self.prefix_tokens += s.prefix_tokens;
+        self.suffix_tokens += s.suffix_tokens;
         self.batch_size_sum += s.sequences;
         self.visual_tokens_total += s.visual_tokens_total;
         self.visual_tokens_kept += s.visual_tokens_kept;

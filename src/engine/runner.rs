@@ -64,6 +64,9 @@ pub struct RunStats {
     pub prefix_shared: u64,
     pub prefix_fallbacks: u64,
     pub video_prefills: u64,
+    /// Real (unpadded) tokens prefilled as video prefixes, and as per-prompt suffixes.
+    pub prefix_tokens: u64,
+    pub suffix_tokens: u64,
     pub sequences: u64,
     pub visual_tokens_total: u64,
     pub visual_tokens_kept: u64,
@@ -572,6 +575,7 @@ impl Runner {
             return Ok(Vec::new());
         }
         stats.video_prefills += groups.len() as u64;
+        stats.prefix_tokens += groups.iter().map(|g| g.ids.len() as u64).sum::<u64>();
         stats.sequences += rows.len() as u64;
 
         // 1. Prefix prefill (video + head), left-padded, all groups of the batch at once.
@@ -615,6 +619,7 @@ impl Runner {
         let (mut sids, mut smask, mut spos) = (Vec::new(), Vec::new(), Vec::new());
         for r in &rows {
             let (suf, start) = suffix_of(r);
+            stats.suffix_tokens += suf.len() as u64;
             let pad = ls - suf.len();
             sids.extend(std::iter::repeat_n(self.pad, pad));
             sids.extend_from_slice(suf);
