@@ -36,10 +36,11 @@ max_new_tokens = 5
 /// A config on the tiny checkpoint; `model_extra` / `engine` go into those sections.
 pub fn config(model_extra: &str, engine: &str) -> Config {
     let text = format!(
-        "[model]\npath = {:?}\ndevice = \"cpu\"\ndtype = \"f32\"\nmax_new_tokens = 8\n{model_extra}\n\n[engine]\n{engine}\n{PROMPTS}\n\
+        "[model]\npath = {:?}\ndevice = \"cpu\"\ndtype = \"f32\"\n{default_mnt}{model_extra}\n\n[engine]\n{engine}\n{PROMPTS}\n\
          [[stream]]\nname = \"a\"\nuri = \"rtsp://127.0.0.1:8554/a\"\nprompts = [\"caption\", \"person\", \"count\"]\nfps = 2.0\n\n\
          [[stream]]\nname = \"b\"\nuri = \"rtsp://127.0.0.1:8554/b\"\nprompts = [\"caption\", \"person\", \"count\"]\nfps = 1.0\n",
-        ckpt().display().to_string()
+        ckpt().display().to_string(),
+        default_mnt = if model_extra.contains("max_new_tokens") { "" } else { "max_new_tokens = 8\n" },
     );
     Config::parse(&text, "engine-test.toml", std::path::Path::new(".")).expect("test config")
 }
