@@ -221,6 +221,38 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_counts_sequences_not_jobs() {
+        // A job with 3 prompts decodes 3 sequences: max_jobs = 4 fits it plus one single-prompt job.
+        #[derive(Debug)]
+        struct M(&'static str, usize, Instant);
+        impl QueuedJob for M {
+            fn stream(&self) -> &str {
+                self.0
+            }
+            fn enqueued_at(&self) -> Instant {
+                self.2
+            }
+            fn tokens(&self) -> usize {
+                10
+            }
+            fn sequences(&self) -> usize {
+                self.1
+            }
+        }
+        let t0 = Instant::now();
+        let mut q = JobQueue::new(10, Duration::from_secs(60));
+        q.push(M("a", 3, t0));
+        q.push(M("b", 2, t0));
+        q.push(M("c", 1, t0));
+        let b = q.take_batch(4, usize::MAX);
+        assert_eq!(b.iter().map(|j| j.0).collect::<Vec<_>>(), vec!["a", "c"]);
+        // Larger than the limit alone: still taken, alone.
+        q.push(M("d", 9, t0));
+        let b = q.take_batch(4, usize::MAX);
+        assert_eq!(b.len(), 1);
+    }
+
+    #[test]
     fn old_jobs_expire() {
         let t0 = Instant::now();
         let mut q = JobQueue::new(10, Duration::from_secs(5));
