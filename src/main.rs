@@ -80,6 +80,44 @@ enum Command {
     },
     /// Show what a prompt costs: tokens, visual tokens before/after pruning, grids.
     Preprocess(PreprocessArgs),
+    /// Benchmarks (`vigil bench engine --model DIR`).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Windows/s for 1, 4, 8 streams x 2 prompts, engine optimisations on vs off (same run).
+    Engine {
+        /// Complete checkpoint directory (model + processor files).
+        #[arg(long, value_name = "DIR")]
+        model: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Stream counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+        streams: Vec<usize>,
+        #[arg(long, default_value_t = 4)]
+        windows_per_stream: usize,
+        #[arg(long, default_value_t = 8)]
+        frames_per_window: usize,
+        /// Frames between window starts (less than --frames-per-window: overlap).
+        #[arg(long, default_value_t = 4)]
+        stride_frames: usize,
+        #[arg(long, default_value_t = 160)]
+        width: u32,
+        #[arg(long, default_value_t = 120)]
+        height: u32,
+        #[arg(long, default_value_t = 16)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 16)]
+        max_batch: usize,
+        /// Print the rows as JSON lines instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(clap::Args)]
@@ -136,6 +174,58 @@ fn main() -> ExitCode {
             probe(&uri, &opts, json)
         }
         Command::Preprocess(args) => preprocess(args),
+        Command::Bench(BenchCommand::Engine {
+            model,
+            device,
+            dtype,
+            streams,
+            windows_per_stream,
+            frames_per_window,
+            stride_frames,
+            width,
+            height,
+            max_new_tokens,
+            max_batch,
+            json,
+        }) => {
+            let o = vigil::engine::bench::BenchOptions {
+                device,
+                dtype,
+                streams,
+                windows_per_stream,
+                frames_per_window,
+                stride_frames,
+                width,
+                height,
+                max_new_tokens,
+                max_batch,
+                ..vigil::engine::bench::BenchOptions::new(model)
+            };
+            bench_engine(&o, json)
+        }
+    }
+}
+
+fn bench_engine(o: &vigil::engine::bench::BenchOptions, json: bool) -> ExitCode {
+    match vigil::engine::bench::run(o) {
+        Ok(rows) => {
+            if json {
+                for r in &rows {
+                    println!("{}", serde_json::to_string(r).unwrap_or_default());
+                }
+            } else {
+                print!("{}", vigil::engine::bench::table(o, &rows));
+            }
+            if rows.iter().any(|r| r.mismatches > 0) {
+                eprintln!("error: optimised answers differ from the one-request path");
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

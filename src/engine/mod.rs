@@ -1,7 +1,566 @@
-//! The inference engine: windows × prompts → answers (see issue "The inference engine").
+//! The inference engine: windows × prompts → answers (issue 7, "The inference engine").
 //!
-//! So far: answer-kind parsing and alert edge state ([`answer`]), the fair, bounded job queue
-//! ([`queue`]).
+//! One engine thread owns the model ([`runner::Runner`]); the daemon hands it [`Job`]s (a
+//! window plus the prompts due for it) through [`Engine::submit`], which never blocks: jobs wait
+//! in the bounded, per-stream round-robin [`queue::JobQueue`] (a full queue evicts the oldest job
+//! of the longest stream; jobs older than `max_queue_age_s` are dropped, not answered late).
+//! Each job carries its reply channel; every prompt gets exactly one [`JobOutput`].
+//!
+//! The thread takes batches of jobs from several streams (up to `max_batch` sequences and
+//! `max_batch_tokens` prompt tokens) and runs them with the exact optimisations described in
+//! [`runner`]: per-frame vision features cached by content ([`features`]), one video prefill
+//! per window shared by all its prompts, one prefill/decode batch across streams. Answers are
+//! token-for-token those of running each (window, prompt) alone (`tests/engine_exact.rs`).
+//!
+//! Also: answer-kind parsing ([`answer`]) and the engine benchmark ([`bench`]).
 
 pub mod answer;
+pub mod bench;
+pub mod features;
 pub mod queue;
+pub mod runner;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::config::{Config, PromptConfig, PromptKind};
+use crate::model::GenerationParams;
+use crate::processor::Processor;
+use crate::window::Window;
+use queue::{DropReason, JobQueue, QueuedJob};
+use runner::{RunOptions, RunStats, Runner, WindowWork};
+
+/// Why the engine could not start or take a job.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("cannot load the model: {0}")]
+    Load(String),
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+    #[error("the engine thread has stopped")]
+    Stopped,
+    #[error("invalid job: {0}")]
+    InvalidJob(String),
+}
+
+/// A window and the prompts due for it (per each prompt's `every`).
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub stream: String,
+    pub window: Arc<Window>,
+    pub prompts: Vec<PromptConfig>,
+    /// When the window closed (queue latency is measured from here).
+    pub closed_at: Instant,
+    pub reply: tokio::sync::mpsc::UnboundedSender<JobOutput>,
+}
+
+/// What the engine says about each prompt of a job.
+#[derive(Debug, Clone)]
+pub enum JobOutput {
+    Answer(PromptResult),
+    /// The job left the queue unanswered (too old, evicted, stream removed, shutdown).
+    Dropped { stream: String, window_seq: u64, prompts: Vec<String>, reason: String },
+    Failed { stream: String, window_seq: u64, prompt: String, error: String },
+}
+
+/// One answer with its timing and token accounting.
+#[derive(Debug, Clone, Serialize)]
+pub struct PromptResult {
+    pub stream: String,
+    pub window_seq: u64,
+    /// Prompt name.
+    pub prompt: String,
+    pub question: String,
+    pub kind: PromptKind,
+    /// Generated text (special tokens skipped, trimmed).
+    pub text: String,
+    /// Parsed value (bool for alerts, object for json); `Null` when none.
+    pub value: serde_json::Value,
+    pub parse_error: Option<String>,
+    /// Generated token ids (including the EOS that ended the answer, if any).
+    #[serde(skip)]
+    pub tokens: Vec<u32>,
+    pub prompt_tokens: u32,
+    pub generated_tokens: u32,
+    pub visual_total: u32,
+    pub visual_kept: u32,
+    /// Window closed → its batch started.
+    pub queue: Duration,
+    /// Preprocessing + vision tower of the batch this answer was part of.
+    pub vision: Duration,
+    /// Video prefix + question prefill of the batch.
+    pub prefill: Duration,
+    /// Decoding until this answer finished.
+    pub decode: Duration,
+}
+
+/// Counters since start (a snapshot; the daemon's metrics read it).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct EngineCounters {
+    pub jobs_queued: u64,
+    pub jobs_done: u64,
+    /// Jobs dropped, by reason (`too_old`, `queue_full`, `stream_removed`, `shutdown`).
+    pub jobs_dropped: BTreeMap<String, u64>,
+    /// Prompts answered / failed.
+    pub prompts_done: u64,
+    pub prompts_failed: u64,
+    /// Frames whose features came from the cache (or from another window of the same batch).
+    pub vision_cache_hits: u64,
+    pub vision_cache_misses: u64,
+    pub frames_encoded: u64,
+    /// Prompts that re-used a window's prefilled video prefix (a window's first prompt is not counted).
+    pub prefix_shared: u64,
+    /// Prompts whose ids did not extend the shared prefix (BPE across the boundary): prefilled alone.
+    pub prefix_fallbacks: u64,
+    /// Video prefixes prefilled.
+    pub video_prefills: u64,
+    /// Tokens prefilled as video prefixes (once per window) and as per-prompt questions.
+    pub prefix_tokens: u64,
+    pub suffix_tokens: u64,
+    pub batches: u64,
+    /// Sequences over all batches (`batch_size_sum / batches` = mean batch size).
+    pub batch_size_sum: u64,
+    pub visual_tokens_total: u64,
+    pub visual_tokens_kept: u64,
+    pub tokens_generated: u64,
+    /// Time spent running batches.
+    pub busy_ms: u64,
+}
+
+impl EngineCounters {
+    fn add(&mut self, s: &RunStats) {
+        self.vision_cache_hits += s.vision_cache_hits;
+        self.vision_cache_misses += s.vision_cache_misses;
+        self.frames_encoded += s.frames_encoded;
+        self.prefix_shared += s.prefix_shared;
+        self.prefix_fallbacks += s.prefix_fallbacks;
+        self.video_prefills += s.video_prefills;
+        self.prefix_tokens += s.prefix_tokens;
+        self.suffix_tokens += s.suffix_tokens;
+        self.batch_size_sum += s.sequences;
+        self.visual_tokens_total += s.visual_tokens_total;
+        self.visual_tokens_kept += s.visual_tokens_kept;
+        self.tokens_generated += s.tokens_generated;
+    }
+    fn dropped(&mut self, reason: &str, n: u64) {
+        *self.jobs_dropped.entry(reason.to_string()).or_default() += n;
+    }
+    /// All dropped jobs.
+    pub fn jobs_dropped_total(&self) -> u64 {
+        self.jobs_dropped.values().sum()
+    }
+}
+
+/// A job in the queue, with its cost estimate.
+struct Queued {
+    job: Job,
+    fps: f64,
+    tokens: usize,
+}
+
+impl QueuedJob for Queued {
+    fn stream(&self) -> &str {
+        &self.job.stream
+    }
+    fn enqueued_at(&self) -> Instant {
+        self.job.closed_at
+    }
+    fn tokens(&self) -> usize {
+        self.tokens
+    }
+    fn sequences(&self) -> usize {
+        self.job.prompts.len().max(1)
+    }
+}
+
+struct State {
+    queue: JobQueue<Queued>,
+    stopping: bool,
+    /// Jobs dropped by age since the last log line (logged once per burst).
+    too_old_burst: u64,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    counters: Mutex<EngineCounters>,
+    epoch: Instant,
+    /// Milliseconds since `epoch` when the thread last showed life.
+    heartbeat_ms: AtomicU64,
+    abort: AtomicBool,
+    finished: Mutex<bool>,
+    finished_cv: Condvar,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    stream_fps: BTreeMap<String, f64>,
+    default_fps: f64,
+    max_batch: usize,
+    max_batch_tokens: usize,
+    /// Video processor (patch, merge, min_pixels, max_pixels), for job token estimates.
+    est: std::sync::OnceLock<(usize, usize, usize, usize)>,
+}
+
+impl Shared {
+    fn beat(&self) {
+        self.heartbeat_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Handle to the engine thread (cheap to clone).
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+/// Report a job that will not run.
+fn drop_job(job: &Job, reason: &str) {
+    let _ = job.reply.send(JobOutput::Dropped {
+        stream: job.stream.clone(),
+        window_seq: job.window.seq,
+        prompts: job.prompts.iter().map(|p| p.name.clone()).collect(),
+        reason: reason.to_string(),
+    });
+}
+
+fn reason_name(r: DropReason) -> &'static str {
+    match r {
+        DropReason::TooOld => "too_old",
+        DropReason::QueueFull => "queue_full",
+    }
+}
+
+/// Load the model and processor a config names.
+pub fn load_runner(cfg: &Config) -> Result<Runner, EngineError> {
+    let dir = model_dir(cfg)?;
+    let model = crate::model::load::load_model(
+        &crate::config::ModelConfig { path: Some(dir.clone()), ..cfg.model.clone() },
+        &cfg.base_dir,
+    )
+    .map_err(|e| EngineError::Load(format!("{}: {e}", dir.display())))?;
+    let processor = Processor::from_pretrained(&dir).map_err(|e| EngineError::Load(format!("{}: {e}", dir.display())))?;
+    Runner::new(model, processor, GenerationParams::from_model_config(&cfg.model), cfg.pruning.clone(), cfg.engine.feature_cache_frames)
+}
+
+fn model_dir(cfg: &Config) -> Result<PathBuf, EngineError> {
+    match crate::model::load::model_dir(&cfg.model, &cfg.base_dir) {
+        Ok(d) => Ok(d),
+        #[cfg(feature = "hub")]
+        Err(_) if cfg.model.path.is_none() && cfg.model.repo.is_some() => {
+            let repo = cfg.model.repo.as_deref().unwrap_or_default();
+            crate::model::load::download_snapshot(repo, cfg.model.revision.as_deref()).map_err(|e| EngineError::Load(e.to_string()))
+        }
+        Err(e) => Err(EngineError::Load(e.to_string())),
+    }
+}
+
+/// Tokens a job adds to a prefill (for `max_batch_tokens`): visual tokens before pruning at the
+/// processor's pixel budget, plus a rough text allowance per prompt.
+fn estimate_tokens(job: &Job, patch: usize, merge: usize, min_px: usize, max_px: usize) -> usize {
+    let n = job.window.frames.len().max(1);
+    let visual = job
+        .window
+        .frames
+        .first()
+        .and_then(|f| {
+            crate::processor::resize::smart_resize(f.height as usize, f.width as usize, patch * merge, min_px, max_px / n).ok()
+        })
+        .map(|(h, w)| n * (h / patch) * (w / patch) / (merge * merge))
+        .unwrap_or(0);
+    visual + n * 8 + job.prompts.iter().map(|p| p.text.len() / 2 + 16).sum::<usize>()
+}
+
+impl Engine {
+    /// Loads the model (per `cfg.model`) and processor on a dedicated engine thread; returns once
+    /// it is loaded, or the load error.
+    pub fn start(cfg: &Config) -> Result<Engine, EngineError> {
+        Self::start_with(cfg, RunOptions::default())
+    }
+
+    /// [`Engine::start`] with chosen optimisations (tests and the bench compare them).
+    pub fn start_with(cfg: &Config, options: RunOptions) -> Result<Engine, EngineError> {
+        let e = &cfg.engine;
+        let mut stream_fps = BTreeMap::new();
+        for s in &cfg.streams {
+            stream_fps.insert(s.name.clone(), s.settings.fps);
+        }
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                queue: JobQueue::new(e.queue_capacity, Duration::from_secs_f64(e.max_queue_age_s.max(0.0))),
+                stopping: false,
+                too_old_burst: 0,
+            }),
+            wake: Condvar::new(),
+            counters: Mutex::new(EngineCounters::default()),
+            epoch: Instant::now(),
+            heartbeat_ms: AtomicU64::new(0),
+            abort: AtomicBool::new(false),
+            finished: Mutex::new(false),
+            finished_cv: Condvar::new(),
+            thread: Mutex::new(None),
+            stream_fps,
+            default_fps: cfg.defaults.fps,
+            max_batch: e.max_batch.max(1),
+            max_batch_tokens: e.max_batch_tokens.max(1),
+            est: std::sync::OnceLock::new(),
+        });
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), EngineError>>(1);
+        let cfg = cfg.clone();
+        let sh = shared.clone();
+        let handle = std::thread::Builder::new()
+            .name("vigil-engine".into())
+            .spawn(move || {
+                let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_runner(&cfg)))
+                    .unwrap_or_else(|_| Err(EngineError::Load("the model loader panicked".into())));
+                let mut runner = match loaded {
+                    Ok(r) => {
+                        let v = &r.processor.video_processor.config.base;
+                        let _ = sh.est.set((v.patch_size, v.merge_size, v.min_pixels, v.max_pixels));
+                        let _ = ready_tx.send(Ok(()));
+                        r
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        mark_finished(&sh);
+                        return;
+                    }
+                };
+                runner.options = options;
+                engine_loop(&sh, &mut runner);
+                mark_finished(&sh);
+            })
+            .map_err(|e| EngineError::Load(format!("cannot spawn the engine thread: {e}")))?;
+        *shared.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        match ready_rx.recv() {
+            Ok(Ok(())) => {
+                shared.beat();
+                Ok(Engine { shared })
+            }
+            Ok(Err(e)) => {
+                join(&shared);
+                Err(e)
+            }
+            Err(_) => {
+                join(&shared);
+                Err(EngineError::Load("the engine thread died while loading".into()))
+            }
+        }
+    }
+
+    /// Queue a job (never blocks). A full queue evicts the oldest job of the longest stream,
+    /// which gets `JobOutput::Dropped`.
+    pub fn submit(&self, job: Job) -> Result<(), EngineError> {
+        if job.prompts.is_empty() {
+            return Err(EngineError::InvalidJob("a job needs at least one prompt".into()));
+        }
+        if job.window.frames.is_empty() {
+            return Err(EngineError::InvalidJob(format!("window {} of {} has no frames", job.window.seq, job.stream)));
+        }
+        if *self.shared.finished.lock().unwrap_or_else(|p| p.into_inner()) {
+            return Err(EngineError::Stopped);
+        }
+        let fps = self.fps_of(&job);
+        let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.stopping {
+            return Err(EngineError::ShuttingDown);
+        }
+        let (patch, merge, min_px, max_px) = *self.shared.est.get().unwrap_or(&(14, 2, 784, 12544));
+        let tokens = estimate_tokens(&job, patch, merge, min_px, max_px);
+        let evicted = st.queue.push(Queued { job, fps, tokens });
+        drop(st);
+        let mut c = self.shared.counters.lock().unwrap_or_else(|p| p.into_inner());
+        c.jobs_queued += 1;
+        if let Some((old, why)) = evicted {
+            c.dropped(reason_name(why), 1);
+            drop(c);
+            tracing::warn!(stream = %old.job.stream, window = old.job.window.seq, "engine queue full; dropped the oldest job of the busiest stream");
+            drop_job(&old.job, reason_name(why));
+        }
+        self.shared.wake.notify_all();
+        Ok(())
+    }
+
+    fn fps_of(&self, job: &Job) -> f64 {
+        if let Some(&f) = self.shared.stream_fps.get(&job.stream) {
+            return f;
+        }
+        // Not a configured stream: the frames sit on the grid slot / fps.
+        job.window
+            .frames
+            .iter()
+            .find(|f| f.slot > 0 && f.time_s > 0.0)
+            .map(|f| f.slot as f64 / f.time_s)
+            .map(|f| (f * 1e6).round() / 1e6)
+            .unwrap_or(self.shared.default_fps)
+    }
+
+    /// Time since the engine thread last showed life (updated at least every ~250 ms while
+    /// idle, and between prefill/decode steps while busy).
+    pub fn heartbeat_age(&self) -> Duration {
+        let now = self.shared.epoch.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.shared.heartbeat_ms.load(Ordering::Relaxed)))
+    }
+
+    pub fn counters(&self) -> EngineCounters {
+        self.shared.counters.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn queue_len(&self) -> usize {
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).queue.len()
+    }
+
+    /// Remove a stream's queued jobs (stream removed or disabled at run time).
+    pub fn forget_stream(&self, stream: &str) {
+        let jobs = self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).queue.remove_stream(stream);
+        if !jobs.is_empty() {
+            self.shared.counters.lock().unwrap_or_else(|p| p.into_inner()).dropped("stream_removed", jobs.len() as u64);
+            for q in &jobs {
+                drop_job(&q.job, "stream_removed");
+            }
+        }
+    }
+
+    /// Stop taking jobs, finish the queued and in-flight ones within `timeout`, join the thread.
+    /// Jobs still waiting at the deadline are dropped (`shutdown`) and a running batch is cut
+    /// short (its prompts fail). True if everything finished in time.
+    pub fn shutdown(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).stopping = true;
+        self.shared.wake.notify_all();
+        let mut clean = wait_finished(&self.shared, deadline);
+        if !clean {
+            self.shared.abort.store(true, Ordering::Relaxed);
+            self.shared.wake.notify_all();
+            // The batch stops at its next decode step.
+            clean = false;
+            wait_finished(&self.shared, Instant::now() + Duration::from_secs(5));
+        }
+        let finished = *self.shared.finished.lock().unwrap_or_else(|p| p.into_inner());
+        if finished {
+            join(&self.shared);
+        }
+        clean && finished
+    }
+}
+
+fn mark_finished(sh: &Shared) {
+    *sh.finished.lock().unwrap_or_else(|p| p.into_inner()) = true;
+    sh.finished_cv.notify_all();
+}
+
+fn wait_finished(sh: &Shared, deadline: Instant) -> bool {
+    let mut f = sh.finished.lock().unwrap_or_else(|p| p.into_inner());
+    while !*f {
+        let now = Instant::now();
+        if now >= deadline {
+            return false;
+        }
+        f = sh.finished_cv.wait_timeout(f, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+    }
+    true
+}
+
+fn join(sh: &Shared) {
+    if let Some(h) = sh.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        let _ = h.join();
+    }
+}
+
+fn engine_loop(sh: &Shared, runner: &mut Runner) {
+    loop {
+        sh.beat();
+        let batch = {
+            let mut st = sh.state.lock().unwrap_or_else(|p| p.into_inner());
+            let old = st.queue.expire(Instant::now());
+            if !old.is_empty() {
+                sh.counters.lock().unwrap_or_else(|p| p.into_inner()).dropped("too_old", old.len() as u64);
+                if st.too_old_burst == 0 {
+                    tracing::warn!(jobs = old.len(), "engine is behind: dropping jobs older than max_queue_age_s (logged once per burst)");
+                }
+                st.too_old_burst += old.len() as u64;
+                for q in &old {
+                    drop_job(&q.job, "too_old");
+                }
+            }
+            if sh.abort.load(Ordering::Relaxed) {
+                let rest: Vec<Queued> = st.queue.take_batch(usize::MAX, usize::MAX);
+                let mut rest = rest;
+                while !st.queue.is_empty() {
+                    rest.extend(st.queue.take_batch(usize::MAX, usize::MAX));
+                }
+                if !rest.is_empty() {
+                    sh.counters.lock().unwrap_or_else(|p| p.into_inner()).dropped("shutdown", rest.len() as u64);
+                }
+                for q in &rest {
+                    drop_job(&q.job, "shutdown");
+                }
+                return;
+            }
+            if st.queue.is_empty() {
+                if st.stopping {
+                    return;
+                }
+                let _ = sh.wake.wait_timeout(st, Duration::from_millis(250));
+                continue;
+            }
+            if st.too_old_burst > 0 && old.is_empty() {
+                tracing::info!(dropped = st.too_old_burst, "engine caught up; jobs dropped for age in the last burst");
+                st.too_old_burst = 0;
+            }
+            st.queue.take_batch(sh.max_batch, sh.max_batch_tokens)
+        };
+        run_jobs(sh, runner, batch);
+    }
+}
+
+fn run_jobs(sh: &Shared, runner: &mut Runner, batch: Vec<Queued>) {
+    let start = Instant::now();
+    let work: Vec<WindowWork> = batch
+        .iter()
+        .map(|q| WindowWork {
+            stream: q.job.stream.clone(),
+            window: q.job.window.clone(),
+            fps: q.fps,
+            prompts: q.job.prompts.clone(),
+            queue: start.saturating_duration_since(q.job.closed_at),
+        })
+        .collect();
+    let alive = || sh.beat();
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run_batch(&work, &alive, &sh.abort)));
+    let (outcomes, stats) = match ran {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::error!("the engine panicked while running a batch; its prompts fail");
+            (work.iter().map(|w| w.prompts.iter().map(|_| Err("engine panic".to_string())).collect()).collect(), RunStats::default())
+        }
+    };
+    let mut done = 0u64;
+    let mut failed = 0u64;
+    for (q, outs) in batch.iter().zip(outcomes) {
+        for (p, o) in q.job.prompts.iter().zip(outs) {
+            let msg = match o {
+                Ok(r) => {
+                    done += 1;
+                    JobOutput::Answer(r)
+                }
+                Err(error) => {
+                    failed += 1;
+                    tracing::warn!(stream = %q.job.stream, window = q.job.window.seq, prompt = %p.name, %error, "prompt failed");
+                    JobOutput::Failed { stream: q.job.stream.clone(), window_seq: q.job.window.seq, prompt: p.name.clone(), error }
+                }
+            };
+            let _ = q.job.reply.send(msg);
+        }
+    }
+    let mut c = sh.counters.lock().unwrap_or_else(|p| p.into_inner());
+    c.add(&stats);
+    c.batches += 1;
+    c.jobs_done += batch.len() as u64;
+    c.prompts_done += done;
+    c.prompts_failed += failed;
+    c.busy_ms += start.elapsed().as_millis() as u64;
+}

@@ -15,6 +15,10 @@ pub trait QueuedJob {
     fn enqueued_at(&self) -> Instant;
     /// Prompt tokens this job adds to a prefill batch (for `max_batch_tokens`).
     fn tokens(&self) -> usize;
+    /// Sequences this job decodes (one per prompt), counted against a batch's `max_jobs`.
+    fn sequences(&self) -> usize {
+        1
+    }
 }
 
 /// Why a job left the queue without being run.
@@ -105,28 +109,32 @@ impl<J: QueuedJob> JobQueue<J> {
         jobs
     }
 
-    /// Take up to `max_jobs` jobs totalling at most `max_tokens` prompt tokens, round-robin over
-    /// streams. A single job larger than `max_tokens` is still taken alone, so it cannot block
-    /// the queue forever.
+    /// Take jobs worth up to `max_jobs` sequences ([`QueuedJob::sequences`]) totalling at most
+    /// `max_tokens` prompt tokens, round-robin over streams. A single job larger than either
+    /// limit is still taken alone, so it cannot block the queue forever.
     pub fn take_batch(&mut self, max_jobs: usize, max_tokens: usize) -> Vec<J> {
         let mut batch = Vec::new();
         let mut tokens = 0usize;
+        let mut seqs = 0usize;
         loop {
             let streams = self.round_robin_order();
-            if streams.is_empty() || batch.len() >= max_jobs {
+            if streams.is_empty() || seqs >= max_jobs {
                 break;
             }
             let mut took_any = false;
             for s in streams {
-                if batch.len() >= max_jobs {
+                if seqs >= max_jobs {
                     break;
                 }
-                let cost = self.per_stream.get(&s).and_then(|q| q.front()).map(|j| j.tokens()).unwrap_or(0);
-                if !batch.is_empty() && tokens + cost > max_tokens {
+                let head = self.per_stream.get(&s).and_then(|q| q.front());
+                let cost = head.map(|j| j.tokens()).unwrap_or(0);
+                let n = head.map(|j| j.sequences()).unwrap_or(1);
+                if !batch.is_empty() && (tokens.saturating_add(cost) > max_tokens || seqs + n > max_jobs) {
                     continue;
                 }
                 if let Some(j) = self.pop_front(&s) {
                     tokens += cost;
+                    seqs += n;
                     batch.push(j);
                     self.cursor = Some(s);
                     took_any = true;
@@ -210,6 +218,38 @@ mod tests {
         let b = q.take_batch(8, 1000);
         assert_eq!(b.iter().map(|j| j.stream).collect::<Vec<_>>(), vec!["b", "c"]);
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_batch_counts_sequences_not_jobs() {
+        // A job with 3 prompts decodes 3 sequences: max_jobs = 4 fits it plus one single-prompt job.
+        #[derive(Debug)]
+        struct M(&'static str, usize, Instant);
+        impl QueuedJob for M {
+            fn stream(&self) -> &str {
+                self.0
+            }
+            fn enqueued_at(&self) -> Instant {
+                self.2
+            }
+            fn tokens(&self) -> usize {
+                10
+            }
+            fn sequences(&self) -> usize {
+                self.1
+            }
+        }
+        let t0 = Instant::now();
+        let mut q = JobQueue::new(10, Duration::from_secs(60));
+        q.push(M("a", 3, t0));
+        q.push(M("b", 2, t0));
+        q.push(M("c", 1, t0));
+        let b = q.take_batch(4, usize::MAX);
+        assert_eq!(b.iter().map(|j| j.0).collect::<Vec<_>>(), vec!["a", "c"]);
+        // Larger than the limit alone: still taken, alone.
+        q.push(M("d", 9, t0));
+        let b = q.take_batch(4, usize::MAX);
+        assert_eq!(b.len(), 1);
     }
 
     #[test]

@@ -137,10 +137,10 @@ where
 }
 
 /// splitmix64: tiny, seedable and good enough for token sampling.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next_f64(&mut self) -> f64 {
+    pub(crate) fn next_f64(&mut self) -> f64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -152,7 +152,7 @@ impl Rng {
 
 /// transformers' `RepetitionPenaltyLogitsProcessor`: seen tokens' logits are divided by the
 /// penalty when positive, multiplied when negative.
-fn apply_repetition_penalty(row: &mut [f32], seen: &[bool], penalty: f32) {
+pub(crate) fn apply_repetition_penalty(row: &mut [f32], seen: &[bool], penalty: f32) {
     for (v, &s) in row.iter_mut().zip(seen) {
         if s {
             *v = if *v < 0.0 { *v * penalty } else { *v / penalty };
@@ -160,7 +160,7 @@ fn apply_repetition_penalty(row: &mut [f32], seen: &[bool], penalty: f32) {
     }
 }
 
-fn argmax(row: &[f32]) -> u32 {
+pub(crate) fn argmax(row: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in row.iter().enumerate() {
         if v > row[best] {
@@ -171,7 +171,8 @@ fn argmax(row: &[f32]) -> u32 {
 }
 
 /// Temperature, then top-k, then top-p (nucleus), then a multinomial draw.
-fn sample(
+/// (Also used by the engine, which keeps one RNG per row so a batched row samples as it would alone.)
+pub(crate) fn sample(
     row: &[f32],
     temperature: f64,
     top_k: Option<usize>,

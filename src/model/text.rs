@@ -35,6 +35,43 @@ impl KvCache {
     pub fn clear(&mut self) {
         *self = Self::default();
     }
+    /// Rows of the batch in cache `[batch, ...]`.
+    pub fn batch_size(&self) -> usize {
+        self.key_mask
+            .as_ref()
+            .and_then(|m| m.dim(0).ok())
+            .unwrap_or(0)
+    }
+    /// A new cache whose row `i` is a copy of row `rows[i]` of this one (rows may repeat): forks
+    /// a shared prefix into several continuations, or drops finished rows from a batch. Keys,
+    /// values and the key mask are copied unchanged, so continuing from the fork is the same
+    /// computation as continuing from the original row.
+    pub fn select_rows(&self, rows: &[usize]) -> candle_core::Result<KvCache> {
+        let Some(mask) = &self.key_mask else {
+            candle_core::bail!("select_rows on an empty cache");
+        };
+        let b = mask.dim(0)?;
+        if let Some(bad) = rows.iter().find(|&&r| r >= b) {
+            candle_core::bail!("select_rows: row {bad} out of a batch of {b}");
+        }
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let idx = Tensor::from_vec(idx, rows.len(), mask.device())?;
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                Some((k, v)) => Ok(Some((
+                    k.index_select(&idx, 0)?.contiguous()?,
+                    v.index_select(&idx, 0)?.contiguous()?,
+                ))),
+                None => Ok(None),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(KvCache {
+            layers,
+            key_mask: Some(mask.index_select(&idx, 0)?),
+        })
+    }
 }
 
 struct Attention {

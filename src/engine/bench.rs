@@ -1,0 +1,252 @@
+//! `vigil bench engine`: windows/s and ms per window for N streams × 2 prompts, with the engine's
+//! optimisations on (feature cache, shared video prefix, cross-stream batches — the real
+//! [`Engine`] thread) against off (each (window, prompt) run alone through the processor and
+//! `generate`, one after another), in the same run on the same synthetic windows. It also checks
+//! that both sides produced the same tokens.
+//!
+//! The windows are synthetic: per stream, a moving square over a gradient (each stream its own
+//! frame size), cut into overlapping windows (`stride_frames < frames_per_window`), as a camera at
+//! `fps` with `window_seconds > stride_seconds` produces.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+
+use super::runner::RunOptions;
+use super::{load_runner, Engine, EngineCounters, EngineError, Job, JobOutput};
+use crate::config::Config;
+use crate::window::{Frame, Window};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Complete checkpoint directory (model + processor files).
+    pub model: PathBuf,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// `f32`, `f16` or `bf16`.
+    pub dtype: String,
+    /// Stream counts to measure.
+    pub streams: Vec<usize>,
+    pub windows_per_stream: usize,
+    pub frames_per_window: usize,
+    pub stride_frames: usize,
+    /// Frame size of stream 0 (later streams vary it a little).
+    pub width: u32,
+    pub height: u32,
+    pub fps: f64,
+    pub max_new_tokens: usize,
+    pub max_batch: usize,
+}
+
+impl BenchOptions {
+    pub fn new(model: PathBuf) -> Self {
+        Self {
+            model,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            streams: vec![1, 4, 8],
+            windows_per_stream: 4,
+            frames_per_window: 8,
+            stride_frames: 4,
+            width: 160,
+            height: 120,
+            fps: 2.0,
+            max_new_tokens: 16,
+            max_batch: 16,
+        }
+    }
+}
+
+/// One line of the result.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchRow {
+    pub streams: usize,
+    pub windows: usize,
+    pub prompts_per_window: usize,
+    pub on_s: f64,
+    pub off_s: f64,
+    pub on_windows_per_s: f64,
+    pub off_windows_per_s: f64,
+    pub on_ms_per_window: f64,
+    pub off_ms_per_window: f64,
+    /// `off_s / on_s`.
+    pub speedup: f64,
+    /// Answers whose tokens differ between on and off (must be 0).
+    pub mismatches: usize,
+    pub counters: EngineCounters,
+}
+
+const PROMPTS: &str = r#"
+[[prompt]]
+name = "caption"
+text = "Describe this."
+
+[[prompt]]
+name = "person"
+kind = "alert"
+text = "Is there a person in the frame? Answer yes or no."
+"#;
+
+fn bench_config(o: &BenchOptions, streams: usize) -> Result<Config, EngineError> {
+    let model = o.model.canonicalize().map_err(|e| EngineError::Load(format!("{}: {e}", o.model.display())))?;
+    let mut text = format!(
+        "[model]\npath = {path:?}\ndevice = {dev:?}\ndtype = {dt:?}\nmax_new_tokens = {mnt}\n\n\
+         [engine]\nmax_batch = {mb}\nqueue_capacity = 4096\nmax_queue_age_s = 86400.0\nfeature_cache_frames = 1024\n{PROMPTS}",
+        path = model.display().to_string(),
+        dev = o.device,
+        dt = o.dtype,
+        mnt = o.max_new_tokens,
+        mb = o.max_batch,
+    );
+    for s in 0..streams {
+        text.push_str(&format!(
+            "\n[[stream]]\nname = \"cam{s}\"\nuri = \"rtsp://127.0.0.1:8554/cam{s}\"\nprompts = [\"caption\", \"person\"]\nfps = {}\n",
+            o.fps
+        ));
+    }
+    Config::parse(&text, "bench.toml", std::path::Path::new(".")).map_err(|e| EngineError::Load(format!("bench config: {e}")))
+}
+
+/// Frame `i` of stream `s`: a square moving over a gradient; stream `s` has its own size.
+pub fn synthetic_frame(s: usize, i: usize, width: u32, height: u32, fps: f64) -> Frame {
+    let (w, h) = (width + 16 * (s as u32 % 3), height + 8 * (s as u32 % 2));
+    let mut data = vec![0u8; (w * h * 3) as usize];
+    let (sx, sy) = ((i * 7 + s * 13) as u32 % (w - 24), (i * 3 + s * 5) as u32 % (h - 24));
+    for y in 0..h {
+        for x in 0..w {
+            let o = ((y * w + x) * 3) as usize;
+            let inside = x >= sx && x < sx + 24 && y >= sy && y < sy + 24;
+            data[o] = if inside { 250 } else { (x * 255 / w) as u8 };
+            data[o + 1] = if inside { 40 } else { (y * 255 / h) as u8 };
+            data[o + 2] = ((s * 60) % 256) as u8;
+        }
+    }
+    Frame { width: w, height: h, data, slot: i as u64, time_s: i as f64 / fps, captured_at: SystemTime::now() }
+}
+
+/// Overlapping windows of stream `s`.
+pub fn synthetic_windows(s: usize, o: &BenchOptions) -> Vec<Arc<Window>> {
+    let n = o.stride_frames * (o.windows_per_stream - 1) + o.frames_per_window;
+    let frames: Vec<Arc<Frame>> = (0..n).map(|i| Arc::new(synthetic_frame(s, i, o.width, o.height, o.fps))).collect();
+    (0..o.windows_per_stream)
+        .map(|k| {
+            let start = k * o.stride_frames;
+            Arc::new(Window {
+                stream: format!("cam{s}"),
+                seq: k as u64,
+                index: k as u64,
+                start_s: start as f64 / o.fps,
+                end_s: (start + o.frames_per_window) as f64 / o.fps,
+                frames: frames[start..start + o.frames_per_window].to_vec(),
+                expected_frames: o.frames_per_window,
+                missing: 0,
+                partial: false,
+            })
+        })
+        .collect()
+}
+
+/// Run the benchmark; one row per stream count.
+pub fn run(o: &BenchOptions) -> Result<Vec<BenchRow>, EngineError> {
+    if o.windows_per_stream == 0 || o.frames_per_window == 0 || o.stride_frames == 0 {
+        return Err(EngineError::InvalidJob("windows, frames and stride must be positive".into()));
+    }
+    let mut rows = Vec::new();
+    for &n in &o.streams {
+        let cfg = bench_config(o, n)?;
+        let windows: Vec<Arc<Window>> = (0..n).flat_map(|s| synthetic_windows(s, o)).collect();
+        let prompts = cfg.prompts.clone();
+
+        // Off: every (window, prompt) alone, in order.
+        let runner = load_runner(&cfg)?;
+        let t0 = Instant::now();
+        let mut off_tokens = Vec::new();
+        for w in &windows {
+            for p in &prompts {
+                let r = runner.run_alone(&w.stream, w, o.fps, p).map_err(EngineError::InvalidJob)?;
+                off_tokens.push(((w.stream.clone(), w.seq, p.name.clone()), r.tokens));
+            }
+        }
+        let off_s = t0.elapsed().as_secs_f64();
+        drop(runner);
+
+        // On: the engine thread with every optimisation; all windows submitted at once.
+        let engine = Engine::start_with(&cfg, RunOptions::default())?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let t0 = Instant::now();
+        for w in &windows {
+            engine.submit(Job { stream: w.stream.clone(), window: w.clone(), prompts: prompts.clone(), closed_at: Instant::now(), reply: tx.clone() })?;
+        }
+        let mut on_tokens = std::collections::HashMap::new();
+        let want = windows.len() * prompts.len();
+        while on_tokens.len() < want {
+            match rx.blocking_recv() {
+                Some(JobOutput::Answer(r)) => {
+                    on_tokens.insert((r.stream, r.window_seq, r.prompt), r.tokens);
+                }
+                Some(other) => return Err(EngineError::InvalidJob(format!("bench job did not complete: {other:?}"))),
+                None => return Err(EngineError::Stopped),
+            }
+        }
+        let on_s = t0.elapsed().as_secs_f64();
+        let counters = engine.counters();
+        engine.shutdown(Duration::from_secs(10));
+        let mismatches = off_tokens.iter().filter(|(k, t)| on_tokens.get(k) != Some(t)).count();
+        let nw = windows.len() as f64;
+        rows.push(BenchRow {
+            streams: n,
+            windows: windows.len(),
+            prompts_per_window: prompts.len(),
+            on_s,
+            off_s,
+            on_windows_per_s: nw / on_s,
+            off_windows_per_s: nw / off_s,
+            on_ms_per_window: on_s * 1e3 / nw,
+            off_ms_per_window: off_s * 1e3 / nw,
+            speedup: off_s / on_s,
+            mismatches,
+            counters,
+        });
+    }
+    Ok(rows)
+}
+
+/// The result as a table.
+pub fn table(o: &BenchOptions, rows: &[BenchRow]) -> String {
+    let mut s = format!(
+        "engine bench: {} ({} {}), {} windows/stream of {} frames (stride {}), {}x{}+, {} prompts, max_new_tokens {}\n",
+        o.model.display(),
+        o.device,
+        o.dtype,
+        o.windows_per_stream,
+        o.frames_per_window,
+        o.stride_frames,
+        o.width,
+        o.height,
+        rows.first().map(|r| r.prompts_per_window).unwrap_or(2),
+        o.max_new_tokens
+    );
+    s.push_str("streams  windows   on win/s  on ms/win   off win/s  off ms/win   on/off speedup  cache hit/miss  prefills  mean batch  identical\n");
+    for r in rows {
+        let c = &r.counters;
+        s.push_str(&format!(
+            "{:>7}  {:>7}  {:>9.2}  {:>9.1}  {:>10.2}  {:>10.1}  {:>15.2}x  {:>8}/{:<5}  {:>8}  {:>10.1}  {}\n",
+            r.streams,
+            r.windows,
+            r.on_windows_per_s,
+            r.on_ms_per_window,
+            r.off_windows_per_s,
+            r.off_ms_per_window,
+            r.speedup,
+            c.vision_cache_hits,
+            c.vision_cache_misses,
+            c.video_prefills,
+            c.batch_size_sum as f64 / c.batches.max(1) as f64,
+            if r.mismatches == 0 { "yes".to_string() } else { format!("NO ({} differ)", r.mismatches) }
+        ));
+    }
+    s
+}

@@ -1,0 +1,147 @@
+//! Per-frame vision features, cached by content so overlapping windows encode each frame once.
+//!
+//! Why this is exact: VideoLLaMA3's vision tower attends within one frame only (transformers'
+//! `cu_seqlens` split per frame, `modeling_video_llama_3.py`), and `pixel_unshuffle` + the
+//! projector act per frame, so a frame's projected features depend only on its patch rows and
+//! its patch grid. The key is a 128-bit hash of exactly those rows (the resized, normalized
+//! pixels the encoder sees) plus the grid: a changed resized size (a window with a different
+//! frame count shares the video pixel budget differently) is a different key. Content, not
+//! pointers: freed `Arc<Frame>`s can reuse an address for different pixels.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{DefaultHasher, Hasher};
+
+use candle_core::Tensor;
+
+/// Identity of one frame as the vision encoder sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrameKey {
+    pub hash: u128,
+    /// Patch grid of the frame (`h`, `w` in patches) after resizing.
+    pub grid_h: usize,
+    pub grid_w: usize,
+}
+
+impl FrameKey {
+    /// Key of a frame from its patch rows (`f32`, flattened) and patch grid.
+    pub fn of(rows: &[f32], grid_h: usize, grid_w: usize) -> Self {
+        // Two SipHash passes with different salts: 128 bits make a collision (which would
+        // silently reuse another frame's features) negligible.
+        let mut a = DefaultHasher::new();
+        let mut b = DefaultHasher::new();
+        a.write_u64(0x5649_4749_4c5f_4131);
+        b.write_u64(0x5649_4749_4c5f_4232);
+        for h in [&mut a, &mut b] {
+            h.write_usize(grid_h);
+            h.write_usize(grid_w);
+            h.write_usize(rows.len());
+        }
+        let mut buf = [0u8; 4096];
+        for chunk in rows.chunks(1024) {
+            for (i, v) in chunk.iter().enumerate() {
+                buf[i * 4..i * 4 + 4].copy_from_slice(&v.to_bits().to_le_bytes());
+            }
+            let bytes = &buf[..chunk.len() * 4];
+            a.write(bytes);
+            b.write(bytes);
+        }
+        FrameKey { hash: ((a.finish() as u128) << 64) | b.finish() as u128, grid_h, grid_w }
+    }
+}
+
+/// LRU cache of projected per-frame features (`[tokens, text_hidden]` on the model's device).
+#[derive(Debug, Default)]
+pub struct FeatureCache {
+    capacity: usize,
+    entries: HashMap<FrameKey, (Tensor, u64)>,
+    /// Last-use tick → key, oldest first.
+    order: BTreeMap<u64, FrameKey>,
+    tick: u64,
+}
+
+impl FeatureCache {
+    pub fn new(capacity: usize) -> Self {
+        Self { capacity, ..Default::default() }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The features of `key`, marking them most recently used.
+    pub fn get(&mut self, key: &FrameKey) -> Option<Tensor> {
+        self.tick += 1;
+        let tick = self.tick;
+        let (t, last) = self.entries.get_mut(key)?;
+        self.order.remove(last);
+        *last = tick;
+        self.order.insert(tick, *key);
+        Some(t.clone())
+    }
+
+    /// Store features; the least recently used entries make room.
+    pub fn insert(&mut self, key: FrameKey, features: Tensor) {
+        if self.capacity == 0 {
+            return;
+        }
+        self.tick += 1;
+        if let Some((_, last)) = self.entries.insert(key, (features, self.tick)) {
+            self.order.remove(&last);
+        }
+        self.order.insert(self.tick, key);
+        while self.entries.len() > self.capacity {
+            let Some((_, oldest)) = self.order.pop_first() else { break };
+            self.entries.remove(&oldest);
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.order.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn t(v: f32) -> Tensor {
+        Tensor::new(&[v], &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn keys_follow_content_and_grid() {
+        let a = vec![0.5f32; 3000];
+        let mut b = a.clone();
+        assert_eq!(FrameKey::of(&a, 4, 6), FrameKey::of(&b, 4, 6));
+        b[2999] = 0.25;
+        assert_ne!(FrameKey::of(&a, 4, 6), FrameKey::of(&b, 4, 6));
+        // Same bytes, different resized grid: a different frame for the encoder.
+        assert_ne!(FrameKey::of(&a, 4, 6), FrameKey::of(&a, 6, 4));
+    }
+
+    #[test]
+    fn lru_evicts_the_least_recently_used() {
+        let k = |i: u8| FrameKey::of(&[i as f32], 1, 1);
+        let mut c = FeatureCache::new(2);
+        c.insert(k(1), t(1.0));
+        c.insert(k(2), t(2.0));
+        assert!(c.get(&k(1)).is_some()); // 1 is now newer than 2
+        c.insert(k(3), t(3.0));
+        assert_eq!(c.len(), 2);
+        assert!(c.get(&k(2)).is_none(), "2 was least recently used");
+        assert!(c.get(&k(1)).is_some() && c.get(&k(3)).is_some());
+        let mut off = FeatureCache::new(0);
+        off.insert(k(1), t(1.0));
+        assert!(off.get(&k(1)).is_none());
+    }
+}

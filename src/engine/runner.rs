@@ -1,0 +1,725 @@
+//! The model side of the engine: a batch of windows × prompts → answers, with the three exact
+//! optimisations (per-frame feature cache, one video prefill per window, cross-stream batches),
+//! and the plain one-request path they must agree with.
+//!
+//! Source of truth for what a single request computes: `VideoLlama3Processor` +
+//! `VideoLlama3ForConditionalGeneration.generate` (transformers 5.24), as implemented in
+//! `processor` and `model::generate`: one user turn holding the video then the question, the
+//! chat template with the generation prompt, the window's frames as a video at the stream's fps
+//! (timestamps `i / fps`).
+//!
+//! Why the batched path is the same computation:
+//! - vision: see [`super::features`] (attention is per frame).
+//! - prefix sharing: the decoder is causal, so the keys/values of a token depend only on the
+//!   tokens before it. Every prompt of a window renders as `head ++ tail` where `head` ends with
+//!   the video placeholder; the prompt's full `input_ids` are checked to start with the
+//!   tokenized (expanded) head, so the head's KV is literally a prefix of each prompt's
+//!   prefill. A prompt failing the check is prefilled on its own (`prefix_fallbacks`).
+//! - batching: rows are left-padded (prefix) or mid-padded (suffix); padded keys are masked and
+//!   every row keeps the RoPE positions it has alone (`0..len`), as in `generate`.
+//! - decoding: per-row EOS, `max_new_tokens`, repetition penalty and one seeded RNG per row
+//!   (a row samples as it would in a batch of one).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Tensor};
+
+use super::features::{FeatureCache, FrameKey};
+use super::{EngineError, PromptResult};
+use crate::config::{PromptConfig, PruningConfig};
+use crate::model::generation::{apply_repetition_penalty, argmax, sample, Rng};
+use crate::model::text::DecoderInputs;
+use crate::model::{
+    GenerationParams, KvCache, MultimodalInputs, Sampling, VideoLlama3ForConditionalGeneration, VisualInputs,
+};
+use crate::processor::{CallOptions, ContentPart, Message, PaddingSide, Processor, RgbImage, Video};
+use crate::window::Window;
+
+/// Which optimisations the batched path uses (all on in the daemon; the bench and tests turn
+/// them off to compare).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Re-use per-frame vision features across windows (needs `feature_cache_frames > 0`).
+    pub feature_cache: bool,
+    /// Prefill a window's video once for all its prompts.
+    pub share_prefix: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self { feature_cache: true, share_prefix: true }
+    }
+}
+
+/// Counter increments from one batch (folded into `EngineCounters` by the engine).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunStats {
+    pub vision_cache_hits: u64,
+    pub vision_cache_misses: u64,
+    /// Frames run through the vision tower.
+    pub frames_encoded: u64,
+    pub prefix_shared: u64,
+    pub prefix_fallbacks: u64,
+    pub video_prefills: u64,
+    /// Real (unpadded) tokens prefilled as video prefixes, and as per-prompt suffixes.
+    pub prefix_tokens: u64,
+    pub suffix_tokens: u64,
+    pub sequences: u64,
+    pub visual_tokens_total: u64,
+    pub visual_tokens_kept: u64,
+    pub tokens_generated: u64,
+}
+
+/// One window and the prompts due for it.
+#[derive(Debug, Clone)]
+pub struct WindowWork {
+    pub stream: String,
+    pub window: Arc<Window>,
+    /// Frame rate the window was sampled at (timestamps are `i / fps`).
+    pub fps: f64,
+    pub prompts: Vec<PromptConfig>,
+    /// Time the job waited in the queue (reported with each answer).
+    pub queue: Duration,
+}
+
+/// One prompt's outcome: an answer or why it failed.
+pub type PromptOutcome = Result<PromptResult, String>;
+
+/// A window after preprocessing.
+struct Prepared {
+    /// Video patch rows `[rows, patch_dim]` flattened, grid `[t, h, w]`, merge size.
+    pixels: Vec<f32>,
+    patch_dim: usize,
+    grid: [usize; 3],
+    merge: usize,
+    keep: Vec<bool>,
+    /// Tokenized head (ends with the last visual placeholder).
+    prefix_ids: Vec<u32>,
+    rows: Vec<PreparedPrompt>,
+    visual_total: u32,
+    visual_kept: u32,
+}
+
+struct PreparedPrompt {
+    full_ids: Vec<u32>,
+    /// `full_ids[..split]` is computed as a (possibly shared) prefix, the rest as this row's suffix.
+    split: usize,
+    shared: bool,
+}
+
+/// A sequence being generated.
+struct Row {
+    job: usize,
+    prompt: usize,
+    full_len: usize,
+    max_new: usize,
+    tokens: Vec<u32>,
+    seen: Vec<bool>,
+    rng: Option<Rng>,
+    done: bool,
+    decode: Duration,
+}
+
+/// Owns the model and processor; runs batches (on the engine thread).
+pub struct Runner {
+    pub model: VideoLlama3ForConditionalGeneration,
+    pub processor: Processor,
+    params: GenerationParams,
+    pruning: PruningConfig,
+    cache: FeatureCache,
+    pub options: RunOptions,
+    eos: Vec<u32>,
+    pad: u32,
+    penalty: Option<f32>,
+}
+
+fn perr(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+impl Runner {
+    /// `params`: sampling and the default `max_new_tokens` (from `[model]`).
+    pub fn new(
+        model: VideoLlama3ForConditionalGeneration,
+        processor: Processor,
+        params: GenerationParams,
+        pruning: PruningConfig,
+        feature_cache_frames: usize,
+    ) -> Result<Self, EngineError> {
+        let defaults = model.generation_defaults();
+        let eos = params.eos_token_ids.clone().unwrap_or_else(|| defaults.eos_token_ids.clone());
+        let pad = params.pad_token_id.or(defaults.pad_token_id).or_else(|| eos.first().copied()).unwrap_or(0);
+        let penalty = params.repetition_penalty.or(defaults.repetition_penalty).filter(|&p| p != 1.0);
+        if let Some(p) = penalty {
+            if !(p > 0.0 && p.is_finite()) {
+                return Err(EngineError::Load(format!("repetition_penalty must be positive, got {p}")));
+            }
+        }
+        let cfg = model.config();
+        if processor.video_token_id != cfg.video_token_id || processor.image_token_id != cfg.image_token_id {
+            return Err(EngineError::Load(format!(
+                "tokenizer placeholder ids (image {}, video {}) differ from the model's (image {}, video {})",
+                processor.image_token_id, processor.video_token_id, cfg.image_token_id, cfg.video_token_id
+            )));
+        }
+        if processor.video_processor.config.base.temporal_patch_size != 1 {
+            return Err(EngineError::Load("video temporal_patch_size must be 1 (VideoLLaMA3)".into()));
+        }
+        Ok(Self { model, processor, params, pruning, cache: FeatureCache::new(feature_cache_frames), options: RunOptions::default(), eos, pad, penalty })
+    }
+
+    pub fn feature_cache(&self) -> &FeatureCache {
+        &self.cache
+    }
+
+    pub fn clear_feature_cache(&mut self) {
+        self.cache.clear();
+    }
+
+    fn max_new(&self, p: &PromptConfig) -> usize {
+        p.max_new_tokens.unwrap_or(self.params.max_new_tokens)
+    }
+
+    fn video_of(window: &Window, fps: f64) -> Result<Video, String> {
+        if window.frames.is_empty() {
+            return Err(format!("window {} of {} has no frames", window.seq, window.stream));
+        }
+        let frames = window
+            .frames
+            .iter()
+            .map(|f| RgbImage::new(f.width as usize, f.height as usize, f.data.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(perr)?;
+        Video::from_frames(frames, Some(fps)).map_err(perr)
+    }
+
+    /// The chat-template text of one (window, prompt) request: the video, then the question.
+    pub fn render(&self, question: &str) -> Result<String, String> {
+        let conv = vec![Message::user(vec![ContentPart::Video, ContentPart::Text { text: question.to_string() }])];
+        let mut r = self.processor.apply_chat_template(&[conv], true).map_err(perr)?;
+        Ok(r.remove(0))
+    }
+
+    fn call_options(&self) -> CallOptions {
+        CallOptions { padding_side: PaddingSide::Left, pruning: self.pruning.clone() }
+    }
+
+    /// The plain path: one (window, prompt) through the processor and `generate`, exactly as a
+    /// single `vigil infer --frames ... --fps F --prompt Q` request. The reference the batched
+    /// path must equal, and the "optimisations off" side of the bench.
+    pub fn run_alone(&self, stream: &str, window: &Window, fps: f64, prompt: &PromptConfig) -> PromptOutcome {
+        let t0 = Instant::now();
+        let text = self.render(&prompt.text)?;
+        let video = Self::video_of(window, fps)?;
+        let inputs = self.processor.call(&[text], &[], &[video], &self.call_options()).map_err(perr)?;
+        let dev = self.model.device();
+        let ids = inputs.input_ids[0].clone();
+        let n = ids.len();
+        let v = &inputs.videos;
+        let mm = MultimodalInputs {
+            videos: Some(VisualInputs {
+                pixel_values: Tensor::from_vec(v.pixel_values_videos.clone(), (v.rows(), v.patch_dim), dev).map_err(perr)?,
+                grid_thw: v.video_grid_thw.clone(),
+                merge_sizes: v.video_merge_sizes.clone(),
+            }),
+            video_compression_mask: Some(v.video_compression_mask.clone()),
+            ..MultimodalInputs::text(Tensor::from_vec(ids, (1, n), dev).map_err(perr)?)
+        };
+        let prep = t0.elapsed();
+        let params = GenerationParams { max_new_tokens: self.max_new(prompt), ..self.params.clone() };
+        let out = self.model.generate(&mm, &params, &mut |_| {}).map_err(perr)?;
+        let tokens = out.tokens[0].clone();
+        let kept = v.video_compression_mask.iter().filter(|k| **k).count() as u32;
+        self.result(
+            stream,
+            window.seq,
+            prompt,
+            &tokens,
+            n as u32,
+            v.video_compression_mask.len() as u32,
+            kept,
+            [
+                Duration::ZERO,
+                prep + Duration::from_secs_f64(out.vision_ms / 1e3),
+                Duration::from_secs_f64(out.prefill_ms / 1e3),
+                Duration::from_secs_f64(out.decode_ms / 1e3),
+            ],
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn result(
+        &self,
+        stream: &str,
+        window_seq: u64,
+        prompt: &PromptConfig,
+        tokens: &[u32],
+        prompt_tokens: u32,
+        visual_total: u32,
+        visual_kept: u32,
+        [queue, vision, prefill, decode]: [Duration; 4],
+    ) -> PromptOutcome {
+        let text = self.processor.decode(tokens, true).map_err(perr)?.trim().to_string();
+        let parsed = super::answer::parse_answer(prompt.kind, &text);
+        Ok(PromptResult {
+            stream: stream.to_string(),
+            window_seq,
+            prompt: prompt.name.clone(),
+            question: prompt.text.clone(),
+            kind: prompt.kind,
+            text,
+            value: parsed.value.unwrap_or(serde_json::Value::Null),
+            parse_error: parsed.parse_error,
+            tokens: tokens.to_vec(),
+            prompt_tokens,
+            generated_tokens: tokens.len() as u32,
+            visual_total,
+            visual_kept,
+            queue,
+            vision,
+            prefill,
+            decode,
+        })
+    }
+
+    /// Processor work for one window: the video's patches and mask, the tokenized head and each
+    /// prompt's full ids with where its suffix starts.
+    fn prepare(&self, work: &WindowWork, stats: &mut RunStats) -> Result<Prepared, String> {
+        let vtok = self.processor.files.video_token.clone();
+        let itok = self.processor.files.image_token.clone();
+        let mut heads = Vec::with_capacity(work.prompts.len());
+        for p in &work.prompts {
+            let text = self.render(&p.text)?;
+            if text.matches(&vtok).count() != 1 || text.contains(&itok) {
+                return Err(format!(
+                    "prompt {:?}: the rendered conversation must hold exactly one {vtok} and no {itok} (does the question contain a placeholder?)",
+                    p.name
+                ));
+            }
+            let cut = text.find(&vtok).unwrap_or(0) + vtok.len();
+            let (head, tail) = text.split_at(cut);
+            heads.push((head.to_string(), tail.to_string()));
+        }
+        let video = Self::video_of(&work.window, work.fps)?;
+        let opts = self.call_options();
+        let first = &heads.first().ok_or("a job without prompts")?.0;
+        let inputs = self.processor.call(std::slice::from_ref(first), &[], &[video.clone()], &opts).map_err(perr)?;
+        let prefix_ids = inputs.input_ids[0].clone();
+        let expanded_head = inputs.expanded_texts[0].clone();
+        let encode = |s: &str| -> Result<Vec<u32>, String> {
+            Ok(self.processor.tokenizer.encode(s, true).map_err(perr)?.get_ids().to_vec())
+        };
+        let (vid, iid) = (self.processor.video_token_id, self.processor.image_token_id);
+        let mut rows = Vec::with_capacity(heads.len());
+        for (head, tail) in &heads {
+            let full_ids = if head == first {
+                encode(&format!("{expanded_head}{tail}"))?
+            } else {
+                // The template put something prompt-specific before the video: its own expansion.
+                let own = self.processor.call(&[format!("{head}{tail}")], &[], &[video.clone()], &opts).map_err(perr)?;
+                own.input_ids[0].clone()
+            };
+            if full_ids.len() < 2 {
+                return Err("the rendered prompt is too short".into());
+            }
+            // Sharing is exact only if the prompt's own ids start with the shared head's ids
+            // (no BPE merge across the boundary) and the suffix holds no visual placeholder.
+            let n = prefix_ids.len();
+            let can_share = head == first
+                && full_ids.len() > n
+                && full_ids[..n] == prefix_ids[..]
+                && !full_ids[n..].iter().any(|&t| t == vid || t == iid);
+            if self.options.share_prefix && can_share {
+                rows.push(PreparedPrompt { full_ids, split: n, shared: true });
+            } else {
+                if self.options.share_prefix {
+                    stats.prefix_fallbacks += 1;
+                    tracing::debug!(stream = %work.stream, "prompt ids do not extend the shared video prefix; prefilled alone");
+                }
+                let split = full_ids.len() - 1;
+                if full_ids[split..].iter().any(|&t| t == vid || t == iid) {
+                    return Err("the rendered prompt ends with a visual placeholder".into());
+                }
+                rows.push(PreparedPrompt { full_ids, split, shared: false });
+            }
+        }
+        let v = inputs.videos;
+        if v.video_grid_thw.len() != 1 {
+            return Err("expected one video".into());
+        }
+        let kept = v.video_compression_mask.iter().filter(|k| **k).count() as u32;
+        Ok(Prepared {
+            patch_dim: v.patch_dim,
+            grid: v.video_grid_thw[0],
+            merge: v.video_merge_sizes[0],
+            visual_total: v.video_compression_mask.len() as u32,
+            visual_kept: kept,
+            keep: v.video_compression_mask,
+            pixels: v.pixel_values_videos,
+            prefix_ids,
+            rows,
+        })
+    }
+
+    /// Projected video features `[tokens, hidden]` per prepared window (pre-pruning), one
+    /// vision-tower call per distinct frame size for the frames not in the cache.
+    fn vision(&mut self, preps: &[Option<Prepared>], stats: &mut RunStats) -> Result<Vec<Option<Tensor>>, String> {
+        let dev = self.model.device().clone();
+        let use_cache = self.options.feature_cache && self.cache.capacity() > 0;
+        if !use_cache {
+            // The plain path: each window's video through the tower as one item.
+            return preps
+                .iter()
+                .map(|p| {
+                    let Some(p) = p else { return Ok(None) };
+                    stats.frames_encoded += p.grid[0] as u64;
+                    let vi = VisualInputs {
+                        pixel_values: Tensor::from_vec(p.pixels.clone(), (p.pixels.len() / p.patch_dim, p.patch_dim), &dev).map_err(perr)?,
+                        grid_thw: vec![p.grid],
+                        merge_sizes: vec![p.merge],
+                    };
+                    let mut f = self.model.model.get_video_features(&vi).map_err(perr)?;
+                    Ok(Some(f.remove(0)))
+                })
+                .collect();
+        }
+        // Frame keys; misses de-duplicated across the batch (a frame shared by two windows of
+        // one batch is encoded once and counts as a hit for the second).
+        let mut found: HashMap<FrameKey, Tensor> = HashMap::new();
+        let mut missing: Vec<(FrameKey, usize, usize, usize)> = Vec::new(); // key, prep, frame, patch_dim
+        let mut keys: Vec<Vec<FrameKey>> = Vec::with_capacity(preps.len());
+        for (pi, p) in preps.iter().enumerate() {
+            let Some(p) = p else {
+                keys.push(Vec::new());
+                continue;
+            };
+            let [t, gh, gw] = p.grid;
+            let per = gh * gw * p.patch_dim;
+            let mut ks = Vec::with_capacity(t);
+            for f in 0..t {
+                let key = FrameKey::of(&p.pixels[f * per..(f + 1) * per], gh, gw);
+                if found.contains_key(&key) || missing.iter().any(|m| m.0 == key) {
+                    stats.vision_cache_hits += 1;
+                } else if let Some(feat) = self.cache.get(&key) {
+                    stats.vision_cache_hits += 1;
+                    found.insert(key, feat);
+                } else {
+                    stats.vision_cache_misses += 1;
+                    missing.push((key, pi, f, p.patch_dim));
+                }
+                ks.push(key);
+            }
+            keys.push(ks);
+        }
+        // Encode the misses, grouped by (grid, merge): frames of one size form one item.
+        let mut by_size: Vec<((usize, usize, usize, usize), Vec<(FrameKey, usize, usize)>)> = Vec::new();
+        for &(key, pi, f, pd) in &missing {
+            let p = preps[pi].as_ref().expect("missing frames come from prepared windows");
+            let size = (p.grid[1], p.grid[2], p.merge, pd);
+            match by_size.iter_mut().find(|(s, _)| *s == size) {
+                Some((_, v)) => v.push((key, pi, f)),
+                None => by_size.push((size, vec![(key, pi, f)])),
+            }
+        }
+        for ((gh, gw, merge, pd), frames) in by_size {
+            let per = gh * gw * pd;
+            let mut pixels = Vec::with_capacity(per * frames.len());
+            for &(_, pi, f) in &frames {
+                let p = preps[pi].as_ref().expect("prepared");
+                pixels.extend_from_slice(&p.pixels[f * per..(f + 1) * per]);
+            }
+            stats.frames_encoded += frames.len() as u64;
+            let vi = VisualInputs {
+                pixel_values: Tensor::from_vec(pixels, (frames.len() * gh * gw, pd), &dev).map_err(perr)?,
+                grid_thw: vec![[frames.len(), gh, gw]],
+                merge_sizes: vec![merge],
+            };
+            let feats = self.model.model.get_video_features(&vi).map_err(perr)?.remove(0);
+            let tok = gh * gw / (merge * merge);
+            for (i, &(key, _, _)) in frames.iter().enumerate() {
+                // A copy, so a cached frame does not pin the whole batch's feature tensor.
+                let one = feats.narrow(0, i * tok, tok).map_err(perr)?.copy().map_err(perr)?;
+                self.cache.insert(key, one.clone());
+                found.insert(key, one);
+            }
+        }
+        Ok(keys
+            .iter()
+            .zip(preps)
+            .map(|(ks, p)| {
+                p.as_ref()?;
+                let parts: Vec<Tensor> = ks.iter().map(|k| found[k].clone()).collect();
+                Tensor::cat(&parts, 0).ok()
+            })
+            .collect())
+    }
+
+    /// Run a batch of windows; one outcome per (window, prompt), in order. `alive` is called
+    /// between steps (heartbeat); `abort` stops generation early (shutdown).
+    pub fn run_batch(
+        &mut self,
+        work: &[WindowWork],
+        alive: &dyn Fn(),
+        abort: &AtomicBool,
+    ) -> (Vec<Vec<PromptOutcome>>, RunStats) {
+        let mut stats = RunStats::default();
+        let mut out: Vec<Vec<Option<PromptOutcome>>> = work.iter().map(|w| vec![None; w.prompts.len()]).collect();
+        let t_vision = Instant::now();
+        let mut preps: Vec<Option<Prepared>> = Vec::with_capacity(work.len());
+        for (j, w) in work.iter().enumerate() {
+            match self.prepare(w, &mut stats) {
+                Ok(p) => preps.push(Some(p)),
+                Err(e) => {
+                    for o in out[j].iter_mut() {
+                        *o = Some(Err(e.clone()));
+                    }
+                    preps.push(None);
+                }
+            }
+        }
+        alive();
+        let feats = match self.vision(&preps, &mut stats) {
+            Ok(f) => f,
+            Err(e) => {
+                return (fill(out, &e), stats);
+            }
+        };
+        let vision = t_vision.elapsed();
+        alive();
+        match self.generate_batch(work, &preps, &feats, vision, alive, abort, &mut stats) {
+            Ok(results) => {
+                for (j, p, r) in results {
+                    out[j][p] = Some(r);
+                }
+                (fill(out, "internal: no result"), stats)
+            }
+            Err(e) => (fill(out, &e), stats),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn generate_batch(
+        &self,
+        work: &[WindowWork],
+        preps: &[Option<Prepared>],
+        feats: &[Option<Tensor>],
+        vision: Duration,
+        alive: &dyn Fn(),
+        abort: &AtomicBool,
+        stats: &mut RunStats,
+    ) -> Result<Vec<(usize, usize, PromptOutcome)>, String> {
+        let dev = self.model.device().clone();
+        // Prefix groups: one per window for its shared rows, one per unshared row.
+        struct Group {
+            job: usize,
+            ids: Vec<u32>,
+        }
+        let mut groups: Vec<Group> = Vec::new();
+        let mut rows: Vec<Row> = Vec::new();
+        let mut row_group: Vec<usize> = Vec::new();
+        let vocab = self.model.config().text_config.vocab_size;
+        for (j, p) in preps.iter().enumerate() {
+            let Some(p) = p else { continue };
+            stats.visual_tokens_total += p.visual_total as u64;
+            stats.visual_tokens_kept += p.visual_kept as u64;
+            let mut shared_group = None;
+            for (pi, r) in p.rows.iter().enumerate() {
+                let g = if r.shared {
+                    match shared_group {
+                        Some(g) => {
+                            stats.prefix_shared += 1;
+                            g
+                        }
+                        None => {
+                            groups.push(Group { job: j, ids: p.prefix_ids.clone() });
+                            shared_group = Some(groups.len() - 1);
+                            groups.len() - 1
+                        }
+                    }
+                } else {
+                    groups.push(Group { job: j, ids: r.full_ids[..r.split].to_vec() });
+                    groups.len() - 1
+                };
+                row_group.push(g);
+                let seen = if self.penalty.is_some() {
+                    let mut s = vec![false; vocab];
+                    for &t in &r.full_ids {
+                        if let Some(x) = s.get_mut(t as usize) {
+                            *x = true;
+                        }
+                    }
+                    s
+                } else {
+                    Vec::new()
+                };
+                rows.push(Row {
+                    job: j,
+                    prompt: pi,
+                    full_len: r.full_ids.len(),
+                    max_new: self.max_new(&work[j].prompts[pi]),
+                    tokens: Vec::new(),
+                    seen,
+                    rng: match &self.params.sampling {
+                        Sampling::Sample { seed, .. } => Some(Rng(*seed)),
+                        Sampling::Greedy => None,
+                    },
+                    done: false,
+                    decode: Duration::ZERO,
+                });
+            }
+        }
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        stats.video_prefills += groups.len() as u64;
+        stats.prefix_tokens += groups.iter().map(|g| g.ids.len() as u64).sum::<u64>();
+        stats.sequences += rows.len() as u64;
+
+        // 1. Prefix prefill (video + head), left-padded, all groups of the batch at once.
+        let t_prefill = Instant::now();
+        let lp = groups.iter().map(|g| g.ids.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(groups.len() * lp);
+        let mut mask = Vec::with_capacity(groups.len() * lp);
+        let mut embeds = Vec::with_capacity(groups.len());
+        let mut keep = Vec::new();
+        for g in &groups {
+            let pad = lp - g.ids.len();
+            ids.extend(std::iter::repeat_n(self.pad, pad));
+            ids.extend_from_slice(&g.ids);
+            mask.extend(std::iter::repeat_n(0f32, pad));
+            mask.extend(std::iter::repeat_n(1f32, g.ids.len()));
+            embeds.push(feats[g.job].clone().ok_or("internal: no features")?);
+            keep.extend_from_slice(&preps[g.job].as_ref().ok_or("internal: no prep")?.keep);
+        }
+        let ng = groups.len();
+        let mask_t = Tensor::from_vec(mask, (ng, lp), &dev).map_err(perr)?;
+        let mm = MultimodalInputs {
+            attention_mask: Some(mask_t.clone()),
+            video_embeds: Some(Tensor::cat(&embeds, 0).map_err(perr)?),
+            video_compression_mask: Some(keep),
+            ..MultimodalInputs::text(Tensor::from_vec(ids, (ng, lp), &dev).map_err(perr)?)
+        };
+        let stitched = self.model.model.input_embeddings(&mm).map_err(perr)?;
+        let mut prefix_cache = KvCache::new();
+        self.model.model.forward_embeds(&stitched, Some(&mask_t), &mut prefix_cache).map_err(perr)?;
+        alive();
+
+        // 2. Fork each group's cache into its rows, then prefill the suffixes (mid-padded).
+        let mut cache = prefix_cache.select_rows(&row_group).map_err(perr)?;
+        drop(prefix_cache);
+        let nr = rows.len();
+        let suffix_of = |r: &Row| {
+            let pr = &preps[r.job].as_ref().expect("prepared").rows[r.prompt];
+            (&pr.full_ids[pr.split..], pr.split)
+        };
+        let ls = rows.iter().map(|r| suffix_of(r).0.len()).max().unwrap_or(1);
+        let (mut sids, mut smask, mut spos) = (Vec::new(), Vec::new(), Vec::new());
+        for r in &rows {
+            let (suf, start) = suffix_of(r);
+            stats.suffix_tokens += suf.len() as u64;
+            let pad = ls - suf.len();
+            sids.extend(std::iter::repeat_n(self.pad, pad));
+            sids.extend_from_slice(suf);
+            smask.extend(std::iter::repeat_n(0f32, pad));
+            smask.extend(std::iter::repeat_n(1f32, suf.len()));
+            spos.extend(std::iter::repeat_n(0i64, pad));
+            spos.extend((0..suf.len()).map(|i| (start + i) as i64));
+        }
+        let sids = Tensor::from_vec(sids, (nr, ls), &dev).map_err(perr)?;
+        let lm = &self.model.model.language_model;
+        let emb = lm.embed(&sids).map_err(perr)?;
+        let smask = Tensor::from_vec(smask, (nr, ls), &dev).map_err(perr)?;
+        let spos = Tensor::from_vec(spos, (nr, ls), &dev).map_err(perr)?;
+        let hidden = lm
+            .forward(&DecoderInputs { inputs_embeds: &emb, position_ids: &spos, attention_mask: &smask }, &mut cache)
+            .map_err(perr)?;
+        let mut logits = self.model.lm_head(&hidden.narrow(1, ls - 1, 1).map_err(perr)?).map_err(perr)?.squeeze(1).map_err(perr)?;
+        let prefill = t_prefill.elapsed();
+        alive();
+
+        // 3. Decode; finished rows leave the batch (their cache rows are dropped).
+        let t_decode = Instant::now();
+        let mut active: Vec<usize> = Vec::new();
+        for (i, r) in rows.iter_mut().enumerate() {
+            if r.max_new == 0 {
+                r.done = true;
+            } else {
+                active.push(i);
+            }
+        }
+        if active.len() != nr && !active.is_empty() {
+            cache = cache.select_rows(&active).map_err(perr)?;
+            logits = logits.index_select(&Tensor::from_vec(active.iter().map(|&i| i as u32).collect::<Vec<_>>(), active.len(), &dev).map_err(perr)?, 0).map_err(perr)?;
+        }
+        let mut step = 0usize;
+        while !active.is_empty() {
+            if abort.load(Ordering::Relaxed) {
+                return Err("engine shutting down".into());
+            }
+            let mut lrows = logits.to_dtype(DType::F32).map_err(perr)?.to_vec2::<f32>().map_err(perr)?;
+            let mut next_active = Vec::with_capacity(active.len());
+            let mut keep_idx = Vec::with_capacity(active.len());
+            let mut chosen = Vec::with_capacity(active.len());
+            let mut positions = Vec::with_capacity(active.len());
+            for (k, &ri) in active.iter().enumerate() {
+                let r = &mut rows[ri];
+                let row = &mut lrows[k];
+                if let Some(p) = self.penalty {
+                    apply_repetition_penalty(row, &r.seen, p);
+                }
+                let tok = match (&self.params.sampling, r.rng.as_mut()) {
+                    (Sampling::Sample { temperature, top_k, top_p, .. }, Some(rng)) => sample(row, *temperature, *top_k, *top_p, rng),
+                    _ => argmax(row),
+                };
+                if let Some(x) = r.seen.get_mut(tok as usize) {
+                    *x = true;
+                }
+                r.tokens.push(tok);
+                if self.eos.contains(&tok) || r.tokens.len() >= r.max_new {
+                    r.done = true;
+                    r.decode = t_decode.elapsed();
+                } else {
+                    next_active.push(ri);
+                    keep_idx.push(k);
+                    chosen.push(tok);
+                    positions.push((r.full_len + step) as i64);
+                }
+            }
+            if next_active.is_empty() {
+                break;
+            }
+            if keep_idx.len() != active.len() {
+                cache = cache.select_rows(&keep_idx).map_err(perr)?;
+            }
+            logits = self.model.decode_step(&chosen, &positions, &mut cache).map_err(perr)?;
+            active = next_active;
+            step += 1;
+            alive();
+        }
+
+        let mut results = Vec::with_capacity(nr);
+        for r in &rows {
+            let p = preps[r.job].as_ref().expect("prepared");
+            stats.tokens_generated += r.tokens.len() as u64;
+            let res = self.result(
+                &work[r.job].stream,
+                work[r.job].window.seq,
+                &work[r.job].prompts[r.prompt],
+                &r.tokens,
+                r.full_len as u32,
+                p.visual_total,
+                p.visual_kept,
+                [work[r.job].queue, vision, prefill, r.decode],
+            );
+            results.push((r.job, r.prompt, res));
+        }
+        Ok(results)
+    }
+}
+
+fn fill(out: Vec<Vec<Option<PromptOutcome>>>, err: &str) -> Vec<Vec<PromptOutcome>> {
+    out.into_iter().map(|v| v.into_iter().map(|o| o.unwrap_or_else(|| Err(err.to_string()))).collect()).collect()
+}
