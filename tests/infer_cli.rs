@@ -25,7 +25,7 @@ fn json_lines(out: &std::process::Output) -> Vec<Value> {
 }
 
 fn check(got: &Value, want: &Value, what: &str) {
-    for key in ["input_ids", "prompt_tokens", "token_ids", "text", "video_tokens_kept"] {
+    for key in ["input_ids", "prompt_tokens", "token_ids", "text", "video_tokens_kept", "stopped_on_eos"] {
         assert_eq!(got[key], want[key], "{what}: {key}");
     }
     if let Some(total) = want.get("video_tokens_total") {
@@ -75,6 +75,9 @@ fn batch_matches_transformers_and_one_by_one() {
         let order: Vec<String> = serde_json::from_value(lay["batch"]["order"].clone()).unwrap();
         let want = lay["batch"]["results"].as_array().unwrap();
         assert_eq!(got.len(), want.len(), "{layout}: one line per request");
+        // One row stops on an EOS id from generation_config.json while the others run on.
+        let stopped: Vec<bool> = got.iter().map(|g| g["stopped_on_eos"].as_bool().unwrap()).collect();
+        assert!(stopped.contains(&true) && stopped.contains(&false), "{layout}: {stopped:?}");
         for (i, ((g, w), name)) in got.iter().zip(want).zip(&order).enumerate() {
             assert_eq!(g["index"], i, "{layout}: input order");
             check(g, w, &format!("{layout}/batch/{name}"));

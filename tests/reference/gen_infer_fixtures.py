@@ -16,7 +16,8 @@ Both use patch size 14 (the processor's). Requests reuse the processor fixtures'
 (tests/fixtures/processor/media) and are run the way `vigil infer` builds them: media before the
 text in one user turn (images, then --video, then --frames), chat template with the generation
 prompt, then `model.generate(do_sample=False, max_new_tokens=16)`; once per request and once as one
-left-padded batch of all of them. Weight seeds are retried until every greedy step's top-1/top-2
+left-padded batch of all of them. generation_config.json gets a second EOS id that only the
+video_frames answer emits, mid-way, so the batch has a row that stops early. Weight seeds are retried until every greedy step's top-1/top-2
 gap is at least MIN_GAP, so token equality is not a coin flip on round-off.
 """
 
@@ -31,7 +32,7 @@ import av
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoProcessor, AutoTokenizer
+from transformers import AutoProcessor, AutoTokenizer, GenerationConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tiny_checkpoint  # noqa: E402
@@ -163,18 +164,38 @@ def build(layout: str, attempt: int) -> dict:
                                          seed=seed + 100 * attempt)
     model = tiny_model.make_checkpoint(spec, d)
     proc = AutoProcessor.from_pretrained(d)
-    out = {"cases": {}, "seed": spec.seed}
+
+    # A second EOS id that only the video_frames answer produces, mid-way: the batch then has a
+    # row that stops early (transformers feeds it pad tokens) while the others run on.
+    singles = {name: run(model, proc, [req])[0][0]["token_ids"] for name, req in REQUESTS.items()}
+    for name, toks in singles.items():
+        if len(set(toks)) < 5:
+            raise GapTooSmall(f"{layout}: {name} answer is degenerate: {toks}")
+    vf = singles["video_frames"]
+    stop = next((t for s, t in enumerate(vf) if s >= 4 and t not in vf[:s]
+                 and all(t not in o for n, o in singles.items() if n != "video_frames")), None)
+    if stop is None:
+        raise GapTooSmall(f"{layout}: no token to stop video_frames early")
+    gen_cfg = GenerationConfig.from_pretrained(d)
+    gen_cfg.eos_token_id = list(spec.eos_token_ids) + [int(stop)]
+    gen_cfg.save_pretrained(d)
+    model = tiny_model.load_checkpoint(d)
+
+    out = {"cases": {}, "seed": spec.seed, "eos_token_ids": gen_cfg.eos_token_id}
     gap = float("inf")
     for name, req in REQUESTS.items():
         [res], g = run(model, proc, [req])
         gap = min(gap, g)
         res["args"] = args_of(req)
+        res["stopped_on_eos"] = res["token_ids"][-1] in gen_cfg.eos_token_id
         out["cases"][name] = res
+    assert out["cases"]["video_frames"]["stopped_on_eos"], out["cases"]["video_frames"]
     batch, g = run(model, proc, list(REQUESTS.values()))
     gap = min(gap, g)
     for name, res in zip(REQUESTS, batch):
         if res["token_ids"] != out["cases"][name]["token_ids"]:
             raise GapTooSmall(f"{layout}: transformers' batch differs from single for {name}")
+        res["stopped_on_eos"] = out["cases"][name]["stopped_on_eos"]
     out["batch"] = {"jsonl": "batch.jsonl", "order": list(REQUESTS), "results": batch}
     out["min_top2_gap"] = gap
     # The pruned cases must actually drop tokens, or the test proves nothing about pruning.
