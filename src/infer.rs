@@ -10,7 +10,25 @@
 //! Requests are [`PreprocessRequest`]s (the same media flags and ordering as `vigil preprocess`):
 //! media go before the prompt in one user turn — images, then the `video` clip, then the
 //! `frames` clip. [`infer`] is the library entry point the engine can call with an already loaded
-//! model and processor.
+//! model and processor:
+//!
+//! ```
+//! use vigil::infer::{infer, InferOptions};
+//! use vigil::model::{GenerationParams, VideoLlama3ForConditionalGeneration};
+//! use vigil::processor::{report::PreprocessRequest, Processor};
+//!
+//! let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+//! let dir = root.join("models/tiny-videollama3");
+//! let model = VideoLlama3ForConditionalGeneration::from_pretrained(&dir, candle_core::DType::F32, &candle_core::Device::Cpu)?;
+//! let processor = Processor::from_pretrained(&dir)?;
+//! let ask = |prompt: &str| PreprocessRequest { model: dir.clone(), prompt: prompt.into(), ..Default::default() };
+//! let video = PreprocessRequest { video: Some(root.join("assets/demo.mp4")), fps: Some(1.0), max_frames: Some(4), ..ask("What happens?") };
+//! let opts = InferOptions { generation: GenerationParams::greedy(8), ..Default::default() };
+//! let out = infer(&model, &processor, &[video, ask("Hello?")], &opts, &mut |row, delta| print!("[{row}] {delta}"))?;
+//! assert_eq!(out.results.len(), 2);
+//! assert!(out.results[0].video_tokens_kept <= out.results[0].video_tokens_total);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
