@@ -9,7 +9,8 @@
 //!
 //! Requests are [`PreprocessRequest`]s (the same media flags and ordering as `vigil preprocess`):
 //! media go before the prompt in one user turn — images, then the `video` clip, then the
-//! `frames` clip. [`infer`] is the library entry point the engine can call with an already loaded
+//! `frames` clip. [`infer`] (paths) and [`infer_loaded`] (media in memory, see
+//! [`LoadedRequest::new`]) are the library entry points the engine can call with an already loaded
 //! model and processor:
 //!
 //! ```
@@ -38,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::PruningConfig;
 use crate::model::{GenerationParams, ModelError, MultimodalInputs, TextStreamer, VideoLlama3ForConditionalGeneration, VisualInputs};
-use crate::processor::report::PreprocessRequest;
+use crate::processor::report::{LoadedRequest, PreprocessRequest};
 use crate::processor::{BatchInputs, CallOptions, PaddingSide, Processor, ProcessorError};
 
 /// Why an inference failed.
@@ -102,16 +103,21 @@ pub struct InferOutput {
 /// Prepare a batch: load each request's media, render the chat template, run the processor with
 /// left padding. Returns the processor output and each row's video tokens before pruning.
 pub fn prepare(processor: &Processor, requests: &[PreprocessRequest], pruning: &PruningConfig) -> Result<(BatchInputs, Vec<usize>), InferError> {
+    let loaded = requests.iter().map(|r| r.load_media(processor)).collect::<Result<Vec<_>, _>>()?;
+    prepare_loaded(processor, &loaded, pruning)
+}
+
+/// [`prepare`] for requests whose media are already in memory.
+pub fn prepare_loaded(processor: &Processor, requests: &[LoadedRequest], pruning: &PruningConfig) -> Result<(BatchInputs, Vec<usize>), InferError> {
     if requests.is_empty() {
         return Err(InferError::Input("no requests".into()));
     }
     let mut texts = Vec::with_capacity(requests.len());
     let (mut images, mut videos) = (Vec::new(), Vec::new());
     for r in requests {
-        let loaded = r.load_media(processor)?;
-        texts.extend(processor.apply_chat_template(&[loaded.conversation()], true)?);
-        images.extend(loaded.images);
-        videos.extend(loaded.videos);
+        texts.extend(processor.apply_chat_template(&[r.conversation()], true)?);
+        images.extend(r.images.iter().cloned());
+        videos.extend(r.videos.iter().cloned());
     }
     let opts = CallOptions { padding_side: PaddingSide::Left, pruning: pruning.clone() };
     let batch = processor.call(&texts, &images, &videos, &opts)?;
@@ -170,7 +176,23 @@ pub fn infer(
     on_text: &mut dyn FnMut(usize, &str),
 ) -> Result<InferOutput, InferError> {
     let t0 = Instant::now();
-    let (batch, video_totals) = prepare(processor, requests, &opts.pruning)?;
+    let loaded = requests.iter().map(|r| r.load_media(processor)).collect::<Result<Vec<_>, _>>()?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut out = infer_loaded(model, processor, &loaded, opts, on_text)?;
+    out.preprocess_ms += load_ms;
+    Ok(out)
+}
+
+/// [`infer`] for requests whose media are already in memory (the engine's windows of frames).
+pub fn infer_loaded(
+    model: &VideoLlama3ForConditionalGeneration,
+    processor: &Processor,
+    requests: &[LoadedRequest],
+    opts: &InferOptions,
+    on_text: &mut dyn FnMut(usize, &str),
+) -> Result<InferOutput, InferError> {
+    let t0 = Instant::now();
+    let (batch, video_totals) = prepare_loaded(processor, requests, &opts.pruning)?;
     let preprocess_ms = t0.elapsed().as_secs_f64() * 1e3;
     let inputs = model_inputs(&batch, model.device())?;
     let mut streamers: Vec<_> = (0..requests.len()).map(|_| TextStreamer::new(|ids: &[u32]| processor.decode(ids, true))).collect();

@@ -142,3 +142,25 @@ fn demo_checkpoint_answers_on_the_bundled_clip() {
     assert!(r["video_tokens_total"].as_u64().unwrap() > 0, "{r}");
     assert!(r["video_tokens_kept"].as_u64().unwrap() <= r["video_tokens_total"].as_u64().unwrap());
 }
+
+/// The engine's path: media already in memory (`LoadedRequest::new` + `infer_loaded`) gives the
+/// same tokens as the CLI / transformers.
+#[test]
+fn in_memory_requests_match_transformers() {
+    use vigil::processor::{report::LoadedRequest, Processor, RgbImage, Video};
+    let exp = expected();
+    let dir = root().join("ckpt_tf5");
+    let model = vigil::model::VideoLlama3ForConditionalGeneration::from_pretrained(&dir, candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    let processor = Processor::from_pretrained(&dir).unwrap();
+    let media = root().join("../processor/media");
+    let frames = (0..4).map(|i| RgbImage::open(&media.join(format!("clip_moving_{i}.png")))).collect::<Result<Vec<_>, _>>().unwrap();
+    let video = LoadedRequest::new("What is shown in this video?", vec![], vec![Video::from_frames(frames, Some(2.0)).unwrap()]);
+    let image = LoadedRequest::new("Describe the image.", vec![RgbImage::open(&media.join("down.png")).unwrap()], vec![]);
+    let opts = vigil::infer::InferOptions { generation: vigil::model::GenerationParams::greedy(16), ..Default::default() };
+    let out = vigil::infer::infer_loaded(&model, &processor, &[video, image], &opts, &mut |_, _| {}).unwrap();
+    let cases = &exp["layouts"]["tf5"]["cases"];
+    for (r, name) in out.results.iter().zip(["video_frames", "image"]) {
+        assert_eq!(serde_json::json!(r.token_ids), cases[name]["token_ids"], "{name}");
+        assert_eq!(serde_json::json!(r.input_ids), cases[name]["input_ids"], "{name}");
+    }
+}

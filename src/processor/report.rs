@@ -71,6 +71,15 @@ pub struct LoadedRequest {
 }
 
 impl LoadedRequest {
+    /// A request from media already in memory (e.g. a window of frames): images first, then the
+    /// videos, then the prompt, like `vigil infer`'s flags.
+    pub fn new(prompt: &str, images: Vec<RgbImage>, videos: Vec<Video>) -> Self {
+        let mut parts: Vec<ContentPart> = images.iter().map(|_| ContentPart::Image).chain(videos.iter().map(|_| ContentPart::Video)).collect();
+        parts.push(ContentPart::Text { text: prompt.to_string() });
+        let sources = images.iter().map(|i| ("image", format!("{}x{} image", i.width, i.height))).chain(videos.iter().map(|v| ("video", format!("{} frames", v.frames.len())))).collect();
+        Self { parts, images, videos, sources }
+    }
+
     /// The one-turn conversation the processor renders.
     pub fn conversation(&self) -> Vec<Message> {
         vec![Message::user(self.parts.clone())]
