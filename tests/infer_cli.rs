@@ -164,3 +164,31 @@ fn in_memory_requests_match_transformers() {
         assert_eq!(serde_json::json!(r.input_ids), cases[name]["input_ids"], "{name}");
     }
 }
+
+/// `config/demo.toml` on a fresh clone: its model section resolves to the bundled checkpoint,
+/// which takes a 4-frame window at the demo's largest frame size (max_frame_pixels) quickly.
+#[test]
+fn demo_config_model_takes_a_full_size_window() {
+    use vigil::processor::{report::LoadedRequest, Processor, RgbImage, Video};
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cfg = vigil::Config::load(&repo.join("config/demo.toml")).unwrap();
+    let dir = vigil::model::load::model_dir(&cfg.model, &cfg.base_dir).unwrap();
+    let model = vigil::model::load::load_model(&cfg.model, &cfg.base_dir).unwrap();
+    let processor = Processor::from_pretrained(&dir).unwrap();
+    let side = (cfg.defaults.max_frame_pixels as f64).sqrt() as usize; // 224 x 224 = 50176
+    let frames: Vec<RgbImage> = (0..4)
+        .map(|k| RgbImage::new(side, side, (0..side * side * 3).map(|i| ((i / 3 + 7 * k * (i % side)) % 256) as u8).collect()).unwrap())
+        .collect();
+    let req = LoadedRequest::new(&cfg.prompts[0].text, vec![], vec![Video::from_frames(frames, Some(cfg.defaults.fps)).unwrap()]);
+    let opts = vigil::infer::InferOptions { generation: vigil::model::GenerationParams::greedy(16), ..Default::default() };
+    let t0 = std::time::Instant::now();
+    let out = vigil::infer::infer_loaded(&model, &processor, &[req], &opts, &mut |_, _| {}).unwrap();
+    let took = t0.elapsed();
+    let r = &out.results[0];
+    // 224 px = 16 patches of 14 px; 2x2 merge: 64 tokens per frame, nothing shrunk.
+    assert_eq!(r.video_tokens_total, 4 * 64, "{r:?}");
+    assert!(!r.token_ids.is_empty());
+    eprintln!("4-frame window: {took:?} (vision {:.1} ms, prefill {:.1} ms, decode {:.1} ms)", out.vision_ms, out.prefill_ms, out.decode_ms);
+    // Generous bound for loaded CI machines and unoptimised test builds; typically ~50 ms.
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+}
