@@ -150,9 +150,9 @@ struct InferArgs {
     /// Run every request of a JSONL file as one left-padded batch; one JSON line per request.
     #[arg(long, value_name = "FILE.jsonl")]
     batch: Option<PathBuf>,
-    /// Most tokens to generate per request.
-    #[arg(long, value_name = "N", default_value_t = 128)]
-    max_new_tokens: usize,
+    /// Most tokens to generate per request [default: generation_config.json's, else 128].
+    #[arg(long, value_name = "N")]
+    max_new_tokens: Option<usize>,
     /// Sample at this temperature instead of greedy decoding (0 = greedy).
     #[arg(long, value_name = "T")]
     temperature: Option<f64>,
@@ -286,7 +286,8 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
     let processor = vigil::processor::Processor::from_pretrained(&a.model)?;
     let model = vigil::model::VideoLlama3ForConditionalGeneration::from_pretrained(&a.model, vigil::model::load::candle_dtype(a.dtype), &device)?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let mut generation = GenerationParams::greedy(a.max_new_tokens);
+    let max_new_tokens = a.max_new_tokens.or(model.generation_defaults().max_new_tokens).unwrap_or(128);
+    let mut generation = GenerationParams::greedy(max_new_tokens);
     if let Some(t) = a.temperature.filter(|&t| t > 0.0) {
         generation.sampling = Sampling::Sample { temperature: t, top_k: None, top_p: None, seed: a.seed };
     }
