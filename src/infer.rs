@@ -38,7 +38,10 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::PruningConfig;
-use crate::model::{GenerationParams, ModelError, MultimodalInputs, TextStreamer, VideoLlama3ForConditionalGeneration, VisualInputs};
+use crate::model::{
+    GenerationParams, ModelError, MultimodalInputs, TextStreamer,
+    VideoLlama3ForConditionalGeneration, VisualInputs,
+};
 use crate::processor::report::{LoadedRequest, PreprocessRequest};
 use crate::processor::{BatchInputs, CallOptions, PaddingSide, Processor, ProcessorError};
 
@@ -50,7 +53,11 @@ pub enum InferError {
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error("{}:{line}: {msg}", path.display())]
-    Batch { path: PathBuf, line: usize, msg: String },
+    Batch {
+        path: PathBuf,
+        line: usize,
+        msg: String,
+    },
     #[error("{0}")]
     Input(String),
 }
@@ -65,7 +72,10 @@ pub struct InferOptions {
 
 impl Default for InferOptions {
     fn default() -> Self {
-        Self { generation: GenerationParams::greedy(128), pruning: PruningConfig::default() }
+        Self {
+            generation: GenerationParams::greedy(128),
+            pruning: PruningConfig::default(),
+        }
     }
 }
 
@@ -102,13 +112,24 @@ pub struct InferOutput {
 
 /// Prepare a batch: load each request's media, render the chat template, run the processor with
 /// left padding. Returns the processor output and each row's video tokens before pruning.
-pub fn prepare(processor: &Processor, requests: &[PreprocessRequest], pruning: &PruningConfig) -> Result<(BatchInputs, Vec<usize>), InferError> {
-    let loaded = requests.iter().map(|r| r.load_media(processor)).collect::<Result<Vec<_>, _>>()?;
+pub fn prepare(
+    processor: &Processor,
+    requests: &[PreprocessRequest],
+    pruning: &PruningConfig,
+) -> Result<(BatchInputs, Vec<usize>), InferError> {
+    let loaded = requests
+        .iter()
+        .map(|r| r.load_media(processor))
+        .collect::<Result<Vec<_>, _>>()?;
     prepare_loaded(processor, &loaded, pruning)
 }
 
 /// [`prepare`] for requests whose media are already in memory.
-pub fn prepare_loaded(processor: &Processor, requests: &[LoadedRequest], pruning: &PruningConfig) -> Result<(BatchInputs, Vec<usize>), InferError> {
+pub fn prepare_loaded(
+    processor: &Processor,
+    requests: &[LoadedRequest],
+    pruning: &PruningConfig,
+) -> Result<(BatchInputs, Vec<usize>), InferError> {
     if requests.is_empty() {
         return Err(InferError::Input("no requests".into()));
     }
@@ -119,7 +140,10 @@ pub fn prepare_loaded(processor: &Processor, requests: &[LoadedRequest], pruning
         images.extend(r.images.iter().cloned());
         videos.extend(r.videos.iter().cloned());
     }
-    let opts = CallOptions { padding_side: PaddingSide::Left, pruning: pruning.clone() };
+    let opts = CallOptions {
+        padding_side: PaddingSide::Left,
+        pruning: pruning.clone(),
+    };
     let batch = processor.call(&texts, &images, &videos, &opts)?;
     let mut totals = vec![0; requests.len()];
     for (i, &row) in batch.video_sample.iter().enumerate() {
@@ -129,7 +153,10 @@ pub fn prepare_loaded(processor: &Processor, requests: &[LoadedRequest], pruning
 }
 
 /// Turn the processor's output into the model's inputs on `device`.
-pub fn model_inputs(batch: &BatchInputs, device: &candle_core::Device) -> Result<MultimodalInputs, ModelError> {
+pub fn model_inputs(
+    batch: &BatchInputs,
+    device: &candle_core::Device,
+) -> Result<MultimodalInputs, ModelError> {
     let (b, l) = (batch.input_ids.len(), batch.seq_len);
     let ids: Vec<u32> = batch.input_ids.iter().flatten().copied().collect();
     let input_ids = Tensor::from_vec(ids, (b, l), device)?;
@@ -145,7 +172,11 @@ pub fn model_inputs(batch: &BatchInputs, device: &candle_core::Device) -> Result
         None
     } else {
         Some(VisualInputs {
-            pixel_values: Tensor::from_vec(im.pixel_values.clone(), (im.rows(), im.patch_dim), device)?,
+            pixel_values: Tensor::from_vec(
+                im.pixel_values.clone(),
+                (im.rows(), im.patch_dim),
+                device,
+            )?,
             grid_thw: im.image_grid_thw.clone(),
             merge_sizes: im.image_merge_sizes.clone(),
         })
@@ -156,14 +187,24 @@ pub fn model_inputs(batch: &BatchInputs, device: &candle_core::Device) -> Result
     } else {
         (
             Some(VisualInputs {
-                pixel_values: Tensor::from_vec(vd.pixel_values_videos.clone(), (vd.rows(), vd.patch_dim), device)?,
+                pixel_values: Tensor::from_vec(
+                    vd.pixel_values_videos.clone(),
+                    (vd.rows(), vd.patch_dim),
+                    device,
+                )?,
                 grid_thw: vd.video_grid_thw.clone(),
                 merge_sizes: vd.video_merge_sizes.clone(),
             }),
             Some(vd.video_compression_mask.clone()),
         )
     };
-    Ok(MultimodalInputs { attention_mask, images, videos, video_compression_mask, ..MultimodalInputs::text(input_ids) })
+    Ok(MultimodalInputs {
+        attention_mask,
+        images,
+        videos,
+        video_compression_mask,
+        ..MultimodalInputs::text(input_ids)
+    })
 }
 
 /// Run `requests` as one left-padded batch. `on_text(row, delta)` receives each row's decoded
@@ -176,7 +217,10 @@ pub fn infer(
     on_text: &mut dyn FnMut(usize, &str),
 ) -> Result<InferOutput, InferError> {
     let t0 = Instant::now();
-    let loaded = requests.iter().map(|r| r.load_media(processor)).collect::<Result<Vec<_>, _>>()?;
+    let loaded = requests
+        .iter()
+        .map(|r| r.load_media(processor))
+        .collect::<Result<Vec<_>, _>>()?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let mut out = infer_loaded(model, processor, &loaded, opts, on_text)?;
     out.preprocess_ms += load_ms;
@@ -195,7 +239,9 @@ pub fn infer_loaded(
     let (batch, video_totals) = prepare_loaded(processor, requests, &opts.pruning)?;
     let preprocess_ms = t0.elapsed().as_secs_f64() * 1e3;
     let inputs = model_inputs(&batch, model.device())?;
-    let mut streamers: Vec<_> = (0..requests.len()).map(|_| TextStreamer::new(|ids: &[u32]| processor.decode(ids, true))).collect();
+    let mut streamers: Vec<_> = (0..requests.len())
+        .map(|_| TextStreamer::new(|ids: &[u32]| processor.decode(ids, true)))
+        .collect();
     let mut on_token = |ev: &crate::model::TokenEvent| {
         // A decode error only costs the live preview; the final text is decoded again below.
         if let Some(s) = streamers.get_mut(ev.row) {
@@ -212,13 +258,21 @@ pub fn infer_loaded(
     }
     let mut results = Vec::with_capacity(requests.len());
     for (row, tokens) in out.tokens.iter().enumerate() {
-        let input_ids: Vec<u32> = batch.input_ids[row].iter().zip(&batch.attention_mask[row]).filter(|(_, &m)| m != 0).map(|(&t, _)| t).collect();
+        let input_ids: Vec<u32> = batch.input_ids[row]
+            .iter()
+            .zip(&batch.attention_mask[row])
+            .filter(|(_, &m)| m != 0)
+            .map(|(&t, _)| t)
+            .collect();
         results.push(InferResult {
             text: processor.decode(tokens, true)?,
             token_ids: tokens.clone(),
             prompt_tokens: input_ids.len(),
             video_tokens_total: video_totals[row],
-            video_tokens_kept: input_ids.iter().filter(|&&t| t == batch.video_token_id).count(),
+            video_tokens_kept: input_ids
+                .iter()
+                .filter(|&&t| t == batch.video_token_id)
+                .count(),
             input_ids,
             stopped_on_eos: out.stopped_on_eos[row],
         });
@@ -230,7 +284,11 @@ pub fn infer_loaded(
         vision_ms: out.vision_ms,
         prefill_ms: out.prefill_ms,
         decode_ms: out.decode_ms,
-        tokens_per_s: if out.decode_ms > 0.0 { generated as f64 / (out.decode_ms / 1e3) } else { 0.0 },
+        tokens_per_s: if out.decode_ms > 0.0 {
+            generated as f64 / (out.decode_ms / 1e3)
+        } else {
+            0.0
+        },
     })
 }
 
@@ -255,7 +313,11 @@ struct BatchLine {
 /// `{"prompt": ..., "images": [...], "video": ..., "fps": ..., "frames": [...], "max_frames": ...}`,
 /// media paths relative to the file's directory.
 pub fn read_batch(path: &Path, model: &Path) -> Result<Vec<PreprocessRequest>, InferError> {
-    let text = std::fs::read_to_string(path).map_err(|e| InferError::Batch { path: path.to_path_buf(), line: 0, msg: e.to_string() })?;
+    let text = std::fs::read_to_string(path).map_err(|e| InferError::Batch {
+        path: path.to_path_buf(),
+        line: 0,
+        msg: e.to_string(),
+    })?;
     let base = path.parent().unwrap_or(Path::new("."));
     let rel = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
     let mut out = Vec::new();
@@ -263,7 +325,11 @@ pub fn read_batch(path: &Path, model: &Path) -> Result<Vec<PreprocessRequest>, I
         if line.trim().is_empty() {
             continue;
         }
-        let err = |msg: String| InferError::Batch { path: path.to_path_buf(), line: i + 1, msg };
+        let err = |msg: String| InferError::Batch {
+            path: path.to_path_buf(),
+            line: i + 1,
+            msg,
+        };
         let l: BatchLine = serde_json::from_str(line).map_err(|e| err(e.to_string()))?;
         if l.max_frames.is_some() && l.video.is_none() {
             return Err(err("max_frames needs a video".into()));
@@ -280,7 +346,11 @@ pub fn read_batch(path: &Path, model: &Path) -> Result<Vec<PreprocessRequest>, I
         });
     }
     if out.is_empty() {
-        return Err(InferError::Batch { path: path.to_path_buf(), line: 0, msg: "no requests in the file".into() });
+        return Err(InferError::Batch {
+            path: path.to_path_buf(),
+            line: 0,
+            msg: "no requests in the file".into(),
+        });
     }
     Ok(out)
 }
