@@ -80,6 +80,8 @@ enum Command {
     },
     /// Show what a prompt costs: tokens, visual tokens before/after pruning, grids.
     Preprocess(PreprocessArgs),
+    /// Answer a prompt about images / a video with a VideoLLaMA3 checkpoint (or a JSONL batch).
+    Infer(InferArgs),
     /// Benchmarks (`vigil bench engine --model DIR`).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -128,6 +130,16 @@ struct PreprocessArgs {
     /// The question, placed after the media in the user turn.
     #[arg(long)]
     prompt: String,
+    #[command(flatten)]
+    media: MediaArgs,
+    /// Print one JSON object instead of the summary.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Media flags shared by `preprocess` and `infer` (same order and meaning).
+#[derive(clap::Args)]
+struct MediaArgs {
     /// An image file (repeatable; in the order given, before any video).
     #[arg(long = "image", value_name = "PATH")]
     images: Vec<PathBuf>,
@@ -146,9 +158,58 @@ struct PreprocessArgs {
     /// Keep every video token (transformers' use_token_compression=False).
     #[arg(long)]
     no_pruning: bool,
-    /// Print one JSON object instead of the summary.
+}
+
+impl MediaArgs {
+    fn request(self, model: PathBuf, prompt: String) -> vigil::processor::report::PreprocessRequest {
+        vigil::processor::report::PreprocessRequest {
+            model,
+            prompt,
+            images: self.images,
+            video: self.video,
+            fps: self.fps,
+            max_frames: self.max_frames,
+            frames: self.frames,
+            pruning: vigil::config::PruningConfig { enabled: !self.no_pruning, ..Default::default() },
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct InferArgs {
+    /// Checkpoint directory (Hugging Face layout: config.json, safetensors, tokenizer, processor).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// The question, placed after the media in the user turn.
+    #[arg(long, required_unless_present = "batch", conflicts_with = "batch")]
+    prompt: Option<String>,
+    #[command(flatten)]
+    media: MediaArgs,
+    /// Run every request of a JSONL file as one left-padded batch; one JSON line per request.
+    #[arg(long, value_name = "FILE.jsonl")]
+    batch: Option<PathBuf>,
+    /// Most tokens to generate per request [default: generation_config.json's, else 128].
+    #[arg(long, value_name = "N")]
+    max_new_tokens: Option<usize>,
+    /// Sample at this temperature instead of greedy decoding (0 = greedy).
+    #[arg(long, value_name = "T")]
+    temperature: Option<f64>,
+    /// Seed for sampling.
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    seed: u64,
+    /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Weights and activations: f32, f16 or bf16.
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    dtype: vigil::config::DType,
+    /// Print one JSON object (per request) instead of streaming the answer.
     #[arg(long)]
     json: bool,
+}
+
+fn parse_dtype(s: &str) -> Result<vigil::config::DType, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| format!("expected f32, f16 or bf16, got {s:?}"))
 }
 
 fn main() -> ExitCode {
@@ -174,6 +235,7 @@ fn main() -> ExitCode {
             probe(&uri, &opts, json)
         }
         Command::Preprocess(args) => preprocess(args),
+        Command::Infer(args) => infer(args),
         Command::Bench(BenchCommand::Engine {
             model,
             device,
@@ -254,16 +316,7 @@ fn probe(uri: &str, opts: &vigil::source::probe::ProbeOptions, json: bool) -> Ex
 }
 
 fn preprocess(a: PreprocessArgs) -> ExitCode {
-    let req = vigil::processor::report::PreprocessRequest {
-        model: a.model,
-        prompt: a.prompt,
-        images: a.images,
-        video: a.video,
-        fps: a.fps,
-        max_frames: a.max_frames,
-        frames: a.frames,
-        pruning: vigil::config::PruningConfig { enabled: !a.no_pruning, ..Default::default() },
-    };
+    let req = a.media.request(a.model, a.prompt);
     match vigil::processor::report::preprocess(&req) {
         Ok(r) if a.json => match serde_json::to_string(&r) {
             Ok(s) => {
@@ -284,6 +337,73 @@ fn preprocess(a: PreprocessArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn infer(a: InferArgs) -> ExitCode {
+    match run_infer(a) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_infer(a: InferArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    use vigil::model::{GenerationParams, Sampling};
+    let pruning = vigil::config::PruningConfig { enabled: !a.media.no_pruning, ..Default::default() };
+    let (requests, batch_mode) = match (&a.batch, a.prompt) {
+        (Some(file), _) => {
+            let m = &a.media;
+            if !m.images.is_empty() || m.video.is_some() || !m.frames.is_empty() || m.fps.is_some() {
+                anyhow::bail!("--batch takes the media from the file; drop --image/--video/--frames/--fps");
+            }
+            (vigil::infer::read_batch(file, &a.model)?, true)
+        }
+        (None, Some(prompt)) => (vec![a.media.request(a.model.clone(), prompt)], false),
+        (None, None) => anyhow::bail!("--prompt or --batch is required"),
+    };
+    let device = vigil::infer::open_device(&a.device)?;
+    let t0 = std::time::Instant::now();
+    let processor = vigil::processor::Processor::from_pretrained(&a.model)?;
+    let model = vigil::model::VideoLlama3ForConditionalGeneration::from_pretrained(&a.model, vigil::model::load::candle_dtype(a.dtype), &device)?;
+    let load_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let max_new_tokens = a.max_new_tokens.or(model.generation_defaults().max_new_tokens).unwrap_or(128);
+    let mut generation = GenerationParams::greedy(max_new_tokens);
+    if let Some(t) = a.temperature.filter(|&t| t > 0.0) {
+        generation.sampling = Sampling::Sample { temperature: t, top_k: None, top_p: None, seed: a.seed };
+    }
+    let opts = vigil::infer::InferOptions { generation, pruning };
+    let stream = !a.json && !batch_mode;
+    let mut stdout = std::io::stdout();
+    let out = vigil::infer::infer(&model, &processor, &requests, &opts, &mut |_, delta| {
+        if stream {
+            let _ = write!(stdout, "{delta}");
+            let _ = stdout.flush();
+        }
+    })?;
+    if stream {
+        println!();
+        let r = &out.results[0];
+        eprintln!(
+            "{} prompt tokens ({} of {} video tokens kept), {} generated; load {:.0} ms, vision {:.0} ms, prefill {:.0} ms, decode {:.0} ms ({:.1} tokens/s)",
+            r.prompt_tokens, r.video_tokens_kept, r.video_tokens_total, r.token_ids.len(), load_ms, out.vision_ms, out.prefill_ms, out.decode_ms, out.tokens_per_s
+        );
+        return Ok(());
+    }
+    for (i, r) in out.results.iter().enumerate() {
+        let mut v = serde_json::to_value(r)?;
+        let obj = v.as_object_mut().expect("a struct serialises to an object");
+        if batch_mode {
+            obj.insert("index".into(), i.into());
+        }
+        for (k, x) in [("load_ms", load_ms), ("preprocess_ms", out.preprocess_ms), ("vision_ms", out.vision_ms), ("prefill_ms", out.prefill_ms), ("decode_ms", out.decode_ms), ("tokens_per_s", out.tokens_per_s)] {
+            obj.insert(k.into(), x.into());
+        }
+        println!("{}", serde_json::to_string(&v)?);
+    }
+    Ok(())
 }
 
 fn tail(config: Option<PathBuf>, broker: Option<String>, prefix: Option<String>, json: bool, count: Option<usize>) -> ExitCode {

@@ -324,6 +324,75 @@ impl VideoLlama3Model {
 }
 
 /// `VideoLlama3ForConditionalGeneration`: the base model plus the LM head.
+///
+/// Single media inference (transformers docs: chat template → processor → `generate` →
+/// `batch_decode(skip_special_tokens=True)`), here on the bundled demo checkpoint and clip:
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use vigil::model::{GenerationParams, VideoLlama3ForConditionalGeneration};
+/// use vigil::processor::{CallOptions, ContentPart, Message, Processor, Sampling, Video};
+///
+/// let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-videollama3"));
+/// let device = Device::Cpu;
+/// let model = VideoLlama3ForConditionalGeneration::from_pretrained(dir, DType::F32, &device)?;
+/// let processor = Processor::from_pretrained(dir)?;
+///
+/// let conversation = vec![Message::user(vec![
+///     ContentPart::Video,
+///     ContentPart::Text { text: "What is happening in this video?".into() },
+/// ])];
+/// let prompts = processor.apply_chat_template(&[conversation], true)?;
+/// let clip = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo.mp4"));
+/// let sampling = Sampling { fps: Some(1.0), max_frames: Some(4), ..Default::default() };
+/// let video = Video::from_file(clip, &sampling, &processor.video_processor.config)?;
+/// let batch = processor.call(&prompts, &[], &[video], &CallOptions::default())?;
+///
+/// let inputs = vigil::infer::model_inputs(&batch, &device)?;
+/// let out = model.generate(&inputs, &GenerationParams::greedy(16), &mut |_| {})?;
+/// let answer = processor.decode(&out.tokens[0], true)?;
+/// println!("{answer}");
+/// assert!(!out.tokens[0].is_empty());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+///
+/// Batch mixed media inference: one left-padded batch of an image, a video and a text-only
+/// prompt; each row gets the tokens it would get alone.
+///
+/// ```
+/// use candle_core::{DType, Device};
+/// use vigil::model::{GenerationParams, VideoLlama3ForConditionalGeneration};
+/// use vigil::processor::{CallOptions, ContentPart, Message, PaddingSide, Processor, RgbImage, Video};
+///
+/// let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-videollama3"));
+/// let device = Device::Cpu;
+/// let model = VideoLlama3ForConditionalGeneration::from_pretrained(dir, DType::F32, &device)?;
+/// let processor = Processor::from_pretrained(dir)?;
+///
+/// let text = |t: &str| ContentPart::Text { text: t.into() };
+/// let conversations = vec![
+///     vec![Message::user(vec![ContentPart::Image, text("Describe the image.")])],
+///     vec![Message::user(vec![ContentPart::Video, text("What is happening?")])],
+///     vec![Message::user(vec![text("What color is the sky?")])],
+/// ];
+/// let prompts = processor.apply_chat_template(&conversations, true)?;
+/// let pixels = |w: usize, h: usize, k: usize| RgbImage::new(w, h, (0..w * h * 3).map(|i| ((i * k) % 251) as u8).collect());
+/// let image = pixels(64, 48, 1)?;
+/// let video = Video::from_frames((1..=4).map(|k| pixels(96, 72, k)).collect::<Result<_, _>>()?, Some(1.0))?;
+/// let opts = CallOptions { padding_side: PaddingSide::Left, ..Default::default() };
+/// let batch = processor.call(&prompts, &[image], &[video], &opts)?;
+///
+/// let params = GenerationParams::greedy(8);
+/// let out = model.generate(&vigil::infer::model_inputs(&batch, &device)?, &params, &mut |_| {})?;
+/// for tokens in &out.tokens {
+///     println!("{}", processor.decode(tokens, true)?);
+/// }
+/// // The text-only row alone gives the same tokens.
+/// let alone = processor.call(&prompts[2..], &[], &[], &opts)?;
+/// let single = model.generate(&vigil::infer::model_inputs(&alone, &device)?, &params, &mut |_| {})?;
+/// assert_eq!(single.tokens[0], out.tokens[2]);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub struct VideoLlama3ForConditionalGeneration {
     pub model: VideoLlama3Model,
     lm_head: Tensor, // [vocab, hidden]

@@ -133,6 +133,26 @@ impl BatchInputs {
 }
 
 /// Rust counterpart of `VideoLlama3Processor`.
+///
+/// On the bundled demo checkpoint (see [`crate::model::VideoLlama3ForConditionalGeneration`] for
+/// generation from its output):
+///
+/// ```
+/// use vigil::processor::{CallOptions, ContentPart, Message, Processor, RgbImage};
+/// let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-videollama3"));
+/// let processor = Processor::from_pretrained(dir)?;
+/// let conversation = vec![Message::user(vec![
+///     ContentPart::Image,
+///     ContentPart::Text { text: "Describe the image.".into() },
+/// ])];
+/// let prompts = processor.apply_chat_template(&[conversation], true)?;
+/// let image = RgbImage::new(56, 56, vec![128; 56 * 56 * 3])?;
+/// let inputs = processor.call(&prompts, &[image], &[], &CallOptions::default())?;
+/// // A 56x56 image is 4x4 patches of 14 px; merge size 1 for images: 16 placeholder tokens.
+/// assert_eq!(inputs.images.image_grid_thw, vec![[1, 4, 4]]);
+/// assert_eq!(inputs.input_ids[0].iter().filter(|&&t| t == processor.image_token_id).count(), 16);
+/// # Ok::<(), vigil::processor::ProcessorError>(())
+/// ```
 #[derive(Debug)]
 pub struct Processor {
     pub files: CheckpointFiles,

@@ -59,34 +59,76 @@ pub struct PreprocessReport {
     pub media: Vec<MediaReport>,
 }
 
+/// A request's media, loaded, and its user turn (shared by `vigil preprocess` and `vigil infer`).
+#[derive(Debug, Clone)]
+pub struct LoadedRequest {
+    /// The user turn's content: images, the `video` clip, the `frames` clip, then the prompt.
+    pub parts: Vec<ContentPart>,
+    pub images: Vec<RgbImage>,
+    pub videos: Vec<Video>,
+    /// ("image" | "video", description) per media item, images first.
+    pub sources: Vec<(&'static str, String)>,
+}
+
+impl LoadedRequest {
+    /// A request from media already in memory (e.g. a window of frames): images first, then the
+    /// videos, then the prompt, like `vigil infer`'s flags.
+    pub fn new(prompt: &str, images: Vec<RgbImage>, videos: Vec<Video>) -> Self {
+        let mut parts: Vec<ContentPart> = images.iter().map(|_| ContentPart::Image).chain(videos.iter().map(|_| ContentPart::Video)).collect();
+        parts.push(ContentPart::Text { text: prompt.to_string() });
+        let sources = images.iter().map(|i| ("image", format!("{}x{} image", i.width, i.height))).chain(videos.iter().map(|v| ("video", format!("{} frames", v.frames.len())))).collect();
+        Self { parts, images, videos, sources }
+    }
+
+    /// The one-turn conversation the processor renders.
+    pub fn conversation(&self) -> Vec<Message> {
+        vec![Message::user(self.parts.clone())]
+    }
+
+    /// Original (height, width) of each media item, images first.
+    pub fn sizes(&self) -> Vec<[usize; 2]> {
+        self.images.iter().map(|i| [i.height, i.width]).chain(self.videos.iter().map(|v| [v.frames[0].height, v.frames[0].width])).collect()
+    }
+}
+
+impl PreprocessRequest {
+    /// Decode the request's images and videos (videos sampled with the checkpoint's video
+    /// settings) and build its user turn. `model` and `pruning` are not used here.
+    pub fn load_media(&self, processor: &Processor) -> Result<LoadedRequest, ProcessorError> {
+        let req = self;
+        let mut parts = Vec::new();
+        let mut images = Vec::new();
+        let mut sources = Vec::new();
+        for p in &req.images {
+            images.push(RgbImage::open(p)?);
+            parts.push(ContentPart::Image);
+            sources.push(("image", p.display().to_string()));
+        }
+        let mut videos = Vec::new();
+        if let Some(v) = &req.video {
+            if req.max_frames == Some(0) {
+                return Err(ProcessorError::Input("--max-frames must be at least 1".into()));
+            }
+            let sampling = Sampling { fps: req.fps, max_frames: req.max_frames, ..Default::default() };
+            videos.push(Video::from_file(v, &sampling, &processor.video_processor.config)?);
+            parts.push(ContentPart::Video);
+            sources.push(("video", v.display().to_string()));
+        }
+        if !req.frames.is_empty() {
+            let frames = req.frames.iter().map(|p| RgbImage::open(p)).collect::<Result<Vec<_>, _>>()?;
+            videos.push(Video::from_frames(frames, req.fps)?);
+            parts.push(ContentPart::Video);
+            sources.push(("video", format!("{} frames ({} ...)", req.frames.len(), req.frames[0].display())));
+        }
+        parts.push(ContentPart::Text { text: req.prompt.clone() });
+        Ok(LoadedRequest { parts, images, videos, sources })
+    }
+}
+
 /// Run the processor of `req.model` on the request.
 pub fn preprocess(req: &PreprocessRequest) -> Result<PreprocessReport, ProcessorError> {
     let processor = Processor::from_pretrained(&req.model)?;
-    let mut parts = Vec::new();
-    let mut images = Vec::new();
-    let mut sources = Vec::new();
-    for p in &req.images {
-        images.push(RgbImage::open(p)?);
-        parts.push(ContentPart::Image);
-        sources.push(("image", p.display().to_string()));
-    }
-    let mut videos = Vec::new();
-    if let Some(v) = &req.video {
-        if req.max_frames == Some(0) {
-            return Err(ProcessorError::Input("--max-frames must be at least 1".into()));
-        }
-        let sampling = Sampling { fps: req.fps, max_frames: req.max_frames, ..Default::default() };
-        videos.push(Video::from_file(v, &sampling, &processor.video_processor.config)?);
-        parts.push(ContentPart::Video);
-        sources.push(("video", v.display().to_string()));
-    }
-    if !req.frames.is_empty() {
-        let frames = req.frames.iter().map(|p| RgbImage::open(p)).collect::<Result<Vec<_>, _>>()?;
-        videos.push(Video::from_frames(frames, req.fps)?);
-        parts.push(ContentPart::Video);
-        sources.push(("video", format!("{} frames ({} ...)", req.frames.len(), req.frames[0].display())));
-    }
-    parts.push(ContentPart::Text { text: req.prompt.clone() });
+    let LoadedRequest { parts, images, videos, sources } = req.load_media(&processor)?;
     let prompts = processor.apply_chat_template(&[vec![Message::user(parts)]], true)?;
     let sizes: Vec<[usize; 2]> = images.iter().map(|i| [i.height, i.width]).chain(videos.iter().map(|v| [v.frames[0].height, v.frames[0].width])).collect();
     let opts = CallOptions { pruning: req.pruning.clone(), ..Default::default() };
