@@ -653,6 +653,8 @@ impl Config {
         })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+        // Absolute, so that a path resolved once stays the same if resolved again.
+        let base = std::path::absolute(&base).unwrap_or(base);
         Self::parse(&text, &path.display().to_string(), &base)
     }
 

@@ -243,3 +243,31 @@ fn did_you_mean_is_conservative() {
     assert_eq!(did_you_mean("window_second", ["window_seconds", "stride_seconds"]), Some("window_seconds"));
     assert_eq!(did_you_mean("zzz", ["fps", "uri"]), None);
 }
+
+#[test]
+fn loaded_configs_resolve_against_an_absolute_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("v.toml"), MINIMAL).unwrap();
+    // A relative config path (as `vigil run --config config/demo.toml` gives).
+    let cwd = std::env::current_dir().unwrap();
+    let rel = pathdiff(dir.path(), &cwd).join("v.toml");
+    let c = Config::load(&rel).unwrap();
+    assert!(c.base_dir.is_absolute(), "{:?}", c.base_dir);
+    let once = c.model_dir().unwrap();
+    assert_eq!(c.resolve_path(&once), once, "resolving twice must not change the path");
+    assert!(once.starts_with(std::path::absolute(&rel).unwrap().parent().unwrap()));
+}
+
+/// `to` relative to `from` (both absolute), via `..` as needed.
+fn pathdiff(to: &Path, from: &Path) -> PathBuf {
+    let (t, f): (Vec<_>, Vec<_>) = (to.components().collect(), from.components().collect());
+    let common = t.iter().zip(&f).take_while(|(a, b)| a == b).count();
+    let mut p = PathBuf::new();
+    for _ in common..f.len() {
+        p.push("..");
+    }
+    for c in &t[common..] {
+        p.push(c);
+    }
+    p
+}
