@@ -287,3 +287,20 @@ async fn a_slow_model_drops_old_jobs_with_counters() {
     signal(&vigil, "TERM");
     assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0), "log:\n{}", log_text(&log));
 }
+
+#[test]
+fn systemd_unit_passes_systemd_analyze_verify() {
+    let unit = std::fs::read_to_string(repo("systemd/vigil.service")).unwrap();
+    assert!(unit.contains("Type=notify") && unit.contains("WatchdogSec=") && unit.contains("ExecReload=/bin/kill -HUP"));
+    assert!(!unit.lines().any(|l| l.starts_with("PrivateDevices=") || l.starts_with("DeviceAllow=")), "CUDA needs /dev/nvidia*");
+    // verify checks that ExecStart's binary exists: point it at the one under test.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vigil.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/vigil", env!("CARGO_BIN_EXE_vigil"))).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", path.to_str().unwrap()])
+        .output()
+        .expect("systemd-analyze (Debian package systemd; scripts/setup.sh installs it)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.trim().is_empty(), "systemd-analyze verify:\n{err}");
+}
