@@ -2,6 +2,8 @@
 //! the bundled clip, on the CPU. Signals are real signals.
 
 mod common;
+#[allow(dead_code)]
+mod source_util;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
@@ -303,4 +305,63 @@ fn systemd_unit_passes_systemd_analyze_verify() {
         .expect("systemd-analyze (Debian package systemd; scripts/setup.sh installs it)");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.trim().is_empty(), "systemd-analyze verify:\n{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtsp_stream_keeps_answering_after_its_server_restarts_while_a_file_stream_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "");
+    let rtsp_port = source_util::free_port();
+    let mut server = source_util::RtspServer::start(rtsp_port);
+    let cam = format!(
+        "[[stream]]\nname = \"cam\"\nuri = \"{}\"\nprompts = [\"caption\"]\nfps = 2.0\nwindow_seconds = 1.0\n\
+         stride_seconds = 1.0\nreconnect_min_s = 0.2\nreconnect_max_s = 1.0\n",
+        server.url()
+    );
+    let file = clip_stream("file", "loop = true\nrealtime = true\nwindow_seconds = 2.0\nstride_seconds = 2.0");
+    let cfg = write_config(dir.path(), broker.port, free_port(), "", &format!("{cam}\n{file}"));
+    let mut sub = Sub::connect(broker.port, "e2e-rtsp", &["vigil/#"], false).await;
+    let log = dir.path().join("vigil.log");
+    let mut vigil = spawn_vigil(&cfg, &log);
+
+    // Both streams answer.
+    let mut seen = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while seen.len() < 2 && tokio::time::Instant::now() < deadline {
+        for a in answers(&mut sub, 1, Duration::from_secs(5)).await {
+            seen.insert(a["stream"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(seen.len(), 2, "both streams should answer; log:\n{}", log_text(&log));
+
+    // The camera's server goes away: cam reports reconnecting, the file keeps answering.
+    server.stop();
+    let mut reconnecting = false;
+    let mut file_answers_during_outage = 0;
+    let outage_end = tokio::time::Instant::now() + Duration::from_secs(8);
+    while tokio::time::Instant::now() < outage_end {
+        let left = outage_end.saturating_duration_since(tokio::time::Instant::now());
+        let Some(m) = sub.next(left).await else { break };
+        if m.topic == "vigil/cam/status" && m.json()["state"] == "reconnecting" {
+            reconnecting = true;
+        }
+        if is_answer_topic(&m.topic) && m.json()["stream"] == "file" {
+            file_answers_during_outage += 1;
+        }
+    }
+    assert!(reconnecting, "cam should report reconnecting; log:\n{}", log_text(&log));
+    assert!(file_answers_during_outage > 0, "the file stream must keep answering; log:\n{}", log_text(&log));
+
+    // Back on the same port: cam answers again.
+    let _server2 = source_util::RtspServer::start(rtsp_port);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut cam_again = false;
+    while !cam_again && tokio::time::Instant::now() < deadline {
+        for a in answers(&mut sub, 1, Duration::from_secs(5)).await {
+            cam_again |= a["stream"] == "cam";
+        }
+    }
+    assert!(cam_again, "cam should answer after its server is back; log:\n{}", log_text(&log));
+    signal(&vigil, "TERM");
+    assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0), "log:\n{}", log_text(&log));
 }
