@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
-cargo build --release --locked
-bin=target/release/vigil
+cargo build --locked   # dev profile: dependencies are optimised (see Cargo.toml), and shared with `cargo test`
+bin=target/debug/vigil
 $bin check --config config/demo.toml
 $bin run --config config/demo.toml &
 daemon=$!
