@@ -62,6 +62,7 @@ pub struct Job {
 
 /// What the engine says about each prompt of a job.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // answers are the common case; boxing them buys nothing
 pub enum JobOutput {
     Answer(PromptResult),
     /// The job left the queue unanswered (too old, evicted, stream removed, shutdown).

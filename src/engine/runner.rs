@@ -306,7 +306,7 @@ impl Runner {
         let video = Self::video_of(&work.window, work.fps)?;
         let opts = self.call_options();
         let first = &heads.first().ok_or("a job without prompts")?.0;
-        let inputs = self.processor.call(std::slice::from_ref(first), &[], &[video.clone()], &opts).map_err(perr)?;
+        let inputs = self.processor.call(std::slice::from_ref(first), &[], std::slice::from_ref(&video), &opts).map_err(perr)?;
         let prefix_ids = inputs.input_ids[0].clone();
         let expanded_head = inputs.expanded_texts[0].clone();
         let encode = |s: &str| -> Result<Vec<u32>, String> {
@@ -319,7 +319,7 @@ impl Runner {
                 encode(&format!("{expanded_head}{tail}"))?
             } else {
                 // The template put something prompt-specific before the video: its own expansion.
-                let own = self.processor.call(&[format!("{head}{tail}")], &[], &[video.clone()], &opts).map_err(perr)?;
+                let own = self.processor.call(&[format!("{head}{tail}")], &[], std::slice::from_ref(&video), &opts).map_err(perr)?;
                 own.input_ids[0].clone()
             };
             if full_ids.len() < 2 {
@@ -415,7 +415,10 @@ impl Runner {
             keys.push(ks);
         }
         // Encode the misses, grouped by (grid, merge): frames of one size form one item.
-        let mut by_size: Vec<((usize, usize, usize, usize), Vec<(FrameKey, usize, usize)>)> = Vec::new();
+        // (grid h, grid w, merge, patch_dim) → (key, window, frame) of the frames to encode.
+        type Size = (usize, usize, usize, usize);
+        type Frames = Vec<(FrameKey, usize, usize)>;
+        let mut by_size: Vec<(Size, Frames)> = Vec::new();
         for &(key, pi, f, pd) in &missing {
             let p = preps[pi].as_ref().expect("missing frames come from prepared windows");
             let size = (p.grid[1], p.grid[2], p.merge, pd);
