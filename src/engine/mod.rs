@@ -332,6 +332,8 @@ impl Engine {
                 };
                 runner.options = options;
                 engine_loop(&sh, &mut runner);
+                // Free the model before saying we are done.
+                drop(runner);
                 mark_finished(&sh);
             })
             .map_err(|e| EngineError::Load(format!("cannot spawn the engine thread: {e}")))?;
@@ -432,12 +434,11 @@ impl Engine {
         let deadline = Instant::now() + timeout;
         self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).stopping = true;
         self.shared.wake.notify_all();
-        let mut clean = wait_finished(&self.shared, deadline);
+        let clean = wait_finished(&self.shared, deadline);
         if !clean {
             self.shared.abort.store(true, Ordering::Relaxed);
             self.shared.wake.notify_all();
-            // The batch stops at its next decode step.
-            clean = false;
+            // The running batch stops at its next decode step; queued jobs are dropped.
             wait_finished(&self.shared, Instant::now() + Duration::from_secs(5));
         }
         let finished = *self.shared.finished.lock().unwrap_or_else(|p| p.into_inner());
@@ -471,7 +472,7 @@ fn join(sh: &Shared) {
     }
 }
 
-fn engine_loop(sh: &Shared, runner: &mut Runner) {
+fn engine_loop(sh: &Arc<Shared>, runner: &mut Runner) {
     loop {
         sh.beat();
         let batch = {
@@ -502,7 +503,8 @@ fn engine_loop(sh: &Shared, runner: &mut Runner) {
                 return;
             }
             if st.queue.is_empty() {
-                if st.stopping {
+                // Stopping, or every `Engine` handle is gone (only this thread holds `Shared`).
+                if st.stopping || Arc::strong_count(sh) == 1 {
                     return;
                 }
                 let _ = sh.wake.wait_timeout(st, Duration::from_millis(250));
