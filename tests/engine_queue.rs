@@ -214,3 +214,12 @@ fn shutdown_past_its_deadline_cuts_work_short_but_answers_every_prompt() {
     assert!(rx.try_recv().is_err(), "nothing answered twice");
     assert!(engine.counters().jobs_dropped.get("shutdown").copied().unwrap_or(0) > 0);
 }
+
+#[test]
+fn handles_cross_threads() {
+    fn send_sync<T: Send + Sync + Clone + 'static>() {}
+    send_sync::<Engine>();
+    fn send<T: Send + 'static>() {}
+    send::<vigil::engine::Job>();
+    send::<JobOutput>();
+}
