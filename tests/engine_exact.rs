@@ -184,3 +184,20 @@ fn cache_hits_count_reused_frames_and_a_size_change_misses() {
     assert_ne!(r4.visual_total / 4, r1.visual_total / 6, "the resized size changed");
     assert!(engine.shutdown(std::time::Duration::from_secs(10)));
 }
+
+#[test]
+fn short_and_odd_windows_are_exact_too() {
+    // A partial final window (3 frames) and a single-frame window next to full ones.
+    let cfg = config("", "max_batch = 16");
+    let a = frames(0, 9, 160, 120, 2.0);
+    let b = frames(1, 5, 96, 128, 1.0);
+    let work = vec![
+        (window("a", 0, &a, 0, 6, 2.0), vec!["caption", "person"]),
+        (window("a", 1, &a, 6, 3, 2.0), vec!["caption", "count"]),
+        (window("b", 0, &b, 0, 1, 1.0), vec!["person", "caption"]),
+        (window("b", 1, &b, 0, 5, 1.0), vec!["caption"]),
+    ];
+    let (got, c) = run_engine(&cfg, &work);
+    assert_same_as_alone(&cfg, &work, &got);
+    assert_eq!(c.video_prefills, 4);
+}
