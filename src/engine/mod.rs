@@ -130,8 +130,13 @@ pub struct EngineCounters {
     pub visual_tokens_total: u64,
     pub visual_tokens_kept: u64,
     pub tokens_generated: u64,
-    /// Time spent running batches.
+    /// Time spent running batches, and its split over the stages (processor; vision tower;
+    /// video + question prefills; decoding).
     pub busy_ms: u64,
+    pub preprocess_ms: u64,
+    pub vision_ms: u64,
+    pub prefill_ms: u64,
+    pub decode_ms: u64,
 }
 
 impl EngineCounters {
@@ -148,6 +153,10 @@ impl EngineCounters {
         self.visual_tokens_total += s.visual_tokens_total;
         self.visual_tokens_kept += s.visual_tokens_kept;
         self.tokens_generated += s.tokens_generated;
+        self.preprocess_ms += s.preprocess.as_millis() as u64;
+        self.vision_ms += s.vision.as_millis() as u64;
+        self.prefill_ms += s.prefill.as_millis() as u64;
+        self.decode_ms += s.decode.as_millis() as u64;
     }
     fn dropped(&mut self, reason: &str, n: u64) {
         *self.jobs_dropped.entry(reason.to_string()).or_default() += n;
@@ -541,8 +550,9 @@ fn run_jobs(sh: &Shared, runner: &mut Runner, batch: Vec<Queued>) {
             (work.iter().map(|w| w.prompts.iter().map(|_| Err("engine panic".to_string())).collect()).collect(), RunStats::default())
         }
     };
-    let mut done = 0u64;
-    let mut failed = 0u64;
+    // Counters first, so whoever has received every answer also sees them counted.
+    let mut msgs = Vec::new();
+    let (mut done, mut failed) = (0u64, 0u64);
     for (q, outs) in batch.iter().zip(outcomes) {
         for (p, o) in q.job.prompts.iter().zip(outs) {
             let msg = match o {
@@ -556,14 +566,19 @@ fn run_jobs(sh: &Shared, runner: &mut Runner, batch: Vec<Queued>) {
                     JobOutput::Failed { stream: q.job.stream.clone(), window_seq: q.job.window.seq, prompt: p.name.clone(), error }
                 }
             };
-            let _ = q.job.reply.send(msg);
+            msgs.push((&q.job.reply, msg));
         }
     }
-    let mut c = sh.counters.lock().unwrap_or_else(|p| p.into_inner());
-    c.add(&stats);
-    c.batches += 1;
-    c.jobs_done += batch.len() as u64;
-    c.prompts_done += done;
-    c.prompts_failed += failed;
-    c.busy_ms += start.elapsed().as_millis() as u64;
+    {
+        let mut c = sh.counters.lock().unwrap_or_else(|p| p.into_inner());
+        c.add(&stats);
+        c.batches += 1;
+        c.jobs_done += batch.len() as u64;
+        c.prompts_done += done;
+        c.prompts_failed += failed;
+        c.busy_ms += start.elapsed().as_millis() as u64;
+    }
+    for (reply, msg) in msgs {
+        let _ = reply.send(msg);
+    }
 }

@@ -71,6 +71,12 @@ pub struct RunStats {
     pub visual_tokens_total: u64,
     pub visual_tokens_kept: u64,
     pub tokens_generated: u64,
+    /// Wall time of the batch's stages: processor (resize, normalize, template, tokenize),
+    /// vision tower, prefills, decoding.
+    pub preprocess: Duration,
+    pub vision: Duration,
+    pub prefill: Duration,
+    pub decode: Duration,
 }
 
 /// One window and the prompts due for it.
@@ -483,7 +489,9 @@ impl Runner {
                 }
             }
         }
+        stats.preprocess = t_vision.elapsed();
         alive();
+        let t_tower = Instant::now();
         let feats = match self.vision(&preps, &mut stats) {
             Ok(f) => f,
             Err(e) => {
@@ -491,6 +499,7 @@ impl Runner {
             }
         };
         let vision = t_vision.elapsed();
+        stats.vision = t_tower.elapsed();
         alive();
         match self.generate_batch(work, &preps, &feats, vision, alive, abort, &mut stats) {
             Ok(results) => {
@@ -641,6 +650,7 @@ impl Runner {
             .map_err(perr)?;
         let mut logits = self.model.lm_head(&hidden.narrow(1, ls - 1, 1).map_err(perr)?).map_err(perr)?.squeeze(1).map_err(perr)?;
         let prefill = t_prefill.elapsed();
+        stats.prefill = prefill;
         alive();
 
         // 3. Decode; finished rows leave the batch (their cache rows are dropped).
@@ -703,6 +713,7 @@ impl Runner {
             alive();
         }
 
+        stats.decode = t_decode.elapsed();
         let mut results = Vec::with_capacity(nr);
         for r in &rows {
             let p = preps[r.job].as_ref().expect("prepared");
