@@ -115,6 +115,9 @@ pub struct EngineCounters {
     pub vision_cache_hits: u64,
     pub vision_cache_misses: u64,
     pub frames_encoded: u64,
+    /// Frames whose resized, normalized pixels came from the cache / were preprocessed.
+    pub pixel_cache_hits: u64,
+    pub pixel_cache_misses: u64,
     /// Prompts that re-used a window's prefilled video prefix (a window's first prompt is not counted).
     pub prefix_shared: u64,
     /// Prompts whose ids did not extend the shared prefix (BPE across the boundary): prefilled alone.
@@ -144,6 +147,8 @@ impl EngineCounters {
         self.vision_cache_hits += s.vision_cache_hits;
         self.vision_cache_misses += s.vision_cache_misses;
         self.frames_encoded += s.frames_encoded;
+        self.pixel_cache_hits += s.pixel_cache_hits;
+        self.pixel_cache_misses += s.pixel_cache_misses;
         self.prefix_shared += s.prefix_shared;
         self.prefix_fallbacks += s.prefix_fallbacks;
         self.video_prefills += s.video_prefills;
