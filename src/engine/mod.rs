@@ -8,7 +8,8 @@
 //!
 //! The thread takes batches of jobs from several streams (up to `max_batch` sequences and
 //! `max_batch_tokens` prompt tokens) and runs them with the exact optimisations described in
-//! [`runner`]: per-frame vision features cached by content ([`features`]), one video prefill
+//! [`runner`]: per-frame preprocessed pixels and vision features cached by content
+//! ([`features`]), one video prefill
 //! per window shared by all its prompts, one prefill/decode batch across streams. Answers are
 //! token-for-token those of running each (window, prompt) alone (`tests/engine_exact.rs`).
 //!
