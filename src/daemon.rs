@@ -328,8 +328,9 @@ async fn read_windows(state: Arc<State>, stream: String, rx: WindowReceiver) {
             continue;
         }
         let info = window_info(&w, &lock(&state.cfg));
+        let fps = info.fps;
         lock(&state.pending).insert((stream.clone(), w.seq), Pending { info, closed_at, remaining: prompts.len() });
-        let job = Job { stream: stream.clone(), window: Arc::new(w), prompts, closed_at, reply: state.answers_tx.clone() };
+        let job = Job { stream: stream.clone(), window: Arc::new(w), prompts, fps, closed_at, reply: state.answers_tx.clone() };
         state.metrics.jobs_queued.with(&[&stream]).inc();
         if let Err(e) = state.engine.submit(job) {
             warn!("stream {stream}: engine refused a job: {e}");

@@ -81,6 +81,8 @@ fn optimised_answers_equal_each_request_alone() {
     // Every frame encoded once: stream a has 10 distinct frames in 18 window slots, b 8 in 12.
     assert_eq!((c.vision_cache_misses, c.vision_cache_hits), (18, 12));
     assert_eq!(c.frames_encoded, 18);
+    // Resizing + normalizing is cached the same way.
+    assert_eq!((c.pixel_cache_misses, c.pixel_cache_hits), (18, 12));
     // One video prefill per window; every further prompt of a window re-used it.
     assert_eq!(c.video_prefills, 6);
     assert_eq!(c.prefix_shared, (3 + 2 + 3 + 1 + 2 + 3) - 6);
@@ -115,6 +117,7 @@ fn optimisations_off_agree_too() {
     assert!(engine.shutdown(std::time::Duration::from_secs(30)));
     assert_same_as_alone(&cfg, &work, &got);
     assert_eq!(c.vision_cache_hits, 0);
+    assert_eq!(c.pixel_cache_hits + c.pixel_cache_misses, 0, "the processor ran per window");
     assert_eq!(c.frames_encoded, 6 * 3 + 4 * 3);
     assert_eq!(c.video_prefills, 14, "one prefill per prompt without sharing");
     assert_eq!(c.prefix_shared, 0);
@@ -183,4 +186,21 @@ fn cache_hits_count_reused_frames_and_a_size_change_misses() {
     assert_eq!(c4, (10, 12));
     assert_ne!(r4.visual_total / 4, r1.visual_total / 6, "the resized size changed");
     assert!(engine.shutdown(std::time::Duration::from_secs(10)));
+}
+
+#[test]
+fn short_and_odd_windows_are_exact_too() {
+    // A partial final window (3 frames) and a single-frame window next to full ones.
+    let cfg = config("", "max_batch = 16");
+    let a = frames(0, 9, 160, 120, 2.0);
+    let b = frames(1, 5, 96, 128, 1.0);
+    let work = vec![
+        (window("a", 0, &a, 0, 6, 2.0), vec!["caption", "person"]),
+        (window("a", 1, &a, 6, 3, 2.0), vec!["caption", "count"]),
+        (window("b", 0, &b, 0, 1, 1.0), vec!["person", "caption"]),
+        (window("b", 1, &b, 0, 5, 1.0), vec!["caption"]),
+    ];
+    let (got, c) = run_engine(&cfg, &work);
+    assert_same_as_alone(&cfg, &work, &got);
+    assert_eq!(c.video_prefills, 4);
 }

@@ -179,3 +179,47 @@ fn bad_jobs_are_refused_or_fail_without_killing_the_engine() {
     assert_eq!(engine.counters().prompts_failed, 1);
     assert!(engine.shutdown(Duration::from_secs(10)));
 }
+
+#[test]
+fn shutdown_past_its_deadline_cuts_work_short_but_answers_every_prompt() {
+    let cfg = config("max_new_tokens = 32", "max_batch = 2");
+    let a = frames(0, 8, 160, 120, 2.0);
+    let engine = start(&cfg);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for i in 0..8 {
+        engine.submit(job(&window("a", i, &a, 0, 8, 2.0), &cfg, &["caption", "person"], &tx)).unwrap();
+    }
+    assert!(!engine.shutdown(Duration::ZERO), "cannot finish 16 prompts in no time");
+    // Every prompt still hears back exactly once: answered, failed (cut short) or dropped.
+    let mut heard = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while heard < 16 {
+        match rx.try_recv() {
+            Ok(JobOutput::Dropped { reason, prompts, .. }) => {
+                assert_eq!(reason, "shutdown");
+                heard += prompts.len();
+            }
+            Ok(JobOutput::Failed { error, .. }) => {
+                assert!(error.contains("shutting down"), "{error}");
+                heard += 1;
+            }
+            Ok(JobOutput::Answer(_)) => heard += 1,
+            Err(_) => {
+                assert!(Instant::now() < deadline, "only {heard} of 16 outputs");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(rx.try_recv().is_err(), "nothing answered twice");
+    assert!(engine.counters().jobs_dropped.get("shutdown").copied().unwrap_or(0) > 0);
+}
+
+#[test]
+fn handles_cross_threads() {
+    fn send_sync<T: Send + Sync + Clone + 'static>() {}
+    send_sync::<Engine>();
+    fn send<T: Send + 'static>() {}
+    send::<vigil::engine::Job>();
+    send::<JobOutput>();
+}

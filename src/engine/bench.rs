@@ -178,7 +178,7 @@ pub fn run(o: &BenchOptions) -> Result<Vec<BenchRow>, EngineError> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let t0 = Instant::now();
         for w in &windows {
-            engine.submit(Job { stream: w.stream.clone(), window: w.clone(), prompts: prompts.clone(), closed_at: Instant::now(), reply: tx.clone() })?;
+            engine.submit(Job { stream: w.stream.clone(), window: w.clone(), prompts: prompts.clone(), fps: o.fps, closed_at: Instant::now(), reply: tx.clone() })?;
         }
         let mut on_tokens = std::collections::HashMap::new();
         let want = windows.len() * prompts.len();
@@ -229,11 +229,11 @@ pub fn table(o: &BenchOptions, rows: &[BenchRow]) -> String {
         rows.first().map(|r| r.prompts_per_window).unwrap_or(2),
         o.max_new_tokens
     );
-    s.push_str("streams  windows   on win/s  on ms/win   off win/s  off ms/win   on/off speedup  cache hit/miss  prefills  mean batch  identical\n");
+    s.push_str("streams  windows   on win/s  on ms/win   off win/s  off ms/win   on/off speedup  cache hit/miss  prefills  mean batch  on time: prep/vision/prefill/decode %  identical\n");
     for r in rows {
         let c = &r.counters;
         s.push_str(&format!(
-            "{:>7}  {:>7}  {:>9.2}  {:>9.1}  {:>10.2}  {:>10.1}  {:>15.2}x  {:>8}/{:<5}  {:>8}  {:>10.1}  {}\n",
+            "{:>7}  {:>7}  {:>9.2}  {:>9.1}  {:>10.2}  {:>10.1}  {:>15.2}x  {:>8}/{:<5}  {:>8}  {:>10.1}  {:>36}  {}\n",
             r.streams,
             r.windows,
             r.on_windows_per_s,
@@ -245,6 +245,16 @@ pub fn table(o: &BenchOptions, rows: &[BenchRow]) -> String {
             c.vision_cache_misses,
             c.video_prefills,
             c.batch_size_sum as f64 / c.batches.max(1) as f64,
+            {
+                let t = c.busy_ms.max(1) as f64 / 100.0;
+                format!(
+                    "{:.0}/{:.0}/{:.0}/{:.0}",
+                    c.preprocess_ms as f64 / t,
+                    c.vision_ms as f64 / t,
+                    c.prefill_ms as f64 / t,
+                    c.decode_ms as f64 / t
+                )
+            },
             if r.mismatches == 0 { "yes".to_string() } else { format!("NO ({} differ)", r.mismatches) }
         ));
     }

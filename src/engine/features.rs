@@ -47,21 +47,39 @@ impl FrameKey {
         }
         FrameKey { hash: ((a.finish() as u128) << 64) | b.finish() as u128, grid_h, grid_w }
     }
+
+    /// Key of a decoded RGB8 frame (`width`x`height`) to be resized to `out_h`x`out_w` (the
+    /// preprocessed-pixels cache: same bytes, same size, same target → same patch rows).
+    pub fn of_rgb(data: &[u8], width: usize, height: usize, out_h: usize, out_w: usize) -> Self {
+        let mut a = DefaultHasher::new();
+        let mut b = DefaultHasher::new();
+        a.write_u64(0x5649_4749_4c5f_5231);
+        b.write_u64(0x5649_4749_4c5f_5232);
+        for h in [&mut a, &mut b] {
+            h.write_usize(width);
+            h.write_usize(height);
+            h.write(data);
+        }
+        FrameKey { hash: ((a.finish() as u128) << 64) | b.finish() as u128, grid_h: out_h, grid_w: out_w }
+    }
 }
 
 /// LRU cache of projected per-frame features (`[tokens, text_hidden]` on the model's device).
-#[derive(Debug, Default)]
-pub struct FeatureCache {
+pub type FeatureCache = LruCache<Tensor>;
+
+/// A bounded least-recently-used map from [`FrameKey`]s.
+#[derive(Debug)]
+pub struct LruCache<V> {
     capacity: usize,
-    entries: HashMap<FrameKey, (Tensor, u64)>,
+    entries: HashMap<FrameKey, (V, u64)>,
     /// Last-use tick → key, oldest first.
     order: BTreeMap<u64, FrameKey>,
     tick: u64,
 }
 
-impl FeatureCache {
+impl<V: Clone> LruCache<V> {
     pub fn new(capacity: usize) -> Self {
-        Self { capacity, ..Default::default() }
+        Self { capacity, entries: HashMap::new(), order: BTreeMap::new(), tick: 0 }
     }
 
     pub fn capacity(&self) -> usize {
@@ -77,7 +95,7 @@ impl FeatureCache {
     }
 
     /// The features of `key`, marking them most recently used.
-    pub fn get(&mut self, key: &FrameKey) -> Option<Tensor> {
+    pub fn get(&mut self, key: &FrameKey) -> Option<V> {
         self.tick += 1;
         let tick = self.tick;
         let (t, last) = self.entries.get_mut(key)?;
@@ -88,7 +106,7 @@ impl FeatureCache {
     }
 
     /// Store features; the least recently used entries make room.
-    pub fn insert(&mut self, key: FrameKey, features: Tensor) {
+    pub fn insert(&mut self, key: FrameKey, features: V) {
         if self.capacity == 0 {
             return;
         }

@@ -8,7 +8,8 @@
 //!
 //! The thread takes batches of jobs from several streams (up to `max_batch` sequences and
 //! `max_batch_tokens` prompt tokens) and runs them with the exact optimisations described in
-//! [`runner`]: per-frame vision features cached by content ([`features`]), one video prefill
+//! [`runner`]: per-frame preprocessed pixels and vision features cached by content
+//! ([`features`]), one video prefill
 //! per window shared by all its prompts, one prefill/decode batch across streams. Answers are
 //! token-for-token those of running each (window, prompt) alone (`tests/engine_exact.rs`).
 //!
@@ -55,6 +56,10 @@ pub struct Job {
     pub stream: String,
     pub window: Arc<Window>,
     pub prompts: Vec<PromptConfig>,
+    /// The stream's sampling rate: frame `i` of the window is at `i / fps` s. Carried by the job
+    /// (not looked up in the config the engine started with) so a reload that changes a stream's
+    /// fps takes effect; `0` derives it from the frames' grid (`slot / time_s`).
+    pub fps: f64,
     /// When the window closed (queue latency is measured from here).
     pub closed_at: Instant,
     pub reply: tokio::sync::mpsc::UnboundedSender<JobOutput>,
@@ -62,6 +67,7 @@ pub struct Job {
 
 /// What the engine says about each prompt of a job.
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // answers are the common case; boxing them buys nothing
 pub enum JobOutput {
     Answer(PromptResult),
     /// The job left the queue unanswered (too old, evicted, stream removed, shutdown).
@@ -114,6 +120,9 @@ pub struct EngineCounters {
     pub vision_cache_hits: u64,
     pub vision_cache_misses: u64,
     pub frames_encoded: u64,
+    /// Frames whose resized, normalized pixels came from the cache / were preprocessed.
+    pub pixel_cache_hits: u64,
+    pub pixel_cache_misses: u64,
     /// Prompts that re-used a window's prefilled video prefix (a window's first prompt is not counted).
     pub prefix_shared: u64,
     /// Prompts whose ids did not extend the shared prefix (BPE across the boundary): prefilled alone.
@@ -129,8 +138,13 @@ pub struct EngineCounters {
     pub visual_tokens_total: u64,
     pub visual_tokens_kept: u64,
     pub tokens_generated: u64,
-    /// Time spent running batches.
+    /// Time spent running batches, and its split over the stages (processor; vision tower;
+    /// video + question prefills; decoding).
     pub busy_ms: u64,
+    pub preprocess_ms: u64,
+    pub vision_ms: u64,
+    pub prefill_ms: u64,
+    pub decode_ms: u64,
 }
 
 impl EngineCounters {
@@ -138,6 +152,8 @@ impl EngineCounters {
         self.vision_cache_hits += s.vision_cache_hits;
         self.vision_cache_misses += s.vision_cache_misses;
         self.frames_encoded += s.frames_encoded;
+        self.pixel_cache_hits += s.pixel_cache_hits;
+        self.pixel_cache_misses += s.pixel_cache_misses;
         self.prefix_shared += s.prefix_shared;
         self.prefix_fallbacks += s.prefix_fallbacks;
         self.video_prefills += s.video_prefills;
@@ -147,6 +163,10 @@ impl EngineCounters {
         self.visual_tokens_total += s.visual_tokens_total;
         self.visual_tokens_kept += s.visual_tokens_kept;
         self.tokens_generated += s.tokens_generated;
+        self.preprocess_ms += s.preprocess.as_millis() as u64;
+        self.vision_ms += s.vision.as_millis() as u64;
+        self.prefill_ms += s.prefill.as_millis() as u64;
+        self.decode_ms += s.decode.as_millis() as u64;
     }
     fn dropped(&mut self, reason: &str, n: u64) {
         *self.jobs_dropped.entry(reason.to_string()).or_default() += n;
@@ -197,7 +217,6 @@ struct Shared {
     finished: Mutex<bool>,
     finished_cv: Condvar,
     thread: Mutex<Option<JoinHandle<()>>>,
-    stream_fps: BTreeMap<String, f64>,
     default_fps: f64,
     max_batch: usize,
     max_batch_tokens: usize,
@@ -284,10 +303,6 @@ impl Engine {
     /// [`Engine::start`] with chosen optimisations (tests and the bench compare them).
     pub fn start_with(cfg: &Config, options: RunOptions) -> Result<Engine, EngineError> {
         let e = &cfg.engine;
-        let mut stream_fps = BTreeMap::new();
-        for s in &cfg.streams {
-            stream_fps.insert(s.name.clone(), s.settings.fps);
-        }
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 queue: JobQueue::new(e.queue_capacity, Duration::from_secs_f64(e.max_queue_age_s.max(0.0))),
@@ -302,7 +317,6 @@ impl Engine {
             finished: Mutex::new(false),
             finished_cv: Condvar::new(),
             thread: Mutex::new(None),
-            stream_fps,
             default_fps: cfg.defaults.fps,
             max_batch: e.max_batch.max(1),
             max_batch_tokens: e.max_batch_tokens.max(1),
@@ -331,6 +345,8 @@ impl Engine {
                 };
                 runner.options = options;
                 engine_loop(&sh, &mut runner);
+                // Free the model before saying we are done.
+                drop(runner);
                 mark_finished(&sh);
             })
             .map_err(|e| EngineError::Load(format!("cannot spawn the engine thread: {e}")))?;
@@ -385,10 +401,10 @@ impl Engine {
     }
 
     fn fps_of(&self, job: &Job) -> f64 {
-        if let Some(&f) = self.shared.stream_fps.get(&job.stream) {
-            return f;
+        if job.fps > 0.0 && job.fps.is_finite() {
+            return job.fps;
         }
-        // Not a configured stream: the frames sit on the grid slot / fps.
+        // Not given: the frames sit on the grid slot / fps.
         job.window
             .frames
             .iter()
@@ -431,12 +447,11 @@ impl Engine {
         let deadline = Instant::now() + timeout;
         self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).stopping = true;
         self.shared.wake.notify_all();
-        let mut clean = wait_finished(&self.shared, deadline);
+        let clean = wait_finished(&self.shared, deadline);
         if !clean {
             self.shared.abort.store(true, Ordering::Relaxed);
             self.shared.wake.notify_all();
-            // The batch stops at its next decode step.
-            clean = false;
+            // The running batch stops at its next decode step; queued jobs are dropped.
             wait_finished(&self.shared, Instant::now() + Duration::from_secs(5));
         }
         let finished = *self.shared.finished.lock().unwrap_or_else(|p| p.into_inner());
@@ -470,7 +485,7 @@ fn join(sh: &Shared) {
     }
 }
 
-fn engine_loop(sh: &Shared, runner: &mut Runner) {
+fn engine_loop(sh: &Arc<Shared>, runner: &mut Runner) {
     loop {
         sh.beat();
         let batch = {
@@ -501,7 +516,8 @@ fn engine_loop(sh: &Shared, runner: &mut Runner) {
                 return;
             }
             if st.queue.is_empty() {
-                if st.stopping {
+                // Stopping, or every `Engine` handle is gone (only this thread holds `Shared`).
+                if st.stopping || Arc::strong_count(sh) == 1 {
                     return;
                 }
                 let _ = sh.wake.wait_timeout(st, Duration::from_millis(250));
@@ -538,8 +554,9 @@ fn run_jobs(sh: &Shared, runner: &mut Runner, batch: Vec<Queued>) {
             (work.iter().map(|w| w.prompts.iter().map(|_| Err("engine panic".to_string())).collect()).collect(), RunStats::default())
         }
     };
-    let mut done = 0u64;
-    let mut failed = 0u64;
+    // Counters first, so whoever has received every answer also sees them counted.
+    let mut msgs = Vec::new();
+    let (mut done, mut failed) = (0u64, 0u64);
     for (q, outs) in batch.iter().zip(outcomes) {
         for (p, o) in q.job.prompts.iter().zip(outs) {
             let msg = match o {
@@ -553,14 +570,19 @@ fn run_jobs(sh: &Shared, runner: &mut Runner, batch: Vec<Queued>) {
                     JobOutput::Failed { stream: q.job.stream.clone(), window_seq: q.job.window.seq, prompt: p.name.clone(), error }
                 }
             };
-            let _ = q.job.reply.send(msg);
+            msgs.push((&q.job.reply, msg));
         }
     }
-    let mut c = sh.counters.lock().unwrap_or_else(|p| p.into_inner());
-    c.add(&stats);
-    c.batches += 1;
-    c.jobs_done += batch.len() as u64;
-    c.prompts_done += done;
-    c.prompts_failed += failed;
-    c.busy_ms += start.elapsed().as_millis() as u64;
+    {
+        let mut c = sh.counters.lock().unwrap_or_else(|p| p.into_inner());
+        c.add(&stats);
+        c.batches += 1;
+        c.jobs_done += batch.len() as u64;
+        c.prompts_done += done;
+        c.prompts_failed += failed;
+        c.busy_ms += start.elapsed().as_millis() as u64;
+    }
+    for (reply, msg) in msgs {
+        let _ = reply.send(msg);
+    }
 }

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Tensor};
 
-use super::features::{FeatureCache, FrameKey};
+use super::features::{FeatureCache, FrameKey, LruCache};
 use super::{EngineError, PromptResult};
 use crate::config::{PromptConfig, PruningConfig};
 use crate::model::generation::{apply_repetition_penalty, argmax, sample, Rng};
@@ -35,7 +35,10 @@ use crate::model::text::DecoderInputs;
 use crate::model::{
     GenerationParams, KvCache, MultimodalInputs, Sampling, VideoLlama3ForConditionalGeneration, VisualInputs,
 };
-use crate::processor::{CallOptions, ContentPart, Message, PaddingSide, Processor, RgbImage, Video};
+use crate::processor::image::{normalize_planes, patchify_frames};
+use crate::processor::resize::{resize_torchvision_bicubic_u8, smart_resize};
+use crate::processor::video::compression_mask;
+use crate::processor::{py_format_1f, CallOptions, ContentPart, Message, PaddingSide, Processor, RgbImage, Video, VideoInputs};
 use crate::window::Window;
 
 /// Which optimisations the batched path uses (all on in the daemon; the bench and tests turn
@@ -71,6 +74,15 @@ pub struct RunStats {
     pub visual_tokens_total: u64,
     pub visual_tokens_kept: u64,
     pub tokens_generated: u64,
+    /// Frames whose preprocessed pixels came from the cache / were resized and normalized.
+    pub pixel_cache_hits: u64,
+    pub pixel_cache_misses: u64,
+    /// Wall time of the batch's stages: processor (resize, normalize, template, tokenize),
+    /// vision tower, prefills, decoding.
+    pub preprocess: Duration,
+    pub vision: Duration,
+    pub prefill: Duration,
+    pub decode: Duration,
 }
 
 /// One window and the prompts due for it.
@@ -130,6 +142,9 @@ pub struct Runner {
     params: GenerationParams,
     pruning: PruningConfig,
     cache: FeatureCache,
+    /// Preprocessed patch rows per (frame content, target size): overlapping windows resize
+    /// and normalize each frame once.
+    pixel_cache: LruCache<Arc<Vec<f32>>>,
     pub options: RunOptions,
     eos: Vec<u32>,
     pad: u32,
@@ -168,7 +183,18 @@ impl Runner {
         if processor.video_processor.config.base.temporal_patch_size != 1 {
             return Err(EngineError::Load("video temporal_patch_size must be 1 (VideoLLaMA3)".into()));
         }
-        Ok(Self { model, processor, params, pruning, cache: FeatureCache::new(feature_cache_frames), options: RunOptions::default(), eos, pad, penalty })
+        Ok(Self {
+            model,
+            processor,
+            params,
+            pruning,
+            cache: FeatureCache::new(feature_cache_frames),
+            pixel_cache: LruCache::new(feature_cache_frames),
+            options: RunOptions::default(),
+            eos,
+            pad,
+            penalty,
+        })
     }
 
     pub fn feature_cache(&self) -> &FeatureCache {
@@ -177,6 +203,7 @@ impl Runner {
 
     pub fn clear_feature_cache(&mut self) {
         self.cache.clear();
+        self.pixel_cache.clear();
     }
 
     fn max_new(&self, p: &PromptConfig) -> usize {
@@ -287,7 +314,7 @@ impl Runner {
 
     /// Processor work for one window: the video's patches and mask, the tokenized head and each
     /// prompt's full ids with where its suffix starts.
-    fn prepare(&self, work: &WindowWork, stats: &mut RunStats) -> Result<Prepared, String> {
+    fn prepare(&mut self, work: &WindowWork, stats: &mut RunStats) -> Result<Prepared, String> {
         let vtok = self.processor.files.video_token.clone();
         let itok = self.processor.files.image_token.clone();
         let mut heads = Vec::with_capacity(work.prompts.len());
@@ -303,12 +330,25 @@ impl Runner {
             let (head, tail) = text.split_at(cut);
             heads.push((head.to_string(), tail.to_string()));
         }
-        let video = Self::video_of(&work.window, work.fps)?;
+        let video = || Self::video_of(&work.window, work.fps);
         let opts = self.call_options();
-        let first = &heads.first().ok_or("a job without prompts")?.0;
-        let inputs = self.processor.call(std::slice::from_ref(first), &[], &[video.clone()], &opts).map_err(perr)?;
-        let prefix_ids = inputs.input_ids[0].clone();
-        let expanded_head = inputs.expanded_texts[0].clone();
+        let first = heads.first().ok_or("a job without prompts")?.0.clone();
+        let first = &first;
+        let v = if self.options.feature_cache && self.pixel_cache.capacity() > 0 {
+            self.video_rows_cached(&work.window, work.fps, stats)?
+        } else {
+            self.processor.call(std::slice::from_ref(first), &[], &[video()?], &opts).map_err(perr)?.videos
+        };
+        // The processor's placeholder expansion (`replace_video_token`) of the head.
+        let per = v.mask_of(0).len() / v.timestamps[0].len().max(1);
+        let repl: Vec<String> = v
+            .mask_of(0)
+            .chunks(per.max(1))
+            .zip(&v.timestamps[0])
+            .map(|(chunk, t)| format!("Time {}s:{}", py_format_1f(*t), vtok.repeat(chunk.iter().filter(|k| **k).count())))
+            .collect();
+        let expanded_head = first.replacen(&vtok, &repl.join(","), 1);
+        let prefix_ids = self.processor.tokenizer.encode(expanded_head.as_str(), true).map_err(perr)?.get_ids().to_vec();
         let encode = |s: &str| -> Result<Vec<u32>, String> {
             Ok(self.processor.tokenizer.encode(s, true).map_err(perr)?.get_ids().to_vec())
         };
@@ -319,7 +359,7 @@ impl Runner {
                 encode(&format!("{expanded_head}{tail}"))?
             } else {
                 // The template put something prompt-specific before the video: its own expansion.
-                let own = self.processor.call(&[format!("{head}{tail}")], &[], &[video.clone()], &opts).map_err(perr)?;
+                let own = self.processor.call(&[format!("{head}{tail}")], &[], &[video()?], &opts).map_err(perr)?;
                 own.input_ids[0].clone()
             };
             if full_ids.len() < 2 {
@@ -346,7 +386,6 @@ impl Runner {
                 rows.push(PreparedPrompt { full_ids, split, shared: false });
             }
         }
-        let v = inputs.videos;
         if v.video_grid_thw.len() != 1 {
             return Err("expected one video".into());
         }
@@ -361,6 +400,74 @@ impl Runner {
             pixels: v.pixel_values_videos,
             prefix_ids,
             rows,
+        })
+    }
+
+    /// `VideoProcessor::preprocess` for one window's frames, with each frame's resized,
+    /// normalized patch rows cached by content and target size. Same steps and functions as the
+    /// processor (per-clip pixel budget, torchvision bicubic, normalize, patchify, pruning mask);
+    /// frames are independent until the mask, which is computed over the whole clip.
+    fn video_rows_cached(&mut self, window: &Window, fps: f64, stats: &mut RunStats) -> Result<VideoInputs, String> {
+        let c = self.processor.video_processor.config.base.clone();
+        let first = window.frames.first().ok_or("a window without frames")?;
+        let (fw, fh) = (first.width as usize, first.height as usize);
+        if let Some((i, f)) = window.frames.iter().enumerate().find(|(_, f)| (f.width, f.height) != (first.width, first.height)) {
+            return Err(format!(
+                "video 0: frame {i} is {}x{} but frame 0 is {fw}x{fh}; all frames of a video must have the same size",
+                f.width, f.height
+            ));
+        }
+        if !(fps.is_finite() && fps > 0.0) {
+            return Err(format!("video fps must be a positive number, got {fps}"));
+        }
+        let n = window.frames.len();
+        let (h, w) = if c.do_resize {
+            smart_resize(fh, fw, c.patch_size * c.merge_size, c.min_pixels, c.max_pixels / n).map_err(perr)?
+        } else {
+            (fh, fw)
+        };
+        let norm = c.norm();
+        let patch_dim = 3 * c.temporal_patch_size * c.patch_size * c.patch_size;
+        let mut pixels = Vec::new();
+        let (mut gh, mut gw) = (0, 0);
+        for f in &window.frames {
+            if f.data.len() != fw * fh * 3 {
+                return Err(format!("RGB buffer has {} bytes, expected {fw}x{fh}x3 = {}", f.data.len(), fw * fh * 3));
+            }
+            let key = FrameKey::of_rgb(&f.data, fw, fh, h, w);
+            let rows = match self.pixel_cache.get(&key) {
+                Some(r) => {
+                    stats.pixel_cache_hits += 1;
+                    r
+                }
+                None => {
+                    stats.pixel_cache_misses += 1;
+                    let data = if (h, w) == (fh, fw) { f.data.clone() } else { resize_torchvision_bicubic_u8(&f.data, fh, fw, 3, h, w) };
+                    let planes = normalize_planes(&RgbImage { width: w, height: h, data }, &norm);
+                    let mut rows = Vec::new();
+                    patchify_frames(&[planes], h, w, c.patch_size, c.merge_size, c.temporal_patch_size, &mut rows).map_err(perr)?;
+                    let rows = Arc::new(rows);
+                    self.pixel_cache.insert(key, rows.clone());
+                    rows
+                }
+            };
+            (gh, gw) = (h / c.patch_size, w / c.patch_size);
+            pixels.extend_from_slice(&rows);
+        }
+        let grid = [n.div_ceil(c.temporal_patch_size), gh, gw];
+        let tokens = grid[0] * gh * gw / (c.merge_size * c.merge_size);
+        let mask = if self.pruning.enabled {
+            compression_mask(&pixels, grid, c.merge_size, patch_dim, self.pruning.threshold, self.pruning.min_tokens_per_frame)
+        } else {
+            vec![true; tokens]
+        };
+        Ok(VideoInputs {
+            pixel_values_videos: pixels,
+            patch_dim,
+            video_grid_thw: vec![grid],
+            video_merge_sizes: vec![c.merge_size],
+            video_compression_mask: mask,
+            timestamps: vec![(0..n).map(|i| i as f64 / fps).collect()],
         })
     }
 
@@ -415,7 +522,10 @@ impl Runner {
             keys.push(ks);
         }
         // Encode the misses, grouped by (grid, merge): frames of one size form one item.
-        let mut by_size: Vec<((usize, usize, usize, usize), Vec<(FrameKey, usize, usize)>)> = Vec::new();
+        // (grid h, grid w, merge, patch_dim) → (key, window, frame) of the frames to encode.
+        type Size = (usize, usize, usize, usize);
+        type Frames = Vec<(FrameKey, usize, usize)>;
+        let mut by_size: Vec<(Size, Frames)> = Vec::new();
         for &(key, pi, f, pd) in &missing {
             let p = preps[pi].as_ref().expect("missing frames come from prepared windows");
             let size = (p.grid[1], p.grid[2], p.merge, pd);
@@ -480,7 +590,9 @@ impl Runner {
                 }
             }
         }
+        stats.preprocess = t_vision.elapsed();
         alive();
+        let t_tower = Instant::now();
         let feats = match self.vision(&preps, &mut stats) {
             Ok(f) => f,
             Err(e) => {
@@ -488,6 +600,7 @@ impl Runner {
             }
         };
         let vision = t_vision.elapsed();
+        stats.vision = t_tower.elapsed();
         alive();
         match self.generate_batch(work, &preps, &feats, vision, alive, abort, &mut stats) {
             Ok(results) => {
@@ -638,6 +751,7 @@ impl Runner {
             .map_err(perr)?;
         let mut logits = self.model.lm_head(&hidden.narrow(1, ls - 1, 1).map_err(perr)?).map_err(perr)?.squeeze(1).map_err(perr)?;
         let prefill = t_prefill.elapsed();
+        stats.prefill = prefill;
         alive();
 
         // 3. Decode; finished rows leave the batch (their cache rows are dropped).
@@ -700,6 +814,7 @@ impl Runner {
             alive();
         }
 
+        stats.decode = t_decode.elapsed();
         let mut results = Vec::with_capacity(nr);
         for r in &rows {
             let p = preps[r.job].as_ref().expect("prepared");

@@ -70,6 +70,7 @@ pub fn job(w: &Arc<Window>, cfg: &Config, names: &[&str], reply: &tokio::sync::m
         stream: w.stream.clone(),
         window: w.clone(),
         prompts: names.iter().map(|n| cfg.prompt(n).expect("prompt").clone()).collect(),
+        fps: cfg.streams.iter().find(|s| s.name == w.stream).map(|s| s.settings.fps).unwrap_or(0.0),
         closed_at: Instant::now(),
         reply: reply.clone(),
     }
