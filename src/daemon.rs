@@ -84,6 +84,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Metrics {
     registry: Registry,
     frames: CounterVec,
+    frames_dropped: CounterVec,
     windows: CounterVec,
     windows_dropped: CounterVec,
     jobs_queued: CounterVec,
@@ -97,6 +98,7 @@ struct Metrics {
     cache_hits: CounterVec,
     cache_misses: CounterVec,
     prefix_shared: CounterVec,
+    mqtt_published: CounterVec,
     mqtt_queued: GaugeVec,
     mqtt_dropped: CounterVec,
     stream_up: GaugeVec,
@@ -109,6 +111,11 @@ impl Metrics {
         let r = Registry::new();
         Metrics {
             frames: r.counter("vigil_frames_total", "Frames delivered by the stream's pipeline (after rate limiting).", &["stream"]),
+            frames_dropped: r.counter(
+                "vigil_frames_dropped_total",
+                "Frames discarded by the windower (out of order after a reconnect or loop).",
+                &["stream"],
+            ),
             windows: r.counter("vigil_windows_total", "Windows emitted.", &["stream"]),
             windows_dropped: r.counter(
                 "vigil_windows_dropped_total",
@@ -133,6 +140,11 @@ impl Metrics {
             prefix_shared: r.counter(
                 "vigil_prefix_shared_total",
                 "Prompts that re-used a window's prefilled video prefix.",
+                &[],
+            ),
+            mqtt_published: r.counter(
+                "vigil_mqtt_published_total",
+                "MQTT messages the broker took (QoS 0 written, QoS 1/2 acknowledged).",
                 &[],
             ),
             mqtt_queued: r.gauge("vigil_mqtt_queued", "Messages waiting in the MQTT outbox.", &[]),
@@ -170,6 +182,8 @@ struct State {
     states: Mutex<BTreeMap<String, StreamState>>,
     /// Recent total latencies (s), for the stats' p50/p95.
     recent_latency: Mutex<VecDeque<f64>>,
+    /// Answers handed to the publisher since start.
+    published: std::sync::atomic::AtomicU64,
     answers_tx: mpsc::UnboundedSender<JobOutput>,
     notifier: Notifier,
 }
@@ -226,6 +240,7 @@ pub async fn run(config_path: &Path, mut controls: mpsc::Receiver<Control>) -> R
         pending: Mutex::default(),
         states: Mutex::default(),
         recent_latency: Mutex::default(),
+        published: Default::default(),
         answers_tx,
         notifier,
     });
@@ -277,7 +292,13 @@ pub async fn run(config_path: &Path, mut controls: mpsc::Receiver<Control>) -> R
     stats_task.abort();
     watchdog_task.abort();
     publisher.shutdown(Duration::from_secs(10)).await;
-    info!("stopped");
+    let o = publisher.outbox_stats();
+    info!(
+        "stopped: {} answers published, {} MQTT messages dropped, {} left in the outbox",
+        state.published.load(std::sync::atomic::Ordering::Relaxed),
+        o.dropped,
+        o.depth
+    );
     Ok(())
 }
 
@@ -423,6 +444,7 @@ fn publish_answer(state: &Arc<State>, r: PromptResult) {
         timestamp: rfc3339(SystemTime::now()),
     };
     state.publisher.answer(&answer);
+    state.published.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 
     let m = &state.metrics;
     m.answers.with(&[&r.stream, &r.prompt]).inc();
@@ -612,6 +634,7 @@ fn install_scrape_hook(state: &Arc<State>) {
             for name in sources.names() {
                 if let Some(st) = sources.stats(&name) {
                     m.frames.with(&[&name]).set_total(st.frames as f64);
+                    m.frames_dropped.with(&[&name]).set_total(st.windows.frames_out_of_order as f64);
                     m.windows_dropped
                         .with(&[&name])
                         .set_total((st.windows.windows_dropped_gap + st.windows_dropped_queue) as f64);
@@ -626,6 +649,7 @@ fn install_scrape_hook(state: &Arc<State>) {
         m.prefix_shared.with(&[]).set_total(c.prefix_shared as f64);
         let o = state.publisher.outbox_stats();
         m.mqtt_queued.with(&[]).set(o.depth as f64);
+        m.mqtt_published.with(&[]).set_total(state.publisher.delivered() as f64);
         m.mqtt_dropped.with(&[]).set_total(o.dropped as f64);
         m.engine_queue.with(&[]).set(state.engine.queue_len() as f64);
         m.heartbeat_age.with(&[]).set(state.engine.heartbeat_age().as_secs_f64());

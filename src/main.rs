@@ -90,36 +90,39 @@ enum Command {
 #[derive(Subcommand)]
 enum BenchCommand {
     /// Windows/s for 1, 4, 8 streams x 2 prompts, engine optimisations on vs off (same run).
-    Engine {
-        /// Complete checkpoint directory (model + processor files).
-        #[arg(long, value_name = "DIR")]
-        model: PathBuf,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        #[arg(long, default_value = "f32")]
-        dtype: String,
-        /// Stream counts to measure.
-        #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
-        streams: Vec<usize>,
-        #[arg(long, default_value_t = 4)]
-        windows_per_stream: usize,
-        #[arg(long, default_value_t = 8)]
-        frames_per_window: usize,
-        /// Frames between window starts (less than --frames-per-window: overlap).
-        #[arg(long, default_value_t = 4)]
-        stride_frames: usize,
-        #[arg(long, default_value_t = 160)]
-        width: u32,
-        #[arg(long, default_value_t = 120)]
-        height: u32,
-        #[arg(long, default_value_t = 16)]
-        max_new_tokens: usize,
-        #[arg(long, default_value_t = 16)]
-        max_batch: usize,
-        /// Print the rows as JSON lines instead of the table.
-        #[arg(long)]
-        json: bool,
-    },
+    Engine(BenchEngineArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchEngineArgs {
+    /// Complete checkpoint directory (model + processor files).
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Stream counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
+    streams: Vec<usize>,
+    #[arg(long, default_value_t = 4)]
+    windows_per_stream: usize,
+    #[arg(long, default_value_t = 8)]
+    frames_per_window: usize,
+    /// Frames between window starts (less than --frames-per-window: overlap).
+    #[arg(long, default_value_t = 4)]
+    stride_frames: usize,
+    #[arg(long, default_value_t = 160)]
+    width: u32,
+    #[arg(long, default_value_t = 120)]
+    height: u32,
+    #[arg(long, default_value_t = 16)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Print the rows as JSON lines instead of the table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -236,34 +239,21 @@ fn main() -> ExitCode {
         }
         Command::Preprocess(args) => preprocess(args),
         Command::Infer(args) => infer(args),
-        Command::Bench(BenchCommand::Engine {
-            model,
-            device,
-            dtype,
-            streams,
-            windows_per_stream,
-            frames_per_window,
-            stride_frames,
-            width,
-            height,
-            max_new_tokens,
-            max_batch,
-            json,
-        }) => {
+        Command::Bench(BenchCommand::Engine(a)) => {
             let o = vigil::engine::bench::BenchOptions {
-                device,
-                dtype,
-                streams,
-                windows_per_stream,
-                frames_per_window,
-                stride_frames,
-                width,
-                height,
-                max_new_tokens,
-                max_batch,
-                ..vigil::engine::bench::BenchOptions::new(model)
+                device: a.device,
+                dtype: a.dtype,
+                streams: a.streams,
+                windows_per_stream: a.windows_per_stream,
+                frames_per_window: a.frames_per_window,
+                stride_frames: a.stride_frames,
+                width: a.width,
+                height: a.height,
+                max_new_tokens: a.max_new_tokens,
+                max_batch: a.max_batch,
+                ..vigil::engine::bench::BenchOptions::new(a.model)
             };
-            bench_engine(&o, json)
+            bench_engine(&o, a.json)
         }
     }
 }

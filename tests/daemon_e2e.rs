@@ -185,6 +185,12 @@ async fn every_window_gets_one_answer_per_prompt_then_sigterm_stops_cleanly() {
     assert!(total > 0.0 && kept > 0.0 && kept < total, "the ball moves over a static background: {kept}/{total}");
     assert!(metric(&m, "vigil_prefix_shared_total") >= 3.0, "two prompts per window share the video prefix");
     assert!(metric(&m, "vigil_stage_seconds_count{stage=\"total\"}") == 6.0);
+    assert!(metric(&m, "vigil_mqtt_published_total") >= 6.0, "answers plus states and availability");
+    assert_eq!(metric(&m, "vigil_mqtt_dropped_total"), 0.0);
+    assert_eq!(metric(&m, "vigil_frames_total{stream=\"clip\"}"), 12.0);
+    assert_eq!(metric(&m, "vigil_frames_dropped_total{stream=\"clip\"}"), 0.0);
+    // The series appears with the first drop; none is expected here.
+    assert!(!m.contains("vigil_jobs_dropped_total{stream=\"clip\"}"), "no job should be dropped:\n{m}");
     assert!(http_get(metrics_port, "/healthz").starts_with("HTTP/1.1 200"));
 
     signal(&vigil, "TERM");
@@ -364,4 +370,35 @@ async fn rtsp_stream_keeps_answering_after_its_server_restarts_while_a_file_stre
     assert!(cam_again, "cam should answer after its server is back; log:\n{}", log_text(&log));
     signal(&vigil, "TERM");
     assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0), "log:\n{}", log_text(&log));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_run_loses_no_answer_of_a_completed_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "");
+    let cfg = write_config(dir.path(), broker.port, free_port(), "", &clip_stream("live", "loop = true\nrealtime = true\nwindow_seconds = 1.0\nstride_seconds = 1.0"));
+    let mut sub = Sub::connect(broker.port, "e2e-term", &["vigil/#"], false).await;
+    let log = dir.path().join("vigil.log");
+    let mut vigil = spawn_vigil(&cfg, &log);
+
+    let mut received = answers(&mut sub, 3, Duration::from_secs(60)).await.len();
+    assert_eq!(received, 3, "log:\n{}", log_text(&log));
+    // Mid-run: windows keep coming and jobs are in flight.
+    signal(&vigil, "TERM");
+    assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0), "log:\n{}", log_text(&log));
+    let mut stopped = false;
+    for m in sub.drain(Duration::from_secs(1)).await {
+        received += is_answer_topic(&m.topic) as usize;
+        stopped |= m.topic == "vigil/available" && m.text() == "stopped";
+    }
+    assert!(stopped, "`stopped` must be published on the way out");
+    let text = log_text(&log);
+    let published: usize = text
+        .lines()
+        .find_map(|l| l.split("stopped: ").nth(1))
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no final count in the log:\n{text}"));
+    assert_eq!(received, published, "every answer the daemon published must reach the broker; log:\n{text}");
+    assert!(text.contains("0 MQTT messages dropped, 0 left in the outbox"), "log:\n{text}");
 }

@@ -162,21 +162,8 @@ pub fn download_snapshot_from(
     }
     match api.get("model.safetensors.index.json") {
         Ok(index) => {
-            let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
-                path: index.display().to_string(),
-                source,
-            })?;
-            let json: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| ModelError::InvalidConfig(format!("{}: {e}", index.display())))?;
-            let mut shards: Vec<&str> = json
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .map(|m| m.values().filter_map(|v| v.as_str()).collect())
-                .unwrap_or_default();
-            shards.sort_unstable();
-            shards.dedup();
-            for shard in shards {
-                api.get(shard).map_err(|e| hub_err(shard, e))?;
+            for shard in crate::model::video_llama3::index_shards(&index)? {
+                api.get(&shard).map_err(|e| hub_err(&shard, e))?;
             }
         }
         Err(_) => {

@@ -401,29 +401,27 @@ pub struct VideoLlama3ForConditionalGeneration {
     dtype: DType,
 }
 
+/// The shard file names a `model.safetensors.index.json` maps weights to (sorted, unique).
+pub fn index_shards(index: &Path) -> Result<Vec<String>, ModelError> {
+    let text = std::fs::read_to_string(index)
+        .map_err(|source| ModelError::Io { path: index.display().to_string(), source })?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ModelError::InvalidConfig(format!("{}: {e}", index.display())))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| ModelError::InvalidConfig(format!("{}: no weight_map object", index.display())))?;
+    let mut files: Vec<String> = map.values().filter_map(|v| v.as_str().map(String::from)).collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
 /// Safetensors files of a checkpoint directory: the shards of the index, or `model.safetensors`.
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|source| ModelError::Io {
-            path: index.display().to_string(),
-            source,
-        })?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| ModelError::InvalidConfig(format!("{}: {e}", index.display())))?;
-        let map = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| {
-                ModelError::InvalidConfig(format!("{}: no weight_map object", index.display()))
-            })?;
-        let mut files: Vec<String> = map
-            .values()
-            .filter_map(|v| v.as_str().map(String::from))
-            .collect();
-        files.sort();
-        files.dedup();
-        let paths: Vec<PathBuf> = files.iter().map(|f| dir.join(f)).collect();
+        let paths: Vec<PathBuf> = index_shards(&index)?.iter().map(|f| dir.join(f)).collect();
         for p in &paths {
             if !p.is_file() {
                 return Err(ModelError::Io {

@@ -360,6 +360,11 @@ impl Publisher {
         self.shared.outbox_stats()
     }
 
+    /// Messages the broker took since start (QoS 0 written, QoS 1/2 acknowledged).
+    pub fn delivered(&self) -> u64 {
+        self.shared.lock().outbox.delivered()
+    }
+
     /// Watch the connection state.
     pub fn link(&self) -> watch::Receiver<LinkState> {
         self.shared.link.subscribe()

@@ -54,6 +54,8 @@ pub struct Outbox {
     inflight: VecDeque<(u16, Msg)>,
     dropped: u64,
     burst_dropped: u64,
+    /// Messages the broker took: QoS 0 once written, QoS 1/2 once acknowledged.
+    delivered: u64,
 }
 
 impl Outbox {
@@ -69,7 +71,13 @@ impl Outbox {
             inflight: VecDeque::new(),
             dropped: 0,
             burst_dropped: 0,
+            delivered: 0,
         }
+    }
+
+    /// Messages the broker took since start (see the field).
+    pub fn delivered(&self) -> u64 {
+        self.delivered
     }
 
     pub fn capacity(&self) -> usize {
@@ -186,6 +194,8 @@ impl Outbox {
         if let Some(m) = self.handed.pop_front() {
             if m.qos != QoS::AtMostOnce {
                 self.inflight.push_back((pkid, m));
+            } else {
+                self.delivered += 1;
             }
         }
     }
@@ -195,6 +205,7 @@ impl Outbox {
     pub fn on_ack(&mut self, pkid: u16) -> Option<u64> {
         if let Some(i) = self.inflight.iter().position(|(p, _)| *p == pkid) {
             self.inflight.remove(i);
+            self.delivered += 1;
         }
         self.end_burst_if_empty()
     }

@@ -73,6 +73,19 @@ struct Timeline {
 }
 
 impl Timeline {
+    /// A timeline before its first frame; the first run starts at slot 0.
+    fn new(fps: f64) -> Timeline {
+        Timeline {
+            fps,
+            mode: Rebase::Gap,
+            run_first_pts: None,
+            run_base_slot: 0,
+            run_wall_base: SystemTime::now(),
+            last_slot: None,
+            last_at: None,
+        }
+    }
+
     fn new_run(&mut self, mode: Rebase) {
         self.mode = mode;
         self.run_first_pts = None;
@@ -466,15 +479,7 @@ impl SourceManager {
         let (tx, rx) = window_queue(self.opts.queue_capacity);
         let shared = Arc::new(Shared {
             windower: Mutex::new(Windower::new(spec.name.clone(), wspec)),
-            timeline: Mutex::new(Timeline {
-                fps: s.fps,
-                mode: Rebase::Gap,
-                run_first_pts: None,
-                run_base_slot: 0,
-                run_wall_base: SystemTime::now(),
-                last_slot: None,
-                last_at: None,
-            }),
+            timeline: Mutex::new(Timeline::new(s.fps)),
             tx,
             frames: AtomicU64::new(0),
             run_frames: AtomicU64::new(0),
@@ -584,15 +589,7 @@ mod tests {
 
     #[test]
     fn timeline_rebases_runs() {
-        let mut t = Timeline {
-            fps: 2.0,
-            mode: Rebase::Gap,
-            run_first_pts: None,
-            run_base_slot: 0,
-            run_wall_base: SystemTime::now(),
-            last_slot: None,
-            last_at: None,
-        };
+        let mut t = Timeline::new(2.0);
         // First run starts at slot 0 whatever the first PTS.
         assert_eq!(t.place(Some(3_000_000_000)).0, 0);
         assert_eq!(t.place(Some(3_500_000_000)).0, 1);
