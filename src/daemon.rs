@@ -560,6 +560,7 @@ fn reload(state: &Arc<State>) {
     kept.metrics = old.metrics.clone();
     kept.engine = old.engine.clone();
     kept.pruning = old.pruning.clone();
+    state.publisher.reconfigure(&kept);
     *lock(&state.cfg) = kept;
 
     let old_streams: HashMap<&str, &StreamConfig> = old.streams.iter().map(|s| (s.name.as_str(), s)).collect();

@@ -233,6 +233,10 @@ async fn sighup_adds_a_stream_and_set_off_silences_one() {
     assert!(from_b > 0, "stream b added by SIGHUP never answered; log:\n{}", log_text(&log));
     let loads = log_text(&log).matches("loaded in").count();
     assert_eq!(loads, 1, "the model must not be reloaded; log:\n{}", log_text(&log));
+    // The publisher learnt about b at the reload: its `set` commands are accepted and echoed.
+    sub.client.publish("vigil/b/motion/set", rumqttc::QoS::AtLeastOnce, false, "OFF").await.unwrap();
+    let echo = sub.next_on("vigil/b/motion/enabled", Duration::from_secs(10)).await;
+    assert_eq!(echo.map(|m| m.text()).as_deref(), Some("OFF"), "set for a reloaded stream; log:\n{}", log_text(&log));
 
     // A config that fails validation is rejected and the running one kept.
     std::fs::write(&cfg, "[model]\npath = 3\n").unwrap();

@@ -117,8 +117,10 @@ struct Shared {
     inner: Mutex<Inner>,
     link: watch::Sender<LinkState>,
     commands: mpsc::Sender<Command>,
-    /// stream → its prompts, to validate `set` commands.
-    streams: HashMap<String, HashSet<String>>,
+    /// stream → its prompts, to validate `set` commands (replaced at reload).
+    streams: Mutex<HashMap<String, HashSet<String>>>,
+    /// Home Assistant discovery topics published, to retract those a reload removes.
+    discovery_topics: Mutex<HashSet<String>>,
     ha_status_topic: Option<String>,
 }
 
@@ -242,11 +244,6 @@ impl Publisher {
         let (client, eventloop) = AsyncClient::new(mqtt_opts, 4 * opts.max_inflight + 16);
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
         let (link_tx, _) = watch::channel(LinkState::default());
-        let streams = cfg
-            .streams
-            .iter()
-            .map(|s| (s.name.clone(), s.prompts.iter().cloned().collect::<HashSet<_>>()))
-            .collect();
         let shared = Arc::new(Shared {
             qos: connect::qos(m.qos),
             client,
@@ -258,24 +255,15 @@ impl Publisher {
             }),
             link: link_tx,
             commands: cmd_tx,
-            streams,
+            streams: Mutex::default(),
+            discovery_topics: Mutex::default(),
             ha_status_topic: m.homeassistant_discovery.then(|| discovery::status_topic(cfg)),
             topics,
         });
 
         // Initial retained states, in the order they are re-sent after each connect:
         // discovery configs, then switches' states, then `online` (forced last).
-        if m.homeassistant_discovery {
-            for d in discovery::configs(cfg, &shared.topics) {
-                shared.retained(d.topic, d.payload.to_string().into_bytes());
-            }
-        }
-        for s in &cfg.streams {
-            shared.retained(shared.topics.stream_enabled(&s.name), on_off(s.enabled));
-            for p in &s.prompts {
-                shared.retained(shared.topics.prompt_enabled(&s.name, p), on_off(true));
-            }
-        }
+        announce(&shared, cfg);
         shared.enqueue(Msg {
             topic: shared.topics.available(),
             payload: b"online".to_vec(),
@@ -294,6 +282,14 @@ impl Publisher {
             },
             cmd_rx,
         ))
+    }
+
+    /// After a reload: accept `set` commands for the new streams and prompts, publish their
+    /// `enabled` states and Home Assistant discovery configs, and retract the discovery configs
+    /// of what the reload removed (an empty retained config deletes the entity in HA). States of
+    /// streams and prompts that stay are left as they are (a `set OFF` survives a reload).
+    pub fn reconfigure(&self, cfg: &Config) {
+        announce(&self.shared, cfg);
     }
 
     /// Publish an answer: the JSON on `<stream>/<prompt>`, the short state (retained) and, for
@@ -546,6 +542,42 @@ fn ack(shared: &Shared, pkid: u16) {
     shared.log_burst_end(ended);
 }
 
+/// Publish discovery configs and the `enabled` states of streams and prompts not announced yet,
+/// retract discovery configs that are gone, and remember which streams and prompts exist.
+fn announce(shared: &Shared, cfg: &Config) {
+    let known = std::mem::take(&mut *lock_plain(&shared.streams));
+    if cfg.mqtt.homeassistant_discovery {
+        let configs = discovery::configs(cfg, &shared.topics);
+        let now: HashSet<String> = configs.iter().map(|d| d.topic.clone()).collect();
+        let mut published = lock_plain(&shared.discovery_topics);
+        for gone in published.difference(&now) {
+            shared.retained(gone.clone(), Vec::new());
+        }
+        for d in configs {
+            shared.retained(d.topic, d.payload.to_string().into_bytes());
+        }
+        *published = now;
+    }
+    let mut streams = HashMap::new();
+    for s in &cfg.streams {
+        let old = known.get(&s.name);
+        if old.is_none() {
+            shared.retained(shared.topics.stream_enabled(&s.name), on_off(s.enabled));
+        }
+        for p in &s.prompts {
+            if !old.is_some_and(|o| o.contains(p)) {
+                shared.retained(shared.topics.prompt_enabled(&s.name, p), on_off(true));
+            }
+        }
+        streams.insert(s.name.clone(), s.prompts.iter().cloned().collect::<HashSet<_>>());
+    }
+    *lock_plain(&shared.streams) = streams;
+}
+
+fn lock_plain<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A message on a subscribed topic: a `set` command or Home Assistant's birth message.
 fn on_message(shared: &Shared, topic: &str, payload: &[u8]) {
     let text = String::from_utf8_lossy(payload);
@@ -570,9 +602,12 @@ fn on_message(shared: &Shared, topic: &str, payload: &[u8]) {
             return;
         }
     };
-    let known = match &target {
-        SetTarget::Stream(s) => shared.streams.contains_key(s),
-        SetTarget::Prompt { stream, prompt } => shared.streams.get(stream).is_some_and(|p| p.contains(prompt)),
+    let known = {
+        let streams = lock_plain(&shared.streams);
+        match &target {
+            SetTarget::Stream(s) => streams.contains_key(s),
+            SetTarget::Prompt { stream, prompt } => streams.get(stream).is_some_and(|p| p.contains(prompt)),
+        }
     };
     if !known {
         let m = format!("{topic}: no such stream or prompt");
