@@ -81,3 +81,42 @@ async fn discovery_configs_appear_and_reappear_on_ha_birth() {
     p.shutdown(T).await;
     sub.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconfigure_announces_added_streams_and_retracts_removed_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "");
+    let cfg = config(dir.path(), &broker.url(), "homeassistant_discovery = true");
+    let (p, _commands) = Publisher::start(&cfg, fast()).await.unwrap();
+    let mut sub = Sub::connect(broker.port, "sub-reload", &["homeassistant/#", "vt/#"], false).await;
+    let _ = configs(&mut sub, 6).await;
+    let _ = sub.drain(Duration::from_millis(300)).await;
+
+    // The reload drops yard.2 and adds cam3 (person prompt).
+    let mut new = cfg.clone();
+    new.streams.retain(|s| s.name != "yard.2");
+    let mut cam3 = new.streams[0].clone();
+    cam3.name = "cam3".into();
+    cam3.prompts = vec!["person".into()];
+    new.streams.push(cam3);
+    p.reconfigure(&new);
+
+    let got = sub.drain(Duration::from_millis(800)).await;
+    let payload_of = |t: &str| got.iter().find(|g| g.topic == t).map(|g| g.payload.clone());
+    for gone in ["homeassistant/binary_sensor/vigil-test/yard_2_person/config", "homeassistant/switch/vigil-test/yard_2_enabled/config"] {
+        assert_eq!(payload_of(gone), Some(Vec::new()), "{gone} must be retracted with an empty config");
+    }
+    for added in ["homeassistant/binary_sensor/vigil-test/cam3_person/config", "homeassistant/switch/vigil-test/cam3_enabled/config"] {
+        assert!(payload_of(added).is_some_and(|p| !p.is_empty()), "{added} must be announced");
+    }
+    assert_eq!(payload_of("vt/cam3/enabled").as_deref(), Some(&b"ON"[..]));
+    // cam1 stays as it was: its enabled state is not re-announced (a `set OFF` would survive).
+    assert_eq!(payload_of("vt/cam1/enabled"), None);
+
+    // `set` commands for the new stream are accepted (echoed), for the removed one refused.
+    sub.client.publish("vt/cam3/set", rumqttc::QoS::AtLeastOnce, false, "OFF").await.unwrap();
+    assert_eq!(sub.next_on("vt/cam3/enabled", T).await.map(|g| g.text()).as_deref(), Some("OFF"));
+    sub.client.publish("vt/yard.2/set", rumqttc::QoS::AtLeastOnce, false, "ON").await.unwrap();
+    let err = sub.next_on("vt/errors", T).await.expect("an error for the removed stream");
+    assert!(err.text().contains("no such stream"), "{}", err.text());
+}
