@@ -415,6 +415,16 @@ fn copy_checkpoint(name: &str) -> tempfile::TempDir {
     tmp
 }
 
+/// A copy of checkpoint `name` whose config.json has `from` replaced by `to`.
+fn with_config_edit(name: &str, from: &str, to: &str) -> tempfile::TempDir {
+    let tmp = copy_checkpoint(name);
+    let cfg_path = tmp.path().join("config.json");
+    let cfg = std::fs::read_to_string(&cfg_path).unwrap();
+    assert!(cfg.contains(from), "{name}/config.json lacks {from:?}");
+    std::fs::write(&cfg_path, cfg.replace(from, to)).unwrap();
+    tmp
+}
+
 fn load_err(dir: &Path) -> ModelError {
     match VideoLlama3ForConditionalGeneration::from_pretrained(dir, DType::F32, &Device::Cpu) {
         Ok(_) => panic!("loading {} should fail", dir.display()),
@@ -439,12 +449,7 @@ fn loading_errors_are_clear() {
     assert!(err.to_string().contains(gone));
 
     // Shape mismatch: config disagrees with the weights.
-    let tmp = copy_checkpoint("tiny_a");
-    let cfg_path = tmp.path().join("config.json");
-    let cfg = std::fs::read_to_string(&cfg_path)
-        .unwrap()
-        .replace("\"intermediate_size\": 128", "\"intermediate_size\": 96");
-    std::fs::write(&cfg_path, cfg).unwrap();
+    let tmp = with_config_edit("tiny_a", "\"intermediate_size\": 128", "\"intermediate_size\": 96");
     let err = load_err(tmp.path());
     assert!(
         matches!(&err, ModelError::ShapeMismatch { name, .. } if name.contains("mlp")),
@@ -452,12 +457,7 @@ fn loading_errors_are_clear() {
     );
 
     // Unsupported model_type.
-    let tmp = copy_checkpoint("tiny_b");
-    let cfg_path = tmp.path().join("config.json");
-    let cfg = std::fs::read_to_string(&cfg_path)
-        .unwrap()
-        .replace("\"video_llama_3\"", "\"llava\"");
-    std::fs::write(&cfg_path, cfg).unwrap();
+    let tmp = with_config_edit("tiny_b", "\"video_llama_3\"", "\"llava\"");
     let err = load_err(tmp.path());
     assert!(
         matches!(&err, ModelError::UnsupportedModelType(t) if t == "llava"),

@@ -86,6 +86,10 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
     #[test]
     fn chunked_rows_equal_one_shot() {
         let dev = Device::Cpu;
@@ -97,15 +101,7 @@ mod tests {
         let one = attention_with_budget(&q, &k, &v, 0.3, Some(&bias), usize::MAX).unwrap();
         // 2·3·17·4 bytes per row: a 500-byte budget forces one row per chunk.
         let chunked = attention_with_budget(&q, &k, &v, 0.3, Some(&bias), 500).unwrap();
-        let d = (one - chunked)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+        assert!(max_abs_diff(&one, &chunked) < 1e-6);
     }
 
     #[test]
@@ -130,14 +126,6 @@ mod tests {
             .unwrap()
             .matmul(&v6)
             .unwrap();
-        let d = (grouped - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap();
-        assert!(d.to_scalar::<f32>().unwrap() < 1e-6);
+        assert!(max_abs_diff(&grouped, &want) < 1e-6);
     }
 }
