@@ -4,6 +4,7 @@
 //! → `processor` (HF-exact preprocessing) → `model` (candle) → `engine` → `publish` (MQTT),
 //! orchestrated by `daemon`.
 
+pub mod bench;
 pub mod config;
 pub mod daemon;
 pub mod engine;

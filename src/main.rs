@@ -82,9 +82,74 @@ enum Command {
     Preprocess(PreprocessArgs),
     /// Answer a prompt about images / a video with a VideoLLaMA3 checkpoint (or a JSONL batch).
     Infer(InferArgs),
-    /// Benchmarks (`vigil bench engine --model DIR`).
+    /// Benchmarks: `vigil bench --shape 2b --random-weights` (the model at real shapes; its
+    /// --json feeds tests/reference/bench_transformers.py) and `vigil bench engine --model DIR`.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BenchArgs {
     #[command(subcommand)]
-    Bench(BenchCommand),
+    command: Option<BenchCommand>,
+    #[command(flatten)]
+    shapes: BenchShapeArgs,
+}
+
+#[derive(clap::Args)]
+struct BenchShapeArgs {
+    /// Model shapes: 2b, 7b, or a VideoLLaMA3 config.json (needs --random-weights).
+    #[arg(long, value_name = "2b|7b|CONFIG.json", conflicts_with = "model", requires = "random_weights")]
+    shape: Option<String>,
+    /// Draw random weights at --shape (performance does not depend on the values).
+    #[arg(long)]
+    random_weights: bool,
+    /// Or an existing checkpoint directory (real weights, or one written by --save-weights).
+    #[arg(long, value_name = "DIR")]
+    model: Option<PathBuf>,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32, f16 or bf16 (default: bf16 on a GPU, f32 on the CPU).
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Concurrent streams for the serving measurement (a list measures each).
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    streams: Vec<usize>,
+    /// Windows each stream submits per serving measurement.
+    #[arg(long, default_value_t = 2)]
+    windows: usize,
+    /// Frames per window.
+    #[arg(long, default_value_t = 16)]
+    frames: usize,
+    /// Frame size.
+    #[arg(long, default_value = "448x448", value_parser = parse_size)]
+    size: (u32, u32),
+    /// Prompts per window.
+    #[arg(long, default_value_t = 2)]
+    prompts: usize,
+    /// Tokens generated per prompt (EOS never stops a bench run).
+    #[arg(long, default_value_t = 32)]
+    new_tokens: usize,
+    #[arg(long)]
+    no_pruning: bool,
+    /// Fraction of each frame (left columns) that never changes.
+    #[arg(long, default_value_t = 0.5)]
+    static_fraction: f64,
+    /// Keep the random checkpoint in DIR (re-used by later runs; the transformers peer loads it).
+    #[arg(long, value_name = "DIR")]
+    save_weights: Option<PathBuf>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print the report as one JSON object (the peer's input) instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_size(s: &str) -> Result<(u32, u32), String> {
+    let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| format!("{s:?}: expected WIDTHxHEIGHT"))?;
+    let n = |v: &str| v.trim().parse::<u32>().ok().filter(|&n| n >= 28).ok_or_else(|| format!("{s:?}: sizes are whole numbers >= 28"));
+    Ok((n(w)?, n(h)?))
 }
 
 #[derive(Subcommand)]
@@ -239,8 +304,9 @@ fn main() -> ExitCode {
         }
         Command::Preprocess(args) => preprocess(args),
         Command::Infer(args) => infer(args),
-        Command::Bench(BenchCommand::Engine(a)) => {
-            let o = vigil::engine::bench::BenchOptions {
+        Command::Bench(BenchArgs { command: None, shapes: a }) => bench_shapes(a),
+        Command::Bench(BenchArgs { command: Some(BenchCommand::Engine(a)), .. }) => {
+            let o = vigil::bench::engine::BenchOptions {
                 device: a.device,
                 dtype: a.dtype,
                 streams: a.streams,
@@ -251,22 +317,63 @@ fn main() -> ExitCode {
                 height: a.height,
                 max_new_tokens: a.max_new_tokens,
                 max_batch: a.max_batch,
-                ..vigil::engine::bench::BenchOptions::new(a.model)
+                ..vigil::bench::engine::BenchOptions::new(a.model)
             };
             bench_engine(&o, a.json)
         }
     }
 }
 
-fn bench_engine(o: &vigil::engine::bench::BenchOptions, json: bool) -> ExitCode {
-    match vigil::engine::bench::run(o) {
+fn bench_shapes(a: BenchShapeArgs) -> ExitCode {
+    if a.shape.is_none() && a.model.is_none() {
+        eprintln!("error: vigil bench needs --shape 2b|7b|CONFIG.json --random-weights, or --model DIR (or the `engine` subcommand)");
+        return ExitCode::from(2);
+    }
+    let o = vigil::bench::shapes::ShapeOptions {
+        shape: a.shape,
+        model: a.model,
+        device: a.device,
+        dtype: a.dtype,
+        streams: a.streams,
+        windows: a.windows,
+        frames: a.frames,
+        width: a.size.0,
+        height: a.size.1,
+        prompts: a.prompts,
+        new_tokens: a.new_tokens,
+        pruning: !a.no_pruning,
+        static_fraction: a.static_fraction,
+        save_weights: a.save_weights,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    let mut progress = |m: &str| eprintln!("[{:>6.1}s] {m}", started.elapsed().as_secs_f64());
+    match vigil::bench::shapes::run(&o, &mut progress) {
+        Ok(r) => {
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+            } else {
+                print!("{}", vigil::bench::shapes::table(&r));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench_engine(o: &vigil::bench::engine::BenchOptions, json: bool) -> ExitCode {
+    match vigil::bench::engine::run(o) {
         Ok(rows) => {
             if json {
                 for r in &rows {
                     println!("{}", serde_json::to_string(r).unwrap_or_default());
                 }
             } else {
-                print!("{}", vigil::engine::bench::table(o, &rows));
+                print!("{}", vigil::bench::engine::table(o, &rows));
             }
             if rows.iter().any(|r| r.mismatches > 0) {
                 eprintln!("error: optimised answers differ from the one-request path");

@@ -417,3 +417,60 @@ fn sampling_dtype_and_pruning_flags() {
     assert_eq!(bf16["input_ids"], greedy["input_ids"]);
     assert!(!bf16["token_ids"].as_array().unwrap().is_empty());
 }
+
+/// `vigil bench --shape CONFIG --random-weights` end to end at tiny shapes: the checkpoint it
+/// saves loads again (second run re-uses it), the workload and figures are reported, the
+/// serving path answered every (window, prompt), and a bad invocation is refused.
+#[test]
+fn bench_at_random_shapes_reports_every_stage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = tmp.path().join("weights");
+    let shape = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-videollama3/config.json");
+    let args = [
+        "bench", "--shape", shape.to_str().unwrap(), "--random-weights", "--frames", "4", "--size", "112x84",
+        "--streams", "1,3", "--windows", "2", "--prompts", "3", "--new-tokens", "5", "--save-weights",
+        weights.to_str().unwrap(), "--json",
+    ];
+    let run = || {
+        let out = vigil_in(tmp.path(), &args);
+        assert!(out.status.success(), "bench failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let r = run();
+    assert_eq!(r["implementation"], "vigil");
+    assert_eq!(r["checkpoint"], weights.to_str().unwrap());
+    assert!(weights.join("model.safetensors").is_file() && weights.join("tokenizer.json").is_file());
+    let w = &r["workload"];
+    assert_eq!((w["frames"].as_u64(), w["width"].as_u64(), w["height"].as_u64()), (Some(4), Some(112), Some(84)));
+    assert_eq!(w["questions"].as_array().unwrap().len(), 3);
+    // Exactly new_tokens generated (the bench checkpoint has no EOS).
+    assert_eq!(r["single"]["generated"], 5);
+    assert_eq!(r["single"]["tokens"].as_array().unwrap().len(), 5);
+    let kept = r["single"]["visual_tokens_kept"].as_u64().unwrap();
+    let total = r["single"]["visual_tokens_total"].as_u64().unwrap();
+    // 112x84 -> 4x3 merged tokens per frame; half the columns static: pruning drops some.
+    assert_eq!(total, 4 * 12);
+    assert!(kept < total && kept >= 12 + 3, "kept {kept} of {total}");
+    let stream = r["stream"].as_array().unwrap();
+    assert_eq!(stream.len(), 2);
+    for (s, n) in stream.iter().zip([1u64, 3]) {
+        assert_eq!(s["streams"].as_u64(), Some(n));
+        assert_eq!(s["windows"].as_u64(), Some(2 * n));
+        assert!(s["windows_per_s"].as_f64().unwrap() > 0.0);
+        // Every window's tokens were counted: windows × prompts × new tokens over the run.
+        let tok = s["generated_tok_per_s"].as_f64().unwrap() * s["seconds"].as_f64().unwrap();
+        assert!((tok - (2 * n * 3 * 5) as f64).abs() < 0.5, "{tok}");
+        assert_eq!(s["visual_tokens_total"].as_u64(), Some(2 * n * total));
+    }
+    assert!(r["vision"]["ms"].as_f64().unwrap() > 0.0);
+    let again = run();
+    assert_eq!(again["workload"], r["workload"], "same workload, same checksum");
+    assert_eq!(again["single"]["tokens"], r["single"]["tokens"], "re-used weights give the same greedy tokens");
+
+    let out = vigil_in(tmp.path(), &["bench", "--shape", "2b"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--random-weights"));
+    let out = vigil_in(tmp.path(), &["bench", "--shape", "13b", "--random-weights"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected 2b, 7b or the path of a config.json"));
+}

@@ -13,10 +13,9 @@
 //! per window shared by all its prompts, one prefill/decode batch across streams. Answers are
 //! token-for-token those of running each (window, prompt) alone (`tests/engine_exact.rs`).
 //!
-//! Also: answer-kind parsing ([`answer`]) and the engine benchmark ([`bench`]).
+//! Also: answer-kind parsing ([`answer`]); the benchmarks live in [`crate::bench`].
 
 pub mod answer;
-pub mod bench;
 pub mod features;
 pub mod queue;
 pub mod runner;

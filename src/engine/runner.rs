@@ -277,6 +277,26 @@ impl Runner {
         )
     }
 
+    /// The vision tower and projector alone on one window (preprocessing excluded), for
+    /// `vigil bench`: returns the merged visual tokens before pruning and the time taken.
+    pub fn time_vision(&self, window: &Window, fps: f64) -> Result<(usize, Duration), String> {
+        let text = self.render("")?;
+        let video = Self::video_of(window, fps)?;
+        let v = self.processor.call(&[text], &[], &[video], &self.call_options()).map_err(perr)?.videos;
+        let dev = self.model.device();
+        let vi = VisualInputs {
+            pixel_values: Tensor::from_vec(v.pixel_values_videos.clone(), (v.rows(), v.patch_dim), dev).map_err(perr)?,
+            grid_thw: v.video_grid_thw.clone(),
+            merge_sizes: v.video_merge_sizes.clone(),
+        };
+        dev.synchronize().map_err(perr)?;
+        let t0 = Instant::now();
+        let feats = self.model.model.get_video_features(&vi).map_err(perr)?;
+        dev.synchronize().map_err(perr)?;
+        let took = t0.elapsed();
+        Ok((feats.iter().map(|f| f.dim(0).unwrap_or(0)).sum(), took))
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn result(
         &self,
@@ -599,6 +619,8 @@ impl Runner {
                 return (fill(out, &e), stats);
             }
         };
+        // Kernels run asynchronously on a GPU: wait, so the stage times are the stages'.
+        let _ = self.model.device().synchronize();
         let vision = t_vision.elapsed();
         stats.vision = t_tower.elapsed();
         alive();
@@ -750,6 +772,7 @@ impl Runner {
             .forward(&DecoderInputs { inputs_embeds: &emb, position_ids: &spos, attention_mask: &smask }, &mut cache)
             .map_err(perr)?;
         let mut logits = self.model.lm_head(&hidden.narrow(1, ls - 1, 1).map_err(perr)?).map_err(perr)?.squeeze(1).map_err(perr)?;
+        let _ = self.model.device().synchronize();
         let prefill = t_prefill.elapsed();
         stats.prefill = prefill;
         alive();

@@ -293,6 +293,8 @@ impl VideoLlama3ForConditionalGeneration {
         let mut cache = KvCache::new();
         let t0 = Instant::now();
         let embeds = self.model.input_embeddings(inputs)?;
+        // GPU kernels are asynchronous: wait so each stage's time is its own.
+        self.device().synchronize()?;
         let vision_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t0 = Instant::now();
         let mut logits = if params.max_new_tokens > 0 {
@@ -300,6 +302,7 @@ impl VideoLlama3ForConditionalGeneration {
         } else {
             None
         };
+        self.device().synchronize()?;
         let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t1 = Instant::now();
 

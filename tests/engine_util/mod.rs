@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vigil::config::Config;
-use vigil::engine::bench::synthetic_frame;
+use vigil::bench::engine::synthetic_frame;
 use vigil::engine::{Engine, Job, JobOutput, PromptResult};
 use vigil::window::{Frame, Window};
 

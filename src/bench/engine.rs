@@ -14,8 +14,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use super::runner::RunOptions;
-use super::{load_runner, Engine, EngineCounters, EngineError, Job, JobOutput};
+use crate::engine::runner::RunOptions;
+use crate::engine::{load_runner, Engine, EngineCounters, EngineError, Job, JobOutput};
 use crate::config::Config;
 use crate::window::{Frame, Window};
 
