@@ -14,9 +14,68 @@ use super::config::VideoLlama3TextConfig;
 use super::vision::apply_rotary;
 
 /// Key/value cache of every layer plus the key padding mask seen so far.
-#[derive(Debug, Clone, Default)]
+/// One layer's keys and values, `[batch, kv_heads, capacity, head_dim]` buffers of which the
+/// first `len` positions are filled. Appending writes in place (`slice_set`); the buffer is
+/// reallocated only when it is full, with room for [`KV_HEADROOM`] more tokens, so decoding does
+/// not allocate or copy the cache every step.
+#[derive(Debug)]
+struct LayerKv {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+}
+
+/// Positions allocated beyond what a step needs (decoding 256 tokens reallocates once).
+pub const KV_HEADROOM: usize = 256;
+
+impl LayerKv {
+    fn with_capacity(like: &Tensor, cap: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let (b, h, _, d) = like.dims4()?;
+        let z = || Tensor::zeros((b, h, cap, d), like.dtype(), like.device());
+        Ok((z()?, z()?))
+    }
+
+    fn new(k: &Tensor, v: &Tensor) -> candle_core::Result<Self> {
+        let mut layer = Self { k: k.clone(), v: v.clone(), len: 0 };
+        (layer.k, layer.v) = Self::with_capacity(k, k.dim(2)? + KV_HEADROOM)?;
+        layer.append(k, v)?;
+        Ok(layer)
+    }
+
+    fn capacity(&self) -> usize {
+        self.k.dim(2).unwrap_or(0)
+    }
+
+    /// Write `k`/`v` `[batch, kv_heads, l, head_dim]` after the cached positions; returns views
+    /// of everything cached.
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let l = k.dim(2)?;
+        if self.len + l > self.capacity() {
+            let (nk, nv) = Self::with_capacity(k, self.len + l + KV_HEADROOM)?;
+            if self.len > 0 {
+                nk.slice_set(&self.k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                nv.slice_set(&self.v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+            (self.k, self.v) = (nk, nv);
+        }
+        self.k.slice_set(&k.contiguous()?, 2, self.len)?;
+        self.v.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len += l;
+        self.view()
+    }
+
+    fn view(&self) -> candle_core::Result<(Tensor, Tensor)> {
+        Ok((self.k.narrow(2, 0, self.len)?, self.v.narrow(2, 0, self.len)?))
+    }
+}
+
+/// The decoder's key/value cache for a batch (one [`LayerKv`] per layer) and its key mask.
+///
+/// Not `Clone`: appends write into shared buffers in place, so two handles on one buffer would
+/// overwrite each other's next positions. [`KvCache::select_rows`] makes an independent copy.
+#[derive(Debug, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<LayerKv>>,
     /// `[batch, cached_len]`, 1.0 = real token, 0.0 = padding.
     key_mask: Option<Tensor>,
 }
@@ -60,10 +119,12 @@ impl KvCache {
             .layers
             .iter()
             .map(|l| match l {
-                Some((k, v)) => Ok(Some((
-                    k.index_select(&idx, 0)?.contiguous()?,
-                    v.index_select(&idx, 0)?.contiguous()?,
-                ))),
+                // Whole buffers (contiguous; the copies keep the headroom).
+                Some(layer) => Ok(Some(LayerKv {
+                    k: layer.k.index_select(&idx, 0)?,
+                    v: layer.v.index_select(&idx, 0)?,
+                    len: layer.len,
+                })),
                 None => Ok(None),
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -106,7 +167,7 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         mask: &ChunkedBias,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut Option<LayerKv>,
     ) -> candle_core::Result<Tensor> {
         let (b, l, _) = xs.dims3()?;
         let q = self
@@ -127,11 +188,15 @@ impl Attention {
         let q = apply_rotary(&q, cos, sin)?.contiguous()?;
         let k = apply_rotary(&k, cos, sin)?.contiguous()?;
         let v = v.contiguous()?;
-        let (k, v) = match cache.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
+        let (k, v) = match cache {
+            Some(layer) => layer.append(&k, &v)?,
+            None => {
+                let layer = LayerKv::new(&k, &v)?;
+                let view = layer.view()?;
+                *cache = Some(layer);
+                view
+            }
         };
-        *cache = Some((k.clone(), v.clone()));
         let pick = |start: usize, len: usize| mask.rows_at(start, len);
         let out = attention(&q, &k, &v, self.scale, Some(&pick))?;
         let out = out
@@ -192,7 +257,7 @@ impl DecoderLayer {
         cos: &Tensor,
         sin: &Tensor,
         mask: &ChunkedBias,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut Option<LayerKv>,
     ) -> candle_core::Result<Tensor> {
         let h =
             self.self_attn
@@ -278,7 +343,7 @@ impl Qwen2Decoder {
         let (b, l, _) = xs.dims3()?;
         let device = xs.device();
         if cache.layers.len() != self.layers.len() {
-            cache.layers = vec![None; self.layers.len()];
+            cache.layers = (0..self.layers.len()).map(|_| None).collect();
         }
         let past = cache.seq_len();
         let new_mask = inputs.attention_mask.to_dtype(DType::F32)?;
@@ -367,5 +432,56 @@ impl ChunkedBias {
                 self.rows
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn rand(shape: (usize, usize, usize, usize)) -> Tensor {
+        Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()
+    }
+
+    fn same(a: &Tensor, b: &Tensor) -> bool {
+        a.dims() == b.dims() && a.flatten_all().unwrap().to_vec1::<f32>().unwrap() == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    }
+
+    #[test]
+    fn appends_equal_concatenation_across_reallocations() {
+        let (k0, v0) = (rand((2, 3, 5, 4)), rand((2, 3, 5, 4)));
+        let mut layer = LayerKv::new(&k0, &v0).unwrap();
+        assert_eq!(layer.capacity(), 5 + KV_HEADROOM);
+        let (mut want_k, mut want_v) = (k0, v0);
+        // Past the headroom, so the buffer is reallocated once on the way.
+        for step in 0..KV_HEADROOM + 3 {
+            let l = if step % 50 == 0 { 7 } else { 1 };
+            let (k, v) = (rand((2, 3, l, 4)), rand((2, 3, l, 4)));
+            let (gk, gv) = layer.append(&k, &v).unwrap();
+            want_k = Tensor::cat(&[&want_k, &k], 2).unwrap();
+            want_v = Tensor::cat(&[&want_v, &v], 2).unwrap();
+            assert!(same(&gk, &want_k) && same(&gv, &want_v), "step {step}");
+        }
+        assert!(layer.capacity() >= layer.len && layer.capacity() <= layer.len + 2 * KV_HEADROOM);
+    }
+
+    #[test]
+    fn selected_rows_are_an_independent_copy() {
+        let (k, v) = (rand((2, 1, 3, 2)), rand((2, 1, 3, 2)));
+        let cache = KvCache {
+            layers: vec![Some(LayerKv::new(&k, &v).unwrap())],
+            key_mask: Some(Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap()),
+        };
+        let mut a = cache.select_rows(&[1, 1]).unwrap();
+        let b = cache.select_rows(&[1]).unwrap();
+        // Appending to one fork leaves the other and the original untouched.
+        let extra = rand((2, 1, 1, 2));
+        a.layers[0].as_mut().unwrap().append(&extra, &extra).unwrap();
+        let (bk, _) = b.layers[0].as_ref().unwrap().view().unwrap();
+        assert!(same(&bk, &k.narrow(0, 1, 1).unwrap()));
+        let (ok, _) = cache.layers[0].as_ref().unwrap().view().unwrap();
+        assert!(same(&ok, &k));
+        assert_eq!(a.layers[0].as_ref().unwrap().len, 4);
     }
 }
