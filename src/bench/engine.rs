@@ -134,17 +134,7 @@ pub fn synthetic_windows(s: usize, o: &BenchOptions) -> Vec<Arc<Window>> {
     (0..o.windows_per_stream)
         .map(|k| {
             let start = k * o.stride_frames;
-            Arc::new(Window {
-                stream: format!("cam{s}"),
-                seq: k as u64,
-                index: k as u64,
-                start_s: start as f64 / o.fps,
-                end_s: (start + o.frames_per_window) as f64 / o.fps,
-                frames: frames[start..start + o.frames_per_window].to_vec(),
-                expected_frames: o.frames_per_window,
-                missing: 0,
-                partial: false,
-            })
+            super::window_of(s, k, start, frames[start..start + o.frames_per_window].to_vec(), o.fps)
         })
         .collect()
 }

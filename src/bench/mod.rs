@@ -9,3 +9,24 @@
 
 pub mod engine;
 pub mod shapes;
+
+use std::sync::Arc;
+
+use crate::window::{Frame, Window};
+
+/// A gap-free synthetic window of stream `cam{s}`: window `k` whose first frame is stream frame
+/// `start`, at `fps`.
+pub(crate) fn window_of(s: usize, k: usize, start: usize, frames: Vec<Arc<Frame>>, fps: f64) -> Arc<Window> {
+    let n = frames.len();
+    Arc::new(Window {
+        stream: format!("cam{s}"),
+        seq: k as u64,
+        index: k as u64,
+        start_s: start as f64 / fps,
+        end_s: (start + n) as f64 / fps,
+        frames,
+        expected_frames: n,
+        missing: 0,
+        partial: false,
+    })
+}

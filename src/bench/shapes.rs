@@ -204,17 +204,7 @@ pub fn frame(s: usize, i: usize, w: &Workload) -> Frame {
 /// Window `k` of stream `s` (windows do not overlap: the peer has no feature cache to match).
 pub fn window(s: usize, k: usize, w: &Workload) -> Arc<Window> {
     let start = k * w.frames;
-    Arc::new(Window {
-        stream: format!("cam{s}"),
-        seq: k as u64,
-        index: k as u64,
-        start_s: start as f64 / w.fps,
-        end_s: (start + w.frames) as f64 / w.fps,
-        frames: (start..start + w.frames).map(|i| Arc::new(frame(s, i, w))).collect(),
-        expected_frames: w.frames,
-        missing: 0,
-        partial: false,
-    })
+    super::window_of(s, k, start, (start..start + w.frames).map(|i| Arc::new(frame(s, i, w))).collect(), w.fps)
 }
 
 /// `Σ byte · (p mod 251 + 1)` over each frame's HWC bytes (p counted from 0 per frame).
