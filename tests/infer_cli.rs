@@ -470,6 +470,14 @@ fn bench_at_random_shapes_reports_every_stage() {
     let out = vigil_in(tmp.path(), &["bench", "--shape", "2b"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--random-weights"));
+    // A CPU build refuses --device cuda before writing any weights.
+    let gone = tmp.path().join("never");
+    let out = vigil_in(tmp.path(), &["bench", "--shape", "2b", "--random-weights", "--device", "cuda", "--save-weights", gone.to_str().unwrap()]);
+    if !cfg!(feature = "cuda") {
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--features cuda"));
+        assert!(!gone.exists());
+    }
     let out = vigil_in(tmp.path(), &["bench", "--shape", "13b", "--random-weights"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected 2b, 7b or the path of a config.json"));

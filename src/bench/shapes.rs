@@ -331,6 +331,10 @@ pub fn run(o: &ShapeOptions, progress: &mut dyn FnMut(&str)) -> Result<ShapeRepo
         other => return Err(load_err(format!("--dtype {other:?}: expected f32, f16 or bf16"))),
     };
 
+    // Fail before writing gigabytes of weights when the device cannot be opened.
+    let device: crate::config::Device = o.device.parse().map_err(|e: String| load_err(format!("--device: {e}")))?;
+    crate::model::load::candle_device(device).map_err(load_err)?;
+
     // The checkpoint: an existing directory, or random weights written (or re-used) on disk so
     // the very same weights load through the normal path here and in the peer.
     let mut temp = None;
