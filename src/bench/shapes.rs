@@ -374,12 +374,13 @@ fn measure(o: &ShapeOptions, dir: &Path, shape: &str, dtype: &str, progress: &mu
     let model_cfg = VideoLlama3Config::from_file(dir).map_err(load_err)?;
     let shapes = tensor_shapes(&model_cfg).map_err(load_err)?;
     let elem = if dtype == "f32" { 4 } else { 2 };
+    // What a decode step reads: the decoder and the output head (the embedding when tied).
+    let tied = model_cfg.tie_word_embeddings;
     let text_params: u64 = shapes
         .iter()
-        .filter(|(n, _)| n.starts_with("model.language_model.") && !n.ends_with("embed_tokens.weight") || n == "lm_head.weight")
+        .filter(|(n, _)| n == "lm_head.weight" || n.starts_with("model.language_model.") && (tied || !n.ends_with("embed_tokens.weight")))
         .map(|(_, s)| s.iter().product::<usize>() as u64)
-        .sum::<u64>()
-        + if model_cfg.tie_word_embeddings { (model_cfg.text_config.vocab_size * model_cfg.text_config.hidden_size) as u64 } else { 0 };
+        .sum();
     let mut w = Workload {
         frames: o.frames,
         width: o.width,
@@ -410,27 +411,15 @@ fn measure(o: &ShapeOptions, dir: &Path, shape: &str, dtype: &str, progress: &mu
     progress("warming up (first GPU use compiles kernels)");
     runner.run_alone("cam0", &first, w.fps, &prompt0).map_err(EngineError::InvalidJob)?;
     let mut vision_runs = Vec::new();
-    let mut visual_tokens = 0;
+    let (mut visual_tokens, mut grid) = (0, [0; 3]);
     for _ in 0..3 {
-        let (n, d) = runner.time_vision(&first, w.fps).map_err(EngineError::InvalidJob)?;
-        visual_tokens = n;
+        let (n, g, d) = runner.time_vision(&first, w.fps).map_err(EngineError::InvalidJob)?;
+        (visual_tokens, grid) = (n, g);
         vision_runs.push(d.as_secs_f64());
     }
     vision_runs.sort_by(f64::total_cmp);
     let vision_s = vision_runs[1];
-    let (gh, gw) = {
-        let p = model_cfg.vision_config.patch_size as u32;
-        let (h, w2) = crate::processor::resize::smart_resize(
-            o.height as usize,
-            o.width as usize,
-            (p * 2) as usize,
-            runner.processor.video_processor.config.base.min_pixels,
-            runner.processor.video_processor.config.base.max_pixels / o.frames.max(1),
-        )
-        .map_err(|e| EngineError::InvalidJob(e.to_string()))?;
-        (h / p as usize, w2 / p as usize)
-    };
-    let tflops = vision_flops(&model_cfg, o.frames, gh, gw) / 1e12;
+    let tflops = vision_flops(&model_cfg, grid[0], grid[1], grid[2]) / 1e12;
     let vision = VisionFigures { ms: vision_s * 1e3, visual_tokens, tflops, tflop_per_s: tflops / vision_s };
     progress(&format!("vision: {:.1} ms per window, {:.1} TFLOP/s", vision.ms, vision.tflop_per_s));
 
@@ -460,16 +449,15 @@ fn measure(o: &ShapeOptions, dir: &Path, shape: &str, dtype: &str, progress: &mu
     // 3. The serving path.
     let engine = Engine::start(&cfg)?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let submit = |s: usize, k: usize, win: Arc<Window>| {
+    let submit = |win: Arc<Window>| {
         engine.submit(Job {
-            stream: format!("cam{s}"),
+            stream: win.stream.clone(),
             window: win,
             prompts: cfg.prompts.clone(),
             fps: w.fps,
             closed_at: Instant::now(),
             reply: tx.clone(),
         })
-        .map(|_| k)
     };
     let mut wait = |n: usize| -> Result<(), EngineError> {
         let mut got = 0;
@@ -482,17 +470,16 @@ fn measure(o: &ShapeOptions, dir: &Path, shape: &str, dtype: &str, progress: &mu
         }
         Ok(())
     };
-    submit(0, 0, first.clone())?;
+    submit(first.clone())?;
     wait(w.questions.len())?;
     let mut stream = Vec::new();
     for &n in &w.streams {
         // Frames are built before the clock starts: a camera delivers them for free.
-        let windows: Vec<(usize, usize, Arc<Window>)> =
-            (0..w.windows).flat_map(|k| (0..n).map(move |s| (s, k))).map(|(s, k)| (s, k, window(s, k + 1, &w))).collect();
+        let windows: Vec<Arc<Window>> = (0..w.windows).flat_map(|k| (0..n).map(move |s| (s, k))).map(|(s, k)| window(s, k + 1, &w)).collect();
         let before = engine.counters();
         let t0 = Instant::now();
-        for (s, k, win) in windows {
-            submit(s, k, win)?;
+        for win in windows {
+            submit(win)?;
         }
         wait(n * w.windows * w.questions.len())?;
         let seconds = t0.elapsed().as_secs_f64();

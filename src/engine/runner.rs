@@ -278,8 +278,9 @@ impl Runner {
     }
 
     /// The vision tower and projector alone on one window (preprocessing excluded), for
-    /// `vigil bench`: returns the merged visual tokens before pruning and the time taken.
-    pub fn time_vision(&self, window: &Window, fps: f64) -> Result<(usize, Duration), String> {
+    /// `vigil bench`: returns the merged visual tokens before pruning, the patch grid
+    /// `[frames, h, w]` and the time taken.
+    pub fn time_vision(&self, window: &Window, fps: f64) -> Result<(usize, [usize; 3], Duration), String> {
         let text = self.render("")?;
         let video = Self::video_of(window, fps)?;
         let v = self.processor.call(&[text], &[], &[video], &self.call_options()).map_err(perr)?.videos;
@@ -294,7 +295,8 @@ impl Runner {
         let feats = self.model.model.get_video_features(&vi).map_err(perr)?;
         dev.synchronize().map_err(perr)?;
         let took = t0.elapsed();
-        Ok((feats.iter().map(|f| f.dim(0).unwrap_or(0)).sum(), took))
+        let grid = v.video_grid_thw.first().copied().ok_or("the processor returned no video grid")?;
+        Ok((feats.iter().map(|f| f.dim(0).unwrap_or(0)).sum(), grid, took))
     }
 
     #[allow(clippy::too_many_arguments)]

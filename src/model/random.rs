@@ -123,13 +123,11 @@ pub fn bench_config(shape: &str) -> Result<serde_json::Value, ModelError> {
 }
 
 /// Notes every tensor the loader asks for; hands back a zero-stride view (no allocation).
-struct Recorder {
-    seen: Mutex<Vec<(String, Vec<usize>)>>,
-}
+struct Recorder(std::sync::Arc<Mutex<Vec<(String, Vec<usize>)>>>);
 
 impl SimpleBackend for Recorder {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.seen.lock().unwrap_or_else(|p| p.into_inner()).push((name.to_string(), s.dims().to_vec()));
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push((name.to_string(), s.dims().to_vec()));
         Tensor::zeros((), dtype, dev)?.broadcast_as(s)
     }
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
@@ -142,22 +140,10 @@ impl SimpleBackend for Recorder {
 
 /// Every tensor (name, shape) a checkpoint with this config holds, in load order.
 pub fn tensor_shapes(config: &VideoLlama3Config) -> Result<Vec<(String, Vec<usize>)>, ModelError> {
-    let rec = std::sync::Arc::new(Recorder { seen: Mutex::new(Vec::new()) });
-    struct Shared(std::sync::Arc<Recorder>);
-    impl SimpleBackend for Shared {
-        fn get(&self, s: Shape, n: &str, h: candle_nn::Init, d: DType, dev: &Device) -> candle_core::Result<Tensor> {
-            self.0.get(s, n, h, d, dev)
-        }
-        fn get_unchecked(&self, n: &str, d: DType, dev: &Device) -> candle_core::Result<Tensor> {
-            self.0.get_unchecked(n, d, dev)
-        }
-        fn contains_tensor(&self, n: &str) -> bool {
-            self.0.contains_tensor(n)
-        }
-    }
-    let vb = VarBuilder::from_backend(Box::new(Shared(rec.clone())), DType::F32, Device::Cpu);
+    let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let vb = VarBuilder::from_backend(Box::new(Recorder(seen.clone())), DType::F32, Device::Cpu);
     VideoLlama3ForConditionalGeneration::new(config, vb, GenerationDefaults::default())?;
-    let seen = std::mem::take(&mut *rec.seen.lock().unwrap_or_else(|p| p.into_inner()));
+    let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(|p| p.into_inner()));
     let mut out: Vec<(String, Vec<usize>)> = Vec::with_capacity(seen.len());
     for (name, shape) in seen {
         if !out.iter().any(|(n, _)| *n == name) {

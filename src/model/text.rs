@@ -36,8 +36,8 @@ impl LayerKv {
     }
 
     fn new(k: &Tensor, v: &Tensor) -> candle_core::Result<Self> {
-        let mut layer = Self { k: k.clone(), v: v.clone(), len: 0 };
-        (layer.k, layer.v) = Self::with_capacity(k, k.dim(2)? + KV_HEADROOM)?;
+        let (bk, bv) = Self::with_capacity(k, k.dim(2)? + KV_HEADROOM)?;
+        let mut layer = Self { k: bk, v: bv, len: 0 };
         layer.append(k, v)?;
         Ok(layer)
     }

@@ -189,12 +189,12 @@ def main():
     steps = max(T - 1, 1)
     decode_s = max(full_s - one_s, 1e-9)
     ids = batch["input_ids"][0]
-    vtok = ours_video_id = model.config.video_token_id
+    vtok = model.config.video_token_id
     mask = batch.get("video_compression_mask")
     single = {
         "prompt_tokens": int(ids.numel()),
         "visual_tokens_total": int(mask.numel()) if mask is not None else int((ids == vtok).sum()),
-        "visual_tokens_kept": int((ids == ours_video_id).sum()),
+        "visual_tokens_kept": int((ids == vtok).sum()),
         "preprocess_and_vision_ms": (prep_s + vision_s) * 1e3,
         "prefill_ms": max(one_s - vision_s, 0.0) * 1e3,
         "decode_ms": decode_s * 1e3,
