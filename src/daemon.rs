@@ -1,9 +1,14 @@
 //! The daemon: config → sources → windows → engine → MQTT, as a well-mannered systemd service.
 //!
 //! [`run`] is the whole service (mini-redis style: the binary only maps signals to [`Control`]s).
-//! Start order: metrics endpoint, broker connection, engine (model load), then streams; `READY=1`
-//! once the model is loaded and the broker connected. Shutdown: stop the sources, let in-flight
-//! jobs finish within `engine.shutdown_timeout_s`, publish `stopped`, flush the outbox.
+//! Start order: broker connection, engine (model load), metrics endpoint, then streams;
+//! `READY=1` once the model is loaded and the broker connected (or 30 s passed without it). A
+//! shutdown is honoured at every step of the start too. Shutdown: stop the sources, let
+//! in-flight jobs finish within `engine.shutdown_timeout_s`, publish `stopped`, flush the outbox.
+//!
+//! Health: [`liveness`] (`/healthz`, the systemd watchdog) fails when the engine thread or the
+//! MQTT publisher's event loop stops showing life; [`readiness`] (`/readyz`) also needs the
+//! broker connected and every running stream streaming (or finished).
 //! Reload (SIGHUP) re-reads the config: streams and prompts change in place, the model stays
 //! loaded; a config that fails validation is rejected and the running one kept.
 
@@ -20,9 +25,9 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, PromptConfig, StreamConfig};
 use crate::engine::{Engine, Job, JobOutput, PromptResult};
-use crate::metrics::{CounterVec, GaugeVec, HistogramVec, MetricsServer, Registry, LATENCY_BUCKETS};
+use crate::metrics::{CounterVec, GaugeVec, HistogramVec, MetricsServer, Probe, Registry, LATENCY_BUCKETS};
 use crate::publish::{
-    rfc3339, Answer, Command, InferenceStats, Latency, PublishOptions, Publisher, SetTarget, StatsPayload,
+    rfc3339, Answer, Command, InferenceStats, Latency, LoopHealth, PublishOptions, Publisher, SetTarget, StatsPayload,
     StatusPayload, StreamState as PubState, StreamStats as PubStreamStats, TokenCounts, VisualTokens, WindowInfo,
     ANSWER_VERSION,
 };
@@ -38,6 +43,13 @@ pub enum Control {
     /// Stop cleanly (SIGTERM, SIGINT).
     Shutdown,
 }
+
+/// How long the publisher's event loop may stay on one event before it counts as wedged: an
+/// event is handled without awaiting, in microseconds.
+const PUBLISHER_STALL_LIMIT: Duration = Duration::from_secs(10);
+
+/// How long start-up waits for the broker before going on (answers queue in the outbox).
+const BROKER_WAIT: Duration = Duration::from_secs(30);
 
 /// Why the daemon could not start (problems after start are logged, published and retried).
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +102,8 @@ struct Metrics {
     jobs_queued: CounterVec,
     jobs_dropped: CounterVec,
     answers: CounterVec,
+    answers_delivered: CounterVec,
+    answers_dropped: CounterVec,
     answer_errors: CounterVec,
     stage: HistogramVec,
     tokens_generated: CounterVec,
@@ -101,6 +115,7 @@ struct Metrics {
     mqtt_published: CounterVec,
     mqtt_queued: GaugeVec,
     mqtt_dropped: CounterVec,
+    mqtt_connected: GaugeVec,
     stream_up: GaugeVec,
     engine_queue: GaugeVec,
     heartbeat_age: GaugeVec,
@@ -124,7 +139,17 @@ impl Metrics {
             ),
             jobs_queued: r.counter("vigil_jobs_queued_total", "Jobs (window x due prompts) submitted to the engine.", &["stream"]),
             jobs_dropped: r.counter("vigil_jobs_dropped_total", "Jobs dropped instead of answered late.", &["stream"]),
-            answers: r.counter("vigil_answers_total", "Answers published.", &["stream", "prompt"]),
+            answers: r.counter("vigil_answers_total", "Answers produced (handed to the MQTT outbox).", &["stream", "prompt"]),
+            answers_delivered: r.counter(
+                "vigil_mqtt_delivered_total",
+                "Answers the broker acknowledged (PUBACK/PUBCOMP; written, for QoS 0).",
+                &[],
+            ),
+            answers_dropped: r.counter(
+                "vigil_answers_dropped_total",
+                "Answers dropped undelivered: the oldest when the MQTT outbox was full.",
+                &[],
+            ),
             answer_errors: r.counter("vigil_answer_errors_total", "Prompts that failed in the engine.", &["stream"]),
             stage: r.histogram(
                 "vigil_stage_seconds",
@@ -149,6 +174,7 @@ impl Metrics {
             ),
             mqtt_queued: r.gauge("vigil_mqtt_queued", "Messages waiting in the MQTT outbox.", &[]),
             mqtt_dropped: r.counter("vigil_mqtt_dropped_total", "MQTT messages dropped because the outbox was full.", &[]),
+            mqtt_connected: r.gauge("vigil_mqtt_connected", "1 while the MQTT broker connection is up.", &[]),
             stream_up: r.gauge("vigil_stream_up", "1 while the stream delivers frames.", &["stream"]),
             engine_queue: r.gauge("vigil_engine_queue_depth", "Jobs waiting for the engine.", &[]),
             heartbeat_age: r.gauge("vigil_engine_heartbeat_age_seconds", "Seconds since the engine thread last showed life.", &[]),
@@ -182,46 +208,37 @@ struct State {
     states: Mutex<BTreeMap<String, StreamState>>,
     /// Recent total latencies (s), for the stats' p50/p95.
     recent_latency: Mutex<VecDeque<f64>>,
-    /// Answers handed to the publisher since start.
-    published: std::sync::atomic::AtomicU64,
     answers_tx: mpsc::UnboundedSender<JobOutput>,
     notifier: Notifier,
+    /// How stale the engine's heartbeat may get before the daemon counts as dead.
+    engine_limit: Duration,
 }
 
 /// Run the daemon until a [`Control::Shutdown`] arrives (or `controls` closes).
 pub async fn run(config_path: &Path, mut controls: mpsc::Receiver<Control>) -> Result<(), DaemonError> {
     let cfg = Config::load(config_path)?;
     let notifier = Notifier::from_env();
-    let _ = notifier.status("starting: metrics, broker, model");
+    let _ = notifier.status("starting: broker, model");
     let metrics = Metrics::new();
 
     let (publisher, mut commands) = Publisher::start(&cfg, PublishOptions::default()).await?;
     let publisher = Arc::new(publisher);
+    // A reload asked for during start-up is applied once running.
+    let mut reload_asked = false;
 
     let engine_cfg = cfg.clone();
     let load_started = Instant::now();
-    let engine = tokio::task::spawn_blocking(move || Engine::start(&engine_cfg))
-        .await
-        .map_err(|e| DaemonError::Engine(e.to_string()))?
-        .map_err(|e| DaemonError::Engine(e.to_string()))?;
+    // The load cannot be interrupted; on shutdown its thread is left behind (the binary does
+    // not wait for blocking tasks when it exits).
+    let load = tokio::task::spawn_blocking(move || Engine::start(&engine_cfg));
+    let Some(loaded) = until_shutdown(&mut controls, &mut reload_asked, load).await else {
+        info!("stopping during start-up (model loading)");
+        publisher.shutdown(Duration::from_secs(2)).await;
+        return Ok(());
+    };
+    let engine = loaded.map_err(|e| DaemonError::Engine(e.to_string()))?.map_err(|e| DaemonError::Engine(e.to_string()))?;
     info!("model {} loaded in {:.1} s", cfg.model.model_id(), load_started.elapsed().as_secs_f64());
 
-    let heartbeat_engine = engine.clone();
-    let heartbeat_limit = Duration::from_secs(30).max(notifier.watchdog_timeout().unwrap_or_default());
-    let _metrics_server = match cfg.metrics.listen_addr() {
-        Some(addr) => Some(
-            MetricsServer::start(addr, metrics.registry.clone(), move || heartbeat_engine.heartbeat_age() < heartbeat_limit)
-                .map_err(|source| DaemonError::Metrics { addr: addr.to_string(), source })?,
-        ),
-        None => None,
-    };
-
-    // READY=1 only once the broker took us (the embedded one is up at once).
-    let mut link = publisher.link();
-    let connected = tokio::time::timeout(Duration::from_secs(30), link.wait_for(|l| l.connected)).await;
-    if connected.is_err() {
-        warn!("MQTT broker not reachable yet; answers queue in the outbox until it is");
-    }
 
     let (sources, mut events) =
         SourceManager::new(SourceOptions::default()).map_err(|e| DaemonError::Source(e.to_string()))?;
@@ -240,22 +257,42 @@ pub async fn run(config_path: &Path, mut controls: mpsc::Receiver<Control>) -> R
         pending: Mutex::default(),
         states: Mutex::default(),
         recent_latency: Mutex::default(),
-        published: Default::default(),
         answers_tx,
+        engine_limit: Duration::from_secs(30).max(notifier.watchdog_timeout().unwrap_or_default()),
         notifier,
     });
     install_scrape_hook(&state);
+    let _metrics_server = match cfg.metrics.listen_addr() {
+        Some(addr) => {
+            let weak = Arc::downgrade(&state);
+            let probe = move |p: Probe| {
+                let Some(state) = weak.upgrade() else { return Err("stopping".to_string()) };
+                match p {
+                    Probe::Live => liveness(&state),
+                    Probe::Ready => readiness(&state),
+                }
+            };
+            Some(
+                MetricsServer::start(addr, state.metrics.registry.clone(), probe)
+                    .map_err(|source| DaemonError::Metrics { addr: addr.to_string(), source })?,
+            )
+        }
+        None => None,
+    };
 
     for s in cfg.streams.iter().filter(|s| s.enabled) {
         start_stream(&state, s);
     }
-    let _ = state.notifier.ready();
+    let ready_task = spawn_ready_notice(&state);
     update_status_line(&state);
     info!("vigil running: {}", cfg.summary());
 
     let stats_state = state.clone();
     let stats_task = publisher.stats_every(Duration::from_secs(60), move || collect_stats(&stats_state));
     let watchdog_task = spawn_watchdog(&state);
+    if reload_asked {
+        reload(&state);
+    }
 
     loop {
         tokio::select! {
@@ -291,15 +328,96 @@ pub async fn run(config_path: &Path, mut controls: mpsc::Receiver<Control>) -> R
     }
     stats_task.abort();
     watchdog_task.abort();
+    ready_task.abort();
     publisher.shutdown(Duration::from_secs(10)).await;
     let o = publisher.outbox_stats();
+    let a = publisher.answer_counts();
     info!(
-        "stopped: {} answers published, {} MQTT messages dropped, {} left in the outbox",
-        state.published.load(std::sync::atomic::Ordering::Relaxed),
+        "stopped: {} answers produced, {} delivered, {} dropped, {} undelivered; {} MQTT messages dropped in all, {} left in the outbox",
+        a.produced,
+        a.delivered,
+        a.dropped,
+        a.pending(),
         o.dropped,
         o.depth
     );
     Ok(())
+}
+
+/// `READY=1` once the broker took us (the embedded one is up at once), or after
+/// [`BROKER_WAIT`] without it: the streams run meanwhile and their answers wait in the outbox.
+fn spawn_ready_notice(state: &Arc<State>) -> JoinHandle<()> {
+    // Only the bool leaves the closure: the `Ref` that `wait_for` returns holds the watch's
+    // read lock, and kept alive it would block the publisher's next link update for good.
+    let mut link = state.publisher.link();
+    let state = state.clone();
+    tokio::spawn(async move {
+        let connected = tokio::time::timeout(BROKER_WAIT, async { link.wait_for(|l| l.connected).await.is_ok() }).await;
+        if connected != Ok(true) {
+            warn!("MQTT broker not reachable yet; answers queue in the outbox until it is");
+        }
+        let _ = state.notifier.ready();
+    })
+}
+
+/// Await `fut` unless a shutdown arrives first (`None`); a reload is noted for later.
+async fn until_shutdown<F: std::future::Future>(
+    controls: &mut mpsc::Receiver<Control>,
+    reload_asked: &mut bool,
+    fut: F,
+) -> Option<F::Output> {
+    tokio::pin!(fut);
+    loop {
+        tokio::select! {
+            out = &mut fut => return Some(out),
+            c = controls.recv() => match c {
+                Some(Control::Reload) => *reload_asked = true,
+                Some(Control::Shutdown) | None => return None,
+            },
+        }
+    }
+}
+
+/// `Err(reason)` when a part of the daemon stopped showing life: the engine thread (its
+/// heartbeat older than `engine_limit`) or the publisher's event loop (ended, or stuck on one
+/// event). `/healthz` and the systemd watchdog follow it.
+fn liveness(state: &State) -> Result<(), String> {
+    let age = state.engine.heartbeat_age();
+    if age >= state.engine_limit {
+        return Err(format!("engine heartbeat is {:.0} s old", age.as_secs_f64()));
+    }
+    match state.publisher.loop_health() {
+        LoopHealth::Ended => Err("MQTT publisher's event loop ended".into()),
+        LoopHealth::Running { busy_for } if busy_for >= PUBLISHER_STALL_LIMIT => {
+            Err(format!("MQTT publisher's event loop stuck for {:.0} s", busy_for.as_secs_f64()))
+        }
+        LoopHealth::Running { .. } => Ok(()),
+    }
+}
+
+/// `Err(reason)` unless alive, connected to the broker and every running stream streaming (or
+/// finished, for a file). `/readyz` follows it.
+fn readiness(state: &State) -> Result<(), String> {
+    liveness(state)?;
+    let link = state.publisher.link().borrow().clone();
+    if !link.connected {
+        return Err(format!("MQTT broker not connected: {}", link.last_error.as_deref().unwrap_or("connecting")));
+    }
+    let running: Vec<String> = lock(&state.readers).keys().cloned().collect();
+    let states = lock(&state.states);
+    let not_running: Vec<String> = running
+        .iter()
+        .filter_map(|name| match states.get(name) {
+            Some(StreamState::Streaming | StreamState::Stopped) => None,
+            Some(s) => Some(format!("{name}: {}", s.as_str())),
+            None => Some(format!("{name}: starting")),
+        })
+        .collect();
+    if not_running.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("streams not streaming: {}", not_running.join(", ")))
+    }
 }
 
 /// Start a stream's pipeline and the task that turns its windows into jobs.
@@ -444,7 +562,7 @@ fn publish_answer(state: &Arc<State>, r: PromptResult) {
         timestamp: rfc3339(SystemTime::now()),
     };
     state.publisher.answer(&answer);
-    state.published.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::debug!("answer {} produced", answer.id);
 
     let m = &state.metrics;
     m.answers.with(&[&r.stream, &r.prompt]).inc();
@@ -606,19 +724,26 @@ mod erased {
     }
 }
 
-/// WATCHDOG=1 at half the systemd timeout, only while the engine thread shows life.
+/// WATCHDOG=1 at half the systemd timeout, only while [`liveness`] holds: a wedged engine or
+/// publisher stops the pings and systemd restarts the service.
 fn spawn_watchdog(state: &Arc<State>) -> JoinHandle<()> {
     let state = state.clone();
     tokio::spawn(async move {
         let Some(timeout) = state.notifier.watchdog_timeout() else { return };
         let mut tick = tokio::time::interval(timeout / 2);
+        let mut withheld = false;
         loop {
             tick.tick().await;
-            let age = state.engine.heartbeat_age();
-            if age < timeout {
-                let _ = state.notifier.watchdog();
-            } else {
-                warn!("engine heartbeat is {:.0} s old: withholding the watchdog ping", age.as_secs_f64());
+            match liveness(&state) {
+                Ok(()) => {
+                    withheld = false;
+                    let _ = state.notifier.watchdog();
+                }
+                Err(why) if !withheld => {
+                    withheld = true;
+                    error!("{why}: withholding the watchdog ping");
+                }
+                Err(_) => {}
             }
         }
     })
@@ -652,6 +777,10 @@ fn install_scrape_hook(state: &Arc<State>) {
         m.mqtt_queued.with(&[]).set(o.depth as f64);
         m.mqtt_published.with(&[]).set_total(state.publisher.delivered() as f64);
         m.mqtt_dropped.with(&[]).set_total(o.dropped as f64);
+        let a = state.publisher.answer_counts();
+        m.answers_delivered.with(&[]).set_total(a.delivered as f64);
+        m.answers_dropped.with(&[]).set_total(a.dropped as f64);
+        m.mqtt_connected.with(&[]).set(if state.publisher.link().borrow().connected { 1.0 } else { 0.0 });
         m.engine_queue.with(&[]).set(state.engine.queue_len() as f64);
         m.heartbeat_age.with(&[]).set(state.engine.heartbeat_age().as_secs_f64());
     });
@@ -695,6 +824,7 @@ fn collect_stats(state: &State) -> StatsPayload {
             },
         },
         outbox: Default::default(),
+        answers: None,
         timestamp: rfc3339(SystemTime::now()),
     }
 }

@@ -8,6 +8,7 @@ pub mod bench;
 pub mod config;
 pub mod daemon;
 pub mod engine;
+pub mod fault;
 pub mod infer;
 pub mod logging;
 pub mod metrics;

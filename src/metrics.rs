@@ -1,5 +1,6 @@
 //! Prometheus metrics: a small registry of labelled counters, gauges and histograms, rendered in
-//! the text exposition format (version 0.0.4), and the `/metrics` + `/healthz` HTTP endpoint.
+//! the text exposition format (version 0.0.4), and the `/metrics`, `/healthz` and `/readyz` HTTP
+//! endpoint.
 //!
 //! Hand-written rather than a client crate: the daemon needs a dozen families, and this keeps the
 //! build lean. Names follow Prometheus conventions (`vigil_` prefix, `_total` counters,
@@ -300,7 +301,16 @@ impl Family for HistInner {
 // HTTP endpoint
 // ---------------------------------------------------------------------------------------------
 
-/// A running `/metrics` + `/healthz` server; dropping it stops the accept loop.
+/// What a probe endpoint asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// `/healthz`: the process works (a failing answer means: restart it).
+    Live,
+    /// `/readyz`: it does its job right now (connected, streams running).
+    Ready,
+}
+
+/// A running `/metrics` + `/healthz` + `/readyz` server; dropping it stops the accept loop.
 pub struct MetricsServer {
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
@@ -308,14 +318,15 @@ pub struct MetricsServer {
 }
 
 impl MetricsServer {
-    /// Bind `addr` and serve `registry`; `healthy` decides `/healthz` (200 or 503).
+    /// Bind `addr` and serve `registry`; `probe` answers `/healthz` and `/readyz`: `Ok` is a
+    /// 200, `Err(reason)` a 503 with the reason as the body.
     ///
     /// A plain thread with blocking sockets: scrapes are rare and tiny, and the endpoint must
     /// keep answering even if the async runtime is wedged (that is what `/healthz` is for).
     pub fn start(
         addr: SocketAddr,
         registry: Registry,
-        healthy: impl Fn() -> bool + Send + 'static,
+        probe: impl Fn(Probe) -> Result<(), String> + Send + 'static,
     ) -> std::io::Result<MetricsServer> {
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
@@ -326,7 +337,7 @@ impl MetricsServer {
             while !stop2.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, _)) => {
-                        if let Err(e) = serve(conn, &registry, &healthy) {
+                        if let Err(e) = serve(conn, &registry, &probe) {
                             tracing::debug!("metrics connection: {e}");
                         }
                     }
@@ -355,7 +366,7 @@ impl Drop for MetricsServer {
     }
 }
 
-fn serve(mut conn: TcpStream, registry: &Registry, healthy: &dyn Fn() -> bool) -> std::io::Result<()> {
+fn serve(mut conn: TcpStream, registry: &Registry, probe: &dyn Fn(Probe) -> Result<(), String>) -> std::io::Result<()> {
     conn.set_nonblocking(false)?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     conn.set_write_timeout(Some(Duration::from_secs(5)))?;
@@ -375,14 +386,13 @@ fn serve(mut conn: TcpStream, registry: &Registry, healthy: &dyn Fn() -> bool) -
     let path = target.split('?').next().unwrap_or("");
     let (status, ctype, body) = match (method, path) {
         ("GET", "/metrics") | ("HEAD", "/metrics") => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", registry.render()),
-        ("GET", "/healthz") | ("HEAD", "/healthz") => {
-            if healthy() {
-                ("200 OK", "text/plain", "ok\n".to_string())
-            } else {
-                ("503 Service Unavailable", "text/plain", "engine heartbeat is stale\n".to_string())
+        ("GET" | "HEAD", "/healthz" | "/readyz") => {
+            match probe(if path == "/healthz" { Probe::Live } else { Probe::Ready }) {
+                Ok(()) => ("200 OK", "text/plain", "ok\n".to_string()),
+                Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
             }
         }
-        ("GET", _) | ("HEAD", _) => ("404 Not Found", "text/plain", "try /metrics or /healthz\n".to_string()),
+        ("GET", _) | ("HEAD", _) => ("404 Not Found", "text/plain", "try /metrics, /healthz or /readyz\n".to_string()),
         _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
     };
     let body = if method == "HEAD" { String::new() } else { body };
@@ -450,13 +460,19 @@ vigil_vision_seconds_count 3
         r.counter("vigil_jobs_dropped_total", "Jobs dropped.", &[]).inc_by(2.0);
         let healthy = Arc::new(AtomicBool::new(true));
         let h2 = healthy.clone();
-        let srv = MetricsServer::start("127.0.0.1:0".parse().unwrap(), r, move || h2.load(Ordering::Relaxed)).unwrap();
+        let probe = move |p: Probe| match p {
+            Probe::Live if h2.load(Ordering::Relaxed) => Ok(()),
+            Probe::Live => Err("engine heartbeat is stale".to_string()),
+            Probe::Ready => Err("broker disconnected".to_string()),
+        };
+        let srv = MetricsServer::start("127.0.0.1:0".parse().unwrap(), r, probe).unwrap();
         let (status, body) = get(srv.local_addr(), "/metrics");
         assert_eq!(status, "HTTP/1.1 200 OK");
         assert!(body.contains("vigil_jobs_dropped_total 2\n"), "{body}");
         assert_eq!(get(srv.local_addr(), "/healthz").0, "HTTP/1.1 200 OK");
         healthy.store(false, Ordering::Relaxed);
-        assert_eq!(get(srv.local_addr(), "/healthz").0, "HTTP/1.1 503 Service Unavailable");
+        assert_eq!(get(srv.local_addr(), "/healthz"), ("HTTP/1.1 503 Service Unavailable".into(), "engine heartbeat is stale\n".into()));
+        assert_eq!(get(srv.local_addr(), "/readyz"), ("HTTP/1.1 503 Service Unavailable".into(), "broker disconnected\n".into()));
         assert_eq!(get(srv.local_addr(), "/nope").0, "HTTP/1.1 404 Not Found");
     }
 }

@@ -2,141 +2,16 @@
 //! the bundled clip, on the CPU. Signals are real signals.
 
 mod common;
+mod daemon_util;
 #[allow(dead_code)]
 mod source_util;
 
 use std::collections::{HashMap, HashSet};
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{free_port, schema, KillOnDrop, Mosquitto, Sub};
-
-fn repo(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(p)
-}
-
-/// A config for the tiny model on the CPU against `broker_port`; `streams` is TOML appended.
-fn write_config(dir: &Path, broker_port: u16, metrics_port: u16, engine: &str, streams: &str) -> PathBuf {
-    let text = format!(
-        r#"
-[model]
-path = "{model}"
-device = "cpu"
-dtype = "f32"
-max_new_tokens = 4
-
-[mqtt]
-broker = "mqtt://127.0.0.1:{broker_port}"
-client_id = "vigil-e2e"
-keepalive_s = 5
-
-[metrics]
-listen = "127.0.0.1:{metrics_port}"
-
-[engine]
-{engine}
-
-[defaults]
-fps = 1.0
-window_seconds = 4.0
-stride_seconds = 4.0
-max_frame_pixels = 12544
-realtime = false
-
-[[prompt]]
-name = "caption"
-text = "Describe what is happening in the video."
-
-[[prompt]]
-name = "motion"
-text = "Is anything moving? Answer yes or no."
-kind = "alert"
-
-{streams}
-"#,
-        model = repo("models/tiny-videollama3").display(),
-    );
-    let p = dir.join("vigil.toml");
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
-fn clip_stream(name: &str, extra: &str) -> String {
-    format!(
-        "[[stream]]\nname = \"{name}\"\nuri = \"{}\"\nprompts = [\"caption\", \"motion\"]\n{extra}\n",
-        repo("assets/demo.mp4").display()
-    )
-}
-
-fn spawn_vigil(config: &Path, log: &Path) -> KillOnDrop {
-    let child = Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .args(["run", "--config", config.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .expect("start vigil run");
-    KillOnDrop(child)
-}
-
-fn signal(child: &KillOnDrop, sig: &str) {
-    let ok = Command::new("kill").args([&format!("-{sig}"), &child.0.id().to_string()]).status().unwrap().success();
-    assert!(ok, "kill -{sig}");
-}
-
-fn wait_exit(child: &mut KillOnDrop, t: Duration) -> Option<i32> {
-    let deadline = Instant::now() + t;
-    while Instant::now() < deadline {
-        if let Some(s) = child.0.try_wait().unwrap() {
-            return s.code();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    use std::io::Write;
-    write!(c, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut s = String::new();
-    c.read_to_string(&mut s).unwrap();
-    s
-}
-
-/// The value of a sample line `name{labels} value` in Prometheus text.
-fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("no {series} in /metrics:\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-fn is_answer_topic(topic: &str) -> bool {
-    let parts: Vec<&str> = topic.split('/').collect();
-    parts.len() == 3 && parts[0] == "vigil" && ["caption", "motion"].contains(&parts[2])
-}
-
-/// Collect answers (skipping other topics) until `n` arrived or `t` passed.
-async fn answers(sub: &mut Sub, n: usize, t: Duration) -> Vec<serde_json::Value> {
-    let deadline = tokio::time::Instant::now() + t;
-    let mut got = Vec::new();
-    while got.len() < n {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let Some(m) = sub.next(left).await else { break };
-        if is_answer_topic(&m.topic) {
-            got.push(m.json());
-        }
-    }
-    got
-}
-
-fn log_text(p: &Path) -> String {
-    std::fs::read_to_string(p).unwrap_or_default()
-}
+use common::{free_port, schema, Mosquitto, Sub};
+use daemon_util::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_window_gets_one_answer_per_prompt_then_sigterm_stops_cleanly() {
@@ -397,12 +272,8 @@ async fn sigterm_mid_run_loses_no_answer_of_a_completed_job() {
     }
     assert!(stopped, "`stopped` must be published on the way out");
     let text = log_text(&log);
-    let published: usize = text
-        .lines()
-        .find_map(|l| l.split("stopped: ").nth(1))
-        .and_then(|r| r.split(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no final count in the log:\n{text}"));
-    assert_eq!(received, published, "every answer the daemon published must reach the broker; log:\n{text}");
-    assert!(text.contains("0 MQTT messages dropped, 0 left in the outbox"), "log:\n{text}");
+    let c = stop_counts(&text);
+    assert_eq!((c.delivered, c.dropped, c.undelivered), (c.produced, 0, 0), "log:\n{text}");
+    assert_eq!(received as u64, c.produced, "every answer the daemon produced must reach the broker; log:\n{text}");
+    assert!(text.contains("0 MQTT messages dropped in all, 0 left in the outbox"), "log:\n{text}");
 }

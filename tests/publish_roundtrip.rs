@@ -110,6 +110,7 @@ async fn roundtrip_every_topic_and_payload_field() {
         streams,
         inference: InferenceStats { latency_p50_ms: 80.0, latency_p95_ms: 120.0, tokens_per_s: 55.5, pruning_ratio: 0.4 },
         outbox: OutboxStats::default(),
+        answers: None,
         timestamp: now_rfc3339(),
     };
     p.stats(stats.clone());
@@ -118,6 +119,8 @@ async fn roundtrip_every_topic_and_payload_field() {
     let back: StatsPayload = serde_json::from_slice(&g.payload).unwrap();
     assert_eq!(back.streams, stats.streams);
     assert_eq!(back.outbox.capacity, 1000, "the publisher fills in the outbox figures");
+    let answers = back.answers.expect("the publisher fills in the answer counts");
+    assert_eq!((answers.produced, answers.dropped), (7, 0), "seven answers so far");
 
     p.error("source", Some("cam1"), "cannot open rtsp://admin:hunter2@10.0.0.9/stream");
     let g = sub.next_on("vt/errors", T).await.unwrap();
@@ -234,6 +237,7 @@ async fn qos_0_1_2_deliver_in_order_and_stats_tick() {
             streams: Default::default(),
             inference: Default::default(),
             outbox: Default::default(),
+            answers: None,
             timestamp: now_rfc3339(),
         });
         for _ in 0..2 {

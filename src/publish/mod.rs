@@ -9,6 +9,10 @@
 //! go back to the outbox, so QoS 1/2 answers survive a broker restart in order (up to
 //! `outbox_capacity`; beyond it the oldest are dropped and counted).
 //!
+//! Liveness: the event loop marks when it starts handling an event and when it is back waiting
+//! on the network ([`Publisher::loop_health`]); handling never awaits, so a loop busy for
+//! seconds is wedged (a blocked lock, say) and the daemon stops reporting itself healthy.
+//!
 //! Use (daemon): `let (publisher, commands) = Publisher::start(&cfg, PublishOptions::default())`
 //! inside the tokio runtime; `publisher.answer(&Answer{..})` per answer (state and alert edges
 //! follow from it), `publisher.status(stream, &StatusPayload{..})` on source state changes,
@@ -26,6 +30,7 @@ pub mod topics;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -35,6 +40,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::{Config, PromptKind};
 use connect::BrokerAddr;
+pub use outbox::AnswerCounts;
 use outbox::{Msg, Outbox, Pushed};
 pub use payload::*;
 pub use topics::{SetTarget, Topics};
@@ -122,6 +128,40 @@ struct Shared {
     /// Home Assistant discovery topics published, to retract those a reload removes.
     discovery_topics: Mutex<HashSet<String>>,
     ha_status_topic: Option<String>,
+    beat: Heartbeat,
+}
+
+/// When the event loop started handling its current event (ms after `base`, plus one; 0 while
+/// it waits on the network or sleeps before reconnecting).
+struct Heartbeat {
+    base: Instant,
+    busy_since: AtomicU64,
+}
+
+impl Heartbeat {
+    fn busy(&self) {
+        let ms = self.base.elapsed().as_millis() as u64 + 1;
+        self.busy_since.store(ms, Ordering::Relaxed);
+    }
+    fn idle(&self) {
+        self.busy_since.store(0, Ordering::Relaxed);
+    }
+    fn busy_for(&self) -> Duration {
+        match self.busy_since.load(Ordering::Relaxed) {
+            0 => Duration::ZERO,
+            since => self.base.elapsed().saturating_sub(Duration::from_millis(since - 1)),
+        }
+    }
+}
+
+/// How the publisher's event loop is doing, for liveness checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopHealth {
+    /// Waiting on the network, or handling an event for this long (handling never awaits, so
+    /// anything beyond milliseconds means the loop is wedged).
+    Running { busy_for: Duration },
+    /// The loop task ended (after `shutdown`, or a panic).
+    Ended,
 }
 
 impl Shared {
@@ -135,6 +175,7 @@ impl Shared {
         // (each refusal drops the connection and the message is re-sent): refuse it here.
         if msg.topic.is_empty() || msg.topic.contains(['+', '#', '\0']) {
             tracing::error!("MQTT: not publishing to invalid topic {:?}", msg.topic);
+            self.lock().outbox.refused(&msg);
             return;
         }
         if msg.payload.len() + msg.topic.len() > MAX_MESSAGE_BYTES {
@@ -143,6 +184,7 @@ impl Shared {
                 msg.payload.len(),
                 msg.topic
             );
+            self.lock().outbox.refused(&msg);
             return;
         }
         let mut inner = self.lock();
@@ -156,11 +198,11 @@ impl Shared {
     }
 
     fn event(&self, topic: String, payload: Vec<u8>) {
-        self.enqueue(Msg { topic, payload, qos: self.qos, retain: false });
+        self.enqueue(Msg { topic, payload, qos: self.qos, retain: false, answer: false });
     }
 
     fn retained(&self, topic: String, payload: Vec<u8>) {
-        self.enqueue(Msg { topic, payload, qos: self.qos, retain: true });
+        self.enqueue(Msg { topic, payload, qos: self.qos, retain: true, answer: false });
     }
 
     /// Hand queued messages to rumqttc while connected and the in-flight window allows.
@@ -189,6 +231,7 @@ impl Shared {
 
     fn stats(&self, mut stats: StatsPayload) {
         stats.outbox = self.outbox_stats();
+        stats.answers = Some(self.lock().outbox.answers());
         self.event(self.topics.stats(), to_json(&stats));
     }
 
@@ -259,6 +302,7 @@ impl Publisher {
             discovery_topics: Mutex::default(),
             ha_status_topic: m.homeassistant_discovery.then(|| discovery::status_topic(cfg)),
             topics,
+            beat: Heartbeat { base: Instant::now(), busy_since: AtomicU64::new(0) },
         });
 
         // Initial retained states, in the order they are re-sent after each connect:
@@ -269,6 +313,7 @@ impl Publisher {
             payload: b"online".to_vec(),
             qos: QoS::AtLeastOnce,
             retain: true,
+            answer: false,
         });
 
         tracing::info!("MQTT: publishing under {:?} to {addr}", m.topic_prefix);
@@ -296,7 +341,8 @@ impl Publisher {
     /// alert prompts turning true, an alert.
     pub fn answer(&self, a: &Answer) {
         let t = &self.shared.topics;
-        self.shared.event(t.answer(&a.stream, &a.prompt), to_json(a));
+        let sh = &self.shared;
+        sh.enqueue(Msg { topic: t.answer(&a.stream, &a.prompt), payload: to_json(a), qos: sh.qos, retain: false, answer: true });
         if a.kind == PromptKind::Alert {
             let now = a.is_positive();
             let before = self.shared.lock().alerts.insert((a.stream.clone(), a.prompt.clone()), now).unwrap_or(false);
@@ -361,6 +407,20 @@ impl Publisher {
         self.shared.lock().outbox.delivered()
     }
 
+    /// What became of the answers handed to [`Publisher::answer`] since start.
+    pub fn answer_counts(&self) -> AnswerCounts {
+        self.shared.lock().outbox.answers()
+    }
+
+    /// Whether the event loop is alive and how long it has been busy on one event.
+    pub fn loop_health(&self) -> LoopHealth {
+        let ended = self.task.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|t| t.is_finished());
+        if ended {
+            return LoopHealth::Ended;
+        }
+        LoopHealth::Running { busy_for: self.shared.beat.busy_for() }
+    }
+
     /// Watch the connection state.
     pub fn link(&self) -> watch::Receiver<LinkState> {
         self.shared.link.subscribe()
@@ -387,6 +447,7 @@ impl Publisher {
             payload: b"stopped".to_vec(),
             qos: QoS::AtLeastOnce,
             retain: true,
+            answer: false,
         });
         let deadline = Instant::now() + timeout;
         loop {
@@ -456,8 +517,16 @@ fn publish_enabled(shared: &Shared, target: &SetTarget, enabled: bool) {
 async fn run_loop(shared: Arc<Shared>, mut el: EventLoop, opts: PublishOptions, addr: BrokerAddr) {
     let mut backoff = opts.reconnect_min;
     let mut last_logged: Option<String> = None;
+    let stall = crate::fault::publisher_stall();
+    let started = Instant::now();
     loop {
-        match el.poll().await {
+        shared.beat.idle();
+        let polled = el.poll().await;
+        shared.beat.busy();
+        if stall.is_some_and(|after| started.elapsed() >= after) {
+            crate::fault::block_forever("publisher event loop");
+        }
+        match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 backoff = opts.reconnect_min;
                 last_logged = None;
@@ -527,6 +596,7 @@ async fn run_loop(shared: Arc<Shared>, mut el: EventLoop, opts: PublishOptions, 
                     l.failures += 1;
                     l.last_error = Some(msg);
                 });
+                shared.beat.idle();
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(opts.reconnect_max);
             }

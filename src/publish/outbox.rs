@@ -14,6 +14,10 @@
 //!   only the latest value per topic matters, so they are kept in a map and re-sent after every
 //!   connect (the broker may have restarted without persistence). They never compete with
 //!   events for capacity.
+//!
+//! Answers are also counted on their own ([`AnswerCounts`]): every answer queued ends up
+//! delivered (acknowledged), dropped (outbox full or refused), or still pending here, so
+//! `produced = delivered + dropped + pending` holds at every moment.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -26,6 +30,26 @@ pub struct Msg {
     pub payload: Vec<u8>,
     pub qos: QoS,
     pub retain: bool,
+    /// An answer: counted in [`AnswerCounts`] as well.
+    pub answer: bool,
+}
+
+/// The fate of the answers handed to the outbox since start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AnswerCounts {
+    /// Answers queued for the broker.
+    pub produced: u64,
+    /// Answers the broker took: acknowledged (QoS 1/2) or written (QoS 0).
+    pub delivered: u64,
+    /// Answers dropped: the oldest when the outbox was full, or refused as unpublishable.
+    pub dropped: u64,
+}
+
+impl AnswerCounts {
+    /// Answers neither delivered nor dropped yet (waiting or unacknowledged).
+    pub fn pending(&self) -> u64 {
+        self.produced.saturating_sub(self.delivered + self.dropped)
+    }
 }
 
 /// What happened when a message was queued.
@@ -56,6 +80,7 @@ pub struct Outbox {
     burst_dropped: u64,
     /// Messages the broker took: QoS 0 once written, QoS 1/2 once acknowledged.
     delivered: u64,
+    answers: AnswerCounts,
 }
 
 impl Outbox {
@@ -72,6 +97,21 @@ impl Outbox {
             dropped: 0,
             burst_dropped: 0,
             delivered: 0,
+            answers: AnswerCounts::default(),
+        }
+    }
+
+    /// What became of the answers queued since start.
+    pub fn answers(&self) -> AnswerCounts {
+        self.answers
+    }
+
+    /// A message that was never queued because the broker could not take it: an answer among
+    /// them counts as dropped.
+    pub fn refused(&mut self, msg: &Msg) {
+        if msg.answer {
+            self.answers.produced += 1;
+            self.answers.dropped += 1;
         }
     }
 
@@ -111,16 +151,18 @@ impl Outbox {
             self.mark_dirty(&topic);
             return Pushed::Queued;
         }
+        self.answers.produced += msg.answer as u64;
         let mut result = Pushed::Queued;
         while self.events.len() >= self.capacity {
-            self.events.pop_front();
-            result = Pushed::DroppedOldest { first_in_burst: self.count_drop() };
+            let old = self.events.pop_front();
+            result = Pushed::DroppedOldest { first_in_burst: self.count_drop(old) };
         }
         self.events.push_back(msg);
         result
     }
 
-    fn count_drop(&mut self) -> bool {
+    fn count_drop(&mut self, msg: Option<Msg>) -> bool {
+        self.answers.dropped += msg.is_some_and(|m| m.answer) as u64;
         self.dropped += 1;
         self.burst_dropped += 1;
         self.burst_dropped == 1
@@ -195,7 +237,7 @@ impl Outbox {
             if m.qos != QoS::AtMostOnce {
                 self.inflight.push_back((pkid, m));
             } else {
-                self.delivered += 1;
+                self.count_delivered(&m);
             }
         }
     }
@@ -204,10 +246,16 @@ impl Outbox {
     /// dropped in the burst that ends now that the outbox is empty, if one does.
     pub fn on_ack(&mut self, pkid: u16) -> Option<u64> {
         if let Some(i) = self.inflight.iter().position(|(p, _)| *p == pkid) {
-            self.inflight.remove(i);
-            self.delivered += 1;
+            if let Some((_, m)) = self.inflight.remove(i) {
+                self.count_delivered(&m);
+            }
         }
         self.end_burst_if_empty()
+    }
+
+    fn count_delivered(&mut self, m: &Msg) {
+        self.delivered += 1;
+        self.answers.delivered += m.answer as u64;
     }
 
     /// After QoS 0 traffic or any ack: a burst ends when every event is out.
@@ -233,8 +281,8 @@ impl Outbox {
         }
         let mut n = 0;
         while self.events.len() > self.capacity {
-            self.events.pop_front();
-            self.count_drop();
+            let old = self.events.pop_front();
+            self.count_drop(old);
             n += 1;
         }
         self.dirty.clear();
@@ -247,10 +295,10 @@ mod tests {
     use super::*;
 
     fn ev(i: u32) -> Msg {
-        Msg { topic: "p/s/q".into(), payload: i.to_string().into_bytes(), qos: QoS::AtLeastOnce, retain: false }
+        Msg { topic: "p/s/q".into(), payload: i.to_string().into_bytes(), qos: QoS::AtLeastOnce, retain: false, answer: true }
     }
     fn ret(topic: &str, v: &str) -> Msg {
-        Msg { topic: topic.into(), payload: v.as_bytes().to_vec(), qos: QoS::AtLeastOnce, retain: true }
+        Msg { topic: topic.into(), payload: v.as_bytes().to_vec(), qos: QoS::AtLeastOnce, retain: true, answer: false }
     }
     fn num(m: &Msg) -> u32 {
         String::from_utf8(m.payload.clone()).unwrap().parse().unwrap()
@@ -324,5 +372,50 @@ mod tests {
         let m = o.take_next().unwrap();
         assert_eq!(m.topic, "p/available");
         assert!(o.take_next().is_none());
+    }
+
+    #[test]
+    fn answers_are_delivered_dropped_or_pending() {
+        let mut o = Outbox::new(3, 2);
+        let stat = |i: u32| Msg { answer: false, ..ev(100 + i) };
+        for i in 0..4 {
+            o.push(ev(i));
+        }
+        o.push(stat(0)); // the fourth and fifth pushes drop answers 0 and 1
+        o.push(ret("p/s/state", "x"));
+        let c = o.answers();
+        assert_eq!((c.produced, c.delivered, c.dropped, c.pending()), (4, 0, 2, 2));
+        // The retained state goes first, then answer 2, which is acknowledged.
+        let r = o.take_next().unwrap();
+        o.handed(r);
+        o.on_outgoing_publish(1);
+        o.on_ack(1);
+        let a = o.take_next().unwrap();
+        assert_eq!(num(&a), 2);
+        o.handed(a);
+        o.on_outgoing_publish(2);
+        assert_eq!(o.answers().delivered, 0, "not delivered before its PUBACK");
+        o.on_ack(2);
+        // Answer 3 goes out and the link drops before its PUBACK: still pending, not lost.
+        let b = o.take_next().unwrap();
+        o.handed(b);
+        o.on_outgoing_publish(3);
+        o.on_disconnect();
+        let c = o.answers();
+        assert_eq!((c.produced, c.delivered, c.dropped, c.pending()), (4, 1, 2, 1));
+        o.refused(&ev(9));
+        o.refused(&stat(9));
+        let c = o.answers();
+        assert_eq!((c.produced, c.dropped, c.pending()), (5, 3, 1), "a refused answer is a dropped one");
+        let q = Msg { qos: QoS::AtMostOnce, ..ev(10) };
+        o.push(q);
+        while let Some(m) = o.take_next() {
+            let qos0 = m.qos == QoS::AtMostOnce;
+            o.handed(m);
+            o.on_outgoing_publish(if qos0 { 0 } else { 7 });
+            o.on_ack(7);
+        }
+        let c = o.answers();
+        assert_eq!((c.produced, c.delivered, c.pending()), (6, 3, 0), "QoS 0 counts once written");
     }
 }

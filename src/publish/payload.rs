@@ -166,6 +166,9 @@ pub struct StatsPayload {
     pub inference: InferenceStats,
     /// Filled in by the publisher itself when it sends the stats.
     pub outbox: OutboxStats,
+    /// Answers produced, delivered and dropped since start; filled in by the publisher.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answers: Option<super::AnswerCounts>,
     #[serde(rename = "@timestamp")]
     pub timestamp: String,
 }

@@ -37,6 +37,14 @@ impl Mosquitto {
     }
 
     pub fn start_on(dir: &Path, port: u16, extra: &str) -> Mosquitto {
+        let mut m = Self::configure(dir, port, extra);
+        m.spawn();
+        m
+    }
+
+    /// Write the config for a mosquitto on `port` without starting it (a broker that is down
+    /// when its client starts); [`Mosquitto::spawn`] starts it.
+    pub fn configure(dir: &Path, port: u16, extra: &str) -> Mosquitto {
         let conf = dir.join("mosquitto.conf");
         let text = format!(
             // `user root`: when the tests run as root, mosquitto would otherwise switch to the
@@ -54,12 +62,11 @@ impl Mosquitto {
         );
         let text = if extra.contains("allow_anonymous") { text } else { text + "allow_anonymous true\n" };
         std::fs::write(&conf, text).unwrap();
-        let mut m = Mosquitto { port, dir: dir.to_path_buf(), conf, child: None };
-        m.spawn();
-        m
+        Mosquitto { port, dir: dir.to_path_buf(), conf, child: None }
     }
 
-    fn spawn(&mut self) {
+    /// Start the configured broker and wait until it listens.
+    pub fn spawn(&mut self) {
         let child = Command::new(MOSQUITTO)
             .arg("-c")
             .arg(&self.conf)
@@ -88,6 +95,14 @@ impl Mosquitto {
                 }
                 std::thread::sleep(Duration::from_millis(10));
             }
+            let _ = c.wait();
+        }
+    }
+
+    /// Die as a crash would (SIGKILL): no persistence save, no clean disconnects.
+    pub fn crash(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
             let _ = c.wait();
         }
     }
