@@ -164,6 +164,16 @@ fn reckon(scenario: &str, log: &str, got: &Received) -> (StopCounts, Vec<String>
     (c, lost)
 }
 
+/// Stop the daemon, take what is still arriving, and check that nothing was lost or dropped.
+async fn stop_lossless(scenario: &str, vigil: Daemon, sub: &mut Sub, mut got: Received) -> String {
+    let log = vigil.stop();
+    got.take(sub, Duration::from_secs(2)).await;
+    let (c, lost) = reckon(scenario, &log, &got);
+    assert!(lost.is_empty(), "{scenario}: lost {lost:?}; log:\n{log}");
+    assert_eq!((c.delivered, c.dropped, c.undelivered), (c.produced, 0, 0), "{scenario}; log:\n{log}");
+    log
+}
+
 /// Two broker outages while answers flow: `crash` kills mosquitto with SIGKILL, else SIGTERM.
 /// Every answer reaches the persistent subscriber; none is dropped.
 async fn two_outages(crash: bool) {
@@ -186,12 +196,8 @@ async fn two_outages(crash: bool) {
         vigil.redelivered(connects, &mut sub, &mut got).await;
         eprintln!("outage {outage}: {} answers received so far", got.count.len());
     }
-    let log = vigil.stop();
-    got.take(&mut sub, Duration::from_secs(2)).await;
     let scenario = if crash { "kill -9 twice" } else { "SIGTERM restart twice" };
-    let (c, lost) = reckon(scenario, &log, &got);
-    assert!(lost.is_empty(), "{scenario}: lost {lost:?}; log:\n{log}");
-    assert_eq!((c.delivered, c.dropped, c.undelivered), (c.produced, 0, 0), "{scenario}; log:\n{log}");
+    let log = stop_lossless(scenario, vigil, &mut sub, got).await;
     assert!(log.matches("MQTT: connected to").count() >= 3, "reconnected after each outage; log:\n{log}");
 }
 
@@ -230,11 +236,7 @@ async fn broker_down_at_start_then_up_delivers_everything() {
     vigil.redelivered(0, &mut sub, &mut got).await;
     let m = vigil.get("/metrics");
     assert_eq!(metric(&m, "vigil_mqtt_connected"), 1.0);
-    let log = vigil.stop();
-    got.take(&mut sub, Duration::from_secs(2)).await;
-    let (c, lost) = reckon("broker down at start", &log, &got);
-    assert!(lost.is_empty(), "lost {lost:?}");
-    assert_eq!((c.delivered, c.dropped, c.undelivered), (c.produced, 0, 0));
+    stop_lossless("broker down at start", vigil, &mut sub, got).await;
 }
 
 /// An outage longer than `outbox_capacity`: exactly the oldest answers are dropped, as many as
@@ -367,11 +369,7 @@ async fn embedded_broker_connection_taken_over_recovers_and_loses_nothing() {
         vigil.redelivered(connects, &mut sub, &mut got).await;
     }
     assert!(vigil.get("/healthz").starts_with("HTTP/1.1 200"));
-    let log = vigil.stop();
-    got.take(&mut sub, Duration::from_secs(2)).await;
-    let (c, lost) = reckon("embedded broker, connection taken over twice", &log, &got);
-    assert!(lost.is_empty(), "lost {lost:?}");
-    assert_eq!((c.delivered, c.dropped, c.undelivered), (c.produced, 0, 0));
+    stop_lossless("embedded broker, connection taken over twice", vigil, &mut sub, got).await;
 }
 
 /// SIGTERM while no broker was ever reachable: a prompt, clean exit (nothing waits on the
