@@ -192,6 +192,33 @@ fn systemd_unit_passes_systemd_analyze_verify() {
     assert!(out.status.success() && err.trim().is_empty(), "systemd-analyze verify:\n{err}");
 }
 
+#[test]
+fn systemd_unit_is_hardened() {
+    let unit = std::fs::read_to_string(repo("systemd/vigil.service")).unwrap();
+    // The sandbox must leave the cameras and the GPU reachable.
+    assert!(unit.lines().any(|l| l.trim() == "SupplementaryGroups=video render"), "video: V4L2, render: GPU nodes");
+    assert!(
+        !unit.lines().map(|l| l.replace(' ', "")).any(|l| l == "MemoryDenyWriteExecute=yes" || l == "MemoryDenyWriteExecute=true"),
+        "CUDA's PTX JIT needs writable+executable memory"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vigil.service");
+    std::fs::write(&path, unit.replace("/usr/local/bin/vigil", env!("CARGO_BIN_EXE_vigil"))).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=true", path.to_str().unwrap()])
+        .output()
+        .expect("systemd-analyze (Debian package systemd; scripts/setup.sh installs it)");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // "→ Overall exposure level for vigil.service: 1.9 OK 🙂"
+    let score: f64 = text
+        .lines()
+        .find_map(|l| l.split("Overall exposure level for vigil.service:").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no overall exposure level in systemd-analyze security:\n{text}"));
+    assert!(score <= 2.5, "exposure {score} > 2.5; systemd-analyze security:\n{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtsp_stream_keeps_answering_after_its_server_restarts_while_a_file_stream_continues() {
     let dir = tempfile::tempdir().unwrap();
