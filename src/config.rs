@@ -641,13 +641,70 @@ fn scrub(message: &str, secrets: &[String]) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Limits: every input has a bound, so no config can make memory grow without one
+// ---------------------------------------------------------------------------------------------
+
+/// Largest config file read (a config is a few KiB; this refuses `/dev/zero` and mistakes).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+/// Largest `password_file` read: a password is one short line.
+pub const MAX_SECRET_BYTES: u64 = 4096;
+/// Highest sampling rate of a stream, in frames per second.
+pub const MAX_FPS: f64 = 30.0;
+/// Most frames in one window (`fps × window_seconds`); VideoLLaMA3's processor takes 180 at most.
+pub const MAX_WINDOW_FRAMES: f64 = 180.0;
+/// Largest frame buffered (`max_frame_pixels`): 4096 × 4096.
+pub const MAX_FRAME_PIXELS: u64 = 4096 * 4096;
+/// Most bytes of RGB frames one window may hold (frames × `max_frame_pixels` × 3).
+pub const MAX_WINDOW_BYTES: u64 = 1 << 30;
+/// Longest prompt text, in characters (the model's context holds it beside the video).
+pub const MAX_PROMPT_CHARS: usize = 4096;
+/// Longest stream or prompt name: each is an MQTT topic level.
+pub const MAX_NAME_CHARS: usize = 64;
+/// Longest `mqtt.topic_prefix`.
+pub const MAX_TOPIC_PREFIX_CHARS: usize = 128;
+/// Longest `mqtt.client_id`.
+pub const MAX_CLIENT_ID_CHARS: usize = 128;
+
+/// Prompt names that would land on a per-stream topic of their own
+/// (`<prefix>/<stream>/<prompt>` shares its level with these).
+pub const RESERVED_PROMPT_NAMES: [&str; 3] = ["status", "set", "enabled"];
+
+/// Read a small text file: a regular file (not a device or a FIFO) of at most `max` bytes.
+pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read};
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        let what = if meta.is_dir() { "a directory" } else { "not a regular file" };
+        return Err(Error::new(ErrorKind::InvalidInput, what));
+    }
+    let too_big = || Error::new(ErrorKind::InvalidData, format!("larger than {max} bytes"));
+    if meta.len() > max {
+        return Err(too_big());
+    }
+    // The size can change between the check and the read: never read past the bound.
+    let mut text = String::new();
+    file.take(max + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > max {
+        return Err(too_big());
+    }
+    Ok(text)
+}
+
+/// Whether a file can be read by users other than its owner and group (for secrets).
+pub fn world_readable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o004 != 0)
+}
+
+// ---------------------------------------------------------------------------------------------
 // Loading
 // ---------------------------------------------------------------------------------------------
 
 impl Config {
     /// Read, parse and validate a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = read_bounded(path, MAX_CONFIG_BYTES).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
@@ -733,7 +790,9 @@ impl Config {
     /// One-line summary, e.g. `2 streams, 3 prompts, broker embedded`.
     pub fn summary(&self) -> String {
         let broker = if self.mqtt.is_embedded() {
-            format!("embedded (127.0.0.1:{})", self.mqtt.embedded_port)
+            let ip = self.mqtt.embedded_listen.as_deref().unwrap_or("127.0.0.1");
+            let host = if ip.contains(':') { format!("[{ip}]") } else { ip.to_string() };
+            format!("embedded ({host}:{})", self.mqtt.embedded_port)
         } else {
             redact_uri(&self.mqtt.broker)
         };
@@ -772,6 +831,15 @@ impl Config {
             }
             if s.enabled && s.prompts.is_empty() {
                 w.push(format!("stream {:?} has no prompts: its windows will not be analysed", s.name));
+            }
+        }
+        let secrets = self.mqtt.password_file.iter().map(|p| ("mqtt.password_file".to_string(), p));
+        let stream_secrets =
+            self.streams.iter().filter_map(|s| Some((format!("stream {:?} password_file", s.name), s.password_file.as_ref()?)));
+        for (what, p) in secrets.chain(stream_secrets) {
+            let full = self.resolve_path(p);
+            if world_readable(&full) {
+                w.push(format!("{what}: {} is readable by every user (chmod 600 or 640 it)", full.display()));
             }
         }
         w
@@ -843,11 +911,21 @@ impl Config {
             let key = |k: &str| format!("prompt[{i}].{k}");
             if let Err(e) = check_name(&pr.name) {
                 v.fail(&key("name"), &e);
+            } else if RESERVED_PROMPT_NAMES.contains(&pr.name.as_str()) {
+                v.fail(
+                    &key("name"),
+                    &format!("{:?} is reserved: it would collide with the topic <prefix>/<stream>/{}", pr.name, pr.name),
+                );
             } else if !prompt_names.insert(pr.name.as_str()) {
                 v.fail(&key("name"), &format!("duplicate prompt name {:?}", pr.name));
             }
             if pr.text.trim().is_empty() {
                 v.fail(&key("text"), "must not be empty");
+            } else if pr.text.chars().count() > MAX_PROMPT_CHARS {
+                v.fail(
+                    &key("text"),
+                    &format!("is {} characters long; at most {MAX_PROMPT_CHARS}", pr.text.chars().count()),
+                );
             }
             if pr.every == 0 {
                 v.fail(&key("every"), "must be at least 1 (1 = every window)");
@@ -882,7 +960,7 @@ impl Config {
                 }
             }
             if let Some(pf) = &s.password_file {
-                self.check_readable(&mut v, &key("password_file"), pf);
+                self.check_secret(&mut v, &key("password_file"), pf);
             }
             // A bad value inherited from [defaults] is reported once, there, not again per stream.
             let before = v.problems.len();
@@ -927,15 +1005,27 @@ impl Config {
             v.fail("mqtt.topic_prefix",
                 "must be non-empty, without MQTT wildcards (+, #) or a leading/trailing '/'",
             );
+        } else if q.topic_prefix.chars().count() > MAX_TOPIC_PREFIX_CHARS {
+            v.fail("mqtt.topic_prefix", &format!("is longer than {MAX_TOPIC_PREFIX_CHARS} characters"));
         }
         if q.client_id.is_empty() {
             v.fail("mqtt.client_id", "must not be empty");
+        } else if q.client_id.chars().count() > MAX_CLIENT_ID_CHARS {
+            v.fail("mqtt.client_id", &format!("is longer than {MAX_CLIENT_ID_CHARS} characters"));
+        }
+        if q.keepalive_s == 0 {
+            v.fail("mqtt.keepalive_s", "must be at least 1 (without keep-alive a dead broker goes unnoticed)");
+        } else if q.keepalive_s > u64::from(u16::MAX) {
+            v.fail("mqtt.keepalive_s", &format!("must be at most {} (MQTT's limit)", u16::MAX));
+        }
+        if q.broker == "embedded" && q.embedded_port == 0 {
+            v.fail("mqtt.embedded_port", "must be a port number (1-65535); 0 would pick a random one nobody knows");
         }
         if q.outbox_capacity == 0 {
             v.fail("mqtt.outbox_capacity", "must be at least 1");
         }
         if let Some(pf) = &q.password_file {
-            self.check_readable(v, "mqtt.password_file", pf);
+            self.check_secret(v, "mqtt.password_file", pf);
             if q.username.is_none() {
                 v.fail("mqtt.password_file", "needs mqtt.username");
             }
@@ -967,11 +1057,23 @@ impl Config {
         }
     }
 
+    /// A password file: regular, small, with a non-empty first line.
+    fn check_secret(&self, v: &mut Validator, key: &str, p: &Path) {
+        let full = self.resolve_path(p);
+        match read_bounded(&full, MAX_SECRET_BYTES) {
+            Err(e) => v.fail(key, &format!("cannot read {}: {e}", full.display())),
+            Ok(text) if text.lines().next().unwrap_or("").is_empty() => {
+                v.fail(key, &format!("{}: the first line (the password) is empty", full.display()))
+            }
+            Ok(_) => {}
+        }
+    }
+
     /// Settings of `[defaults]` or of one stream; `key` is the table (`defaults`, `stream[2]`).
     fn validate_stream_settings(&self, v: &mut Validator, key: &str, s: &StreamDefaults) {
         let name = |k: &str| format!("{key}.{k}");
-        if !(s.fps > 0.0 && s.fps.is_finite()) {
-            v.fail(&name("fps"), &format!("must be > 0 (got {})", s.fps));
+        if !(s.fps > 0.0 && s.fps <= MAX_FPS) {
+            v.fail(&name("fps"), &format!("must be > 0 and at most {MAX_FPS} (got {})", s.fps));
         } else if !(s.window_seconds.is_finite() && s.window_seconds * s.fps >= 1.0 - 1e-9) {
             v.fail(
                 &name("window_seconds"),
@@ -982,6 +1084,31 @@ impl Config {
                     1.0 / s.fps
                 ),
             );
+        } else if s.window_seconds * s.fps > MAX_WINDOW_FRAMES + 1e-9 {
+            v.fail(
+                &name("window_seconds"),
+                &format!(
+                    "window of {} s holds {:.0} frames at {} fps; at most {MAX_WINDOW_FRAMES} (needs <= {} s)",
+                    s.window_seconds,
+                    s.window_seconds * s.fps,
+                    s.fps,
+                    MAX_WINDOW_FRAMES / s.fps
+                ),
+            );
+        } else if s.max_frame_pixels <= MAX_FRAME_PIXELS {
+            let frames = (s.window_seconds * s.fps + 1e-9).floor() as u64;
+            let bytes = frames * s.max_frame_pixels * 3;
+            if bytes > MAX_WINDOW_BYTES {
+                v.fail(
+                    &name("max_frame_pixels"),
+                    &format!(
+                        "{frames} frames of {} pixels make {} MiB of RGB per window; at most {} MiB (fewer frames or pixels)",
+                        s.max_frame_pixels,
+                        bytes >> 20,
+                        MAX_WINDOW_BYTES >> 20
+                    ),
+                );
+            }
         }
         if !(s.stride_seconds > 0.0 && s.stride_seconds.is_finite()) {
             v.fail(&name("stride_seconds"), &format!("must be > 0 (got {})", s.stride_seconds));
@@ -989,6 +1116,8 @@ impl Config {
         // One 28×28 merged patch is the smallest frame the model can take.
         if s.max_frame_pixels < 28 * 28 {
             v.fail(&name("max_frame_pixels"), "must be at least 784 (28×28)");
+        } else if s.max_frame_pixels > MAX_FRAME_PIXELS {
+            v.fail(&name("max_frame_pixels"), &format!("must be at most {MAX_FRAME_PIXELS} (4096×4096)"));
         }
         if !(s.reconnect_min_s > 0.0 && s.reconnect_min_s.is_finite()) {
             v.fail(&name("reconnect_min_s"), "must be > 0");
@@ -1010,6 +1139,9 @@ fn plural(n: usize) -> &'static str {
 fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("must not be empty".into());
+    }
+    if name.chars().count() > MAX_NAME_CHARS {
+        return Err(format!("is {} characters long; at most {MAX_NAME_CHARS}", name.chars().count()));
     }
     if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
         return Err(format!(

@@ -147,6 +147,80 @@ fn semantic_rules() {
     }
 }
 
+/// Every input has a bound: each case is rejected with a located problem on its key.
+#[test]
+fn inputs_beyond_their_caps_are_rejected_where_written() {
+    let long_name = "c".repeat(MAX_NAME_CHARS + 1);
+    let long_text = format!("text = \"{}\"", "x".repeat(MAX_PROMPT_CHARS + 1));
+    let long_prefix = format!("[mqtt]\ntopic_prefix = \"{}\"\n\n[[prompt]]", "p".repeat(MAX_TOPIC_PREFIX_CHARS + 1));
+    let long_client = format!("[mqtt]\nclient_id = \"{}\"\n\n[[prompt]]", "c".repeat(MAX_CLIENT_ID_CHARS + 1));
+    let stream = |extra: &str| format!("prompts = [\"caption\"]\n{extra}");
+    let cases: Vec<(String, String, &str)> = vec![
+        ("name = \"cam\"".into(), format!("name = \"{long_name}\""), "stream[0].name"),
+        ("text = \"Describe.\"".into(), long_text, "prompt[0].text"),
+        ("[[stream]]".into(), "[[prompt]]\nname = \"set\"\ntext = \"Hi.\"\n\n[[stream]]".into(), "prompt[1].name"),
+        ("[[prompt]]".into(), long_prefix, "mqtt.topic_prefix"),
+        ("[[prompt]]".into(), long_client, "mqtt.client_id"),
+        ("[[prompt]]".into(), "[mqtt]\nkeepalive_s = 0\n\n[[prompt]]".into(), "mqtt.keepalive_s"),
+        ("[[prompt]]".into(), "[mqtt]\nembedded_port = 0\n\n[[prompt]]".into(), "mqtt.embedded_port"),
+        ("[[prompt]]".into(), "[defaults]\nfps = 1000.0\n\n[[prompt]]".into(), "defaults.fps"),
+        ("[[prompt]]".into(), "[defaults]\nfps = 1e308\n\n[[prompt]]".into(), "defaults.fps"),
+        ("prompts = [\"caption\"]".into(), stream("window_seconds = 1e12"), "stream[0].window_seconds"),
+        ("prompts = [\"caption\"]".into(), stream("fps = 30.0\nwindow_seconds = 7.0"), "stream[0].window_seconds"),
+        ("prompts = [\"caption\"]".into(), stream("max_frame_pixels = 100000000"), "stream[0].max_frame_pixels"),
+        // 180 frames of 4096×4096 would be 8.4 GiB of RGB.
+        ("prompts = [\"caption\"]".into(), stream("fps = 30.0\nwindow_seconds = 6.0\nmax_frame_pixels = 16777216"), "stream[0].max_frame_pixels"),
+        ("prompts = [\"caption\"]".into(), stream("password_file = \"/dev/zero\""), "stream[0].password_file"),
+        ("prompts = [\"caption\"]".into(), stream("password_file = \"/\""), "stream[0].password_file"),
+    ];
+    for (from, to, key) in &cases {
+        let text = MINIMAL.replacen(from.as_str(), to, 1);
+        assert_ne!(text, MINIMAL, "case {key}: pattern {from:?} not found");
+        let p = one_problem(&text);
+        assert_eq!(&p.key, key, "case {}: {p:?}", &to[..to.len().min(80)]);
+        assert!(p.line > 0 && p.col > 0, "case {key}: unlocated {p:?}");
+    }
+    // At the caps themselves: accepted.
+    let at_caps = MINIMAL.replacen("prompts = [\"caption\"]", &stream("fps = 30.0\nwindow_seconds = 6.0"), 1);
+    parse(&at_caps).unwrap();
+}
+
+#[test]
+fn secret_files_are_read_bounded_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big");
+    std::fs::write(&big, vec![b'a'; MAX_SECRET_BYTES as usize + 1]).unwrap();
+    let e = read_bounded(&big, MAX_SECRET_BYTES).unwrap_err();
+    assert!(e.to_string().contains("larger than"), "{e}");
+    assert!(read_bounded(Path::new("/dev/zero"), MAX_SECRET_BYTES).unwrap_err().to_string().contains("not a regular file"));
+    assert!(read_bounded(dir.path(), 10).unwrap_err().to_string().contains("directory"));
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "\nsecond line").unwrap();
+    let text = MINIMAL.replacen("prompts = [\"caption\"]", &format!("prompts = [\"caption\"]\npassword_file = {:?}", empty), 1);
+    let p = one_problem(&text);
+    assert!(p.message.contains("is empty"), "{p:?}");
+
+    use std::os::unix::fs::PermissionsExt;
+    let pw = dir.path().join("pw");
+    std::fs::write(&pw, "s3cret\n").unwrap();
+    let text = MINIMAL.replacen("prompts = [\"caption\"]", &format!("prompts = [\"caption\"]\npassword_file = {:?}", pw), 1);
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let warned = parse(&text).unwrap().warnings();
+    assert!(warned.iter().any(|w| w.contains("readable by every user")), "{warned:?}");
+    std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(!parse(&text).unwrap().warnings().iter().any(|w| w.contains("readable by every user")));
+}
+
+#[test]
+fn config_files_are_read_bounded() {
+    let e = Config::load(Path::new("/dev/zero")).unwrap_err();
+    assert!(matches!(e, ConfigError::Read { .. }) && e.to_string().contains("not a regular file"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big.toml");
+    std::fs::write(&big, format!("{MINIMAL}\n#{}\n", "x".repeat(MAX_CONFIG_BYTES as usize))).unwrap();
+    assert!(Config::load(&big).unwrap_err().to_string().contains("larger than"));
+}
+
 #[test]
 fn duplicate_names_point_at_the_second() {
     let text = format!("{MINIMAL}\n[[stream]]\nname = \"cam\"\nuri = \"/x.mp4\"\n");

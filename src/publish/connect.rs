@@ -81,7 +81,7 @@ pub fn qos(q: u8) -> QoS {
 
 /// Read the password: the first line of `password_file`, without its line ending.
 pub fn read_password(path: &Path) -> Result<String, PublishError> {
-    let text = std::fs::read_to_string(path)
+    let text = crate::config::read_bounded(path, crate::config::MAX_SECRET_BYTES)
         .map_err(|e| PublishError::PasswordFile { path: path.to_path_buf(), reason: e.to_string() })?;
     let line = text.lines().next().unwrap_or("");
     if line.is_empty() {
@@ -100,8 +100,8 @@ pub fn mqtt_options(
 ) -> Result<(MqttOptions, BrokerAddr), PublishError> {
     let mut addr = broker_addr(m)?;
     let mut o = MqttOptions::new(client_id, addr.host.clone(), addr.port);
-    // rumqttc refuses keep-alives under a second; 0 means "off".
-    o.set_keep_alive(Duration::from_secs(if m.keepalive_s == 0 { 0 } else { m.keepalive_s.max(1) }));
+    // The config refuses 0 ("off": a dead broker would go unnoticed); rumqttc refuses under 1 s.
+    o.set_keep_alive(Duration::from_secs(m.keepalive_s.max(1)));
     // A clean session: the outbox (not the broker) keeps unacknowledged messages.
     o.set_clean_session(true);
     o.set_inflight(100);

@@ -48,8 +48,7 @@ pub use topics::{SetTarget, Topics};
 /// Largest message vigil sends (and rumqttc accepts): answers are a few KiB.
 const MAX_MESSAGE_BYTES: usize = (1 << 20) - 1024;
 
-/// Prompt names that would land on a per-stream topic of their own.
-pub const RESERVED_PROMPT_NAMES: [&str; 3] = ["status", "set", "enabled"];
+pub use crate::config::RESERVED_PROMPT_NAMES;
 
 /// Why publishing could not start (connection problems after start are retried, not returned).
 #[derive(Debug, thiserror::Error)]

@@ -92,7 +92,7 @@ impl SourceSpec {
         let password = match &cfg.password_file {
             Some(p) => {
                 let path = if p.is_absolute() { p.clone() } else { base_dir.join(p) };
-                let text = std::fs::read_to_string(&path).map_err(|source| SourceError::PasswordFile {
+                let text = crate::config::read_bounded(&path, crate::config::MAX_SECRET_BYTES).map_err(|source| SourceError::PasswordFile {
                     stream: cfg.name.clone(),
                     path: path.clone(),
                     source,
