@@ -1044,9 +1044,20 @@ impl Config {
             v.fail("mqtt.cert_file", "cert_file and key_file go together");
         }
         if let Some(listen) = &q.embedded_listen {
-            if listen.parse::<std::net::IpAddr>().is_err() {
-                v.fail("mqtt.embedded_listen", &format!("{listen:?} is not an IP address"));
+            match listen.parse::<std::net::IpAddr>() {
+                Err(_) => v.fail("mqtt.embedded_listen", &format!("{listen:?} is not an IP address")),
+                Ok(ip) if q.broker == "embedded" && !ip.is_loopback() && q.username.is_none() => v.fail(
+                    "mqtt.embedded_listen",
+                    &format!(
+                        "the embedded broker on {ip} would be open to the network: set mqtt.username and \
+                         mqtt.password_file (it then requires them of every client)"
+                    ),
+                ),
+                Ok(_) => {}
             }
+        }
+        if q.broker == "embedded" && q.username.is_some() && q.password_file.is_none() {
+            v.fail("mqtt.username", "the embedded broker needs mqtt.password_file with it");
         }
     }
 

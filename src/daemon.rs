@@ -116,6 +116,7 @@ struct Metrics {
     mqtt_queued: GaugeVec,
     mqtt_dropped: CounterVec,
     mqtt_connected: GaugeVec,
+    commands_rejected: CounterVec,
     stream_up: GaugeVec,
     engine_queue: GaugeVec,
     heartbeat_age: GaugeVec,
@@ -175,6 +176,11 @@ impl Metrics {
             mqtt_queued: r.gauge("vigil_mqtt_queued", "Messages waiting in the MQTT outbox.", &[]),
             mqtt_dropped: r.counter("vigil_mqtt_dropped_total", "MQTT messages dropped because the outbox was full.", &[]),
             mqtt_connected: r.gauge("vigil_mqtt_connected", "1 while the MQTT broker connection is up.", &[]),
+            commands_rejected: r.counter(
+                "vigil_mqtt_commands_rejected_total",
+                "`set` messages refused: a payload other than ON/OFF, or an unknown stream or prompt.",
+                &[],
+            ),
             stream_up: r.gauge("vigil_stream_up", "1 while the stream delivers frames.", &["stream"]),
             engine_queue: r.gauge("vigil_engine_queue_depth", "Jobs waiting for the engine.", &[]),
             heartbeat_age: r.gauge("vigil_engine_heartbeat_age_seconds", "Seconds since the engine thread last showed life.", &[]),
@@ -780,6 +786,7 @@ fn install_scrape_hook(state: &Arc<State>) {
         let a = state.publisher.answer_counts();
         m.answers_delivered.with(&[]).set_total(a.delivered as f64);
         m.answers_dropped.with(&[]).set_total(a.dropped as f64);
+        m.commands_rejected.with(&[]).set_total(state.publisher.commands_rejected() as f64);
         m.mqtt_connected.with(&[]).set(if state.publisher.link().borrow().connected { 1.0 } else { 0.0 });
         m.engine_queue.with(&[]).set(state.engine.queue_len() as f64);
         m.heartbeat_age.with(&[]).set(state.engine.heartbeat_age().as_secs_f64());

@@ -99,14 +99,21 @@ fn mqtt_to(port: u16) -> String {
 #[derive(Default)]
 struct Received {
     count: HashMap<String, u32>,
+    /// Messages on `<prefix>/errors`.
+    errors: usize,
 }
 
 impl Received {
+    fn record(&mut self, m: &common::Got) {
+        if is_answer_topic(&m.topic) {
+            *self.count.entry(m.json()["id"].as_str().unwrap().to_string()).or_default() += 1;
+        }
+        self.errors += (m.topic == "vigil/errors") as usize;
+    }
+
     async fn take(&mut self, sub: &mut Sub, quiet: Duration) {
         for m in sub.drain(quiet).await {
-            if is_answer_topic(&m.topic) {
-                *self.count.entry(m.json()["id"].as_str().unwrap().to_string()).or_default() += 1;
-            }
+            self.record(&m);
         }
     }
 
@@ -116,9 +123,7 @@ impl Received {
         while self.count.len() < n {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let Some(m) = sub.next(left).await else { panic!("only {} of {n} answers arrived", self.count.len()) };
-            if is_answer_topic(&m.topic) {
-                *self.count.entry(m.json()["id"].as_str().unwrap().to_string()).or_default() += 1;
-            }
+            self.record(&m);
         }
     }
 
@@ -128,9 +133,7 @@ impl Received {
         while !ids.iter().all(|id| self.count.contains_key(id)) {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let Some(m) = sub.next(left).await else { return false };
-            if is_answer_topic(&m.topic) {
-                *self.count.entry(m.json()["id"].as_str().unwrap().to_string()).or_default() += 1;
-            }
+            self.record(&m);
         }
         true
     }
@@ -390,4 +393,45 @@ async fn sigterm_without_a_broker_stops_at_once() {
     let c = stop_counts(&log);
     assert!(c.produced >= 2 && (c.delivered, c.dropped, c.undelivered) == (0, 0, c.produced), "{c:?}");
     println!("broker-faults: SIGTERM with no broker: exit after {took:?}, {} answers undelivered", c.undelivered);
+}
+
+/// A flood of bad `set` messages: every one is counted, the log and the `errors` topic get one
+/// report per burst, and no answer is pushed out of the outbox or lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_commands_costs_no_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "");
+    let mut sub = Sub::connect(broker.port, "faults-sub", &["vigil/+/+", "vigil/errors"], false).await;
+    // A small outbox, so that any error report taking an answer's slot would show.
+    let mqtt = format!("{}\noutbox_capacity = 8", mqtt_to(broker.port));
+    let vigil = Daemon::start(dir.path(), &mqtt, &[]);
+    let mut got = Received::default();
+    got.until(&mut sub, 2, Duration::from_secs(90)).await;
+
+    const FLOOD: usize = 20_000;
+    let mut o = rumqttc::MqttOptions::new("flooder", "127.0.0.1", broker.port);
+    o.set_inflight(100);
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 1000);
+    let pump = tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    for i in 0..FLOOD {
+        let (topic, payload) = if i % 2 == 0 { ("vigil/live/set", "maybe") } else { ("vigil/nope/set", "ON") };
+        client.publish(topic, rumqttc::QoS::AtLeastOnce, false, payload).await.unwrap();
+    }
+    let rejected = |d: &Daemon| metric(&d.get("/metrics"), "vigil_mqtt_commands_rejected_total") as usize;
+    vigil.wait_until("every bad command is counted", Duration::from_secs(60), |d| rejected(d) >= FLOOD).await;
+    pump.abort();
+    assert_eq!(rejected(&vigil), FLOOD, "counted exactly");
+    let m = vigil.get("/metrics");
+    assert_eq!(metric(&m, "vigil_answers_dropped_total"), 0.0, "the flood pushed no answer out");
+
+    let connects = vigil.connects();
+    vigil.redelivered(connects - 1, &mut sub, &mut got).await;
+    got.take(&mut sub, Duration::from_secs(1)).await;
+    let errors = got.errors;
+    let log = stop_lossless("flood of 20 000 bad set commands", vigil, &mut sub, got).await;
+    let warned = log.matches("MQTT command ignored").count();
+    // Two problems (bad payload, unknown target), one report each per 10 s.
+    assert!((2..=8).contains(&warned), "{warned} warnings for {FLOOD} bad commands; log:\n{log}");
+    assert!(errors <= 8, "{errors} error messages for {FLOOD} bad commands");
+    println!("broker-faults: {FLOOD} bad set commands: all counted, {warned} log lines, {errors} error messages");
 }

@@ -144,3 +144,41 @@ fn tail_with_refused_credentials_exits_with_the_reason() {
     assert!(err.contains("not authorized") || err.contains("bad username"), "{err}");
     assert!(err.contains("\"nobody\"") && !err.contains("zebra42"), "user named, no password in the message: {err}");
 }
+
+/// With `username` + `password_file`, the embedded broker requires them: vigil itself gets in,
+/// a client with the same credentials too, an anonymous one (or a wrong password) does not and
+/// so cannot overwrite the retained availability.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_broker_with_credentials_refuses_anonymous_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    std::fs::write(dir.path().join("broker.pw"), "s3cret\n").unwrap();
+    let extra = format!("embedded_port = {port}\nusername = \"vigil\"\npassword_file = \"broker.pw\"");
+    let cfg = config(dir.path(), "embedded", &extra);
+    let (p, _c) = Publisher::start(&cfg, fast()).await.unwrap();
+    wait_link(&p, T, |l| l.connected).await;
+
+    // A refused client: the first poll answers with the broker's refusal or a closed connection.
+    async fn refused(o: rumqttc::MqttOptions) -> bool {
+        let (_client, mut el) = rumqttc::AsyncClient::new(o, 10);
+        match tokio::time::timeout(T, el.poll()).await {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a)))) => a.code != rumqttc::ConnectReturnCode::Success,
+            Ok(Ok(_)) => false,
+            Ok(Err(_)) => true,
+            Err(_) => panic!("no answer from the embedded broker within {T:?}"),
+        }
+    }
+    assert!(refused(rumqttc::MqttOptions::new("anon", "127.0.0.1", port)).await, "anonymous clients are refused");
+    let mut wrong = rumqttc::MqttOptions::new("wrong", "127.0.0.1", port);
+    wrong.set_credentials("vigil", "guess");
+    assert!(refused(wrong).await, "a wrong password is refused");
+
+    let mut o = rumqttc::MqttOptions::new("sub-auth", "127.0.0.1", port);
+    o.set_credentials("vigil", "s3cret");
+    let mut sub = Sub::connect_with(o, &["vt/available", "vt/cam1/scene"], false).await;
+    assert_eq!(sub.next_on("vt/available", T).await.unwrap().text(), "online");
+    p.answer(&answer("cam1", "scene", "caption", 0));
+    assert!(sub.next_on("vt/cam1/scene", T).await.is_some(), "answers reach an authenticated subscriber");
+    p.shutdown(T).await;
+    sub.stop();
+}

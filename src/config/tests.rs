@@ -172,6 +172,8 @@ fn inputs_beyond_their_caps_are_rejected_where_written() {
         ("prompts = [\"caption\"]".into(), stream("fps = 30.0\nwindow_seconds = 6.0\nmax_frame_pixels = 16777216"), "stream[0].max_frame_pixels"),
         ("prompts = [\"caption\"]".into(), stream("password_file = \"/dev/zero\""), "stream[0].password_file"),
         ("prompts = [\"caption\"]".into(), stream("password_file = \"/\""), "stream[0].password_file"),
+        ("[[prompt]]".into(), "[mqtt]\nembedded_listen = \"0.0.0.0\"\n\n[[prompt]]".into(), "mqtt.embedded_listen"),
+        ("[[prompt]]".into(), "[mqtt]\nusername = \"u\"\n\n[[prompt]]".into(), "mqtt.username"),
     ];
     for (from, to, key) in &cases {
         let text = MINIMAL.replacen(from.as_str(), to, 1);

@@ -1,8 +1,10 @@
 //! The embedded broker: `mqtt.broker = "embedded"` runs rumqttd in-process so the demo needs no
 //! external broker. Source of truth: issue 6 "What to build" 3.
 //!
-//! It binds 127.0.0.1 unless `mqtt.embedded_listen` names another address: an unauthenticated
-//! broker must not appear on the network by accident.
+//! It binds 127.0.0.1 unless `mqtt.embedded_listen` names another address. With
+//! `mqtt.username` + `password_file` it requires those credentials of every client (vigil
+//! itself included); the config refuses a non-loopback address without them, so an open broker
+//! never appears on the network by accident.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
@@ -30,8 +32,9 @@ impl EmbeddedBroker {
         Ok(SocketAddr::new(ip, m.embedded_port))
     }
 
-    /// Start rumqttd on `addr` and wait until it accepts connections.
-    pub fn start(addr: SocketAddr) -> Result<EmbeddedBroker, PublishError> {
+    /// Start rumqttd on `addr` and wait until it accepts connections. With `login` (user,
+    /// password), clients must present it.
+    pub fn start(addr: SocketAddr, login: Option<(String, String)>) -> Result<EmbeddedBroker, PublishError> {
         // rumqttd only logs a failed bind from its own thread; try it here first so the user
         // gets the reason (typically a mosquitto already on 1883).
         TcpListener::bind(addr).map_err(|e| {
@@ -39,7 +42,8 @@ impl EmbeddedBroker {
                 "cannot listen on {addr}: {e} (another broker running? set mqtt.embedded_port or use an external broker)"
             ))
         })?;
-        let mut broker = rumqttd::Broker::new(broker_config(addr));
+        let open = login.is_none();
+        let mut broker = rumqttd::Broker::new(broker_config(addr, login));
         std::thread::Builder::new()
             .name("vigil-broker".into())
             .spawn(move || {
@@ -56,7 +60,7 @@ impl EmbeddedBroker {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        if !addr.ip().is_loopback() {
+        if !addr.ip().is_loopback() && open {
             tracing::warn!("embedded MQTT broker listens on {addr} without authentication");
         }
         tracing::info!("embedded MQTT broker listening on {addr}");
@@ -68,13 +72,13 @@ impl EmbeddedBroker {
     }
 }
 
-fn broker_config(addr: SocketAddr) -> rumqttd::Config {
+fn broker_config(addr: SocketAddr, login: Option<(String, String)>) -> rumqttd::Config {
     let connections = rumqttd::ConnectionSettings {
         connection_timeout_ms: 10_000,
         // Answers with long texts and discovery configs exceed rumqttd's 20 KiB example limit.
         max_payload_size: 1 << 20,
         max_inflight_count: 200,
-        auth: None,
+        auth: login.map(|(user, pass)| HashMap::from([(user, pass)])),
         external_auth: None,
         dynamic_filters: true,
     };

@@ -26,6 +26,7 @@ pub mod embedded;
 pub mod outbox;
 pub mod payload;
 pub mod tail;
+pub mod throttle;
 pub mod topics;
 
 use std::collections::{HashMap, HashSet};
@@ -41,7 +42,7 @@ use tokio::task::JoinHandle;
 use crate::config::{Config, PromptKind};
 use connect::BrokerAddr;
 pub use outbox::AnswerCounts;
-use outbox::{Msg, Outbox, Pushed};
+use outbox::{Class, Msg, Outbox, Pushed};
 pub use payload::*;
 pub use topics::{SetTarget, Topics};
 
@@ -128,7 +129,14 @@ struct Shared {
     discovery_topics: Mutex<HashSet<String>>,
     ha_status_topic: Option<String>,
     beat: Heartbeat,
+    /// One log line and one `errors` message per burst of the same problem.
+    reports: Mutex<throttle::Throttle>,
+    /// `set` messages refused (bad payload, unknown stream or prompt) since start.
+    commands_rejected: AtomicU64,
 }
+
+/// How often the same problem is reported (log and `errors` topic) at most.
+const REPORT_PERIOD: Duration = Duration::from_secs(10);
 
 /// When the event loop started handling its current event (ms after `base`, plus one; 0 while
 /// it waits on the network or sleeps before reconnecting).
@@ -197,11 +205,16 @@ impl Shared {
     }
 
     fn event(&self, topic: String, payload: Vec<u8>) {
-        self.enqueue(Msg { topic, payload, qos: self.qos, retain: false, answer: false });
+        self.enqueue(Msg { topic, payload, qos: self.qos, retain: false, class: Class::Event });
+    }
+
+    /// Stats and error reports: their own small budget in the outbox, never an answer's slot.
+    fn diagnostic(&self, topic: String, payload: Vec<u8>) {
+        self.enqueue(Msg { topic, payload, qos: self.qos, retain: false, class: Class::Diagnostic });
     }
 
     fn retained(&self, topic: String, payload: Vec<u8>) {
-        self.enqueue(Msg { topic, payload, qos: self.qos, retain: true, answer: false });
+        self.enqueue(Msg { topic, payload, qos: self.qos, retain: true, class: Class::Event });
     }
 
     /// Hand queued messages to rumqttc while connected and the in-flight window allows.
@@ -231,7 +244,7 @@ impl Shared {
     fn stats(&self, mut stats: StatsPayload) {
         stats.outbox = self.outbox_stats();
         stats.answers = Some(self.lock().outbox.answers());
-        self.event(self.topics.stats(), to_json(&stats));
+        self.diagnostic(self.topics.stats(), to_json(&stats));
     }
 
     fn log_burst_end(&self, ended: Option<u64>) {
@@ -266,7 +279,11 @@ impl Publisher {
         #[cfg(feature = "embedded-broker")]
         let embedded = if m.is_embedded() {
             let addr = embedded::EmbeddedBroker::listen_addr(m)?;
-            Some(tokio::task::spawn_blocking(move || embedded::EmbeddedBroker::start(addr)).await.map_err(
+            let login = match (&m.username, &m.password_file) {
+                (Some(user), Some(pf)) => Some((user.clone(), connect::read_password(&cfg.resolve_path(pf))?)),
+                _ => None,
+            };
+            Some(tokio::task::spawn_blocking(move || embedded::EmbeddedBroker::start(addr, login)).await.map_err(
                 |e| PublishError::Embedded(format!("start-up task failed: {e}")),
             )??)
         } else {
@@ -302,6 +319,8 @@ impl Publisher {
             ha_status_topic: m.homeassistant_discovery.then(|| discovery::status_topic(cfg)),
             topics,
             beat: Heartbeat { base: Instant::now(), busy_since: AtomicU64::new(0) },
+            reports: Mutex::new(throttle::Throttle::new(REPORT_PERIOD)),
+            commands_rejected: AtomicU64::new(0),
         });
 
         // Initial retained states, in the order they are re-sent after each connect:
@@ -312,7 +331,7 @@ impl Publisher {
             payload: b"online".to_vec(),
             qos: QoS::AtLeastOnce,
             retain: true,
-            answer: false,
+            class: Class::Event,
         });
 
         tracing::info!("MQTT: publishing under {:?} to {addr}", m.topic_prefix);
@@ -341,7 +360,7 @@ impl Publisher {
     pub fn answer(&self, a: &Answer) {
         let t = &self.shared.topics;
         let sh = &self.shared;
-        sh.enqueue(Msg { topic: t.answer(&a.stream, &a.prompt), payload: to_json(a), qos: sh.qos, retain: false, answer: true });
+        sh.enqueue(Msg { topic: t.answer(&a.stream, &a.prompt), payload: to_json(a), qos: sh.qos, retain: false, class: Class::Answer });
         if a.kind == PromptKind::Alert {
             let now = a.is_positive();
             let before = self.shared.lock().alerts.insert((a.stream.clone(), a.prompt.clone()), now).unwrap_or(false);
@@ -380,15 +399,23 @@ impl Publisher {
         })
     }
 
-    /// Report a failure worth a human's attention on `<prefix>/errors`.
+    /// Report a failure worth a human's attention on `<prefix>/errors`: at most one per
+    /// component and stream every 10 s, the next one saying how many were not reported.
     pub fn error(&self, component: &str, stream: Option<&str>, message: &str) {
+        let key = format!("{component}/{}", stream.unwrap_or(""));
+        let Some(suppressed) = lock_plain(&self.shared.reports).admit(&key, Instant::now()) else { return };
         let e = ErrorPayload {
             component: component.to_string(),
             stream: stream.map(str::to_string),
-            message: crate::config::redact_uri(message),
+            message: throttle::with_suppressed(&crate::config::redact_uri(message), suppressed),
             timestamp: now_rfc3339(),
         };
-        self.shared.event(self.shared.topics.errors(), to_json(&e));
+        self.shared.diagnostic(self.shared.topics.errors(), to_json(&e));
+    }
+
+    /// `set` messages refused since start (bad payload, unknown stream or prompt).
+    pub fn commands_rejected(&self) -> u64 {
+        self.shared.commands_rejected.load(Ordering::Relaxed)
     }
 
     /// Publish the enabled state of a stream or prompt (retained `.../enabled`), e.g. after the
@@ -446,7 +473,7 @@ impl Publisher {
             payload: b"stopped".to_vec(),
             qos: QoS::AtLeastOnce,
             retain: true,
-            answer: false,
+            class: Class::Event,
         });
         let deadline = Instant::now() + timeout;
         loop {
@@ -666,8 +693,7 @@ fn on_message(shared: &Shared, topic: &str, payload: &[u8]) {
         "OFF" | "FALSE" | "0" => false,
         _ => {
             let m = format!("{topic}: expected ON or OFF, got {:?}", payload::truncate_chars(text, 40));
-            tracing::warn!("MQTT command ignored: {m}");
-            send_error(shared, &m);
+            reject_command(shared, "payload", &m);
             return;
         }
     };
@@ -680,8 +706,7 @@ fn on_message(shared: &Shared, topic: &str, payload: &[u8]) {
     };
     if !known {
         let m = format!("{topic}: no such stream or prompt");
-        tracing::warn!("MQTT command ignored: {m}");
-        send_error(shared, &m);
+        reject_command(shared, "target", &m);
         return;
     }
     let cmd = match target.clone() {
@@ -696,7 +721,14 @@ fn on_message(shared: &Shared, topic: &str, payload: &[u8]) {
     }
 }
 
-fn send_error(shared: &Shared, message: &str) {
-    let e = ErrorPayload { component: "mqtt".into(), stream: None, message: message.to_string(), timestamp: now_rfc3339() };
-    shared.event(shared.topics.errors(), to_json(&e));
+/// A refused `set` message: counted always; logged and reported on `errors` once per burst of
+/// the same `problem` (a bad payload, an unknown target).
+fn reject_command(shared: &Shared, problem: &str, message: &str) {
+    shared.commands_rejected.fetch_add(1, Ordering::Relaxed);
+    let key = format!("mqtt/set/{problem}");
+    let Some(suppressed) = lock_plain(&shared.reports).admit(&key, Instant::now()) else { return };
+    let message = throttle::with_suppressed(message, suppressed);
+    tracing::warn!("MQTT command ignored: {message}");
+    let e = ErrorPayload { component: "mqtt".into(), stream: None, message, timestamp: now_rfc3339() };
+    shared.diagnostic(shared.topics.errors(), to_json(&e));
 }

@@ -8,8 +8,9 @@
 //! the front of the queue in their original order.
 //!
 //! Two kinds of message:
-//! - *events* (answers, alerts, stats, errors): queued in order, at most `capacity` of them; when
-//!   full, the oldest is dropped and counted;
+//! - *events*: queued in order. Answers and alerts share `capacity`; diagnostics (stats,
+//!   errors) have a budget of their own ([`DIAGNOSTIC_CAPACITY`]), so a flood of them can never
+//!   push an answer out. When a budget is full, the oldest of its class is dropped and counted;
 //! - *retained states* (availability, statuses, `.../state`, `.../enabled`, discovery configs):
 //!   only the latest value per topic matters, so they are kept in a map and re-sent after every
 //!   connect (the broker may have restarted without persistence). They never compete with
@@ -30,9 +31,22 @@ pub struct Msg {
     pub payload: Vec<u8>,
     pub qos: QoS,
     pub retain: bool,
-    /// An answer: counted in [`AnswerCounts`] as well.
-    pub answer: bool,
+    pub class: Class,
 }
+
+/// Which budget an event draws on, and whether it is counted as an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    /// An answer: shares `capacity` with alerts, and is counted in [`AnswerCounts`].
+    Answer,
+    /// Alerts, and retained states (which never count against a budget).
+    Event,
+    /// Stats and error reports: at most [`DIAGNOSTIC_CAPACITY`] queued.
+    Diagnostic,
+}
+
+/// Diagnostics (stats, error reports) queued at most, apart from the answers' capacity.
+pub const DIAGNOSTIC_CAPACITY: usize = 64;
 
 /// The fate of the answers handed to the outbox since start.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -109,7 +123,7 @@ impl Outbox {
     /// A message that was never queued because the broker could not take it: an answer among
     /// them counts as dropped.
     pub fn refused(&mut self, msg: &Msg) {
-        if msg.answer {
+        if msg.class == Class::Answer {
             self.answers.produced += 1;
             self.answers.dropped += 1;
         }
@@ -151,18 +165,34 @@ impl Outbox {
             self.mark_dirty(&topic);
             return Pushed::Queued;
         }
-        self.answers.produced += msg.answer as u64;
+        self.answers.produced += (msg.class == Class::Answer) as u64;
+        let diagnostic = msg.class == Class::Diagnostic;
         let mut result = Pushed::Queued;
-        while self.events.len() >= self.capacity {
-            let old = self.events.pop_front();
-            result = Pushed::DroppedOldest { first_in_burst: self.count_drop(old) };
+        while self.queued(diagnostic) >= self.budget(diagnostic) {
+            result = Pushed::DroppedOldest { first_in_burst: self.drop_oldest(diagnostic) };
         }
         self.events.push_back(msg);
         result
     }
 
-    fn count_drop(&mut self, msg: Option<Msg>) -> bool {
-        self.answers.dropped += msg.is_some_and(|m| m.answer) as u64;
+    /// Events of one budget (diagnostics or not) waiting in the queue.
+    fn queued(&self, diagnostic: bool) -> usize {
+        self.events.iter().filter(|m| (m.class == Class::Diagnostic) == diagnostic).count()
+    }
+
+    fn budget(&self, diagnostic: bool) -> usize {
+        if diagnostic {
+            DIAGNOSTIC_CAPACITY
+        } else {
+            self.capacity
+        }
+    }
+
+    /// Drop the oldest queued event of one budget; true if it is the first of a burst.
+    fn drop_oldest(&mut self, diagnostic: bool) -> bool {
+        let i = self.events.iter().position(|m| (m.class == Class::Diagnostic) == diagnostic);
+        let old = i.and_then(|i| self.events.remove(i));
+        self.answers.dropped += old.is_some_and(|m| m.class == Class::Answer) as u64;
         self.dropped += 1;
         self.burst_dropped += 1;
         self.burst_dropped == 1
@@ -255,7 +285,7 @@ impl Outbox {
 
     fn count_delivered(&mut self, m: &Msg) {
         self.delivered += 1;
-        self.answers.delivered += m.answer as u64;
+        self.answers.delivered += (m.class == Class::Answer) as u64;
     }
 
     /// After QoS 0 traffic or any ack: a burst ends when every event is out.
@@ -280,10 +310,11 @@ impl Outbox {
             }
         }
         let mut n = 0;
-        while self.events.len() > self.capacity {
-            let old = self.events.pop_front();
-            self.count_drop(old);
-            n += 1;
+        for diagnostic in [false, true] {
+            while self.queued(diagnostic) > self.budget(diagnostic) {
+                self.drop_oldest(diagnostic);
+                n += 1;
+            }
         }
         self.dirty.clear();
         n
@@ -295,10 +326,10 @@ mod tests {
     use super::*;
 
     fn ev(i: u32) -> Msg {
-        Msg { topic: "p/s/q".into(), payload: i.to_string().into_bytes(), qos: QoS::AtLeastOnce, retain: false, answer: true }
+        Msg { topic: "p/s/q".into(), payload: i.to_string().into_bytes(), qos: QoS::AtLeastOnce, retain: false, class: Class::Answer }
     }
     fn ret(topic: &str, v: &str) -> Msg {
-        Msg { topic: topic.into(), payload: v.as_bytes().to_vec(), qos: QoS::AtLeastOnce, retain: true, answer: false }
+        Msg { topic: topic.into(), payload: v.as_bytes().to_vec(), qos: QoS::AtLeastOnce, retain: true, class: Class::Event }
     }
     fn num(m: &Msg) -> u32 {
         String::from_utf8(m.payload.clone()).unwrap().parse().unwrap()
@@ -377,7 +408,7 @@ mod tests {
     #[test]
     fn answers_are_delivered_dropped_or_pending() {
         let mut o = Outbox::new(3, 2);
-        let stat = |i: u32| Msg { answer: false, ..ev(100 + i) };
+        let stat = |i: u32| Msg { class: Class::Event, ..ev(100 + i) };
         for i in 0..4 {
             o.push(ev(i));
         }
@@ -417,5 +448,28 @@ mod tests {
         }
         let c = o.answers();
         assert_eq!((c.produced, c.delivered, c.pending()), (6, 3, 0), "QoS 0 counts once written");
+    }
+
+    #[test]
+    fn diagnostics_have_their_own_budget_and_never_evict_answers() {
+        let mut o = Outbox::new(3, 100);
+        let diag = |i: u32| Msg { class: Class::Diagnostic, ..ev(1000 + i) };
+        o.push(ev(0));
+        for i in 0..(DIAGNOSTIC_CAPACITY as u32 + 10) {
+            o.push(diag(i));
+        }
+        o.push(ev(1));
+        o.push(ev(2));
+        let c = o.answers();
+        assert_eq!((c.produced, c.dropped), (3, 0), "a flood of diagnostics drops none of the answers");
+        assert_eq!(o.dropped(), 10, "the 10 oldest diagnostics went");
+        o.push(ev(3));
+        assert_eq!(o.answers().dropped, 1, "answers beyond their own capacity still drop the oldest answer");
+        // Order is kept across both classes: answer 1 was queued after the surviving diagnostics.
+        let order: Vec<u32> = std::iter::from_fn(|| o.take_next()).map(|m| num(&m)).collect();
+        let mut want = vec![];
+        want.extend(1010..1000 + DIAGNOSTIC_CAPACITY as u32 + 10);
+        want.extend([1, 2, 3]);
+        assert_eq!(order, want);
     }
 }
