@@ -21,12 +21,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Validate a config file: exit 0 with a one-line summary, or 2 with file:line:col errors.
+    /// Validate a config file and the model it names: exit 0 with a summary, or 2 with
+    /// file:line:col errors and what is wrong with which model file.
     Check {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
+        /// Skip the model (device, checkpoint files, context fit): for a config written on
+        /// another host.
+        #[arg(long)]
+        no_model: bool,
     },
-    /// Print a complete, commented example config (it passes `vigil check`).
+    /// Print a complete, commented example config (it passes `vigil check --no-model`).
     PrintConfig,
     /// Run the daemon: streams → windows → model → MQTT.
     Run {
@@ -284,7 +289,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     vigil::logging::init(cli.verbose as i8 - cli.quiet as i8);
     match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check { config, no_model } => check(&config, !no_model),
         Command::PrintConfig => {
             print!("{}", vigil::config::EXAMPLE_CONFIG);
             ExitCode::SUCCESS
@@ -577,15 +582,40 @@ fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
     }
 }
 
-fn check(path: &std::path::Path) -> ExitCode {
-    match load(path) {
-        Ok(cfg) => {
-            for w in cfg.warnings() {
-                eprintln!("warning: {w}");
-            }
-            println!("{}: ok: {}", path.display(), cfg.summary());
+fn check(path: &std::path::Path, with_model: bool) -> ExitCode {
+    let cfg = match load(path) {
+        Ok(cfg) => cfg,
+        Err(code) => return code,
+    };
+    for w in cfg.warnings() {
+        eprintln!("warning: {w}");
+    }
+    println!("{}: ok: {}", path.display(), cfg.summary());
+    if !with_model {
+        return ExitCode::SUCCESS;
+    }
+    use vigil::engine::preflight::{preflight, PreflightError};
+    match preflight(&cfg) {
+        Ok(p) => {
+            let context = p.context.map(|c| format!(" of {c}")).unwrap_or_default();
+            let largest = match &p.largest {
+                Some((s, q, t)) => format!("; largest request {t}{context} tokens (stream {s:?}, prompt {q:?})"),
+                None => String::new(),
+            };
+            println!("{}: model ok: {}{largest}", path.display(), p.dir.display());
             ExitCode::SUCCESS
         }
-        Err(code) => code,
+        // A Hub model not downloaded yet: `run` fetches it, so there is nothing to check.
+        Err(e) if cfg!(feature = "hub") && cfg.model.repo.is_some() && matches!(e[..], [PreflightError::Dir(_)]) => {
+            eprintln!("warning: model.repo {:?} is not in the Hugging Face cache yet; `run` downloads it (not checked)", cfg.model.repo.as_deref().unwrap_or(""));
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            for p in &problems {
+                eprintln!("{}: model: {}", path.display(), vigil::config::redact_uri(&p.to_string()));
+            }
+            eprintln!("error: the model cannot run ({} problem{}); `--no-model` skips this check", problems.len(), if problems.len() == 1 { "" } else { "s" });
+            ExitCode::from(2)
+        }
     }
 }

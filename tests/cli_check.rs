@@ -58,12 +58,18 @@ fn every_bad_config_is_rejected_with_location_and_key() {
 
 #[test]
 fn shipped_configs_pass_check() {
-    for cfg in ["config/vigil.example.toml", "config/demo.toml"] {
-        let out = vigil(&["check", "--config", repo(cfg).to_str().unwrap()]);
+    // The example names a model this machine does not have; the demo's is shipped.
+    for (cfg, args) in [("config/vigil.example.toml", &["--no-model"][..]), ("config/demo.toml", &[])] {
+        let path = repo(cfg);
+        let mut all = vec!["check", "--config", path.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let out = vigil(&all);
         assert!(out.status.success(), "{cfg}: {}", text(&out.stderr));
         let summary = text(&out.stdout);
         assert!(summary.contains(" ok: ") && summary.contains("stream") && summary.contains("broker"), "{summary}");
     }
+    let demo = text(&vigil(&["check", "--config", repo("config/demo.toml").to_str().unwrap()]).stdout);
+    assert!(demo.contains("model ok: ") && demo.contains("largest request"), "{demo}");
 }
 
 #[test]
@@ -73,7 +79,7 @@ fn print_config_output_passes_check() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("printed.toml");
     std::fs::write(&file, &out.stdout).unwrap();
-    let check = vigil(&["check", "--config", file.to_str().unwrap()]);
+    let check = vigil(&["check", "--config", file.to_str().unwrap(), "--no-model"]);
     assert!(check.status.success(), "{}", text(&check.stderr));
     assert!(text(&check.stdout).contains("1 stream, 2 prompts, broker embedded"), "{}", text(&check.stdout));
 }
@@ -123,4 +129,89 @@ fn unreadable_config_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(2));
     let err = text(&out.stderr);
     assert!(err.contains("/nonexistent/vigil.toml") && err.contains("cannot read"), "{err}");
+}
+
+/// A copy of the shipped model, broken one way, named by a config: `check` exits 2 and says
+/// which file is wrong (what `run` would only find while loading).
+#[test]
+fn check_catches_what_run_would_hit_in_the_model() {
+    type Break = fn(&Path);
+    fn edit_json(p: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        f(&mut v);
+        std::fs::write(p, v.to_string()).unwrap();
+    }
+    fn truncate(p: &Path, keep: u64) {
+        std::fs::OpenOptions::new().write(true).open(p).unwrap().set_len(keep).unwrap();
+    }
+    let cases: Vec<(&str, Break, &str)> = vec![
+        ("missing directory", |d| std::fs::remove_dir_all(d).unwrap(), "config.json"),
+        ("corrupt config.json", |d| std::fs::write(d.join("config.json"), "{\"model_type\": ").unwrap(), "not valid JSON"),
+        ("incomplete config.json", |d| edit_json(&d.join("config.json"), |v| {
+            v["text_config"].as_object_mut().unwrap().remove("hidden_size");
+        }), "hidden_size"),
+        ("vision patch size 0", |d| edit_json(&d.join("config.json"), |v| v["vision_config"]["patch_size"] = 0.into()), "patch_size"),
+        ("truncated safetensors", |d| {
+            let p = d.join("model.safetensors");
+            let n = std::fs::metadata(&p).unwrap().len();
+            truncate(&p, n / 2)
+        }, "model.safetensors"),
+        ("bad safetensors header", |d| {
+            let p = d.join("model.safetensors");
+            let mut b = std::fs::read(&p).unwrap();
+            b[8..16].copy_from_slice(b"{garbage");
+            std::fs::write(&p, b).unwrap()
+        }, "model.safetensors"),
+        ("garbage tokenizer.json", |d| std::fs::write(d.join("tokenizer.json"), "not a tokenizer").unwrap(), "tokenizer.json"),
+        ("missing tokenizer.json", |d| std::fs::remove_file(d.join("tokenizer.json")).unwrap(), "tokenizer.json"),
+        ("broken chat template", |d| std::fs::write(d.join("chat_template.jinja"), "{% for m in messages %}{{ m.content ").unwrap(), "template"),
+        ("processor patch size 0", |d| edit_json(&d.join("processor_config.json"), |v| {
+            v["video_processor"]["patch_size"] = 0.into();
+        }), "patch_size"),
+    ];
+    for (what, break_it, expect) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("model");
+        std::fs::create_dir(&model).unwrap();
+        for f in std::fs::read_dir(repo("models/tiny-videollama3")).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+        }
+        break_it(&model);
+        let cfg = dir.path().join("vigil.toml");
+        std::fs::write(
+            &cfg,
+            "[model]\npath = \"model\"\ndevice = \"cpu\"\ndtype = \"f32\"\n\n[[prompt]]\nname = \"q\"\ntext = \"What?\"\n\n\
+             [[stream]]\nname = \"cam\"\nuri = \"rtsp://cam.local/s\"\nprompts = [\"q\"]\n",
+        )
+        .unwrap();
+        let out = vigil(&["check", "--config", cfg.to_str().unwrap()]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{what}: check should fail; stderr:\n{err}");
+        assert!(err.contains(": model: ") && err.contains(expect), "{what}: expected {expect:?} in:\n{err}");
+        let skipped = vigil(&["check", "--config", cfg.to_str().unwrap(), "--no-model"]);
+        assert!(skipped.status.success(), "{what}: --no-model skips the model: {}", text(&skipped.stderr));
+    }
+}
+
+#[test]
+fn check_refuses_a_device_this_build_cannot_open() {
+    if cfg!(feature = "cuda") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("vigil.toml");
+    let model = repo("models/tiny-videollama3");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = {model:?}\ndevice = \"cuda\"\n\n[[prompt]]\nname = \"q\"\ntext = \"What?\"\n\n\
+             [[stream]]\nname = \"cam\"\nuri = \"rtsp://cam.local/s\"\nprompts = [\"q\"]\n"
+        ),
+    )
+    .unwrap();
+    let out = vigil(&["check", "--config", cfg.to_str().unwrap()]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("model.device") && err.contains("--features cuda"), "{err}");
 }

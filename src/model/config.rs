@@ -61,6 +61,7 @@ struct RawText {
     use_sliding_window: bool,
     eos_token_id: Option<OneOrMany>,
     pad_token_id: Option<i64>,
+    max_position_embeddings: Option<usize>,
 }
 
 /// `patch_size` may be an int or a `[h, w]` pair (square patches only are supported).
@@ -138,6 +139,8 @@ pub struct VideoLlama3TextConfig {
     pub rope_theta: f64,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
+    /// The context the checkpoint was trained for (prompt and answer together), if it says.
+    pub max_position_embeddings: Option<usize>,
 }
 
 /// The SigLIP-style vision encoder's settings (`vision_config`).
@@ -282,6 +285,7 @@ impl VideoLlama3Config {
             rope_theta,
             eos_token_ids: t.eos_token_id.as_ref().map(|e| e.ids()).unwrap_or_default(),
             pad_token_id: t.pad_token_id.filter(|&p| p >= 0).map(|p| p as u32),
+            max_position_embeddings: t.max_position_embeddings,
         };
 
         let v = raw.vision_config;

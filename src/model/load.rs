@@ -184,6 +184,44 @@ pub fn load_model(
     VideoLlama3ForConditionalGeneration::from_pretrained(&dir, candle_dtype(model.dtype), &device)
 }
 
+/// Check a checkpoint directory as [`VideoLlama3ForConditionalGeneration::from_pretrained`]
+/// would load it, without reading the weights' data: `config.json`, the safetensors headers
+/// (every tensor the model asks for is there, with its shape; a truncated file fails here),
+/// and the generation defaults.
+pub fn check_pretrained(dir: &Path) -> Result<super::config::VideoLlama3Config, ModelError> {
+    use candle_core::safetensors::MmapedSafetensors;
+    use candle_core::{Device, Shape, Tensor};
+    use candle_nn::var_builder::SimpleBackend;
+
+    /// Answers each request from the headers with a zero-stride view: no tensor data is read.
+    struct Headers(MmapedSafetensors);
+    impl SimpleBackend for Headers {
+        fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+            let got: Shape = self.0.get(name)?.shape().into();
+            if got != s {
+                return Err(candle_core::Error::UnexpectedShape { msg: format!("shape mismatch for {name}"), expected: s, got }.bt());
+            }
+            Tensor::zeros((), dtype, dev)?.broadcast_as(s)
+        }
+        fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+            let shape: Shape = self.0.get(name)?.shape().into();
+            Tensor::zeros((), dtype, dev)?.broadcast_as(shape)
+        }
+        fn contains_tensor(&self, name: &str) -> bool {
+            self.0.get(name).is_ok()
+        }
+    }
+
+    let config = super::config::VideoLlama3Config::from_file(dir)?;
+    let files = super::video_llama3::weight_files(dir)?;
+    // SAFETY: as in `from_pretrained`: checkpoint files are not modified while mapped.
+    let st = unsafe { MmapedSafetensors::multi(&files) }.map_err(ModelError::from_load)?;
+    let vb = candle_nn::VarBuilder::from_backend(Box::new(Headers(st)), DType::F32, Device::Cpu);
+    let generation = super::config::GenerationDefaults::load(dir, &config)?;
+    VideoLlama3ForConditionalGeneration::new(&config, vb, generation)?;
+    Ok(config)
+}
+
 impl GenerationParams {
     /// `temperature = 0` means greedy; `top_k = 0` and `top_p = 1` disable those filters.
     pub fn from_model_config(model: &ModelConfig) -> Self {

@@ -183,7 +183,15 @@ impl Processor {
         })?;
         let pad_token_id = files.pad_token.as_deref().and_then(id);
         let eos_token_id = files.eos_token.as_deref().and_then(id);
-        let template = files.chat_template.clone().map(ChatTemplate::new).transpose()?;
+        let template = files
+            .chat_template
+            .clone()
+            .map(ChatTemplate::new)
+            .transpose()
+            .map_err(|e| match &files.chat_template_source {
+                Some(path) => ProcessorError::File { path: path.clone(), msg: e.to_string() },
+                None => e,
+            })?;
         Ok(Self {
             image_processor: ImageProcessor::new(files.image.clone()),
             video_processor: VideoProcessor::new(files.video.clone()),
