@@ -8,9 +8,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -310,46 +309,50 @@ pub enum Probe {
     Ready,
 }
 
-/// A running `/metrics` + `/healthz` + `/readyz` server; dropping it stops the accept loop.
+/// Connections served at once at most; beyond, new ones are closed at once.
+const MAX_CONNECTIONS: usize = 512;
+/// A client must send its request head within this, or its connection is closed: an idle
+/// connection cannot hold the endpoint.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a connection lives (keep-alive included).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+type ProbeFn = dyn Fn(Probe) -> Result<(), String> + Send + Sync;
+
+/// A running `/metrics` + `/healthz` + `/readyz` server; dropping it stops it.
+///
+/// hyper on a runtime of its own, on its own thread: the endpoint keeps answering even if the
+/// daemon's runtime is wedged (that is what `/healthz` is for), and connections are served
+/// concurrently, each with a deadline for its request, so idle or slow clients cannot block it.
 pub struct MetricsServer {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl MetricsServer {
     /// Bind `addr` and serve `registry`; `probe` answers `/healthz` and `/readyz`: `Ok` is a
     /// 200, `Err(reason)` a 503 with the reason as the body.
-    ///
-    /// A plain thread with blocking sockets: scrapes are rare and tiny, and the endpoint must
-    /// keep answering even if the async runtime is wedged (that is what `/healthz` is for).
     pub fn start(
         addr: SocketAddr,
         registry: Registry,
-        probe: impl Fn(Probe) -> Result<(), String> + Send + 'static,
+        probe: impl Fn(Probe) -> Result<(), String> + Send + Sync + 'static,
     ) -> std::io::Result<MetricsServer> {
-        let listener = TcpListener::bind(addr)?;
-        let addr = listener.local_addr()?;
+        let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
+        let addr = listener.local_addr()?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let probe: Arc<ProbeFn> = Arc::new(probe);
         let thread = std::thread::Builder::new().name("vigil-metrics".into()).spawn(move || {
-            while !stop2.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) => {
-                        if let Err(e) = serve(conn, &registry, &probe) {
-                            tracing::debug!("metrics connection: {e}");
-                        }
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(50)),
-                    Err(e) => {
-                        tracing::warn!("metrics accept: {e}");
-                        std::thread::sleep(Duration::from_millis(200));
-                    }
+            rt.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => accept_loop(l, registry, probe, stop_rx).await,
+                    Err(e) => tracing::error!("metrics endpoint: {e}"),
                 }
-            }
+            })
         })?;
-        Ok(MetricsServer { addr, stop, thread: Some(thread) })
+        Ok(MetricsServer { addr, stop: Some(stop_tx), thread: Some(thread) })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -359,50 +362,94 @@ impl MetricsServer {
 
 impl Drop for MetricsServer {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
 }
 
-fn serve(mut conn: TcpStream, registry: &Registry, probe: &dyn Fn(Probe) -> Result<(), String>) -> std::io::Result<()> {
-    conn.set_nonblocking(false)?;
-    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    conn.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    // Read the request head only; scrapers send no body.
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
-        let n = conn.read(&mut chunk)?;
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    registry: Registry,
+    probe: Arc<ProbeFn>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let conn = tokio::select! {
+            _ = &mut stop => return,
+            c = listener.accept() => c,
+        };
+        let stream = match conn {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!("metrics accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!("metrics endpoint: {MAX_CONNECTIONS} connections open; closing a new one");
+            continue;
+        };
+        let (registry, probe) = (registry.clone(), probe.clone());
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let reply = respond(&req, &registry, &*probe);
+                async move { Ok::<_, std::convert::Infallible>(reply) }
+            });
+            // One request per connection: scrapes are rare, and a client cannot park on it.
+            let conn = hyper::server::conn::http1::Builder::new()
+                .keep_alive(false)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+                tracing::debug!("metrics connection: {e}");
+            }
+            drop(permit);
+        });
     }
-    let head = String::from_utf8_lossy(&buf);
-    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    let (status, ctype, body) = match (method, path) {
-        ("GET", "/metrics") | ("HEAD", "/metrics") => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", registry.render()),
-        ("GET" | "HEAD", "/healthz" | "/readyz") => {
+}
+
+fn respond(
+    req: &hyper::Request<hyper::body::Incoming>,
+    registry: &Registry,
+    probe: &ProbeFn,
+) -> hyper::Response<http_body_util::Full<hyper::body::Bytes>> {
+    use hyper::{Method, StatusCode};
+    let path = req.uri().path();
+    let (status, ctype, body) = match (req.method(), path) {
+        (&Method::GET | &Method::HEAD, "/metrics") => {
+            (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", registry.render())
+        }
+        (&Method::GET | &Method::HEAD, "/healthz" | "/readyz") => {
             match probe(if path == "/healthz" { Probe::Live } else { Probe::Ready }) {
-                Ok(()) => ("200 OK", "text/plain", "ok\n".to_string()),
-                Err(why) => ("503 Service Unavailable", "text/plain", format!("{why}\n")),
+                Ok(()) => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+                Err(why) => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", format!("{why}\n")),
             }
         }
-        ("GET", _) | ("HEAD", _) => ("404 Not Found", "text/plain", "try /metrics, /healthz or /readyz\n".to_string()),
-        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".to_string()),
+        (&Method::GET | &Method::HEAD, _) => {
+            (StatusCode::NOT_FOUND, "text/plain", "try /metrics, /healthz or /readyz\n".to_string())
+        }
+        _ => (StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".to_string()),
     };
-    let body = if method == "HEAD" { String::new() } else { body };
-    write!(conn, "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
-    conn.flush()
+    let body = if req.method() == Method::HEAD { String::new() } else { body };
+    let mut resp = hyper::Response::new(http_body_util::Full::new(hyper::body::Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(ctype));
+    resp
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::sync::atomic::AtomicBool;
 
     fn get(addr: SocketAddr, path: &str) -> (String, String) {
         let mut c = TcpStream::connect(addr).unwrap();
@@ -474,5 +521,23 @@ vigil_vision_seconds_count 3
         assert_eq!(get(srv.local_addr(), "/healthz"), ("HTTP/1.1 503 Service Unavailable".into(), "engine heartbeat is stale\n".into()));
         assert_eq!(get(srv.local_addr(), "/readyz"), ("HTTP/1.1 503 Service Unavailable".into(), "broker disconnected\n".into()));
         assert_eq!(get(srv.local_addr(), "/nope").0, "HTTP/1.1 404 Not Found");
+    }
+
+    #[test]
+    fn idle_connections_cannot_hold_the_endpoint() {
+        let srv = MetricsServer::start("127.0.0.1:0".parse().unwrap(), Registry::new(), |_| Ok(())).unwrap();
+        // 200 clients that connect and say nothing.
+        let idle: Vec<TcpStream> = (0..200).map(|_| TcpStream::connect(srv.local_addr()).unwrap()).collect();
+        let t0 = std::time::Instant::now();
+        assert_eq!(get(srv.local_addr(), "/healthz").0, "HTTP/1.1 200 OK");
+        assert!(t0.elapsed() < Duration::from_secs(1), "answered in {:?}", t0.elapsed());
+        // A client that never finishes its request head is cut off after HEADER_TIMEOUT.
+        let mut slow = idle.into_iter().next().unwrap();
+        slow.set_read_timeout(Some(HEADER_TIMEOUT + Duration::from_secs(5))).unwrap();
+        let t0 = std::time::Instant::now();
+        let mut buf = [0u8; 64];
+        let n = slow.read(&mut buf).unwrap_or(0);
+        assert!(t0.elapsed() < HEADER_TIMEOUT + Duration::from_secs(2), "closed after {:?}", t0.elapsed());
+        let _ = n; // hyper may answer 408 or just close
     }
 }
