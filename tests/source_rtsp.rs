@@ -201,3 +201,21 @@ fn credentials_from_password_file_and_uri_are_used_but_never_shown() {
     let all = format!("{seen:?}");
     assert!(!all.contains("wr0ngpass") && !all.contains("pa55word"));
 }
+
+/// GStreamer's own debug log (what a user turns on to diagnose a camera) never sees the
+/// password: it travels in rtspsrc's properties, not in the URI.
+#[test]
+fn credentials_in_the_uri_work_and_stay_out_of_gstreamer_logs() {
+    let server = RtspServer::start_with_auth(free_port(), Some(("viewer", "pa55word")));
+    let url = server.url().replace("rtsp://", "rtsp://viewer:pa55word@");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["-q", "probe", &url, "--timeout-s", "10", "--windows", "1", "--window-seconds", "1", "--stride-seconds", "1"])
+        .env("GST_DEBUG", "5")
+        .env("GST_DEBUG_NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "probe with URI credentials failed:\n{}", &stderr[stderr.len().saturating_sub(3000)..]);
+    assert!(stderr.contains("rtspsrc"), "GStreamer's debug log was on");
+    assert!(!stderr.contains("pa55word") && !stdout.contains("pa55word"), "the password reached a log");
+}

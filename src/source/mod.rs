@@ -57,7 +57,7 @@ pub fn init() -> Result<(), SourceError> {
 #[derive(Clone)]
 pub struct SourceSpec {
     pub name: String,
-    /// As configured; may carry credentials (log [`SourceSpec::redacted_uri`] only).
+    /// As configured, less any `user:password@` (moved to `username`/`password`).
     pub uri: String,
     pub kind: SourceKind,
     pub username: Option<String>,
@@ -76,6 +76,22 @@ impl fmt::Debug for SourceSpec {
             .field("settings", &self.settings)
             .finish()
     }
+}
+
+/// Split `user:password@` off a URI. GStreamer's elements log the URI they open (souphttpsrc
+/// and rtspsrc do at level 3 and up), so credentials travel in their properties instead.
+fn split_credentials(uri: &str) -> (String, Option<String>, Option<String>) {
+    let Ok(mut u) = url::Url::parse(uri) else { return (uri.to_string(), None, None) };
+    if u.username().is_empty() && u.password().is_none() {
+        return (uri.to_string(), None, None);
+    }
+    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+    let user = Some(decode(u.username())).filter(|s| !s.is_empty());
+    let pass = u.password().map(decode);
+    if u.set_username("").is_err() || u.set_password(None).is_err() {
+        return (uri.to_string(), None, None);
+    }
+    (u.to_string(), user, pass)
 }
 
 impl SourceSpec {
@@ -101,21 +117,21 @@ impl SourceSpec {
             }
             None => None,
         };
-        Ok(SourceSpec {
-            name: cfg.name.clone(),
-            uri,
-            kind,
-            username: cfg.username.clone(),
-            password,
-            settings: cfg.settings.clone(),
-        })
+        let (uri, uri_user, uri_pass) = split_credentials(&uri);
+        // The config's username/password_file win over credentials written in the URI.
+        let (username, password) = match (cfg.username.clone(), password) {
+            (None, None) => (uri_user, uri_pass),
+            (user, pass) => (user.or(uri_user), pass.or(uri_pass)),
+        };
+        Ok(SourceSpec { name: cfg.name.clone(), uri, kind, username, password, settings: cfg.settings.clone() })
     }
 
     /// A spec for a bare URI with the given settings (used by `vigil probe` and tests).
     pub fn from_uri(name: &str, uri: &str, settings: StreamDefaults) -> Result<Self, SourceError> {
         let kind = SourceKind::of(uri)
             .map_err(|m| SourceError::Spec { stream: name.to_string(), message: format!("uri {}", redact_uri(&m)) })?;
-        Ok(SourceSpec { name: name.to_string(), uri: uri.to_string(), kind, username: None, password: None, settings })
+        let (uri, username, password) = split_credentials(uri);
+        Ok(SourceSpec { name: name.to_string(), uri, kind, username, password, settings })
     }
 
     pub fn redacted_uri(&self) -> String {
@@ -130,17 +146,8 @@ impl SourceSpec {
     /// Remove every trace of the credentials from a message (GStreamer errors quote URIs).
     pub fn scrub(&self, message: &str) -> String {
         let mut m = redact_uri(message);
-        let mut secrets: Vec<String> = Vec::new();
-        if let Some(p) = &self.password {
-            secrets.push(p.clone());
-        }
-        if let Ok(u) = url::Url::parse(&self.uri) {
-            if let Some(p) = u.password() {
-                secrets.push(p.to_string());
-            }
-        }
-        for s in secrets.iter().filter(|s| s.len() >= 2) {
-            m = m.replace(s.as_str(), "***");
+        if let Some(p) = self.password.as_deref().filter(|p| p.len() >= 2) {
+            m = m.replace(p, "***");
         }
         m
     }
@@ -311,6 +318,18 @@ mod tests {
     }
 
     #[test]
+    fn credentials_leave_the_uri() {
+        let (uri, user, pass) = split_credentials("rtsp://ad%40min:p%3Ass@cam.local:554/live?x=1");
+        assert_eq!(uri, "rtsp://cam.local:554/live?x=1");
+        assert_eq!((user.as_deref(), pass.as_deref()), (Some("ad@min"), Some("p:ss")));
+        let plain = "http://cam.local/mjpg";
+        assert_eq!(split_credentials(plain), (plain.to_string(), None, None));
+        let spec = SourceSpec::from_uri("c", "http://u:secret@cam.local/mjpg", StreamDefaults::default()).unwrap();
+        assert!(!spec.uri.contains("secret") && spec.password.as_deref() == Some("secret"));
+        assert_eq!(spec.scrub("GET http://cam.local/?secret failed"), "GET http://cam.local/?*** failed");
+    }
+
+    #[test]
     fn relative_paths_resolve_against_the_config_dir() {
         let dir = std::env::temp_dir().join(format!("vigil-src-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -336,10 +355,12 @@ mod tests {
     #[test]
     fn debug_and_scrub_hide_passwords() {
         let mut spec = SourceSpec::from_uri("cam", "rtsp://admin:hunter22@10.0.0.1/live", StreamDefaults::default()).unwrap();
-        spec.password = Some("filepass".into());
         let dbg = format!("{spec:?}");
-        assert!(!dbg.contains("hunter22") && !dbg.contains("filepass"), "{dbg}");
-        let m = spec.scrub("could not open rtsp://admin:hunter22@10.0.0.1/live (pw filepass, hunter22)");
-        assert!(!m.contains("hunter22") && !m.contains("filepass"), "{m}");
+        assert!(!dbg.contains("hunter22"), "{dbg}");
+        let m = spec.scrub("could not open rtsp://admin:hunter22@10.0.0.1/live (pw hunter22)");
+        assert!(!m.contains("hunter22"), "{m}");
+        spec.password = Some("filepass".into());
+        assert!(!format!("{spec:?}").contains("filepass"));
+        assert!(!spec.scrub("pw filepass").contains("filepass"));
     }
 }

@@ -119,12 +119,20 @@ pub fn build(spec: &SourceSpec) -> Result<Built, String> {
         src.link(&dec).map_err(|e| e.to_string())?;
     }
 
-    if spec.kind == SourceKind::Rtsp {
-        let (transport, latency) = (s.transport, s.latency_ms);
+    if matches!(spec.kind, SourceKind::Rtsp | SourceKind::Http) {
+        let (kind, transport, latency) = (spec.kind, s.transport, s.latency_ms);
         let (user, pass) = (spec.username.clone(), spec.password.clone());
         dec.connect("source-setup", false, move |args| {
             if let Some(src) = args.get(1).and_then(|v| v.get::<gst::Element>().ok()) {
-                configure_rtspsrc(&src, transport, latency, user.as_deref(), pass.as_deref());
+                if kind == SourceKind::Rtsp {
+                    configure_rtspsrc(&src, transport, latency);
+                }
+                // rtspsrc and souphttpsrc both take `user-id`/`user-pw` (never the URI: it is logged).
+                for (prop, value) in [("user-id", &user), ("user-pw", &pass)] {
+                    if let (Some(v), true) = (value, src.find_property(prop).is_some()) {
+                        src.set_property(prop, v.as_str());
+                    }
+                }
             }
             None
         });
@@ -209,7 +217,7 @@ pub fn build(spec: &SourceSpec) -> Result<Built, String> {
     Ok(Built { pipeline, appsink, native_caps })
 }
 
-fn configure_rtspsrc(src: &gst::Element, transport: RtspTransport, latency_ms: u32, user: Option<&str>, pass: Option<&str>) {
+fn configure_rtspsrc(src: &gst::Element, transport: RtspTransport, latency_ms: u32) {
     let protocols = match transport {
         RtspTransport::Tcp => "tcp",
         RtspTransport::Udp => "udp+udp-mcast",
@@ -223,12 +231,6 @@ fn configure_rtspsrc(src: &gst::Element, transport: RtspTransport, latency_ms: u
     }
     if src.find_property("drop-on-latency").is_some() {
         src.set_property("drop-on-latency", true);
-    }
-    if let (Some(u), true) = (user, src.find_property("user-id").is_some()) {
-        src.set_property("user-id", u);
-    }
-    if let (Some(p), true) = (pass, src.find_property("user-pw").is_some()) {
-        src.set_property("user-pw", p);
     }
 }
 
