@@ -91,6 +91,11 @@ pub fn build(spec: &SourceSpec) -> Result<Built, String> {
     // Without this, videorate would invent frames from the segment start up to a live source's
     // first buffer.
     rate.set_property("skip-to-first", true);
+    // Nor may it fill a timestamp jump (a camera's clock reset, a cut in a recording) with
+    // copies of the last frame: beyond this, the jump is a gap the windower reports.
+    if rate.find_property("max-duplication-time").is_some() {
+        rate.set_property("max-duplication-time", max_duplication(s.fps).as_nanos() as u64);
+    }
     let convert = make("videoconvert", "convert")?;
     let scale = make("videoscale", "scale")?;
     let filter = make("capsfilter", "filter")?;
@@ -215,6 +220,12 @@ pub fn build(spec: &SourceSpec) -> Result<Built, String> {
     });
 
     Ok(Built { pipeline, appsink, native_caps })
+}
+
+/// The longest stretch videorate may fill by repeating a frame: ten seconds (a slow camera's
+/// frame interval fits), or three frame periods at a very low sampling rate.
+pub fn max_duplication(fps: f64) -> std::time::Duration {
+    std::time::Duration::from_secs_f64((3.0 / fps).max(10.0))
 }
 
 fn configure_rtspsrc(src: &gst::Element, transport: RtspTransport, latency_ms: u32) {
