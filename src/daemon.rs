@@ -594,11 +594,14 @@ fn pub_state(s: &StreamState) -> PubState {
 }
 
 fn on_source_event(state: &Arc<State>, ev: SourceEvent) {
-    let EventKind::State(s) = ev.kind else { return };
     // A stream removed at reload may still report its last state.
     if !lock(&state.readers).contains_key(&ev.stream) {
         return;
     }
+    let s = match ev.kind {
+        EventKind::State(s) => s,
+        EventKind::Caps(c) => return check_frame_shape(state, &ev.stream, &c),
+    };
     let error = s.error().map(str::to_string);
     match &s {
         StreamState::Failed { error } => state.publisher.error("source", Some(&ev.stream), error),
@@ -610,6 +613,29 @@ fn on_source_event(state: &Arc<State>, ev: SourceEvent) {
     state.publisher.status(&ev.stream, &StatusPayload { state: pub_state(&s), since: rfc3339(ev.at), error });
     state.metrics.stream_up.with(&[&ev.stream]).set(if s == StreamState::Streaming { 1.0 } else { 0.0 });
     lock(&state.states).insert(ev.stream, s);
+    update_status_line(state);
+}
+
+/// A stream whose frames the model can never take (too elongated) fails once, with the reason,
+/// instead of failing every window.
+fn check_frame_shape(state: &Arc<State>, stream: &str, c: &crate::source::NativeCaps) {
+    let (w, h) = (c.out_width.max(1) as f64, c.out_height.max(1) as f64);
+    let ratio = w.max(h) / w.min(h);
+    if ratio <= crate::processor::resize::MAX_ASPECT_RATIO {
+        return;
+    }
+    let error = format!(
+        "frames of {}x{} have an aspect ratio of {ratio:.0}; the model takes at most {:.0}: stream stopped",
+        c.out_width,
+        c.out_height,
+        crate::processor::resize::MAX_ASPECT_RATIO
+    );
+    error!("stream {stream}: {error}");
+    stop_stream(state, stream);
+    state.publisher.error("source", Some(stream), &error);
+    let failed = StreamState::Failed { error: error.clone() };
+    state.publisher.status(stream, &StatusPayload { state: pub_state(&failed), since: rfc3339(SystemTime::now()), error: Some(error) });
+    lock(&state.states).insert(stream.to_string(), failed);
     update_status_line(state);
 }
 

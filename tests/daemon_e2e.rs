@@ -304,3 +304,42 @@ async fn sigterm_mid_run_loses_no_answer_of_a_completed_job() {
     assert_eq!(received as u64, c.produced, "every answer the daemon produced must reach the broker; log:\n{text}");
     assert!(text.contains("0 MQTT messages dropped in all, 0 left in the outbox"), "log:\n{text}");
 }
+
+/// A stream whose frames are too elongated for the model (aspect > 200) fails once, with the
+/// reason on `errors` and in its status, instead of failing every window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_the_model_cannot_take_fails_once_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("thin.mkv");
+    source_util::run_to_eos(&format!(
+        "videotestsrc num-buffers=40 ! video/x-raw,width=8,height=4000,framerate=5/1 ! jpegenc ! matroskamux ! filesink location={}",
+        clip.display()
+    ));
+    let broker = Mosquitto::start(dir.path(), "");
+    let stream = format!("[[stream]]\nname = \"thin\"\nuri = \"{}\"\nprompts = [\"caption\"]\nloop = true\n", clip.display());
+    let cfg = write_config(dir.path(), broker.port, free_port(), "", &stream);
+    let mut sub = Sub::connect(broker.port, "e2e-thin", &["vigil/errors", "vigil/thin/status"], false).await;
+    let log = dir.path().join("vigil.log");
+    let mut vigil = spawn_vigil(&cfg, &log);
+    let mut errors = Vec::new();
+    let mut failed = None;
+    let mut deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while let Some(m) = sub.next(deadline.saturating_duration_since(tokio::time::Instant::now())).await {
+        match m.topic.as_str() {
+            "vigil/errors" => errors.push(m.json()),
+            _ if m.json()["state"] == "failed" && failed.is_none() => {
+                failed = Some(m.json());
+                // Keep listening a while after the failure: no more errors may follow.
+                deadline = deadline.min(tokio::time::Instant::now() + Duration::from_secs(4));
+            }
+            _ => {}
+        }
+    }
+    let failed = failed.unwrap_or_else(|| panic!("no failed status; log:\n{}", log_text(&log)));
+    let reason = failed["error"].as_str().unwrap();
+    assert!(reason.contains("aspect ratio of") && reason.contains("at most 200"), "{failed}");
+    assert!((1..=2).contains(&errors.len()), "one error for the stream (a window may fail first): {errors:?}");
+    assert!(errors.iter().any(|e| e["message"].as_str().unwrap().contains("aspect ratio")), "{errors:?}");
+    signal(&vigil, "TERM");
+    assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0));
+}

@@ -18,6 +18,9 @@ fn py_round_div(x: usize, factor: usize) -> usize {
     (x as f64 / factor as f64).round_ties_even() as usize
 }
 
+/// The most elongated frame transformers' processor takes (long side / short side).
+pub const MAX_ASPECT_RATIO: f64 = 200.0;
+
 /// transformers' `smart_resize`: target (height, width), both multiples of `factor`, with the pixel
 /// count inside `[min_pixels, max_pixels]` and the aspect ratio kept as closely as possible.
 pub fn smart_resize(
@@ -34,7 +37,7 @@ pub fn smart_resize(
         return Err(ProcessorError::Config("patch_size * merge_size must be positive".into()));
     }
     let ratio = height.max(width) as f64 / height.min(width) as f64;
-    if ratio > 200.0 {
+    if ratio > MAX_ASPECT_RATIO {
         return Err(ProcessorError::AspectRatio { height, width, ratio });
     }
     let f = factor as f64;
