@@ -276,3 +276,17 @@ fn a_forward_timestamp_jump_is_a_gap_not_copies() {
     let last = c.windows.last().and_then(|w| w.frames.last()).map(|f| f.time_s).unwrap_or(0.0);
     assert!(last >= 3600.0, "the frames after the jump keep their time: last at {last} s");
 }
+
+/// A file with no video at all fails (bounded retries) and says why.
+#[test]
+fn an_audio_only_file_fails_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audio.ogg");
+    run_to_eos(&format!("audiotestsrc num-buffers=50 ! vorbisenc ! oggmux ! filesink location={}", path.display()));
+    let c = collect(&uri(&path), settings(1.0, 1.0, 1.0), Duration::from_secs(40));
+    match c.final_state() {
+        StreamState::Failed { error } => assert!(error.contains("no video"), "{error}"),
+        other => panic!("expected failed, got {other:?}"),
+    }
+    assert!(c.windows.is_empty());
+}

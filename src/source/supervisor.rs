@@ -359,7 +359,12 @@ fn watch(
         // Also for files: a pipeline that never produces a frame must not hang the stream.
         let start_timeout = if live { shared.opts.start_timeout } else { shared.opts.start_timeout.min(FILE_START_TIMEOUT) };
         if n == 0 && start.elapsed() > start_timeout {
-            return Outcome::NoStart(format!("no video within {:.0} s", start_timeout.as_secs_f64()));
+            let secs = start_timeout.as_secs_f64();
+            return Outcome::NoStart(if lock(native_caps).is_some() {
+                format!("no video frame within {secs:.0} s")
+            } else {
+                format!("no video stream found within {secs:.0} s (audio only, or a codec without a decoder?)")
+            });
         }
         if live {
             let stall = shared.stall_timeout();
@@ -405,6 +410,11 @@ fn supervise(shared: Arc<Shared>) {
         };
         match outcome {
             Outcome::Stopped => break StreamState::Stopped,
+            // A file that ends without one frame is broken for vigil, not done.
+            Outcome::Eos if !live && shared.frames.load(Ordering::Relaxed) == 0 => {
+                shared.flush();
+                break StreamState::Failed { error: "the file ended before any video frame".into() };
+            }
             Outcome::Eos if !live => {
                 shared.flush();
                 break StreamState::Stopped;
