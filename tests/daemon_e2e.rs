@@ -343,3 +343,31 @@ async fn a_stream_the_model_cannot_take_fails_once_with_the_reason() {
     signal(&vigil, "TERM");
     assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0));
 }
+
+/// SIGTERM mid-generation: the daemon stops within `shutdown_timeout_s` (the running batch
+/// stops at a token boundary), not when the answer would be done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_generation_stops_within_the_shutdown_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "");
+    let stream = clip_stream("live", "loop = true\nwindow_seconds = 1.0\nstride_seconds = 1.0");
+    let cfg = write_config(dir.path(), broker.port, free_port(), "shutdown_timeout_s = 1.0", &stream);
+    // Answers of thousands of tokens: a window takes seconds to answer.
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("max_new_tokens = 4", "max_new_tokens = 3000");
+    std::fs::write(&cfg, text).unwrap();
+    let mut sub = Sub::connect(broker.port, "e2e-long", &["vigil/#"], false).await;
+    let log = dir.path().join("vigil.log");
+    let mut vigil = spawn_vigil(&cfg, &log);
+    let first = answers(&mut sub, 1, Duration::from_secs(120)).await;
+    assert_eq!(first.len(), 1, "log:\n{}", log_text(&log));
+    let generated = first[0]["tokens"]["generated"].as_u64().unwrap();
+    // The next windows are being answered now.
+    let asked = Instant::now();
+    signal(&vigil, "TERM");
+    assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0), "log:\n{}", log_text(&log));
+    let took = asked.elapsed();
+    let text = log_text(&log);
+    assert!(took < Duration::from_secs(4), "SIGTERM took {took:?} with a 1 s shutdown timeout; log:\n{text}");
+    assert!(text.contains("in-flight jobs did not finish within 1 s"), "generation was cut short; log:\n{text}");
+    eprintln!("first answer: {generated} tokens; stopped {took:?} after SIGTERM");
+}
