@@ -2,6 +2,9 @@
 //! transformers' processor + `model.generate(do_sample=False, max_new_tokens=16)` for the same
 //! requests (fixtures from tests/reference/gen_infer_fixtures.py), and on the demo checkpoint.
 
+#[allow(dead_code)]
+mod source_util;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -481,4 +484,35 @@ fn bench_at_random_shapes_reports_every_stage() {
     let out = vigil_in(tmp.path(), &["bench", "--shape", "13b", "--random-weights"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("expected 2b, 7b or the path of a config.json"));
+}
+
+/// Media `run` handles, `infer` handles too: a variable-rate stream with no declared frame rate
+/// (its rate comes from the timestamps); and what it cannot read, it says why.
+#[test]
+fn infer_takes_variable_rate_video_and_explains_what_it_cannot_read() {
+    let dir = tempfile::tempdir().unwrap();
+    // Ten frames at uneven times over 4.5 s: about 2 fps on average.
+    let vfr = source_util::mjpeg_at(dir.path(), "vfr.mkv", &[0.0, 0.3, 0.5, 1.2, 1.5, 2.4, 2.6, 3.1, 4.0, 4.5]);
+    let audio = dir.path().join("audio.ogg");
+    source_util::run_to_eos(&format!("audiotestsrc num-buffers=20 ! vorbisenc ! oggmux ! filesink location={}", audio.display()));
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-videollama3");
+    let infer = |video: &Path| {
+        vigil_in(dir.path(), &["-q", "infer", "--model", model.to_str().unwrap(), "--video", video.to_str().unwrap(), "--prompt", "What?", "--max-new-tokens", "2", "--json"])
+    };
+    let out = json_lines(&infer(&vfr));
+    assert!(out[0]["text"].is_string(), "{out:?}");
+    // Sampled at the default 1 fps from ~2 fps: more than one frame, fewer than all ten.
+    let frames = out[0]["input_ids"].as_array().unwrap().len();
+    assert!(out[0]["video_tokens_total"].as_u64().unwrap() > 4, "one frame only: {out:?} ({frames} ids)");
+    let err = |o: std::process::Output| {
+        assert!(!o.status.success());
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let e = err(infer(&audio));
+    assert!(e.contains("no decodable video stream"), "{e}");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let e = err(infer(Path::new(&format!("http://u:pw77@127.0.0.1:{port}/x.mp4"))));
+    assert!(e.contains("cannot read the URL") && !e.contains("pw77") && !e.contains("no such file"), "{e}");
+    let e = err(infer(&dir.path().join("missing.mp4")));
+    assert!(e.contains("no such file"), "{e}");
 }

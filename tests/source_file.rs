@@ -241,34 +241,9 @@ fn probe_cli_prints_exact_windows() {
 /// copies of the last frame (which videorate would otherwise produce).
 #[test]
 fn a_forward_timestamp_jump_is_a_gap_not_copies() {
-    use gstreamer as gst;
-    use gstreamer::prelude::*;
-    init();
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("jump.mkv");
-    let p = gst::parse::launch(&format!(
-        "appsrc name=src format=time caps=video/x-raw,format=GRAY8,width=64,height=48,framerate=0/1 \
-         ! videoconvert ! jpegenc ! matroskamux ! filesink location={}",
-        path.display()
-    ))
-    .unwrap()
-    .downcast::<gst::Pipeline>()
-    .unwrap();
-    let src = p.by_name("src").unwrap().downcast::<gstreamer_app::AppSrc>().unwrap();
-    p.set_state(gst::State::Playing).unwrap();
-    let pts: Vec<u64> = (0..5).chain(3600..3605).collect();
-    for (i, t) in pts.iter().enumerate() {
-        let mut buf = gst::Buffer::from_slice(vec![(i * 25) as u8; 64 * 48]);
-        let b = buf.get_mut().unwrap();
-        b.set_pts(gst::ClockTime::from_seconds(*t));
-        b.set_duration(gst::ClockTime::from_seconds(1));
-        src.push_buffer(buf).unwrap();
-    }
-    src.end_of_stream().unwrap();
-    let bus = p.bus().unwrap();
-    bus.timed_pop_filtered(gst::ClockTime::from_seconds(30), &[gst::MessageType::Eos, gst::MessageType::Error]).expect("clip written");
-    p.set_state(gst::State::Null).unwrap();
-
+    let pts: Vec<f64> = (0..5).chain(3600..3605).map(f64::from).collect();
+    let path = mjpeg_at(dir.path(), "jump.mkv", &pts);
     let c = collect(&uri(&path), settings(1.0, 2.0, 2.0), Duration::from_secs(60));
     let frames: usize = c.windows.iter().map(|w| w.frames.len()).sum();
     assert!(frames <= 12, "{frames} frames from a 10-frame recording: the jump was filled with copies");

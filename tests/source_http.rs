@@ -52,3 +52,24 @@ fn http_source_delivers_exact_windows() {
     assert!(seen.iter().any(|e| matches!(&e.kind, EventKind::Caps(c) if c.codec == "VP8")), "{seen:?}");
     assert!(mgr.shutdown(Duration::from_secs(10)));
 }
+
+/// `vigil infer --video URL` reads over HTTP like a file: the same answer as from the local copy.
+#[test]
+fn infer_reads_a_video_url_like_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = vp8_webm(dir.path(), "clip.webm", 20, 10, 160, 120);
+    let port = serve(std::fs::read(&clip).unwrap(), 2);
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-videollama3");
+    let run = |video: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+            .args(["-q", "infer", "--model", model.to_str().unwrap(), "--video", video, "--fps", "2"])
+            .args(["--prompt", "What moves?", "--max-new-tokens", "4", "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{video}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v["answer"].clone(), v["prompt_tokens"].clone())
+    };
+    let url = format!("http://127.0.0.1:{port}/clip.webm");
+    assert_eq!(run(&url), run(clip.to_str().unwrap()));
+}

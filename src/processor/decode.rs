@@ -1,6 +1,8 @@
 //! Decoding a video file to RGB frames with GStreamer (`filesrc ! decodebin ! videoconvert !
-//! appsink caps=video/x-raw,format=RGB`). transformers decodes with torchcodec / PyAV; for
-//! lossless clips (the parity fixture uses FFV1) both give identical frames.
+//! appsink caps=video/x-raw,format=RGB`; a URL goes through `uridecodebin`). transformers
+//! decodes with torchcodec / PyAV; for lossless clips (the parity fixture uses FFV1) both give
+//! identical frames. A stream that declares no frame rate (variable rate, MJPEG at 0/1) gets its
+//! average rate from the frames' timestamps, as PyAV's `average_rate` would.
 
 use std::path::Path;
 
@@ -19,21 +21,37 @@ pub struct DecodedVideo {
     pub fps: f64,
 }
 
-/// Decode every frame of `path` to RGB.
+/// Decode every frame of `path` (a file, or an `http(s)://`, `rtsp://`, ... URL) to RGB.
 pub fn decode_video_file(path: &Path) -> Result<DecodedVideo, ProcessorError> {
-    let err = |msg: String| ProcessorError::Media { path: path.into(), msg };
-    if !path.is_file() {
-        return Err(err("no such file".into()));
+    let err = |msg: String| ProcessorError::Media { path: crate::config::redact_uri(&path.to_string_lossy()).into(), msg };
+    let text = path.to_string_lossy();
+    let url = text.contains("://").then(|| url::Url::parse(&text).ok()).flatten().filter(|u| u.scheme() != "file");
+    if url.is_none() && !path.is_file() {
+        return Err(err(if path.exists() { "not a regular file".into() } else { "no such file".into() }));
     }
     gst::init().map_err(|e| err(format!("GStreamer init failed: {e}")))?;
     let pipeline = gst::Pipeline::new();
-    let src = gst::ElementFactory::make("filesrc").property("location", path.to_string_lossy().as_ref()).build().map_err(|e| err(e.to_string()))?;
-    let decode = gst::ElementFactory::make("decodebin").build().map_err(|e| err(e.to_string()))?;
-    let convert = gst::ElementFactory::make("videoconvert").build().map_err(|e| err(e.to_string()))?;
+    let make = |factory: &str| gst::ElementFactory::make(factory).build().map_err(|e| err(format!("{factory}: {e}")));
+    let decode = match &url {
+        Some(u) => {
+            let d = make("uridecodebin")?;
+            d.set_property("uri", u.as_str());
+            pipeline.add(&d).map_err(|e| err(e.to_string()))?;
+            d
+        }
+        None => {
+            let src = make("filesrc")?;
+            src.set_property("location", text.as_ref());
+            let d = make("decodebin")?;
+            pipeline.add_many([&src, &d]).map_err(|e| err(e.to_string()))?;
+            src.link(&d).map_err(|e| err(e.to_string()))?;
+            d
+        }
+    };
+    let convert = make("videoconvert")?;
     let caps = gst_video::VideoCapsBuilder::new().format(gst_video::VideoFormat::Rgb).build();
     let sink = gst_app::AppSink::builder().caps(&caps).sync(false).build();
-    pipeline.add_many([&src, &decode, &convert, sink.upcast_ref()]).map_err(|e| err(e.to_string()))?;
-    src.link(&decode).map_err(|e| err(e.to_string()))?;
+    pipeline.add_many([&convert, sink.upcast_ref()]).map_err(|e| err(e.to_string()))?;
     convert.link(&sink).map_err(|e| err(e.to_string()))?;
     let convert_weak = convert.downgrade();
     decode.connect_pad_added(move |_, pad| {
@@ -48,6 +66,8 @@ pub fn decode_video_file(path: &Path) -> Result<DecodedVideo, ProcessorError> {
 
     let mut frames = Vec::new();
     let mut fps = None;
+    // Timestamps of the first and last frame, for a stream without a declared rate.
+    let mut pts: (Option<gst::ClockTime>, Option<gst::ClockTime>) = (None, None);
     let bus = pipeline.bus().expect("pipeline has a bus");
     // Poll in short slices so that a decoding error (posted on the bus) is reported at once;
     // give up if no frame arrives for 10 s.
@@ -55,7 +75,16 @@ pub fn decode_video_file(path: &Path) -> Result<DecodedVideo, ProcessorError> {
     let result = loop {
         if let Some(msg) = bus.pop_filtered(&[gst::MessageType::Error]) {
             if let gst::MessageView::Error(e) = msg.view() {
-                break Err(err(format!("decoding failed: {}", e.error())));
+                let linked = convert.static_pad("sink").is_some_and(|p| p.is_linked());
+                let from = e.src().map(|s| s.name().to_string()).unwrap_or_default();
+                // GStreamer's own text is often just "Internal data stream error": say more.
+                let what = match (linked, url.is_some()) {
+                    (false, true) if from == "source" => "cannot read the URL (server unreachable, or it refused)",
+                    (false, _) => "no decodable video stream in it (audio only, or no decoder for its codec?)",
+                    (true, _) => "decoding failed",
+                };
+                let debug = e.debug().map(|d| d.lines().last().unwrap_or("").to_string()).unwrap_or_default();
+                break Err(err(crate::config::redact_uri(&format!("{what}: {} [{from}: {debug}]", e.error()))));
             }
         }
         let Some(sample) = sink.try_pull_sample(gst::ClockTime::from_mseconds(50)) else {
@@ -79,6 +108,10 @@ pub fn decode_video_file(path: &Path) -> Result<DecodedVideo, ProcessorError> {
             }
         }
         let Some(buffer) = sample.buffer() else { continue };
+        if let Some(t) = buffer.pts() {
+            pts.0.get_or_insert(t);
+            pts.1 = Some(t);
+        }
         let frame = match gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, &info) {
             Ok(f) => f,
             Err(e) => break Err(err(format!("cannot map frame: {e}"))),
@@ -98,6 +131,14 @@ pub fn decode_video_file(path: &Path) -> Result<DecodedVideo, ProcessorError> {
     };
     let _ = pipeline.set_state(gst::State::Null);
     result?;
-    let fps = fps.ok_or_else(|| err("the stream declares no frame rate".into()))?;
+    let fps = match (fps, pts) {
+        (Some(f), _) => f,
+        (None, (Some(first), Some(last))) if frames.len() > 1 && last > first => {
+            (frames.len() - 1) as f64 / (last - first).seconds_f64()
+        }
+        // One frame (or no timestamps): its rate does not matter for sampling.
+        (None, _) if !frames.is_empty() => 1.0,
+        (None, _) => return Err(err("no video frame in it".into())),
+    };
     Ok(DecodedVideo { frames, fps })
 }

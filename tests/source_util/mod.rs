@@ -55,6 +55,34 @@ pub fn vp8_webm(dir: &Path, name: &str, frames: u32, rate: u32, w: u32, h: u32) 
     path
 }
 
+/// A Motion-JPEG Matroska clip with no declared frame rate (caps `framerate=0/1`): one 64×48
+/// frame, each a different grey, at each of `pts` (seconds).
+pub fn mjpeg_at(dir: &Path, name: &str, pts: &[f64]) -> PathBuf {
+    init();
+    let path = dir.join(name);
+    let p = gst::parse::launch(&format!(
+        "appsrc name=src format=time caps=video/x-raw,format=GRAY8,width=64,height=48,framerate=0/1 \
+         ! videoconvert ! jpegenc ! matroskamux ! filesink location={}",
+        path.display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let src = p.by_name("src").unwrap().downcast::<gstreamer_app::AppSrc>().unwrap();
+    p.set_state(gst::State::Playing).unwrap();
+    for (i, t) in pts.iter().enumerate() {
+        let mut buf = gst::Buffer::from_slice(vec![(i * 25 % 256) as u8; 64 * 48]);
+        let b = buf.get_mut().unwrap();
+        b.set_pts(gst::ClockTime::from_nseconds((t * 1e9) as u64));
+        src.push_buffer(buf).unwrap();
+    }
+    src.end_of_stream().unwrap();
+    let msg = p.bus().unwrap().timed_pop_filtered(gst::ClockTime::from_seconds(30), &[gst::MessageType::Eos, gst::MessageType::Error]);
+    assert!(matches!(msg.as_ref().map(|m| m.view()), Some(gst::MessageView::Eos(_))), "clip not written: {msg:?}");
+    p.set_state(gst::State::Null).unwrap();
+    path
+}
+
 pub fn settings(fps: f64, window: f64, stride: f64) -> StreamDefaults {
     StreamDefaults { fps, window_seconds: window, stride_seconds: stride, realtime: false, ..StreamDefaults::default() }
 }
