@@ -430,7 +430,15 @@ fn readiness(state: &State) -> Result<(), String> {
 fn start_stream(state: &Arc<State>, s: &StreamConfig) {
     let base = lock(&state.cfg).base_dir.clone();
     let spec = match SourceSpec::from_config(s, &base) {
-        Ok(spec) => spec,
+        Ok(mut spec) => {
+            // Frames are resized once, at ingest, to what the model takes for this stream's
+            // windows: the buffered frame is the model input.
+            if let Some(v) = state.engine.video_input() {
+                let frames = (s.settings.fps * s.settings.window_seconds + 1e-9).floor().max(1.0) as usize;
+                spec.model_size = Some(Arc::new(move |h, w| v.target(h, w, frames)));
+            }
+            spec
+        }
         Err(e) => {
             let msg = e.to_string();
             error!("stream {}: {msg}", s.name);

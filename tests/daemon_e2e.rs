@@ -371,3 +371,53 @@ async fn sigterm_mid_generation_stops_within_the_shutdown_timeout() {
     assert!(text.contains("in-flight jobs did not finish within 1 s"), "generation was cut short; log:\n{text}");
     eprintln!("first answer: {generated} tokens; stopped {took:?} after SIGTERM");
 }
+
+/// Fidelity end to end: on a lossless clip larger than `max_frame_pixels`, the daemon's answer
+/// for a window is `vigil infer --frames` on the full-resolution frames of that window (frames
+/// are resized once, at ingest, exactly as the processor resizes them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_answer_equals_infer_on_its_full_resolution_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = dir.path().join("raw.mkv");
+    source_util::run_to_eos(&format!(
+        "videotestsrc pattern=ball num-buffers=8 ! video/x-raw,format=RGB,width=320,height=240,framerate=4/1 ! matroskamux ! filesink location={}",
+        clip.display()
+    ));
+    let broker = Mosquitto::start(dir.path(), "");
+    let stream = format!(
+        "[[stream]]\nname = \"raw\"\nuri = \"{}\"\nprompts = [\"caption\"]\nwindow_seconds = 2.0\nstride_seconds = 2.0\nmax_frame_pixels = 20000\n",
+        clip.display()
+    );
+    let cfg = write_config(dir.path(), broker.port, free_port(), "", &stream);
+    let mut sub = Sub::connect(broker.port, "e2e-raw", &["vigil/#"], false).await;
+    let log = dir.path().join("vigil.log");
+    let mut vigil = spawn_vigil(&cfg, &log);
+    let got = answers(&mut sub, 1, Duration::from_secs(60)).await;
+    assert_eq!(got.len(), 1, "log:\n{}", log_text(&log));
+    let a = &got[0];
+    assert_eq!(a["window"]["seq"], 0);
+    signal(&vigil, "TERM");
+    assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0));
+
+    // Window 0 at 1 fps holds frames 0 and 4 of the 4 fps clip, at full resolution.
+    let native = vigil::processor::decode::decode_video_file(&clip).unwrap();
+    let mut paths = Vec::new();
+    for i in [0, 4] {
+        let f = &native.frames[i];
+        let p = dir.path().join(format!("f{i}.png"));
+        image::RgbImage::from_raw(f.width as u32, f.height as u32, f.data.clone()).unwrap().save(&p).unwrap();
+        paths.push(p.to_string_lossy().into_owned());
+    }
+    let model = repo("models/tiny-videollama3");
+    let question = a["question"].as_str().unwrap().to_string();
+    let mut args = vec!["-q", "infer", "--model", model.to_str().unwrap(), "--fps", "1", "--prompt", &question];
+    args.extend(["--max-new-tokens", "4", "--json", "--frames"]);
+    args.extend(paths.iter().map(String::as_str));
+    let out = Command::new(env!("CARGO_BIN_EXE_vigil")).args(&args).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let want: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(a["visual_tokens"]["total"], want["video_tokens_total"], "daemon {a}\ninfer {want}");
+    assert_eq!(a["visual_tokens"]["kept"], want["video_tokens_kept"], "daemon {a}\ninfer {want}");
+    assert_eq!(a["tokens"]["prompt"], want["prompt_tokens"], "daemon {a}\ninfer {want}");
+    assert_eq!(a["answer"], want["text"], "daemon {a}\ninfer {want}");
+}

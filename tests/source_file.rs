@@ -265,3 +265,61 @@ fn an_audio_only_file_fails_with_the_reason() {
     }
     assert!(c.windows.is_empty());
 }
+
+/// With a model size, the buffered frame *is* the model input: a window's frames, through the
+/// video processor, give exactly the pixel values transformers' processor computes from the
+/// full-resolution decoded frames (one resize, the processor's own, not a scale then a resize).
+#[test]
+fn with_a_model_size_the_buffered_frame_is_the_model_input() {
+    use vigil::processor::video::{Video, VideoProcessor};
+    let dir = tempfile::tempdir().unwrap();
+    // Lossless (raw RGB in Matroska), 4 fps, larger than the model's frame budget.
+    let clip = dir.path().join("raw.mkv");
+    run_to_eos(&format!(
+        "videotestsrc pattern=ball num-buffers=8 ! video/x-raw,format=RGB,width=320,height=240,framerate=4/1 ! matroskamux ! filesink location={}",
+        clip.display()
+    ));
+    let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-videollama3");
+    let vp = VideoProcessor::from_pretrained(&model).unwrap();
+    let c = vp.config.base.clone();
+    let input = vigil::engine::VideoInput {
+        patch: c.patch_size,
+        merge: c.merge_size,
+        min_pixels: c.min_pixels,
+        max_pixels: c.max_pixels,
+        do_resize: c.do_resize,
+    };
+    // 1 fps, 2 s windows: frames 0 and 4 of the clip. `max_frame_pixels` below the native size:
+    // without a model size, frames are scaled to it first (and resized again by the processor).
+    let s = StreamDefaults { max_frame_pixels: 20_000, ..settings(1.0, 2.0, 2.0) };
+    let mut spec = SourceSpec::from_uri("clip", &uri(&clip), s.clone()).unwrap();
+    spec.model_size = Some(std::sync::Arc::new(move |h, w| input.target(h, w, 2)));
+    let got = collect_spec(spec, Duration::from_secs(30));
+    let w0 = &got.windows[0];
+    assert_eq!(w0.frames.len(), 2);
+    let (th, tw) = input.target(240, 320, 2).unwrap();
+    assert_eq!((w0.frames[0].height as usize, w0.frames[0].width as usize), (th, tw), "buffered at the model's size");
+
+    let native = vigil::processor::decode::decode_video_file(&clip).unwrap();
+    assert_eq!((native.frames[0].width, native.frames[0].height), (320, 240));
+    let reference = Video::from_frames(vec![native.frames[0].clone(), native.frames[4].clone()], Some(1.0)).unwrap();
+    let video_of = |w: &vigil::window::Window| {
+        let frames = w
+            .frames
+            .iter()
+            .map(|f| vigil::processor::image::RgbImage::new(f.width as usize, f.height as usize, f.data.clone()).unwrap())
+            .collect();
+        Video::from_frames(frames, Some(1.0)).unwrap()
+    };
+    let pruning = vigil::config::PruningConfig::default();
+    let want = vp.preprocess(&[reference], &pruning).unwrap();
+    let have = vp.preprocess(&[video_of(w0)], &pruning).unwrap();
+    assert_eq!(have.video_grid_thw, want.video_grid_thw);
+    assert_eq!(have.video_compression_mask, want.video_compression_mask);
+    assert!(have.pixel_values_videos == want.pixel_values_videos, "the model input differs from transformers'");
+
+    // The contrast: scaled at ingest, then resized by the processor, the input is not the same.
+    let scaled = collect(&uri(&clip), s, Duration::from_secs(30));
+    let twice = vp.preprocess(&[video_of(&scaled.windows[0])], &pruning).unwrap();
+    assert!(twice.pixel_values_videos != want.pixel_values_videos, "the contrast case should differ");
+}

@@ -220,8 +220,31 @@ struct Shared {
     default_fps: f64,
     max_batch: usize,
     max_batch_tokens: usize,
-    /// Video processor (patch, merge, min_pixels, max_pixels), for job token estimates.
-    est: std::sync::OnceLock<(usize, usize, usize, usize)>,
+    /// How the checkpoint's video processor sizes frames (ingest, job token estimates).
+    video: std::sync::OnceLock<VideoInput>,
+}
+
+/// How the checkpoint's video processor sizes a clip's frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VideoInput {
+    pub patch: usize,
+    pub merge: usize,
+    pub min_pixels: usize,
+    /// The pixel budget of a whole clip, shared by its frames.
+    pub max_pixels: usize,
+    pub do_resize: bool,
+}
+
+impl VideoInput {
+    /// The processor's (height, width) for a frame of a clip of `frames` frames, or `None` if
+    /// it refuses the frame (too elongated, empty).
+    pub fn target(&self, height: usize, width: usize, frames: usize) -> Option<(usize, usize)> {
+        if !self.do_resize {
+            return Some((height, width));
+        }
+        crate::processor::resize::smart_resize(height, width, self.patch * self.merge, self.min_pixels, self.max_pixels / frames.max(1))
+            .ok()
+    }
 }
 
 impl Shared {
@@ -320,7 +343,7 @@ impl Engine {
             default_fps: cfg.defaults.fps,
             max_batch: e.max_batch.max(1),
             max_batch_tokens: e.max_batch_tokens.max(1),
-            est: std::sync::OnceLock::new(),
+            video: std::sync::OnceLock::new(),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), EngineError>>(1);
         let cfg = cfg.clone();
@@ -333,7 +356,13 @@ impl Engine {
                 let mut runner = match loaded {
                     Ok(r) => {
                         let v = &r.processor.video_processor.config.base;
-                        let _ = sh.est.set((v.patch_size, v.merge_size, v.min_pixels, v.max_pixels));
+                        let _ = sh.video.set(VideoInput {
+                            patch: v.patch_size,
+                            merge: v.merge_size,
+                            min_pixels: v.min_pixels,
+                            max_pixels: v.max_pixels,
+                            do_resize: v.do_resize,
+                        });
                         let _ = ready_tx.send(Ok(()));
                         r
                     }
@@ -367,6 +396,11 @@ impl Engine {
         }
     }
 
+    /// How the loaded checkpoint sizes video frames (set once the model is loaded).
+    pub fn video_input(&self) -> Option<VideoInput> {
+        self.shared.video.get().copied()
+    }
+
     /// Queue a job (never blocks). A full queue evicts the oldest job of the longest stream,
     /// which gets `JobOutput::Dropped`.
     pub fn submit(&self, job: Job) -> Result<(), EngineError> {
@@ -384,8 +418,8 @@ impl Engine {
         if st.stopping {
             return Err(EngineError::ShuttingDown);
         }
-        let (patch, merge, min_px, max_px) = *self.shared.est.get().unwrap_or(&(14, 2, 784, 12544));
-        let tokens = estimate_tokens(&job, patch, merge, min_px, max_px);
+        let v = self.shared.video.get().copied().unwrap_or(VideoInput { patch: 14, merge: 2, min_pixels: 784, max_pixels: 12544, do_resize: true });
+        let tokens = estimate_tokens(&job, v.patch, v.merge, v.min_pixels, v.max_pixels);
         let evicted = st.queue.push(Queued { job, fps, tokens });
         drop(st);
         let mut c = self.shared.counters.lock().unwrap_or_else(|p| p.into_inner());

@@ -63,7 +63,16 @@ pub struct SourceSpec {
     pub username: Option<String>,
     pub password: Option<String>,
     pub settings: StreamDefaults,
+    /// The model's input size for this stream's frames, when a model will read them: frames
+    /// are then decoded at their native size and resized once, with the processor's own
+    /// resize, so a buffered frame *is* the model input. Without it (`probe`), frames are
+    /// scaled to `max_frame_pixels`.
+    pub model_size: Option<ModelSize>,
 }
+
+/// (native height, width) → the model's input (height, width), or `None` if the model cannot
+/// take such a frame at all.
+pub type ModelSize = std::sync::Arc<dyn Fn(usize, usize) -> Option<(usize, usize)> + Send + Sync>;
 
 impl fmt::Debug for SourceSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -74,6 +83,7 @@ impl fmt::Debug for SourceSpec {
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("settings", &self.settings)
+            .field("model_size", &self.model_size.is_some())
             .finish()
     }
 }
@@ -123,7 +133,7 @@ impl SourceSpec {
             (None, None) => (uri_user, uri_pass),
             (user, pass) => (user.or(uri_user), pass.or(uri_pass)),
         };
-        Ok(SourceSpec { name: cfg.name.clone(), uri, kind, username, password, settings: cfg.settings.clone() })
+        Ok(SourceSpec { name: cfg.name.clone(), uri, kind, username, password, settings: cfg.settings.clone(), model_size: None })
     }
 
     /// A spec for a bare URI with the given settings (used by `vigil probe` and tests).
@@ -131,7 +141,7 @@ impl SourceSpec {
         let kind = SourceKind::of(uri)
             .map_err(|m| SourceError::Spec { stream: name.to_string(), message: format!("uri {}", redact_uri(&m)) })?;
         let (uri, username, password) = split_credentials(uri);
-        Ok(SourceSpec { name: name.to_string(), uri, kind, username, password, settings })
+        Ok(SourceSpec { name: name.to_string(), uri, kind, username, password, settings, model_size: None })
     }
 
     pub fn redacted_uri(&self) -> String {

@@ -152,6 +152,7 @@ pub fn build(spec: &SourceSpec) -> Result<Built, String> {
     let dec_weak = dec.downgrade();
     let caps_slot = native_caps.clone();
     let max_pixels = s.max_frame_pixels;
+    let model_size = spec.model_size.clone();
     rate_sink.add_probe(gst::PadProbeType::EVENT_DOWNSTREAM, move |_pad, info| {
         let Some(gst::PadProbeData::Event(ev)) = &info.data else { return gst::PadProbeReturn::Ok };
         let gst::EventView::Caps(c) = ev.view() else { return gst::PadProbeReturn::Ok };
@@ -164,14 +165,28 @@ pub fn build(spec: &SourceSpec) -> Result<Built, String> {
             return gst::PadProbeReturn::Drop;
         };
         let par = vinfo.par();
-        let (w, h) = fit_size(vinfo.width(), vinfo.height(), (par.numer(), par.denom()), max_pixels);
+        // For a model: the native frame (stored size, as transformers decodes it), resized to
+        // the model's size later, in one step. Else: scaled here to `max_frame_pixels`.
+        let model = model_size.as_ref().map(|f| {
+            let (nw, nh) = (vinfo.width(), vinfo.height());
+            let (h, w) = f(nh as usize, nw as usize).unwrap_or_else(|| {
+                let (w, h) = fit_size(nw, nh, (1, 1), max_pixels);
+                (h as usize, w as usize)
+            });
+            (w as u32, h as u32)
+        });
+        let (w, h) = model.unwrap_or_else(|| fit_size(vinfo.width(), vinfo.height(), (par.numer(), par.denom()), max_pixels));
+        let (cw, ch, cpar) = match model {
+            Some(_) => (vinfo.width(), vinfo.height(), par),
+            None => (w, h, gst::Fraction::new(1, 1)),
+        };
         let mut out = filter.property::<gst::Caps>("caps");
         {
             let out = out.make_mut();
             if let Some(st) = out.structure_mut(0) {
-                st.set("width", w as i32);
-                st.set("height", h as i32);
-                st.set("pixel-aspect-ratio", gst::Fraction::new(1, 1));
+                st.set("width", cw as i32);
+                st.set("height", ch as i32);
+                st.set("pixel-aspect-ratio", cpar);
             }
         }
         filter.set_property("caps", &out);

@@ -192,6 +192,21 @@ impl Shared {
         }
     }
 
+    /// A native frame resized to the model's input size with the processor's own resize (the
+    /// one transformers' video processor uses); as it is without a model size.
+    fn to_model_size(&self, data: Vec<u8>, w: usize, h: usize) -> (Vec<u8>, usize, usize) {
+        let Some(size) = &self.spec.model_size else { return (data, w, h) };
+        let (th, tw) = size(h, w).unwrap_or_else(|| {
+            // A frame the model cannot take (the daemon fails the stream): keep it bounded.
+            let (fw, fh) = super::fit_size(w as u32, h as u32, (1, 1), self.spec.settings.max_frame_pixels);
+            (fh as usize, fw as usize)
+        });
+        if (th, tw) == (h, w) {
+            return (data, w, h);
+        }
+        (crate::processor::resize::resize_torchvision_bicubic_u8(&data, h, w, 3, th, tw), tw, th)
+    }
+
     /// The appsink callback: copy the frame (respecting the row stride), window it, queue.
     fn on_sample(&self, sink: &gst_app::AppSink) -> Result<gst::FlowSuccess, gst::FlowError> {
         let sample = sink.pull_sample().map_err(|_| gst::FlowError::Flushing)?;
@@ -222,6 +237,8 @@ impl Shared {
         for y in 0..h {
             data.extend_from_slice(&plane[y * stride..y * stride + row]);
         }
+        drop(vframe);
+        let (data, w, h) = self.to_model_size(data, w, h);
         let pts = buffer.pts().map(|t| t.nseconds());
         let (slot, captured_at) = lock(&self.timeline).place(pts);
         let frame = Arc::new(Frame {

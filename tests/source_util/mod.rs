@@ -108,9 +108,14 @@ pub fn drain_events(rx: &mut UnboundedReceiver<SourceEvent>, out: &mut Vec<Sourc
 
 /// Run a finite stream to its end through a real `SourceManager` (bounded by `limit`).
 pub fn collect(uri: &str, s: StreamDefaults, limit: Duration) -> Collected {
+    collect_spec(SourceSpec::from_uri("clip", uri, s).unwrap(), limit)
+}
+
+/// [`collect`] for a spec built by the caller (named "clip").
+pub fn collect_spec(spec: SourceSpec, limit: Duration) -> Collected {
     init();
     let (mut mgr, mut events) = SourceManager::new(SourceOptions::default()).unwrap();
-    let rx = mgr.add(SourceSpec::from_uri("clip", uri, s).unwrap()).unwrap();
+    let rx = mgr.add(spec).unwrap();
     // Room for the supervisor's own start timeout and retries (8 s each) under a loaded CI.
     let end = Instant::now() + limit.max(Duration::from_secs(40));
     let mut windows = Vec::new();
