@@ -323,3 +323,23 @@ fn with_a_model_size_the_buffered_frame_is_the_model_input() {
     let twice = vp.preprocess(&[video_of(&scaled.windows[0])], &pruning).unwrap();
     assert!(twice.pixel_values_videos != want.pixel_values_videos, "the contrast case should differ");
 }
+
+/// What `run` decodes, `probe` opens too: a grayscale Motion-JPEG AVI.
+#[test]
+fn probe_opens_a_grayscale_mjpeg_avi() {
+    let dir = tempfile::tempdir().unwrap();
+    let avi = dir.path().join("gray.avi");
+    run_to_eos(&format!(
+        "videotestsrc num-buffers=10 ! video/x-raw,format=GRAY8,width=64,height=48,framerate=5/1 ! jpegenc ! avimux ! filesink location={}",
+        avi.display()
+    ));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .args(["-q", "probe", &uri(&avi), "--window-seconds", "1", "--stride-seconds", "1", "--windows", "1", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines[0]["codec"], "MJPEG", "{lines:?}");
+    assert_eq!(lines[1]["frames"], 1, "{lines:?}");
+}

@@ -315,7 +315,8 @@ fn decoder_input_caps(dec: &gst::Element) -> Option<String> {
     for el in bin.iterate_recurse().into_iter().flatten() {
         let Some(factory) = el.factory() else { continue };
         let klass = factory.klass();
-        if klass.contains("Decoder") && klass.contains("Video") {
+        // jpegdec (Motion-JPEG) is an image decoder.
+        if klass.contains("Decoder") && (klass.contains("Video") || klass.contains("Image")) {
             let caps = el.static_pad("sink").and_then(|p| p.current_caps())?;
             return caps.structure(0).map(|s| s.name().to_string());
         }
