@@ -215,3 +215,27 @@ fn check_refuses_a_device_this_build_cannot_open() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("model.device") && err.contains("--features cuda"), "{err}");
 }
+
+/// A request that cannot fit the model's context is refused by `check` and by `run` (which may
+/// be started without `check`), before anything is generated.
+#[test]
+fn a_request_beyond_the_context_is_refused_by_check_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("vigil.toml");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    std::fs::write(
+        &cfg,
+        format!(
+            "[model]\npath = {:?}\ndevice = \"cpu\"\ndtype = \"f32\"\nmax_new_tokens = 40000\n\n[mqtt]\nembedded_port = {port}\n\n\
+             [[prompt]]\nname = \"q\"\ntext = \"What?\"\n\n[[stream]]\nname = \"cam\"\nuri = \"rtsp://127.0.0.1:9/s\"\nprompts = [\"q\"]\n",
+            repo("models/tiny-videollama3")
+        ),
+    )
+    .unwrap();
+    let out = vigil(&["check", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("beyond the model's context of 32768"), "{}", text(&out.stderr));
+    let out = vigil(&["run", "--config", cfg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("beyond the model's context of 32768"), "{}", text(&out.stderr));
+}

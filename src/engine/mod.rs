@@ -285,6 +285,11 @@ pub fn load_runner(cfg: &Config) -> Result<Runner, EngineError> {
     )
     .map_err(|e| EngineError::Load(format!("{}: {e}", dir.display())))?;
     let processor = Processor::from_pretrained(&dir).map_err(|e| EngineError::Load(format!("{}: {e}", dir.display())))?;
+    let (too_long, _) = preflight::context_fit(cfg, &processor, model.config().text_config.max_position_embeddings);
+    if !too_long.is_empty() {
+        let why: Vec<String> = too_long.iter().map(ToString::to_string).collect();
+        return Err(EngineError::Load(why.join("; ")));
+    }
     Runner::new(model, processor, GenerationParams::from_model_config(&cfg.model), cfg.pruning.clone(), cfg.engine.feature_cache_frames)
 }
 

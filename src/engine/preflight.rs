@@ -74,6 +74,24 @@ pub fn preflight(cfg: &Config) -> Result<Preflight, Vec<PreflightError>> {
         }
     };
     let context = model.text_config.max_position_embeddings;
+    let (fit, largest) = context_fit(cfg, &processor, context);
+    problems.extend(fit);
+    if problems.is_empty() {
+        Ok(Preflight { dir, context, largest })
+    } else {
+        Err(problems)
+    }
+}
+
+/// Whether the largest request of every (enabled stream, prompt) fits `context`: the problems,
+/// and the largest request (stream, prompt, tokens). `run` checks this too, once the model is
+/// loaded, so a config that skipped `check` cannot run out of memory on it.
+pub fn context_fit(
+    cfg: &Config,
+    processor: &Processor,
+    context: Option<usize>,
+) -> (Vec<PreflightError>, Option<(String, String, usize)>) {
+    let mut problems = Vec::new();
     let mut largest: Option<(String, String, usize)> = None;
     for s in cfg.streams.iter().filter(|s| s.enabled) {
         for p in s.prompts.iter().filter_map(|name| cfg.prompt(name)) {
@@ -99,11 +117,7 @@ pub fn preflight(cfg: &Config) -> Result<Preflight, Vec<PreflightError>> {
             }
         }
     }
-    if problems.is_empty() {
-        Ok(Preflight { dir, context, largest })
-    } else {
-        Err(problems)
-    }
+    (problems, largest)
 }
 
 /// The largest request of one (stream, prompt), in tokens, by part.
