@@ -310,11 +310,11 @@ async fn sigterm_mid_run_loses_no_answer_of_a_completed_job() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_the_model_cannot_take_fails_once_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let clip = dir.path().join("thin.mkv");
-    source_util::run_to_eos(&format!(
-        "videotestsrc num-buffers=40 ! video/x-raw,width=8,height=4000,framerate=5/1 ! jpegenc ! matroskamux ! filesink location={}",
-        clip.display()
-    ));
+    let clip = source_util::clip(
+        dir.path(),
+        "thin.mkv",
+        "videotestsrc num-buffers=40 ! video/x-raw,width=8,height=4000,framerate=5/1 ! jpegenc ! matroskamux",
+    );
     let broker = Mosquitto::start(dir.path(), "");
     let stream = format!("[[stream]]\nname = \"thin\"\nuri = \"{}\"\nprompts = [\"caption\"]\nloop = true\n", clip.display());
     let cfg = write_config(dir.path(), broker.port, free_port(), "", &stream);
@@ -378,11 +378,7 @@ async fn sigterm_mid_generation_stops_within_the_shutdown_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_window_answer_equals_infer_on_its_full_resolution_frames() {
     let dir = tempfile::tempdir().unwrap();
-    let clip = dir.path().join("raw.mkv");
-    source_util::run_to_eos(&format!(
-        "videotestsrc pattern=ball num-buffers=8 ! video/x-raw,format=RGB,width=320,height=240,framerate=4/1 ! matroskamux ! filesink location={}",
-        clip.display()
-    ));
+    let clip = source_util::raw_rgb_mkv(dir.path(), "raw.mkv", 8, 4, 320, 240);
     let broker = Mosquitto::start(dir.path(), "");
     let stream = format!(
         "[[stream]]\nname = \"raw\"\nuri = \"{}\"\nprompts = [\"caption\"]\nwindow_seconds = 2.0\nstride_seconds = 2.0\nmax_frame_pixels = 20000\n",

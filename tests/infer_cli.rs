@@ -493,8 +493,7 @@ fn infer_takes_variable_rate_video_and_explains_what_it_cannot_read() {
     let dir = tempfile::tempdir().unwrap();
     // Ten frames at uneven times over 4.5 s: about 2 fps on average.
     let vfr = source_util::mjpeg_at(dir.path(), "vfr.mkv", &[0.0, 0.3, 0.5, 1.2, 1.5, 2.4, 2.6, 3.1, 4.0, 4.5]);
-    let audio = dir.path().join("audio.ogg");
-    source_util::run_to_eos(&format!("audiotestsrc num-buffers=20 ! vorbisenc ! oggmux ! filesink location={}", audio.display()));
+    let audio = source_util::clip(dir.path(), "audio.ogg", "audiotestsrc num-buffers=20 ! vorbisenc ! oggmux");
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-videollama3");
     let infer = |video: &Path| {
         vigil_in(dir.path(), &["-q", "infer", "--model", model.to_str().unwrap(), "--video", video.to_str().unwrap(), "--prompt", "What?", "--max-new-tokens", "2", "--json"])

@@ -256,8 +256,7 @@ fn a_forward_timestamp_jump_is_a_gap_not_copies() {
 #[test]
 fn an_audio_only_file_fails_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audio.ogg");
-    run_to_eos(&format!("audiotestsrc num-buffers=50 ! vorbisenc ! oggmux ! filesink location={}", path.display()));
+    let path = clip(dir.path(), "audio.ogg", "audiotestsrc num-buffers=50 ! vorbisenc ! oggmux");
     let c = collect(&uri(&path), settings(1.0, 1.0, 1.0), Duration::from_secs(40));
     match c.final_state() {
         StreamState::Failed { error } => assert!(error.contains("no video"), "{error}"),
@@ -274,11 +273,7 @@ fn with_a_model_size_the_buffered_frame_is_the_model_input() {
     use vigil::processor::video::{Video, VideoProcessor};
     let dir = tempfile::tempdir().unwrap();
     // Lossless (raw RGB in Matroska), 4 fps, larger than the model's frame budget.
-    let clip = dir.path().join("raw.mkv");
-    run_to_eos(&format!(
-        "videotestsrc pattern=ball num-buffers=8 ! video/x-raw,format=RGB,width=320,height=240,framerate=4/1 ! matroskamux ! filesink location={}",
-        clip.display()
-    ));
+    let clip = raw_rgb_mkv(dir.path(), "raw.mkv", 8, 4, 320, 240);
     let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-videollama3");
     let vp = VideoProcessor::from_pretrained(&model).unwrap();
     let c = vp.config.base.clone();
@@ -328,11 +323,11 @@ fn with_a_model_size_the_buffered_frame_is_the_model_input() {
 #[test]
 fn probe_opens_a_grayscale_mjpeg_avi() {
     let dir = tempfile::tempdir().unwrap();
-    let avi = dir.path().join("gray.avi");
-    run_to_eos(&format!(
-        "videotestsrc num-buffers=10 ! video/x-raw,format=GRAY8,width=64,height=48,framerate=5/1 ! jpegenc ! avimux ! filesink location={}",
-        avi.display()
-    ));
+    let avi = clip(
+        dir.path(),
+        "gray.avi",
+        "videotestsrc num-buffers=10 ! video/x-raw,format=GRAY8,width=64,height=48,framerate=5/1 ! jpegenc ! avimux",
+    );
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
         .args(["-q", "probe", &uri(&avi), "--window-seconds", "1", "--stride-seconds", "1", "--windows", "1", "--json"])
         .output()

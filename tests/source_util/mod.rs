@@ -34,25 +34,33 @@ pub fn run_to_eos(desc: &str) {
     p.set_state(gst::State::Null).unwrap();
 }
 
-/// A moving-ball test clip: `frames` frames at `rate` fps, `w`×`h`.
-pub fn h264_mp4(dir: &Path, name: &str, frames: u32, rate: u32, w: u32, h: u32) -> PathBuf {
+/// A clip that the gst-launch description `desc` (without its sink) writes to `dir/name`.
+pub fn clip(dir: &Path, name: &str, desc: &str) -> PathBuf {
     let path = dir.join(name);
-    run_to_eos(&format!(
-        "videotestsrc pattern=ball num-buffers={frames} ! video/x-raw,format=I420,width={w},height={h},framerate={rate}/1 \
-         ! x264enc speed-preset=ultrafast key-int-max={rate} ! h264parse ! mp4mux ! filesink location={}",
-        path.display()
-    ));
+    run_to_eos(&format!("{desc} ! filesink location={}", path.display()));
     path
 }
 
-pub fn vp8_webm(dir: &Path, name: &str, frames: u32, rate: u32, w: u32, h: u32) -> PathBuf {
-    let path = dir.join(name);
-    run_to_eos(&format!(
+/// A moving-ball test clip: `frames` frames at `rate` fps, `w`×`h`.
+pub fn h264_mp4(dir: &Path, name: &str, frames: u32, rate: u32, w: u32, h: u32) -> PathBuf {
+    clip(dir, name, &format!(
         "videotestsrc pattern=ball num-buffers={frames} ! video/x-raw,format=I420,width={w},height={h},framerate={rate}/1 \
-         ! vp8enc deadline=1 keyframe-max-dist={rate} ! webmmux ! filesink location={}",
-        path.display()
-    ));
-    path
+         ! x264enc speed-preset=ultrafast key-int-max={rate} ! h264parse ! mp4mux"
+    ))
+}
+
+pub fn vp8_webm(dir: &Path, name: &str, frames: u32, rate: u32, w: u32, h: u32) -> PathBuf {
+    clip(dir, name, &format!(
+        "videotestsrc pattern=ball num-buffers={frames} ! video/x-raw,format=I420,width={w},height={h},framerate={rate}/1 \
+         ! vp8enc deadline=1 keyframe-max-dist={rate} ! webmmux"
+    ))
+}
+
+/// A lossless moving-ball clip: raw RGB frames in Matroska.
+pub fn raw_rgb_mkv(dir: &Path, name: &str, frames: u32, rate: u32, w: u32, h: u32) -> PathBuf {
+    clip(dir, name, &format!(
+        "videotestsrc pattern=ball num-buffers={frames} ! video/x-raw,format=RGB,width={w},height={h},framerate={rate}/1 ! matroskamux"
+    ))
 }
 
 /// A Motion-JPEG Matroska clip with no declared frame rate (caps `framerate=0/1`): one 64×48
