@@ -387,6 +387,27 @@ pub struct PromptConfig {
     #[serde(default = "default_every")]
     pub every: u64,
     pub max_new_tokens: Option<usize>,
+    /// Alert prompts: consecutive positive windows that start an event (default 1).
+    pub confirm_windows: Option<u32>,
+    /// Alert prompts: consecutive negative windows that end it (default 2).
+    pub clear_windows: Option<u32>,
+    /// Alert prompts: seconds after an end during which no event starts (default 0).
+    pub cooldown_s: Option<f64>,
+    /// Alert prompts: publish `update` on each positive window of an open event (default false).
+    pub event_updates: Option<bool>,
+}
+
+impl PromptConfig {
+    /// How this prompt's answers become events (alert prompts).
+    pub fn event_policy(&self) -> crate::publish::events::EventPolicy {
+        let d = crate::publish::events::EventPolicy::default();
+        crate::publish::events::EventPolicy {
+            confirm_windows: self.confirm_windows.unwrap_or(d.confirm_windows),
+            clear_windows: self.clear_windows.unwrap_or(d.clear_windows),
+            cooldown_s: self.cooldown_s.unwrap_or(d.cooldown_s),
+            updates: self.event_updates.unwrap_or(d.updates),
+        }
+    }
 }
 
 fn default_kind() -> PromptKind {
@@ -932,6 +953,25 @@ impl Config {
             }
             if pr.max_new_tokens == Some(0) {
                 v.fail(&key("max_new_tokens"), "must be at least 1");
+            }
+            let event_keys = [
+                ("confirm_windows", pr.confirm_windows.is_some()),
+                ("clear_windows", pr.clear_windows.is_some()),
+                ("cooldown_s", pr.cooldown_s.is_some()),
+                ("event_updates", pr.event_updates.is_some()),
+            ];
+            for (k, set) in event_keys {
+                if set && pr.kind != PromptKind::Alert {
+                    v.fail(&key(k), "applies to alert prompts only (kind = \"alert\")");
+                }
+            }
+            for (k, n) in [("confirm_windows", pr.confirm_windows), ("clear_windows", pr.clear_windows)] {
+                if n == Some(0) {
+                    v.fail(&key(k), "must be at least 1");
+                }
+            }
+            if pr.cooldown_s.is_some_and(|c| !(0.0..=86_400.0).contains(&c)) {
+                v.fail(&key("cooldown_s"), "must be between 0 and 86400 (a day)");
             }
         }
 

@@ -611,6 +611,9 @@ fn on_source_event(state: &Arc<State>, ev: SourceEvent) {
         EventKind::Caps(c) => return check_frame_shape(state, &ev.stream, &c),
     };
     let error = s.error().map(str::to_string);
+    if matches!(s, StreamState::Reconnecting { .. } | StreamState::Failed { .. }) {
+        state.publisher.close_events(&ev.stream, None, "stream_down");
+    }
     match &s {
         StreamState::Failed { error } => state.publisher.error("source", Some(&ev.stream), error),
         StreamState::Reconnecting { attempt, delay, error } => {
@@ -670,6 +673,7 @@ fn on_command(state: &Arc<State>, cmd: Command) {
             } else {
                 lock(&state.disabled_streams).insert(stream.clone());
                 stop_stream(state, &stream);
+                state.publisher.close_events(&stream, None, "disabled");
                 state.publisher.status(&stream, &StatusPayload { state: PubState::Disabled, since: rfc3339(SystemTime::now()), error: None });
             }
             info!("stream {stream}: {}", if enabled { "enabled" } else { "disabled" });
@@ -680,6 +684,7 @@ fn on_command(state: &Arc<State>, cmd: Command) {
                 lock(&state.disabled_prompts).remove(&(stream.clone(), prompt.clone()));
             } else {
                 lock(&state.disabled_prompts).insert((stream.clone(), prompt.clone()));
+                state.publisher.close_events(&stream, Some(&prompt), "disabled");
             }
             info!("stream {stream} prompt {prompt}: {}", if enabled { "enabled" } else { "disabled" });
             state.publisher.enabled(&SetTarget::Prompt { stream, prompt }, enabled);
@@ -744,6 +749,7 @@ fn reload(state: &Arc<State>) {
     for name in old_streams.keys() {
         if !new.streams.iter().any(|s| s.name == *name) {
             stop_stream(state, name);
+            state.publisher.close_events(name, None, "removed");
             removed += 1;
         }
     }
@@ -866,6 +872,7 @@ fn collect_stats(state: &State) -> StatsPayload {
         },
         outbox: Default::default(),
         answers: None,
+        events: None,
         timestamp: rfc3339(SystemTime::now()),
     }
 }

@@ -57,7 +57,7 @@ async fn discovery_configs_appear_and_reappear_on_ha_birth() {
     assert_eq!(sensor["json_attributes_topic"], "vt/cam1/scene");
     assert_eq!(sensor["device"]["identifiers"][0], "vigil-test_cam1");
     let alert = &got["homeassistant/binary_sensor/vigil-test/cam1_person/config"].0;
-    assert_eq!((alert["state_topic"].as_str(), alert["payload_on"].as_str()), (Some("vt/cam1/person/state"), Some("ON")));
+    assert_eq!((alert["state_topic"].as_str(), alert["payload_on"].as_str()), (Some("vt/cam1/person/event/state"), Some("ON")));
     let switch = &got["homeassistant/switch/vigil-test/yard_2_enabled/config"].0;
     assert_eq!(switch["command_topic"], "vt/yard.2/set");
     assert_eq!(switch["state_topic"], "vt/yard.2/enabled");

@@ -85,6 +85,7 @@ async fn broker_restart_keeps_order_up_to_capacity_and_counts_drops() {
         inference: Default::default(),
         outbox: Default::default(),
         answers: None,
+        events: None,
         timestamp: now_rfc3339(),
     });
     let g = stats_sub.next_on("vt/stats", T).await.unwrap();

@@ -111,6 +111,7 @@ async fn roundtrip_every_topic_and_payload_field() {
         inference: InferenceStats { latency_p50_ms: 80.0, latency_p95_ms: 120.0, tokens_per_s: 55.5, pruning_ratio: 0.4 },
         outbox: OutboxStats::default(),
         answers: None,
+        events: None,
         timestamp: now_rfc3339(),
     };
     p.stats(stats.clone());
@@ -238,6 +239,7 @@ async fn qos_0_1_2_deliver_in_order_and_stats_tick() {
             inference: Default::default(),
             outbox: Default::default(),
             answers: None,
+            events: None,
             timestamp: now_rfc3339(),
         });
         for _ in 0..2 {
@@ -279,4 +281,71 @@ async fn prompt_names_that_collide_with_stream_topics_are_refused() {
     cfg.prompts[0].name = "status".into();
     let e = Publisher::start(&cfg, fast()).await.err().expect("refused").to_string();
     assert!(e.contains("\"status\"") && e.contains("vt/<stream>/status"), "{e}");
+}
+
+async fn next_event(sub: &mut Sub) -> serde_json::Value {
+    sub.next_on("vt/cam1/person/event", T).await.expect("an event message").json()
+}
+
+/// Alert events: confirmation, updates, clearing, cooldown (counted), a reload that keeps an
+/// open event, and a stream going down that ends it; with the retained event state that Home
+/// Assistant's binary_sensor follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alert_events_confirm_update_clear_cool_down_and_end_when_the_stream_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "");
+    let mut cfg = config(dir.path(), &broker.url(), "");
+    let person = cfg.prompts.iter_mut().find(|p| p.name == "person").unwrap();
+    person.confirm_windows = Some(2);
+    person.clear_windows = Some(1);
+    person.cooldown_s = Some(1.0);
+    person.event_updates = Some(true);
+    let mut sub = Sub::connect(broker.port, "sub-events", &["vt/cam1/person/event", "vt/cam1/person/event/state"], false).await;
+    let (p, _c) = Publisher::start(&cfg, fast()).await.unwrap();
+    wait_link(&p, T, |l| l.connected).await;
+    let alert = |seq: u64, yes: bool| {
+        let mut a = answer("cam1", "person", "alert", seq);
+        a.value = serde_json::json!(yes);
+        a.answer = if yes { format!("yes, a person ({seq})") } else { "no".into() };
+        a
+    };
+    let schema = load("event.v1.schema.json");
+    let mut events = Vec::new();
+    for (seq, yes) in [(10, true), (11, true), (12, true), (13, false), (14, true)] {
+        p.answer(&alert(seq, yes));
+    }
+    for _ in 0..3 {
+        let e = next_event(&mut sub).await;
+        assert_valid(&schema, &e);
+        events.push(e);
+    }
+    let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["start", "update", "end"], "{events:?}");
+    assert_eq!(events[0]["event_id"], "cam1:person:10", "the event starts at its first window");
+    assert_eq!(events[0]["windows"], 2);
+    assert_eq!(events[1]["windows"], 3);
+    assert_eq!((events[2]["reason"].as_str(), events[2]["answer"].as_str()), (Some("cleared"), Some("yes, a person (12)")));
+    assert_eq!(events[2]["end"], serde_json::json!(alert(12, true).window.end));
+    assert!(sub.next_on("vt/cam1/person/event", Duration::from_millis(300)).await.is_none(), "window 14 is in the cooldown");
+    assert_eq!(p.event_counts().suppressed, 1);
+
+    // After the cooldown: a new event, kept across a reload, ended by the stream going down.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    p.answer(&alert(15, true));
+    p.answer(&alert(16, true));
+    let e = next_event(&mut sub).await;
+    assert_eq!((e["type"].as_str(), e["event_id"].as_str()), (Some("start"), Some("cam1:person:15")));
+    p.reconfigure(&cfg);
+    assert!(sub.next_on("vt/cam1/person/event", Duration::from_millis(300)).await.is_none(), "a reload keeps the event open");
+    p.close_events("cam1", None, "stream_down");
+    let e = next_event(&mut sub).await;
+    assert_valid(&schema, &e);
+    assert_eq!((e["type"].as_str(), e["reason"].as_str()), (Some("end"), Some("stream_down")));
+    assert_eq!(p.event_counts(), vigil::publish::events::EventCounts { started: 2, ended: 2, suppressed: 1 });
+
+    // The retained event state is OFF now (a late subscriber sees it).
+    let mut late = Sub::connect(broker.port, "sub-events-late", &["vt/cam1/person/event/state"], false).await;
+    let st = late.next_on("vt/cam1/person/event/state", T).await.unwrap();
+    assert_eq!((st.text().as_str(), st.retain), ("OFF", true));
+    p.shutdown(T).await;
 }

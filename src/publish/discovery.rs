@@ -61,6 +61,8 @@ pub fn configs(cfg: &Config, topics: &Topics) -> Vec<DiscoveryConfig> {
             let (component, mut payload) = match p.kind {
                 PromptKind::Alert => {
                     let mut v = common("binary_sensor");
+                    // On while an event is open (confirmed, not yet cleared): not every answer.
+                    v["state_topic"] = json!(topics.event_state(&s.name, &p.name));
                     v["payload_on"] = json!("ON");
                     v["payload_off"] = json!("OFF");
                     ("binary_sensor", v)

@@ -23,6 +23,7 @@ pub mod connect;
 pub mod discovery;
 #[cfg(feature = "embedded-broker")]
 pub mod embedded;
+pub mod events;
 pub mod outbox;
 pub mod payload;
 pub mod tail;
@@ -133,6 +134,9 @@ struct Shared {
     reports: Mutex<throttle::Throttle>,
     /// `set` messages refused (bad payload, unknown stream or prompt) since start.
     commands_rejected: AtomicU64,
+    /// Alert event state per (stream, prompt), kept across reloads, and each prompt's policy.
+    events: Mutex<HashMap<(String, String), events::EventTracker>>,
+    policies: Mutex<HashMap<String, events::EventPolicy>>,
 }
 
 /// How often the same problem is reported (log and `errors` topic) at most.
@@ -244,7 +248,29 @@ impl Shared {
     fn stats(&self, mut stats: StatsPayload) {
         stats.outbox = self.outbox_stats();
         stats.answers = Some(self.lock().outbox.answers());
+        stats.events = Some(self.event_counts());
         self.diagnostic(self.topics.stats(), to_json(&stats));
+    }
+
+    fn event_counts(&self) -> events::EventCounts {
+        lock_plain(&self.events).values().fold(events::EventCounts::default(), |mut sum, t| {
+            let c = t.counts();
+            sum.started += c.started;
+            sum.ended += c.ended;
+            sum.suppressed += c.suppressed;
+            sum
+        })
+    }
+
+    /// Publish an event message, and the retained `event/state` it implies.
+    fn publish_event(&self, e: &events::EventPayload) {
+        let t = &self.topics;
+        self.event(t.event(&e.stream, &e.prompt), to_json(e));
+        match e.kind {
+            events::EventType::Start => self.retained(t.event_state(&e.stream, &e.prompt), b"ON".to_vec()),
+            events::EventType::End => self.retained(t.event_state(&e.stream, &e.prompt), b"OFF".to_vec()),
+            events::EventType::Update => {}
+        }
     }
 
     fn log_burst_end(&self, ended: Option<u64>) {
@@ -321,6 +347,8 @@ impl Publisher {
             beat: Heartbeat { base: Instant::now(), busy_since: AtomicU64::new(0) },
             reports: Mutex::new(throttle::Throttle::new(REPORT_PERIOD)),
             commands_rejected: AtomicU64::new(0),
+            events: Mutex::default(),
+            policies: Mutex::default(),
         });
 
         // Initial retained states, in the order they are re-sent after each connect:
@@ -367,6 +395,14 @@ impl Publisher {
             if now && !before {
                 self.shared.event(t.alert(&a.stream, &a.prompt), to_json(&AlertPayload::from_answer(a)));
             }
+            let policy = lock_plain(&sh.policies).get(&a.prompt).copied().unwrap_or_default();
+            let event = lock_plain(&sh.events)
+                .entry((a.stream.clone(), a.prompt.clone()))
+                .or_default()
+                .on_answer(a, &policy, unix_now());
+            if let Some(e) = event {
+                sh.publish_event(&e);
+            }
         }
         self.shared.retained(t.state(&a.stream, &a.prompt), a.short_state().into_bytes());
     }
@@ -411,6 +447,24 @@ impl Publisher {
             timestamp: now_rfc3339(),
         };
         self.shared.diagnostic(self.shared.topics.errors(), to_json(&e));
+    }
+
+    /// End the open alert events of a stream (`prompt`: only that prompt's), with the reason
+    /// (`stream_down`, `disabled`, `removed`).
+    pub fn close_events(&self, stream: &str, prompt: Option<&str>, reason: &str) {
+        let ended: Vec<events::EventPayload> = lock_plain(&self.shared.events)
+            .iter_mut()
+            .filter(|((s, p), _)| s == stream && prompt.is_none_or(|q| q == p))
+            .filter_map(|((s, p), t)| t.close(s, p, unix_now(), reason))
+            .collect();
+        for e in &ended {
+            self.shared.publish_event(e);
+        }
+    }
+
+    /// Alert events since start, over all streams.
+    pub fn event_counts(&self) -> events::EventCounts {
+        self.shared.event_counts()
     }
 
     /// `set` messages refused since start (bad payload, unknown stream or prompt).
@@ -641,6 +695,7 @@ fn ack(shared: &Shared, pkid: u16) {
 /// Publish discovery configs and the `enabled` states of streams and prompts not announced yet,
 /// retract discovery configs that are gone, and remember which streams and prompts exist.
 fn announce(shared: &Shared, cfg: &Config) {
+    *lock_plain(&shared.policies) = cfg.prompts.iter().map(|p| (p.name.clone(), p.event_policy())).collect();
     let known = std::mem::take(&mut *lock_plain(&shared.streams));
     if cfg.mqtt.homeassistant_discovery {
         let configs = discovery::configs(cfg, &shared.topics);
@@ -668,6 +723,10 @@ fn announce(shared: &Shared, cfg: &Config) {
         streams.insert(s.name.clone(), s.prompts.iter().cloned().collect::<HashSet<_>>());
     }
     *lock_plain(&shared.streams) = streams;
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 fn lock_plain<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

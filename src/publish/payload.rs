@@ -169,6 +169,10 @@ pub struct StatsPayload {
     /// Answers produced, delivered and dropped since start; filled in by the publisher.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub answers: Option<super::AnswerCounts>,
+    /// Alert events started, ended, and starts suppressed by a cooldown; filled in by the
+    /// publisher.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<super::events::EventCounts>,
     #[serde(rename = "@timestamp")]
     pub timestamp: String,
 }

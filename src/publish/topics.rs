@@ -45,6 +45,16 @@ impl Topics {
         format!("{}/{stream}/{prompt}/alert", self.prefix)
     }
 
+    /// `<prefix>/<stream>/<prompt>/event`: the alert event lifecycle (start, update, end).
+    pub fn event(&self, stream: &str, prompt: &str) -> String {
+        format!("{}/{stream}/{prompt}/event", self.prefix)
+    }
+
+    /// `<prefix>/<stream>/<prompt>/event/state`: `ON` while an event is open, retained.
+    pub fn event_state(&self, stream: &str, prompt: &str) -> String {
+        format!("{}/{stream}/{prompt}/event/state", self.prefix)
+    }
+
     /// `<prefix>/<stream>/<prompt>/state`: `ON`/`OFF` or the short answer, retained.
     pub fn state(&self, stream: &str, prompt: &str) -> String {
         format!("{}/{stream}/{prompt}/state", self.prefix)
