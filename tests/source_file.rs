@@ -319,7 +319,8 @@ fn with_a_model_size_the_buffered_frame_is_the_model_input() {
     assert!(twice.pixel_values_videos != want.pixel_values_videos, "the contrast case should differ");
 }
 
-/// What `run` decodes, `probe` opens too: a grayscale Motion-JPEG AVI.
+/// What `run` decodes, `probe` opens too: a grayscale Motion-JPEG AVI, two seconds long (a
+/// file that ends within one poll of the bus must still report that it streamed).
 #[test]
 fn probe_opens_a_grayscale_mjpeg_avi() {
     let dir = tempfile::tempdir().unwrap();

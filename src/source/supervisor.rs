@@ -338,11 +338,24 @@ fn watch(
     }
     let start = Instant::now();
     let mut reported = false;
+    // `Streaming` (and the caps) go out once the first frame is in, before anything that ends
+    // the run: a short file can reach its end within one poll of the bus.
+    let report = |reported: &mut bool| {
+        if !*reported && shared.run_frames.load(Ordering::Relaxed) > 0 {
+            *reported = true;
+            if let Some(c) = lock(native_caps).clone() {
+                shared.emit(EventKind::Caps(c));
+            }
+            shared.set_state(StreamState::Streaming);
+        }
+    };
     loop {
         if shared.stopped() {
             return Outcome::Stopped;
         }
+        report(&mut reported);
         if let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(50)) {
+            report(&mut reported);
             match msg.view() {
                 gst::MessageView::Eos(_) => {
                     if !live && spec.settings.loop_ {
@@ -366,13 +379,7 @@ fn watch(
             }
         }
         let n = shared.run_frames.load(Ordering::Relaxed);
-        if n > 0 && !reported {
-            reported = true;
-            if let Some(c) = lock(native_caps).clone() {
-                shared.emit(EventKind::Caps(c));
-            }
-            shared.set_state(StreamState::Streaming);
-        }
+        report(&mut reported);
         // Also for files: a pipeline that never produces a frame must not hang the stream.
         let start_timeout = if live { shared.opts.start_timeout } else { shared.opts.start_timeout.min(FILE_START_TIMEOUT) };
         if n == 0 && start.elapsed() > start_timeout {
