@@ -395,9 +395,20 @@ pub struct PromptConfig {
     pub cooldown_s: Option<f64>,
     /// Alert prompts: publish `update` on each positive window of an open event (default false).
     pub event_updates: Option<bool>,
+    /// Local-time ranges in which the prompt runs (`"07:00-22:00"`; see [`crate::schedule`]).
+    #[serde(default)]
+    pub active: Vec<String>,
+    /// Days on which its ranges start (`"mon"` … `"sun"`); empty: every day.
+    #[serde(default)]
+    pub days: Vec<String>,
 }
 
 impl PromptConfig {
+    /// When the prompt may run (`None`: always). Validated when the config is loaded.
+    pub fn schedule(&self) -> Option<crate::schedule::Schedule> {
+        crate::schedule::Schedule::parse(&self.active, &self.days).ok().flatten()
+    }
+
     /// How this prompt's answers become events (alert prompts).
     pub fn event_policy(&self) -> crate::publish::events::EventPolicy {
         let d = crate::publish::events::EventPolicy::default();
@@ -969,6 +980,10 @@ impl Config {
                 if n == Some(0) {
                     v.fail(&key(k), "must be at least 1");
                 }
+            }
+            if let Err(e) = crate::schedule::Schedule::parse(&pr.active, &pr.days) {
+                let k = if e.contains("not a day") { "days" } else { "active" };
+                v.fail(&key(k), &e);
             }
             if pr.cooldown_s.is_some_and(|c| !(0.0..=86_400.0).contains(&c)) {
                 v.fail(&key("cooldown_s"), "must be between 0 and 86400 (a day)");

@@ -99,6 +99,7 @@ struct Metrics {
     frames_dropped: CounterVec,
     windows: CounterVec,
     windows_dropped: CounterVec,
+    windows_skipped: CounterVec,
     jobs_queued: CounterVec,
     jobs_dropped: CounterVec,
     answers: CounterVec,
@@ -137,6 +138,11 @@ impl Metrics {
                 "vigil_windows_dropped_total",
                 "Windows dropped: gaps under gap_policy=drop, or the oldest when the consumer was behind.",
                 &["stream"],
+            ),
+            windows_skipped: r.counter(
+                "vigil_windows_skipped_total",
+                "Windows no prompt ran on, by reason (schedule: every prompt out of its active hours).",
+                &["stream", "reason"],
             ),
             jobs_queued: r.counter("vigil_jobs_queued_total", "Jobs (window x due prompts) submitted to the engine.", &["stream"]),
             jobs_dropped: r.counter("vigil_jobs_dropped_total", "Jobs dropped instead of answered late.", &["stream"]),
@@ -208,6 +214,8 @@ struct State {
     /// Streams disabled with `set OFF` (kept across reloads).
     disabled_streams: Mutex<HashSet<String>>,
     disabled_prompts: Mutex<HashSet<(String, String)>>,
+    /// `set ON/OFF` of a scheduled prompt: holds until the schedule's next boundary.
+    overrides: Mutex<HashMap<(String, String), (bool, Instant)>>,
     /// Per stream: the window-reading task.
     readers: Mutex<HashMap<String, JoinHandle<()>>>,
     pending: Mutex<HashMap<(String, u64), Pending>>,
@@ -259,6 +267,7 @@ pub async fn run(config_path: &Path, mut controls: mpsc::Receiver<Control>) -> R
         started: Instant::now(),
         disabled_streams: Mutex::default(),
         disabled_prompts: Mutex::default(),
+        overrides: Mutex::default(),
         readers: Mutex::default(),
         pending: Mutex::default(),
         states: Mutex::default(),
@@ -476,8 +485,11 @@ async fn read_windows(state: Arc<State>, stream: String, rx: WindowReceiver) {
     while let Some(w) = rx.recv().await {
         let closed_at = Instant::now();
         state.metrics.windows.with(&[&stream]).inc();
-        let prompts = due_prompts(&state, &stream, w.seq);
+        let (prompts, scheduled_out) = due_prompts(&state, &stream, w.seq);
         if prompts.is_empty() {
+            if scheduled_out {
+                state.metrics.windows_skipped.with(&[&stream, "schedule"]).inc();
+            }
             continue;
         }
         let info = window_info(&w, &lock(&state.cfg));
@@ -491,18 +503,36 @@ async fn read_windows(state: Arc<State>, stream: String, rx: WindowReceiver) {
     }
 }
 
-/// The stream's prompts whose `every` divides the window's sequence number, minus disabled ones.
-fn due_prompts(state: &State, stream: &str, seq: u64) -> Vec<PromptConfig> {
+/// The stream's prompts whose `every` divides the window's sequence number, minus disabled ones
+/// and those out of their schedule (a `set` override wins until the schedule's next boundary);
+/// and whether a schedule kept any prompt out.
+fn due_prompts(state: &State, stream: &str, seq: u64) -> (Vec<PromptConfig>, bool) {
     let cfg = lock(&state.cfg);
     let disabled = lock(&state.disabled_prompts);
-    let Some(s) = cfg.streams.iter().find(|s| s.name == stream) else { return Vec::new() };
-    s.prompts
+    let overrides = lock(&state.overrides);
+    let Some(s) = cfg.streams.iter().find(|s| s.name == stream) else { return (Vec::new(), false) };
+    let now = crate::schedule::WeekTime::now_local();
+    let mut scheduled_out = false;
+    let due = s
+        .prompts
         .iter()
-        .filter(|p| !disabled.contains(&(stream.to_string(), p.to_string())))
         .filter_map(|p| cfg.prompt(p))
         .filter(|p| seq % p.every.max(1) == 0)
+        .filter(|p| {
+            let key = (stream.to_string(), p.name.clone());
+            if let Some((on, _)) = overrides.get(&key).filter(|(_, until)| Instant::now() < *until) {
+                return *on;
+            }
+            if disabled.contains(&key) {
+                return false;
+            }
+            let active = p.schedule().is_none_or(|s| s.is_active(now));
+            scheduled_out |= !active;
+            active
+        })
         .cloned()
-        .collect()
+        .collect();
+    (due, scheduled_out)
 }
 
 fn window_info(w: &Window, cfg: &Config) -> WindowInfo {
@@ -680,6 +710,25 @@ fn on_command(state: &Arc<State>, cmd: Command) {
             state.publisher.enabled(&SetTarget::Stream(stream), enabled);
         }
         Command::SetPrompt { stream, prompt, enabled } => {
+            let schedule = lock(&state.cfg).prompt(&prompt).and_then(PromptConfig::schedule);
+            if let Some(schedule) = schedule {
+                // A scheduled prompt: the switch holds until the schedule's next boundary.
+                let now = crate::schedule::WeekTime::now_local();
+                let minutes = schedule.next_change(now).map(|t| crate::schedule::Schedule::minutes_between(now, t));
+                let until = Instant::now() + Duration::from_secs(60 * u64::from(minutes.unwrap_or(7 * 24 * 60)));
+                lock(&state.overrides).insert((stream.clone(), prompt.clone()), (enabled, until));
+                lock(&state.disabled_prompts).remove(&(stream.clone(), prompt.clone()));
+                if !enabled {
+                    state.publisher.close_events(&stream, Some(&prompt), "disabled");
+                }
+                info!(
+                    "stream {stream} prompt {prompt}: {} until its schedule's next boundary (in {} min)",
+                    if enabled { "enabled" } else { "disabled" },
+                    minutes.unwrap_or(0)
+                );
+                state.publisher.enabled(&SetTarget::Prompt { stream, prompt }, enabled);
+                return;
+            }
             if enabled {
                 lock(&state.disabled_prompts).remove(&(stream.clone(), prompt.clone()));
             } else {

@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod model;
 pub mod processor;
 pub mod publish;
+pub mod schedule;
 pub mod source;
 pub mod window;
 

@@ -417,3 +417,45 @@ async fn a_window_answer_equals_infer_on_its_full_resolution_frames() {
     assert_eq!(a["tokens"]["prompt"], want["prompt_tokens"], "daemon {a}\ninfer {want}");
     assert_eq!(a["answer"], want["text"], "daemon {a}\ninfer {want}");
 }
+
+/// A prompt out of its schedule does not run; a window no prompt runs on is counted as skipped
+/// (`reason="schedule"`); `set ON` overrides the schedule until its next boundary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prompts_follow_their_schedule_and_set_overrides_it() {
+    use chrono::Datelike;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "");
+    let metrics_port = free_port();
+    // Ranges that start three days from now only: out of schedule today, whatever the hour.
+    let day = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"][(chrono::Local::now().weekday().num_days_from_monday() as usize + 3) % 7];
+    let streams = format!(
+        "{}\n[[stream]]\nname = \"night\"\nuri = \"{}\"\nprompts = [\"motion\"]\nloop = true\nrealtime = true\nwindow_seconds = 1.0\nstride_seconds = 1.0\n",
+        clip_stream("day", "loop = true\nrealtime = true\nwindow_seconds = 1.0\nstride_seconds = 1.0"),
+        repo("assets/demo.mp4").display()
+    );
+    let cfg = write_config(dir.path(), broker.port, metrics_port, "", &streams);
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("kind = \"alert\"", &format!("kind = \"alert\"\ndays = [\"{day}\"]"));
+    std::fs::write(&cfg, text).unwrap();
+    let mut sub = Sub::connect(broker.port, "e2e-sched", &["vigil/+/+"], false).await;
+    let log = dir.path().join("vigil.log");
+    let mut vigil = spawn_vigil(&cfg, &log);
+    let got = answers(&mut sub, 4, Duration::from_secs(60)).await;
+    assert_eq!(got.len(), 4, "log:\n{}", log_text(&log));
+    assert!(got.iter().all(|a| a["prompt"] == "caption" && a["stream"] == "day"), "only the unscheduled prompt runs: {got:?}");
+    let skipped = metric(&http_get(metrics_port, "/metrics"), "vigil_windows_skipped_total{stream=\"night\",reason=\"schedule\"}");
+    assert!(skipped >= 1.0, "the night stream's windows are skipped: {skipped}");
+
+    // `set ON` runs it anyway, until the schedule's next boundary.
+    sub.client.publish("vigil/night/motion/set", rumqttc::QoS::AtLeastOnce, false, "ON").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut overridden = false;
+    while let Some(m) = sub.next(deadline.saturating_duration_since(tokio::time::Instant::now())).await {
+        if m.topic == "vigil/night/motion" {
+            overridden = true;
+            break;
+        }
+    }
+    assert!(overridden, "set ON should override the schedule; log:\n{}", log_text(&log));
+    signal(&vigil, "TERM");
+    assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0));
+}

@@ -137,6 +137,8 @@ fn semantic_rules() {
         ("text = \"Describe.\"", "text = \"Describe.\"\nevery = 0", "prompt[0].every"),
         ("text = \"Describe.\"", "text = \"  \"", "prompt[0].text"),
         ("text = \"Describe.\"", "text = \"Describe.\"\nconfirm_windows = 2", "prompt[0].confirm_windows"),
+        ("text = \"Describe.\"", "text = \"Describe.\"\nactive = [\"7-22\"]", "prompt[0].active"),
+        ("text = \"Describe.\"", "text = \"Describe.\"\ndays = [\"funday\"]", "prompt[0].days"),
         ("text = \"Describe.\"", "text = \"Describe.\"\nkind = \"alert\"\nclear_windows = 0", "prompt[0].clear_windows"),
         ("text = \"Describe.\"", "text = \"Describe.\"\nkind = \"alert\"\ncooldown_s = -1.0", "prompt[0].cooldown_s"),
         ("prompts = [\"caption\"]", "prompts = [\"caption\"]\npassword_file = \"/nonexistent/pw\"", "stream[0].password_file"),
