@@ -317,6 +317,14 @@ pub struct StreamDefaults {
     pub realtime: bool,
     #[serde(rename = "loop")]
     pub loop_: bool,
+    /// Skip the model for a window where (almost) nothing changed.
+    pub skip_static: bool,
+    /// With `skip_static`: the share of a window's video tokens that must have changed (beyond
+    /// each frame's minimum) for the model to run.
+    pub min_changed_fraction: f64,
+    /// With `skip_static`: publish nothing for a skipped window (else captions re-publish their
+    /// last answer marked `"skipped": "static"`).
+    pub skip_publish: bool,
 }
 
 impl Default for StreamDefaults {
@@ -333,6 +341,9 @@ impl Default for StreamDefaults {
             reconnect_max_s: 30.0,
             realtime: true,
             loop_: false,
+            skip_static: false,
+            min_changed_fraction: 0.02,
+            skip_publish: false,
         }
     }
 }
@@ -473,6 +484,9 @@ struct StreamFile {
     realtime: Option<bool>,
     #[serde(rename = "loop")]
     loop_: Option<bool>,
+    skip_static: Option<bool>,
+    min_changed_fraction: Option<f64>,
+    skip_publish: Option<bool>,
 }
 
 fn default_true() -> bool {
@@ -500,6 +514,9 @@ impl StreamFile {
                 reconnect_max_s: self.reconnect_max_s.unwrap_or(d.reconnect_max_s),
                 realtime: self.realtime.unwrap_or(d.realtime),
                 loop_: self.loop_.unwrap_or(d.loop_),
+                skip_static: self.skip_static.unwrap_or(d.skip_static),
+                min_changed_fraction: self.min_changed_fraction.unwrap_or(d.min_changed_fraction),
+                skip_publish: self.skip_publish.unwrap_or(d.skip_publish),
             },
         }
     }
@@ -1184,6 +1201,9 @@ impl Config {
             v.fail(&name("max_frame_pixels"), "must be at least 784 (28×28)");
         } else if s.max_frame_pixels > MAX_FRAME_PIXELS {
             v.fail(&name("max_frame_pixels"), &format!("must be at most {MAX_FRAME_PIXELS} (4096×4096)"));
+        }
+        if !(0.0..=1.0).contains(&s.min_changed_fraction) {
+            v.fail(&name("min_changed_fraction"), "must be between 0 and 1");
         }
         if !(s.reconnect_min_s > 0.0 && s.reconnect_min_s.is_finite()) {
             v.fail(&name("reconnect_min_s"), "must be > 0");

@@ -226,6 +226,10 @@ struct State {
     notifier: Notifier,
     /// How stale the engine's heartbeat may get before the daemon counts as dead.
     engine_limit: Duration,
+    /// The checkpoint's video processor, to measure what changed in a window (`skip_static`).
+    gate: Option<Arc<crate::processor::video::VideoProcessor>>,
+    /// Each (stream, prompt)'s last answer, re-published for a window skipped as static.
+    last_answers: Mutex<HashMap<(String, String), Answer>>,
 }
 
 /// Run the daemon until a [`Control::Shutdown`] arrives (or `controls` closes).
@@ -274,6 +278,11 @@ pub async fn run(config_path: &Path, mut controls: mpsc::Receiver<Control>) -> R
         recent_latency: Mutex::default(),
         answers_tx,
         engine_limit: Duration::from_secs(30).max(notifier.watchdog_timeout().unwrap_or_default()),
+        gate: crate::model::load::model_dir(&cfg.model, &cfg.base_dir)
+            .ok()
+            .and_then(|dir| crate::processor::video::VideoProcessor::from_pretrained(&dir).ok())
+            .map(Arc::new),
+        last_answers: Mutex::default(),
         notifier,
     });
     install_scrape_hook(&state);
@@ -494,12 +503,81 @@ async fn read_windows(state: Arc<State>, stream: String, rx: WindowReceiver) {
         }
         let info = window_info(&w, &lock(&state.cfg));
         let fps = info.fps;
+        let w = Arc::new(w);
+        if has_last_answers(&state, &stream, &prompts) && is_static(&state, &stream, &w, fps).await {
+            state.metrics.windows_skipped.with(&[&stream, "static"]).inc();
+            republish_static(&state, &stream, &prompts, &info);
+            continue;
+        }
         lock(&state.pending).insert((stream.clone(), w.seq), Pending { info, closed_at, remaining: prompts.len() });
-        let job = Job { stream: stream.clone(), window: Arc::new(w), prompts, fps, closed_at, reply: state.answers_tx.clone() };
+        let job = Job { stream: stream.clone(), window: w, prompts, fps, closed_at, reply: state.answers_tx.clone() };
         state.metrics.jobs_queued.with(&[&stream]).inc();
         if let Err(e) = state.engine.submit(job) {
             warn!("stream {stream}: engine refused a job: {e}");
         }
+    }
+}
+
+/// With `skip_static`: whether less than `min_changed_fraction` of the window's video tokens
+/// changed (the pruning measure of the checkpoint's processor). A stream's first window always
+/// runs.
+async fn is_static(state: &Arc<State>, stream: &str, w: &Arc<Window>, fps: f64) -> bool {
+    let settings = lock(&state.cfg).streams.iter().find(|s| s.name == stream).map(|s| s.settings.clone());
+    let (Some(s), Some(gate)) = (settings, state.gate.clone()) else { return false };
+    if !s.skip_static || w.seq == 0 || w.frames.len() < 2 {
+        return false;
+    }
+    let pruning = crate::config::PruningConfig { enabled: true, ..lock(&state.cfg).pruning.clone() };
+    let window = w.clone();
+    let measured = tokio::task::spawn_blocking(move || {
+        use crate::processor::{image::RgbImage, video::Video};
+        let frames = window
+            .frames
+            .iter()
+            .map(|f| RgbImage::new(f.width as usize, f.height as usize, f.data.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .ok()?;
+        let n = frames.len();
+        let video = Video::from_frames(frames, Some(fps)).ok()?;
+        let inputs = gate.preprocess(&[video], &pruning).ok()?;
+        Some(crate::processor::video::changed_fraction(&inputs.video_compression_mask, n, pruning.min_tokens_per_frame))
+    })
+    .await;
+    // A window the processor cannot take runs (and fails there, with the reason).
+    matches!(measured, Ok(Some(f)) if f < s.min_changed_fraction)
+}
+
+/// Whether every caption and JSON prompt due has an answer to re-publish: until then, windows
+/// run (a skipped window must not leave a prompt without any answer).
+fn has_last_answers(state: &State, stream: &str, prompts: &[PromptConfig]) -> bool {
+    let last = lock(&state.last_answers);
+    prompts
+        .iter()
+        .filter(|p| p.kind != crate::config::PromptKind::Alert)
+        .all(|p| last.contains_key(&(stream.to_string(), p.name.clone())))
+}
+
+/// A window skipped as static: captions and JSON prompts re-publish their last answer marked
+/// `"skipped": "static"` (unless `skip_publish`); alert prompts keep their state (an open event
+/// stays open).
+fn republish_static(state: &Arc<State>, stream: &str, prompts: &[PromptConfig], window: &WindowInfo) {
+    let skip_publish = lock(&state.cfg).streams.iter().find(|s| s.name == stream).is_some_and(|s| s.settings.skip_publish);
+    if skip_publish {
+        return;
+    }
+    for p in prompts.iter().filter(|p| p.kind != crate::config::PromptKind::Alert) {
+        let last = lock(&state.last_answers).get(&(stream.to_string(), p.name.clone())).cloned();
+        let Some(mut a) = last else { continue };
+        a.id = Answer::make_id(stream, window.seq, &p.name);
+        a.window = window.clone();
+        a.skipped = Some("static".into());
+        a.tokens = TokenCounts { prompt: 0, generated: 0 };
+        a.visual_tokens = VisualTokens { total: 0, kept: 0 };
+        a.latency_ms = Latency { queue: 0.0, vision: 0.0, prefill: 0.0, decode: 0.0, total: 0.0 };
+        a.timestamp = rfc3339(SystemTime::now());
+        state.publisher.answer(&a);
+        state.metrics.answers.with(&[stream, &p.name]).inc();
+        tracing::debug!("answer {} produced", a.id);
     }
 }
 
@@ -598,6 +676,7 @@ fn publish_answer(state: &Arc<State>, r: PromptResult) {
         answer: r.text,
         value: r.value,
         parse_error: r.parse_error,
+        skipped: None,
         window,
         tokens: TokenCounts { prompt: r.prompt_tokens, generated: r.generated_tokens },
         visual_tokens: VisualTokens { total: r.visual_total, kept: r.visual_kept },
@@ -607,6 +686,7 @@ fn publish_answer(state: &Arc<State>, r: PromptResult) {
     };
     state.publisher.answer(&answer);
     tracing::debug!("answer {} produced", answer.id);
+    lock(&state.last_answers).insert((r.stream.clone(), r.prompt.clone()), answer);
 
     let m = &state.metrics;
     m.answers.with(&[&r.stream, &r.prompt]).inc();

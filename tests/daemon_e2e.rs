@@ -459,3 +459,54 @@ async fn prompts_follow_their_schedule_and_set_overrides_it() {
     signal(&vigil, "TERM");
     assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0));
 }
+
+/// Motion-gated inference: with `skip_static`, a frozen scene runs the model for its first
+/// window only; later windows are skipped (counted) and captions re-publish the last answer
+/// marked `"skipped": "static"`. A moving scene is never skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_windows_skip_the_model_and_moving_ones_never_do() {
+    let dir = tempfile::tempdir().unwrap();
+    // Lossless, so that a frozen frame decodes to the very same pixels.
+    let frozen = source_util::clip(
+        dir.path(),
+        "frozen.mkv",
+        "videotestsrc pattern=ball num-buffers=1 ! imagefreeze num-buffers=40 ! video/x-raw,format=RGB,width=160,height=120,framerate=5/1 ! matroskamux",
+    );
+    let broker = Mosquitto::start(dir.path(), "");
+    let metrics_port = free_port();
+    let gate = "skip_static = true\nwindow_seconds = 2.0\nstride_seconds = 2.0";
+    // In real time: the first window's answer is in before the next window closes.
+    let streams = format!(
+        "[[stream]]\nname = \"frozen\"\nuri = \"{}\"\nprompts = [\"caption\", \"motion\"]\nrealtime = true\n{gate}\n\n{}",
+        frozen.display(),
+        clip_stream("moving", gate)
+    );
+    let cfg = write_config(dir.path(), broker.port, metrics_port, "", &streams);
+    let mut sub = Sub::connect(broker.port, "e2e-gate", &["vigil/+/+"], false).await;
+    let log = dir.path().join("vigil.log");
+    let mut vigil = spawn_vigil(&cfg, &log);
+    // frozen: 4 windows x caption + window 0's motion; moving: 6 windows x 2 prompts.
+    let got = answers(&mut sub, 5 + 12, Duration::from_secs(60)).await;
+    let summary: Vec<String> =
+        got.iter().map(|a| format!("{}/{}#{}{}", a["stream"], a["prompt"], a["window"]["seq"], if a.get("skipped").is_some() { " skipped" } else { "" })).collect();
+    assert_eq!(got.len(), 17, "{summary:?}");
+    let of = |stream: &str, prompt: &str| -> Vec<&serde_json::Value> {
+        got.iter().filter(|a| a["stream"] == stream && a["prompt"] == prompt).collect()
+    };
+    let captions = of("frozen", "caption");
+    assert_eq!(captions.len(), 4, "{summary:?}");
+    let answer_schema = schema::load("answer.v1.schema.json");
+    for a in &captions {
+        schema::assert_valid(&answer_schema, a);
+        let seq = a["window"]["seq"].as_u64().unwrap();
+        assert_eq!(a.get("skipped").is_some(), seq > 0, "only the first window runs the model: {a}");
+        assert_eq!(a["answer"], captions[0]["answer"], "a skipped window re-publishes the last answer");
+    }
+    assert_eq!(of("frozen", "motion").len(), 1, "alert prompts keep their state: nothing re-published");
+    assert!(got.iter().filter(|a| a["stream"] == "moving").all(|a| a.get("skipped").is_none()), "a moving scene always runs");
+    let m = http_get(metrics_port, "/metrics");
+    assert_eq!(metric(&m, "vigil_windows_skipped_total{stream=\"frozen\",reason=\"static\"}"), 3.0);
+    assert!(!m.contains("vigil_windows_skipped_total{stream=\"moving\""), "{m}");
+    signal(&vigil, "TERM");
+    assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0));
+}

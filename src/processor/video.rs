@@ -285,9 +285,34 @@ pub fn compression_mask(rows: &[f32], grid: [usize; 3], merge: usize, patch_dim:
     mask
 }
 
+/// The share of a clip's video tokens that changed: tokens a compression `mask` keeps in frames
+/// after the first, beyond each frame's `min_tokens`, over all tokens. 0 for a frozen scene.
+pub fn changed_fraction(mask: &[bool], frames: usize, min_tokens: usize) -> f64 {
+    if mask.is_empty() || frames < 2 {
+        return 0.0;
+    }
+    let per_frame = mask.len() / frames;
+    let changed: usize = mask
+        .chunks(per_frame.max(1))
+        .skip(1)
+        .map(|f| f.iter().filter(|k| **k).count().saturating_sub(min_tokens))
+        .sum();
+    changed as f64 / mask.len() as f64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changed_fraction_counts_what_moved_beyond_each_frames_minimum() {
+        // 3 frames of 4 tokens; the first is always kept.
+        let frozen = [true, true, true, true, true, false, false, false, true, false, false, false];
+        assert_eq!(changed_fraction(&frozen, 3, 1), 0.0);
+        let moving = [true, true, true, true, true, true, false, false, true, true, true, false];
+        assert_eq!(changed_fraction(&moving, 3, 1), 3.0 / 12.0);
+        assert_eq!(changed_fraction(&[true; 4], 1, 1), 0.0, "one frame: nothing to compare");
+    }
 
     #[test]
     fn sampling_matches_transformers() {

@@ -220,6 +220,7 @@ mod tests {
             answer: if yes { format!("yes {seq}") } else { format!("no {seq}") },
             value: serde_json::json!(yes),
             parse_error: None,
+            skipped: None,
             window: WindowInfo {
                 seq,
                 start: format!("t{seq}"),

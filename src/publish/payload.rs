@@ -34,6 +34,10 @@ pub struct Answer {
     pub value: serde_json::Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parse_error: Option<String>,
+    /// Why the model did not run for this window (`static`: nothing changed); the answer is
+    /// then the prompt's previous one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
     pub window: WindowInfo,
     pub tokens: TokenCounts,
     pub visual_tokens: VisualTokens,

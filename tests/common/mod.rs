@@ -298,6 +298,7 @@ pub fn answer(stream: &str, prompt: &str, kind: &str, seq: u64) -> Answer {
         answer,
         value,
         parse_error,
+        skipped: None,
         window: WindowInfo {
             seq,
             start: rfc3339(t0),
