@@ -325,6 +325,13 @@ pub struct StreamDefaults {
     /// With `skip_static`: publish nothing for a skipped window (else captions re-publish their
     /// last answer marked `"skipped": "static"`).
     pub skip_publish: bool,
+    /// Snapshots: JPEG quality (1-100).
+    pub snapshot_quality: u8,
+    /// Snapshots: scale larger frames down to this many pixels (default: as buffered).
+    pub snapshot_max_pixels: Option<u64>,
+    /// Snapshots: also write `<answer id>.jpg` here, keeping the newest `snapshot_keep`.
+    pub snapshot_dir: Option<PathBuf>,
+    pub snapshot_keep: usize,
 }
 
 impl Default for StreamDefaults {
@@ -344,6 +351,10 @@ impl Default for StreamDefaults {
             skip_static: false,
             min_changed_fraction: 0.02,
             skip_publish: false,
+            snapshot_quality: 80,
+            snapshot_max_pixels: None,
+            snapshot_dir: None,
+            snapshot_keep: 100,
         }
     }
 }
@@ -412,6 +423,9 @@ pub struct PromptConfig {
     /// Days on which its ranges start (`"mon"` … `"sun"`); empty: every day.
     #[serde(default)]
     pub days: Vec<String>,
+    /// Publish a JPEG of the window's key frame with each answer.
+    #[serde(default)]
+    pub snapshot: bool,
 }
 
 impl PromptConfig {
@@ -487,6 +501,10 @@ struct StreamFile {
     skip_static: Option<bool>,
     min_changed_fraction: Option<f64>,
     skip_publish: Option<bool>,
+    snapshot_quality: Option<u8>,
+    snapshot_max_pixels: Option<u64>,
+    snapshot_dir: Option<PathBuf>,
+    snapshot_keep: Option<usize>,
 }
 
 fn default_true() -> bool {
@@ -517,6 +535,10 @@ impl StreamFile {
                 skip_static: self.skip_static.unwrap_or(d.skip_static),
                 min_changed_fraction: self.min_changed_fraction.unwrap_or(d.min_changed_fraction),
                 skip_publish: self.skip_publish.unwrap_or(d.skip_publish),
+                snapshot_quality: self.snapshot_quality.unwrap_or(d.snapshot_quality),
+                snapshot_max_pixels: self.snapshot_max_pixels.or(d.snapshot_max_pixels),
+                snapshot_dir: self.snapshot_dir.or_else(|| d.snapshot_dir.clone()),
+                snapshot_keep: self.snapshot_keep.unwrap_or(d.snapshot_keep),
             },
         }
     }
@@ -1201,6 +1223,15 @@ impl Config {
             v.fail(&name("max_frame_pixels"), "must be at least 784 (28×28)");
         } else if s.max_frame_pixels > MAX_FRAME_PIXELS {
             v.fail(&name("max_frame_pixels"), &format!("must be at most {MAX_FRAME_PIXELS} (4096×4096)"));
+        }
+        if !(1..=100).contains(&s.snapshot_quality) {
+            v.fail(&name("snapshot_quality"), "must be between 1 and 100");
+        }
+        if s.snapshot_max_pixels.is_some_and(|p| !(784..=MAX_FRAME_PIXELS).contains(&p)) {
+            v.fail(&name("snapshot_max_pixels"), &format!("must be between 784 and {MAX_FRAME_PIXELS}"));
+        }
+        if s.snapshot_keep == 0 {
+            v.fail(&name("snapshot_keep"), "must be at least 1");
         }
         if !(0.0..=1.0).contains(&s.min_changed_fraction) {
             v.fail(&name("min_changed_fraction"), "must be between 0 and 1");

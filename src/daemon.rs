@@ -200,6 +200,8 @@ struct Pending {
     info: WindowInfo,
     closed_at: Instant,
     remaining: usize,
+    /// The frames, kept only when a prompt wants a snapshot of them.
+    window: Option<Arc<Window>>,
 }
 
 /// Everything the tasks share.
@@ -509,7 +511,8 @@ async fn read_windows(state: Arc<State>, stream: String, rx: WindowReceiver) {
             republish_static(&state, &stream, &prompts, &info);
             continue;
         }
-        lock(&state.pending).insert((stream.clone(), w.seq), Pending { info, closed_at, remaining: prompts.len() });
+        let keep = prompts.iter().any(|p| p.snapshot).then(|| w.clone());
+        lock(&state.pending).insert((stream.clone(), w.seq), Pending { info, closed_at, remaining: prompts.len(), window: keep });
         let job = Job { stream: stream.clone(), window: w, prompts, fps, closed_at, reply: state.answers_tx.clone() };
         state.metrics.jobs_queued.with(&[&stream]).inc();
         if let Err(e) = state.engine.submit(job) {
@@ -646,11 +649,11 @@ fn on_output(state: &Arc<State>, out: JobOutput) {
 }
 
 /// One prompt of a window is done; forget the window when all are.
-fn settle(state: &State, stream: &str, seq: u64) -> Option<(WindowInfo, Instant)> {
+fn settle(state: &State, stream: &str, seq: u64) -> Option<(WindowInfo, Instant, Option<Arc<Window>>)> {
     let mut pending = lock(&state.pending);
     let key = (stream.to_string(), seq);
     let p = pending.get_mut(&key)?;
-    let found = (p.info.clone(), p.closed_at);
+    let found = (p.info.clone(), p.closed_at, p.window.clone());
     p.remaining = p.remaining.saturating_sub(1);
     if p.remaining == 0 {
         pending.remove(&key);
@@ -659,14 +662,14 @@ fn settle(state: &State, stream: &str, seq: u64) -> Option<(WindowInfo, Instant)
 }
 
 fn publish_answer(state: &Arc<State>, r: PromptResult) {
-    let Some((window, closed_at)) = settle(state, &r.stream, r.window_seq) else {
+    let Some((window, closed_at, frames)) = settle(state, &r.stream, r.window_seq) else {
         warn!("stream {}: answer for unknown window {}", r.stream, r.window_seq);
         return;
     };
     let total = closed_at.elapsed();
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
     let model = lock(&state.cfg).model.model_id();
-    let answer = Answer {
+    let mut answer = Answer {
         v: ANSWER_VERSION,
         id: Answer::make_id(&r.stream, r.window_seq, &r.prompt),
         stream: r.stream.clone(),
@@ -677,6 +680,7 @@ fn publish_answer(state: &Arc<State>, r: PromptResult) {
         value: r.value,
         parse_error: r.parse_error,
         skipped: None,
+        snapshot: None,
         window,
         tokens: TokenCounts { prompt: r.prompt_tokens, generated: r.generated_tokens },
         visual_tokens: VisualTokens { total: r.visual_total, kept: r.visual_kept },
@@ -684,6 +688,9 @@ fn publish_answer(state: &Arc<State>, r: PromptResult) {
         model,
         timestamp: rfc3339(SystemTime::now()),
     };
+    if let Some(frames) = frames {
+        answer.snapshot = snapshot(state, &r.stream, &r.prompt, &answer.id, &frames);
+    }
     state.publisher.answer(&answer);
     tracing::debug!("answer {} produced", answer.id);
     lock(&state.last_answers).insert((r.stream.clone(), r.prompt.clone()), answer);
@@ -699,6 +706,36 @@ fn publish_answer(state: &Arc<State>, r: PromptResult) {
         recent.pop_front();
     }
     recent.push_back(total.as_secs_f64());
+}
+
+/// For a prompt with `snapshot = true`: a JPEG of the window's key frame, published (and saved
+/// to `snapshot_dir`). Encoded on this task's thread, not the engine's.
+fn snapshot(state: &Arc<State>, stream: &str, prompt: &str, id: &str, window: &Window) -> Option<crate::publish::SnapshotInfo> {
+    let settings = {
+        let cfg = lock(&state.cfg);
+        if !cfg.prompt(prompt).is_some_and(|p| p.snapshot) {
+            return None;
+        }
+        let s = cfg.streams.iter().find(|s| s.name == stream)?.settings.clone();
+        (s, cfg.base_dir.clone())
+    };
+    let (s, base) = settings;
+    let frame = crate::snapshot::key_frame(&window.frames)?;
+    let encoded = tokio::task::block_in_place(|| crate::snapshot::encode_jpeg(frame, s.snapshot_quality, s.snapshot_max_pixels));
+    let (jpeg, width, height) = match encoded {
+        Ok(e) => e,
+        Err(e) => {
+            warn!("stream {stream}: snapshot for {prompt}: {e}");
+            return None;
+        }
+    };
+    if let Some(dir) = &s.snapshot_dir {
+        let dir = if dir.is_absolute() { dir.clone() } else { base.join(dir) };
+        if let Err(e) = crate::snapshot::save(&dir, id, &jpeg, s.snapshot_keep) {
+            warn!("stream {stream}: cannot save a snapshot in {}: {e}", dir.display());
+        }
+    }
+    state.publisher.snapshot(stream, prompt, jpeg, width, height)
 }
 
 fn pub_state(s: &StreamState) -> PubState {
@@ -975,6 +1012,10 @@ fn collect_stats(state: &State) -> StatsPayload {
                         frames: st.frames,
                         windows: st.windows.windows_emitted,
                         drops: st.windows.windows_dropped_gap + st.windows_dropped_queue + jobs_dropped,
+                        skipped: ["static", "schedule"]
+                            .iter()
+                            .map(|r| state.metrics.windows_skipped.with(&[&name, r]).get() as u64)
+                            .sum(),
                     },
                 );
             }

@@ -16,6 +16,7 @@ pub mod model;
 pub mod processor;
 pub mod publish;
 pub mod schedule;
+pub mod snapshot;
 pub mod source;
 pub mod window;
 

@@ -510,3 +510,45 @@ async fn static_windows_skip_the_model_and_moving_ones_never_do() {
     signal(&vigil, "TERM");
     assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0));
 }
+
+/// Snapshots: with each answer of a `snapshot = true` prompt, a retained JPEG of the window's
+/// key frame, described in the answer; `snapshot_dir` keeps the newest `snapshot_keep`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_go_with_their_answers_and_the_directory_is_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "");
+    let cfg = write_config(dir.path(), broker.port, free_port(), "", &clip_stream("clip", "snapshot_dir = \"snaps\"\nsnapshot_keep = 2"));
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "text = \"Describe what is happening in the video.\"",
+        "text = \"Describe what is happening in the video.\"\nsnapshot = true",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut sub = Sub::connect(broker.port, "e2e-snap", &["vigil/clip/caption", "vigil/clip/caption/snapshot"], false).await;
+    let log = dir.path().join("vigil.log");
+    let mut vigil = spawn_vigil(&cfg, &log);
+    let mut answers_seen = Vec::new();
+    let mut jpegs = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while answers_seen.len() < 3 || jpegs.len() < 3 {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(m) = sub.next(left).await else { panic!("{} answers, {} snapshots; log:\n{}", answers_seen.len(), jpegs.len(), log_text(&log)) };
+        if m.topic.ends_with("/snapshot") {
+            jpegs.push(m.payload.clone());
+        } else {
+            answers_seen.push(m.json());
+        }
+    }
+    let schema = schema::load("answer.v1.schema.json");
+    for a in &answers_seen {
+        schema::assert_valid(&schema, a);
+        let s = &a["snapshot"];
+        assert_eq!(s["topic"], "vigil/clip/caption/snapshot", "{a}");
+        let img = image::load_from_memory(jpegs.iter().find(|j| j.len() as u64 == s["bytes"].as_u64().unwrap()).expect("its JPEG")).unwrap();
+        assert_eq!((img.width() as u64, img.height() as u64), (s["width"].as_u64().unwrap(), s["height"].as_u64().unwrap()));
+        assert!(img.width() >= 28 && img.height() >= 28, "the window's frame size: {}x{}", img.width(), img.height());
+    }
+    signal(&vigil, "TERM");
+    assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0), "log:\n{}", log_text(&log));
+    let saved = std::fs::read_dir(dir.path().join("snaps")).unwrap().count();
+    assert_eq!(saved, 2, "snapshot_keep = 2 of 3 windows");
+}

@@ -103,7 +103,7 @@ async fn roundtrip_every_topic_and_payload_field() {
     assert_eq!(serde_json::from_slice::<StatusPayload>(&g.payload).unwrap(), st);
 
     let mut streams = std::collections::BTreeMap::new();
-    streams.insert("cam1".to_string(), StreamStats { frames: 100, windows: 12, drops: 1 });
+    streams.insert("cam1".to_string(), StreamStats { frames: 100, windows: 12, drops: 1, skipped: 3 });
     let stats = StatsPayload {
         v: 1,
         uptime_s: 61.5,

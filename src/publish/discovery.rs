@@ -76,6 +76,20 @@ pub fn configs(cfg: &Config, topics: &Topics) -> Vec<DiscoveryConfig> {
             // `platform` is only needed in device-based discovery; drop it for component topics.
             payload.as_object_mut().map(|o| o.remove("platform"));
             out.push(DiscoveryConfig { topic: format!("{}/{component}/{node}/{object}/config", m.discovery_prefix), payload });
+            if p.snapshot {
+                out.push(DiscoveryConfig {
+                    topic: format!("{}/image/{node}/{object}_snapshot/config", m.discovery_prefix),
+                    payload: json!({
+                        "name": format!("{} snapshot", p.name),
+                        "unique_id": format!("{unique_id}_snapshot"),
+                        "object_id": format!("vigil_{object}_snapshot"),
+                        "image_topic": topics.snapshot(&s.name, &p.name),
+                        "content_type": "image/jpeg",
+                        "availability": availability,
+                        "device": device,
+                    }),
+                });
+            }
         }
         let object = format!("{}_enabled", level(&s.name));
         out.push(DiscoveryConfig {
@@ -101,4 +115,23 @@ pub fn configs(cfg: &Config, topics: &Topics) -> Vec<DiscoveryConfig> {
 /// The topic Home Assistant announces itself on (`online` after it starts).
 pub fn status_topic(cfg: &Config) -> String {
     format!("{}/status", cfg.mqtt.discovery_prefix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_prompt_gets_an_image_entity() {
+        let text = "[model]\npath = \"m\"\n[mqtt]\nhomeassistant_discovery = true\n\
+                    [[prompt]]\nname = \"door\"\ntext = \"Who?\"\nsnapshot = true\n\
+                    [[stream]]\nname = \"cam\"\nuri = \"rtsp://cam.local/s\"\nprompts = [\"door\"]\n";
+        let cfg = Config::parse(text, "t.toml", std::path::Path::new(".")).unwrap();
+        let topics = Topics::new(&cfg.mqtt.topic_prefix);
+        let all = configs(&cfg, &topics);
+        let image = all.iter().find(|d| d.topic.starts_with("homeassistant/image/")).expect("an image entity");
+        assert_eq!(image.payload["image_topic"], "vigil/cam/door/snapshot");
+        assert_eq!(image.payload["content_type"], "image/jpeg");
+        assert_eq!(image.payload["device"], all[0].payload["device"], "on the stream's device");
+    }
 }

@@ -221,6 +221,7 @@ mod tests {
             value: serde_json::json!(yes),
             parse_error: None,
             skipped: None,
+            snapshot: None,
             window: WindowInfo {
                 seq,
                 start: format!("t{seq}"),

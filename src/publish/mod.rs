@@ -407,6 +407,19 @@ impl Publisher {
         self.shared.retained(t.state(&a.stream, &a.prompt), a.short_state().into_bytes());
     }
 
+    /// Publish a snapshot (retained raw JPEG on `<stream>/<prompt>/snapshot`); `None` if it is
+    /// too large for a message.
+    pub fn snapshot(&self, stream: &str, prompt: &str, jpeg: Vec<u8>, width: u32, height: u32) -> Option<SnapshotInfo> {
+        let topic = self.shared.topics.snapshot(stream, prompt);
+        if jpeg.len() + topic.len() > MAX_MESSAGE_BYTES {
+            tracing::warn!("snapshot of {stream}/{prompt} is {} bytes, over the message limit: not published", jpeg.len());
+            return None;
+        }
+        let info = SnapshotInfo { topic: topic.clone(), width, height, bytes: jpeg.len() as u64 };
+        self.shared.retained(topic, jpeg);
+        Some(info)
+    }
+
     /// Publish a stream's source state (retained).
     pub fn status(&self, stream: &str, status: &StatusPayload) {
         self.shared.retained(self.shared.topics.status(stream), to_json(status));

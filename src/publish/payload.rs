@@ -38,6 +38,9 @@ pub struct Answer {
     /// then the prompt's previous one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
+    /// The JPEG published with this answer, for prompts with `snapshot = true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotInfo>,
     pub window: WindowInfo,
     pub tokens: TokenCounts,
     pub visual_tokens: VisualTokens,
@@ -109,6 +112,15 @@ pub struct Latency {
     pub prefill: f64,
     pub decode: f64,
     pub total: f64,
+}
+
+/// Where an answer's snapshot went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub topic: String,
+    pub width: u32,
+    pub height: u32,
+    pub bytes: u64,
 }
 
 /// `<prefix>/<stream>/<prompt>/alert`: sent on a false → true change of an alert prompt.
@@ -187,6 +199,9 @@ pub struct StreamStats {
     pub windows: u64,
     /// Frames or windows dropped (gaps, queue overflow, stale jobs).
     pub drops: u64,
+    /// Windows the model did not run on: nothing moved (`skip_static`) or no prompt in schedule.
+    #[serde(default)]
+    pub skipped: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]

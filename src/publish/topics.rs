@@ -45,6 +45,11 @@ impl Topics {
         format!("{}/{stream}/{prompt}/alert", self.prefix)
     }
 
+    /// `<prefix>/<stream>/<prompt>/snapshot`: the JPEG of the latest answered window, retained.
+    pub fn snapshot(&self, stream: &str, prompt: &str) -> String {
+        format!("{}/{stream}/{prompt}/snapshot", self.prefix)
+    }
+
     /// `<prefix>/<stream>/<prompt>/event`: the alert event lifecycle (start, update, end).
     pub fn event(&self, stream: &str, prompt: &str) -> String {
         format!("{}/{stream}/{prompt}/event", self.prefix)

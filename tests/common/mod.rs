@@ -299,6 +299,7 @@ pub fn answer(stream: &str, prompt: &str, kind: &str, seq: u64) -> Answer {
         value,
         parse_error,
         skipped: None,
+        snapshot: None,
         window: WindowInfo {
             seq,
             start: rfc3339(t0),
