@@ -68,8 +68,7 @@ async fn every_window_gets_one_answer_per_prompt_then_sigterm_stops_cleanly() {
     assert!(!m.contains("vigil_jobs_dropped_total{stream=\"clip\"}"), "no job should be dropped:\n{m}");
     assert!(http_get(metrics_port, "/healthz").starts_with("HTTP/1.1 200"));
 
-    signal(&vigil, "TERM");
-    assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0), "log:\n{}", log_text(&log));
+    stop_cleanly(&mut vigil, &log);
     sub.stop();
     // A fresh subscriber sees the retained availability.
     let mut late = Sub::connect(broker.port, "e2e-late", &["vigil/available"], false).await;
@@ -129,8 +128,7 @@ async fn sighup_adds_a_stream_and_set_off_silences_one() {
     assert!(!later.is_empty(), "stream b should keep answering");
     assert!(log_text(&log).contains("reload rejected"), "log:\n{}", log_text(&log));
 
-    signal(&vigil, "TERM");
-    assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0), "log:\n{}", log_text(&log));
+    stop_cleanly(&mut vigil, &log);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,8 +169,7 @@ async fn a_slow_model_drops_old_jobs_with_counters() {
     }
     assert!(windows >= 12.0, "all 12 windows should be read; log:\n{}", log_text(&log));
     assert!(dropped > 0.0, "a slow engine must drop old jobs (counted); log:\n{}", log_text(&log));
-    signal(&vigil, "TERM");
-    assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0), "log:\n{}", log_text(&log));
+    stop_cleanly(&mut vigil, &log);
 }
 
 #[test]
@@ -274,8 +271,7 @@ async fn rtsp_stream_keeps_answering_after_its_server_restarts_while_a_file_stre
         }
     }
     assert!(cam_again, "cam should answer after its server is back; log:\n{}", log_text(&log));
-    signal(&vigil, "TERM");
-    assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0), "log:\n{}", log_text(&log));
+    stop_cleanly(&mut vigil, &log);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,8 +286,7 @@ async fn sigterm_mid_run_loses_no_answer_of_a_completed_job() {
     let mut received = answers(&mut sub, 3, Duration::from_secs(60)).await.len();
     assert_eq!(received, 3, "log:\n{}", log_text(&log));
     // Mid-run: windows keep coming and jobs are in flight.
-    signal(&vigil, "TERM");
-    assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0), "log:\n{}", log_text(&log));
+    stop_cleanly(&mut vigil, &log);
     let mut stopped = false;
     for m in sub.drain(Duration::from_secs(1)).await {
         received += is_answer_topic(&m.topic) as usize;
@@ -340,8 +335,7 @@ async fn a_stream_the_model_cannot_take_fails_once_with_the_reason() {
     assert!(reason.contains("aspect ratio of") && reason.contains("at most 200"), "{failed}");
     assert!((1..=2).contains(&errors.len()), "one error for the stream (a window may fail first): {errors:?}");
     assert!(errors.iter().any(|e| e["message"].as_str().unwrap().contains("aspect ratio")), "{errors:?}");
-    signal(&vigil, "TERM");
-    assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0));
+    stop_cleanly(&mut vigil, &log);
 }
 
 /// SIGTERM mid-generation: the daemon stops within `shutdown_timeout_s` (the running batch
@@ -363,8 +357,7 @@ async fn sigterm_mid_generation_stops_within_the_shutdown_timeout() {
     let generated = first[0]["tokens"]["generated"].as_u64().unwrap();
     // The next windows are being answered now.
     let asked = Instant::now();
-    signal(&vigil, "TERM");
-    assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0), "log:\n{}", log_text(&log));
+    stop_cleanly(&mut vigil, &log);
     let took = asked.elapsed();
     let text = log_text(&log);
     assert!(took < Duration::from_secs(4), "SIGTERM took {took:?} with a 1 s shutdown timeout; log:\n{text}");
@@ -392,8 +385,7 @@ async fn a_window_answer_equals_infer_on_its_full_resolution_frames() {
     assert_eq!(got.len(), 1, "log:\n{}", log_text(&log));
     let a = &got[0];
     assert_eq!(a["window"]["seq"], 0);
-    signal(&vigil, "TERM");
-    assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0));
+    stop_cleanly(&mut vigil, &log);
 
     // Window 0 at 1 fps holds frames 0 and 4 of the 4 fps clip, at full resolution.
     let native = vigil::processor::decode::decode_video_file(&clip).unwrap();
@@ -456,8 +448,7 @@ async fn prompts_follow_their_schedule_and_set_overrides_it() {
         }
     }
     assert!(overridden, "set ON should override the schedule; log:\n{}", log_text(&log));
-    signal(&vigil, "TERM");
-    assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0));
+    stop_cleanly(&mut vigil, &log);
 }
 
 /// Motion-gated inference: with `skip_static`, a frozen scene runs the model for its first
@@ -507,8 +498,7 @@ async fn static_windows_skip_the_model_and_moving_ones_never_do() {
     let m = http_get(metrics_port, "/metrics");
     assert_eq!(metric(&m, "vigil_windows_skipped_total{stream=\"frozen\",reason=\"static\"}"), 3.0);
     assert!(!m.contains("vigil_windows_skipped_total{stream=\"moving\""), "{m}");
-    signal(&vigil, "TERM");
-    assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0));
+    stop_cleanly(&mut vigil, &log);
 }
 
 /// Snapshots: with each answer of a `snapshot = true` prompt, a retained JPEG of the window's
@@ -547,8 +537,7 @@ async fn snapshots_go_with_their_answers_and_the_directory_is_capped() {
         assert_eq!((img.width() as u64, img.height() as u64), (s["width"].as_u64().unwrap(), s["height"].as_u64().unwrap()));
         assert!(img.width() >= 28 && img.height() >= 28, "the window's frame size: {}x{}", img.width(), img.height());
     }
-    signal(&vigil, "TERM");
-    assert_eq!(wait_exit(&mut vigil, Duration::from_secs(30)), Some(0), "log:\n{}", log_text(&log));
+    stop_cleanly(&mut vigil, &log);
     let saved = std::fs::read_dir(dir.path().join("snaps")).unwrap().count();
     assert_eq!(saved, 2, "snapshot_keep = 2 of 3 windows");
 }

@@ -91,6 +91,12 @@ pub fn signal(child: &KillOnDrop, sig: &str) {
     assert!(ok, "kill -{sig}");
 }
 
+/// SIGTERM, and a clean exit within 30 s (the log in the failure message).
+pub fn stop_cleanly(child: &mut KillOnDrop, log: &Path) {
+    signal(child, "TERM");
+    assert_eq!(wait_exit(child, Duration::from_secs(30)), Some(0), "log:\n{}", log_text(log));
+}
+
 pub fn wait_exit(child: &mut KillOnDrop, t: Duration) -> Option<i32> {
     let deadline = Instant::now() + t;
     while Instant::now() < deadline {
