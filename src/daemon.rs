@@ -530,20 +530,16 @@ async fn is_static(state: &Arc<State>, stream: &str, w: &Arc<Window>, fps: f64) 
     if !s.skip_static || w.seq == 0 || w.frames.len() < 2 {
         return false;
     }
-    let pruning = crate::config::PruningConfig { enabled: true, ..lock(&state.cfg).pruning.clone() };
+    let pruning = lock(&state.cfg).pruning.clone();
     let window = w.clone();
     let measured = tokio::task::spawn_blocking(move || {
-        use crate::processor::{image::RgbImage, video::Video};
         let frames = window
             .frames
             .iter()
-            .map(|f| RgbImage::new(f.width as usize, f.height as usize, f.data.clone()))
+            .map(|f| crate::processor::image::RgbImage::new(f.width as usize, f.height as usize, f.data.clone()))
             .collect::<Result<Vec<_>, _>>()
             .ok()?;
-        let n = frames.len();
-        let video = Video::from_frames(frames, Some(fps)).ok()?;
-        let inputs = gate.preprocess(&[video], &pruning).ok()?;
-        Some(crate::processor::video::changed_fraction(&inputs.video_compression_mask, n, pruning.min_tokens_per_frame))
+        gate.changed_fraction_of(frames, fps, &pruning).ok()
     })
     .await;
     // A window the processor cannot take runs (and fails there, with the reason).

@@ -371,6 +371,7 @@ fn bench_shapes(a: BenchShapeArgs) -> ExitCode {
 }
 
 fn bench_engine(o: &vigil::bench::engine::BenchOptions, json: bool) -> ExitCode {
+    let gated = o.streams.iter().copied().max().map(|n| vigil::bench::engine::run_gated(o, n.max(2)));
     match vigil::bench::engine::run(o) {
         Ok(rows) => {
             if json {
@@ -379,6 +380,12 @@ fn bench_engine(o: &vigil::bench::engine::BenchOptions, json: bool) -> ExitCode 
                 }
             } else {
                 print!("{}", vigil::bench::engine::table(o, &rows));
+            }
+            match gated {
+                Some(Ok(g)) if json => println!("{}", serde_json::to_string(&g).unwrap_or_default()),
+                Some(Ok(g)) => print!("{}", vigil::bench::engine::gate_line(&g)),
+                Some(Err(e)) => eprintln!("warning: motion-gate bench: {e}"),
+                None => {}
             }
             if rows.iter().any(|r| r.mismatches > 0) {
                 eprintln!("error: optimised answers differ from the one-request path");

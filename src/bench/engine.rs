@@ -204,6 +204,102 @@ pub fn run(o: &BenchOptions) -> Result<Vec<BenchRow>, EngineError> {
     Ok(rows)
 }
 
+/// The motion gate on a mixed workload: half the streams film a frozen scene, half a moving one.
+#[derive(Debug, Clone, Serialize)]
+pub struct GateRow {
+    pub streams: usize,
+    pub static_streams: usize,
+    pub windows: usize,
+    /// Windows the gate skipped (every static stream's after its first).
+    pub skipped: usize,
+    pub on_s: f64,
+    pub off_s: f64,
+    pub on_windows_per_s: f64,
+    pub off_windows_per_s: f64,
+    /// `off_s / on_s`.
+    pub speedup: f64,
+}
+
+/// Run the engine over `n` streams' windows (half of them frozen) with the motion gate
+/// (`skip_static`, default `min_changed_fraction`) on and off, in the same run. Gate time is
+/// part of "on".
+pub fn run_gated(o: &BenchOptions, n: usize) -> Result<GateRow, EngineError> {
+    let cfg = bench_config(o, n)?;
+    let statics = n / 2;
+    let windows: Vec<Arc<Window>> = (0..n)
+        .flat_map(|s| {
+            let mut w = synthetic_windows(s, o);
+            if s < statics {
+                // A frozen scene: every frame is the stream's first.
+                let still = Arc::new(synthetic_frame(s, 0, o.width, o.height, o.fps));
+                for win in &mut w {
+                    let frames = win.frames.iter().map(|f| Arc::new(Frame { slot: f.slot, time_s: f.time_s, ..(*still).clone() })).collect();
+                    *win = Arc::new(Window { frames, ..(**win).clone() });
+                }
+            }
+            w
+        })
+        .collect();
+    let gate = crate::processor::video::VideoProcessor::from_pretrained(&cfg.model_dir().unwrap_or_default())
+        .map_err(|e| EngineError::Load(e.to_string()))?;
+    let min_changed = crate::config::StreamDefaults::default().min_changed_fraction;
+    // A fresh engine per side: neither profits from the other's feature cache.
+    let timed = |gated: bool| -> Result<(f64, usize), EngineError> {
+        let engine = Engine::start_with(&cfg, RunOptions::default())?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let t0 = Instant::now();
+        let mut submitted = 0;
+        for w in &windows {
+            if gated && w.seq > 0 {
+                let frames = w
+                    .frames
+                    .iter()
+                    .map(|f| crate::processor::image::RgbImage::new(f.width as usize, f.height as usize, f.data.clone()))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| EngineError::InvalidJob(e.to_string()))?;
+                let changed = gate.changed_fraction_of(frames, o.fps, &cfg.pruning).map_err(|e| EngineError::InvalidJob(e.to_string()))?;
+                if changed < min_changed {
+                    continue;
+                }
+            }
+            engine.submit(Job { stream: w.stream.clone(), window: w.clone(), prompts: cfg.prompts.clone(), fps: o.fps, closed_at: Instant::now(), reply: tx.clone() })?;
+            submitted += 1;
+        }
+        for _ in 0..submitted * cfg.prompts.len() {
+            match rx.blocking_recv() {
+                Some(JobOutput::Answer(_)) => {}
+                Some(other) => return Err(EngineError::InvalidJob(format!("bench job did not complete: {other:?}"))),
+                None => return Err(EngineError::Stopped),
+            }
+        }
+        let took = t0.elapsed().as_secs_f64();
+        engine.shutdown(Duration::from_secs(10));
+        Ok((took, windows.len() - submitted))
+    };
+    let (off_s, _) = timed(false)?;
+    let (on_s, skipped) = timed(true)?;
+    let nw = windows.len() as f64;
+    Ok(GateRow {
+        streams: n,
+        static_streams: statics,
+        windows: windows.len(),
+        skipped,
+        on_s,
+        off_s,
+        on_windows_per_s: nw / on_s,
+        off_windows_per_s: nw / off_s,
+        speedup: off_s / on_s,
+    })
+}
+
+/// The motion-gate result as a line of text.
+pub fn gate_line(r: &GateRow) -> String {
+    format!(
+        "motion gate: {} streams ({} frozen), {} windows, {} skipped: {:.2} windows/s gated vs {:.2} ungated ({:.2}x)\n",
+        r.streams, r.static_streams, r.windows, r.skipped, r.on_windows_per_s, r.off_windows_per_s, r.speedup
+    )
+}
+
 /// The result as a table.
 pub fn table(o: &BenchOptions, rows: &[BenchRow]) -> String {
     let mut s = format!(
@@ -249,4 +345,18 @@ pub fn table(o: &BenchOptions, rows: &[BenchRow]) -> String {
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gate_skips_the_frozen_streams_windows_after_their_first() {
+        let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-videollama3");
+        let o = BenchOptions { max_new_tokens: 2, ..BenchOptions::new(model) };
+        let r = run_gated(&o, 2).unwrap();
+        assert_eq!((r.static_streams, r.windows), (1, 2 * o.windows_per_stream));
+        assert_eq!(r.skipped, o.windows_per_stream - 1, "the moving stream is never skipped");
+    }
 }

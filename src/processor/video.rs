@@ -285,6 +285,17 @@ pub fn compression_mask(rows: &[f32], grid: [usize; 3], merge: usize, patch_dim:
     mask
 }
 
+impl VideoProcessor {
+    /// The share of a clip's video tokens that changed between its frames, by this checkpoint's
+    /// pruning measure (see [`changed_fraction`]); what the motion gate (`skip_static`) reads.
+    pub fn changed_fraction_of(&self, frames: Vec<RgbImage>, fps: f64, pruning: &PruningConfig) -> Result<f64, ProcessorError> {
+        let n = frames.len();
+        let pruning = PruningConfig { enabled: true, ..pruning.clone() };
+        let inputs = self.preprocess(&[Video::from_frames(frames, Some(fps))?], &pruning)?;
+        Ok(changed_fraction(&inputs.video_compression_mask, n, pruning.min_tokens_per_frame))
+    }
+}
+
 /// The share of a clip's video tokens that changed: tokens a compression `mask` keeps in frames
 /// after the first, beyond each frame's `min_tokens`, over all tokens. 0 for a frozen scene.
 pub fn changed_fraction(mask: &[bool], frames: usize, min_tokens: usize) -> f64 {
