@@ -716,7 +716,20 @@ fn snapshot(state: &Arc<State>, stream: &str, prompt: &str, id: &str, window: &W
         (s, cfg.base_dir.clone())
     };
     let (s, base) = settings;
-    let frame = crate::snapshot::key_frame(&window.frames)?;
+    // The key frame by the checkpoint's pruning measure; by the bytes where that is not at hand.
+    let by_measure = state.gate.as_ref().and_then(|gate| {
+        let frames = window
+            .frames
+            .iter()
+            .map(|f| crate::processor::image::RgbImage::new(f.width as usize, f.height as usize, f.data.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .ok()?;
+        let pruning = lock(&state.cfg).pruning.clone();
+        let fps = s.fps;
+        let (changes, _) = tokio::task::block_in_place(|| gate.changes_of(frames, fps, &pruning)).ok()?;
+        crate::snapshot::key_frame_by_changes(&changes).and_then(|i| window.frames.get(i)).map(|f| &**f)
+    });
+    let frame = by_measure.or_else(|| crate::snapshot::key_frame(&window.frames))?;
     let encoded = tokio::task::block_in_place(|| crate::snapshot::encode_jpeg(frame, s.snapshot_quality, s.snapshot_max_pixels));
     let (jpeg, width, height) = match encoded {
         Ok(e) => e,

@@ -1,15 +1,24 @@
 //! Snapshots: a JPEG of a window's key frame, published with the answers of prompts that ask for
 //! one (`[[prompt]] snapshot = true`) so that a notification can carry a picture.
 //!
-//! The key frame is the one that differs most from the frame before it (mean absolute
-//! difference of the RGB bytes), else the last: where something happened. Frames are as the
-//! window buffered them; `snapshot_max_pixels` scales larger ones down, aspect kept.
+//! The key frame is the one that changed most: the most video tokens kept by the pruning
+//! measure against the frame before ([`key_frame_by_changes`]), else the last (where something
+//! happened). Without the measure, the frame whose RGB bytes differ most from the one before
+//! ([`key_frame`]). Frames are as the window buffered them; `snapshot_max_pixels` scales larger
+//! ones down, aspect kept.
 
 use std::path::Path;
 
 use crate::window::Frame;
 
-/// The frame of a window that changed most, else the last.
+/// The index of the frame with the most changed tokens (`changes`, per frame), else the last.
+pub fn key_frame_by_changes(changes: &[usize]) -> Option<usize> {
+    let last = changes.len().checked_sub(1)?;
+    let (best, most) = changes.iter().enumerate().fold((last, 0), |(bi, bc), (i, &c)| if c > bc { (i, c) } else { (bi, bc) });
+    Some(if most > 0 { best } else { last })
+}
+
+/// The frame of a window whose bytes differ most from the frame before, else the last.
 pub fn key_frame<F: std::ops::Deref<Target = Frame>>(frames: &[F]) -> Option<&Frame> {
     let last = frames.last()?;
     let mut best: Option<(u64, &Frame)> = None;
@@ -85,6 +94,13 @@ mod tests {
         let frozen = [frame(7, 4, 4), frame(7, 4, 4)];
         assert!(std::ptr::eq(key_frame(&frozen.iter().collect::<Vec<_>>()).unwrap(), &frozen[1]));
         assert!(key_frame::<&Frame>(&[]).is_none());
+    }
+
+    #[test]
+    fn the_key_frame_by_the_pruning_measure() {
+        assert_eq!(key_frame_by_changes(&[0, 2, 9, 1]), Some(2));
+        assert_eq!(key_frame_by_changes(&[0, 0, 0]), Some(2), "frozen: the last");
+        assert_eq!(key_frame_by_changes(&[]), None);
     }
 
     #[test]

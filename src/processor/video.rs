@@ -289,11 +289,32 @@ impl VideoProcessor {
     /// The share of a clip's video tokens that changed between its frames, by this checkpoint's
     /// pruning measure (see [`changed_fraction`]); what the motion gate (`skip_static`) reads.
     pub fn changed_fraction_of(&self, frames: Vec<RgbImage>, fps: f64, pruning: &PruningConfig) -> Result<f64, ProcessorError> {
+        let (changes, total) = self.changes_of(frames, fps, pruning)?;
+        Ok(if total == 0 { 0.0 } else { changes.iter().sum::<usize>() as f64 / total as f64 })
+    }
+
+    /// Per frame, the tokens that changed against the frame before (beyond its minimum; 0 for
+    /// the first), and the clip's token count.
+    pub fn changes_of(&self, frames: Vec<RgbImage>, fps: f64, pruning: &PruningConfig) -> Result<(Vec<usize>, usize), ProcessorError> {
         let n = frames.len();
         let pruning = PruningConfig { enabled: true, ..pruning.clone() };
         let inputs = self.preprocess(&[Video::from_frames(frames, Some(fps))?], &pruning)?;
-        Ok(changed_fraction(&inputs.video_compression_mask, n, pruning.min_tokens_per_frame))
+        let mask = &inputs.video_compression_mask;
+        Ok((changes_per_frame(mask, n, pruning.min_tokens_per_frame), mask.len()))
     }
+}
+
+/// Per frame, the tokens a compression `mask` keeps beyond the frame's `min_tokens` (0 for the
+/// first frame, which is always kept whole).
+pub fn changes_per_frame(mask: &[bool], frames: usize, min_tokens: usize) -> Vec<usize> {
+    if mask.is_empty() || frames == 0 {
+        return vec![0; frames];
+    }
+    let per_frame = (mask.len() / frames).max(1);
+    mask.chunks(per_frame)
+        .enumerate()
+        .map(|(i, f)| if i == 0 { 0 } else { f.iter().filter(|k| **k).count().saturating_sub(min_tokens) })
+        .collect()
 }
 
 /// The share of a clip's video tokens that changed: tokens a compression `mask` keeps in frames
@@ -302,13 +323,7 @@ pub fn changed_fraction(mask: &[bool], frames: usize, min_tokens: usize) -> f64 
     if mask.is_empty() || frames < 2 {
         return 0.0;
     }
-    let per_frame = mask.len() / frames;
-    let changed: usize = mask
-        .chunks(per_frame.max(1))
-        .skip(1)
-        .map(|f| f.iter().filter(|k| **k).count().saturating_sub(min_tokens))
-        .sum();
-    changed as f64 / mask.len() as f64
+    changes_per_frame(mask, frames, min_tokens).iter().sum::<usize>() as f64 / mask.len() as f64
 }
 
 #[cfg(test)]
