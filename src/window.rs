@@ -1,5 +1,5 @@
 //! Frames → windows: a window of `window_seconds` every `stride_seconds`, on the frame grid of a
-//! stream sampled at `fps` (issue "GStreamer ingest and frame windows", item 4).
+//! stream sampled at `fps`.
 //!
 //! ## The grid
 //! Every frame sits on a *slot*: `slot = round(stream_time_s × fps)` (the source rebases its

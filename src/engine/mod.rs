@@ -1,4 +1,4 @@
-//! The inference engine: windows × prompts → answers (issue 7, "The inference engine").
+//! The inference engine: windows × prompts → answers.
 //!
 //! One engine thread owns the model ([`runner::Runner`]); the daemon hands it [`Job`]s (a
 //! window plus the prompts due for it) through [`Engine::submit`], which never blocks: jobs wait

@@ -1,6 +1,6 @@
 //! Broker connection settings: `mqtt.*` → rumqttc options, TLS through rustls (ring provider,
 //! no OpenSSL), and plain-language, secret-free descriptions of connection failures.
-//! Source of truth: issue 6 "What to build" 1, and `config::MqttConfig`.
+//! The settings are `config::MqttConfig`'s.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! Home Assistant MQTT discovery configs. Source of truth: issue 6 "What to build" 4 and Home
+//! Home Assistant MQTT discovery configs. Reference: Home
 //! Assistant's MQTT discovery documentation (config topic
 //! `<discovery_prefix>/<component>/<node_id>/<object_id>/config`, retained JSON).
 //!

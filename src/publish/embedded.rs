@@ -1,5 +1,5 @@
 //! The embedded broker: `mqtt.broker = "embedded"` runs rumqttd in-process so the demo needs no
-//! external broker. Source of truth: issue 6 "What to build" 3.
+//! external broker.
 //!
 //! It binds 127.0.0.1 unless `mqtt.embedded_listen` names another address. With
 //! `mqtt.username` + `password_file` it requires those credentials of every client (vigil

@@ -1,5 +1,5 @@
 //! MQTT publishing: topics, payloads, availability, `set` commands, Home Assistant discovery and
-//! the embedded broker. Source of truth: issue 6; topic table in [`topics`], payloads in
+//! the embedded broker. The topic table is in [`topics`], payloads in
 //! [`payload`] (schema for subscribers: `tests/schema/`).
 //!
 //! Design: every message goes through the [`outbox::Outbox`] (under a mutex, never held across

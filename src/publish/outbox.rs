@@ -1,6 +1,5 @@
 //! The outbox: every message the publisher sends, held until the broker acknowledges it.
-//! Source of truth: issue 6, "Outbox" (bounded, ordered, drop-oldest with a counter and one
-//! warning per burst).
+//! Bounded, ordered, drop-oldest with a counter and one warning per burst.
 //!
 //! Why our own queue in front of rumqttc: with a clean session rumqttc forgets unacknowledged
 //! publishes on reconnect, and its request channel cannot drop the oldest entry. So messages

@@ -1,5 +1,5 @@
-//! JSON payloads published on MQTT. Source of truth: issue 6 ("Answer payload") and the schema
-//! committed for subscribers in `tests/schema/*.schema.json` (tests validate against it).
+//! JSON payloads published on MQTT. Their contract for subscribers is the schema in
+//! `tests/schema/*.schema.json` (tests validate against it).
 //!
 //! Versioned with `"v"`: a field is only ever added within a version; renaming or removing one
 //! bumps it, so subscribers can tell which shape they hold.

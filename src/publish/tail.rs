@@ -1,5 +1,4 @@
-//! `vigil tail`: subscribe to a vigil's answers and print them as they arrive. Source of truth:
-//! issue 6 "What to build" 5.
+//! `vigil tail`: subscribe to a vigil's answers and print them as they arrive.
 //!
 //! Human-readable by default (`time  stream/prompt  [start–end s]  answer`), raw JSON lines with
 //! `--json`. Only answer and alert payloads are printed; statuses, states and commands that

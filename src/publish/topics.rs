@@ -1,4 +1,4 @@
-//! MQTT topic layout. Source of truth: the topic table of issue 6 (also in README "MQTT").
+//! MQTT topic layout (the table is also in README "MQTT").
 //!
 //! Stream and prompt names are validated by `config` to `[A-Za-z0-9._-]`, so they are always a
 //! single, wildcard-free topic level.

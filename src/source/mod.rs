@@ -1,8 +1,7 @@
 //! Camera and file ingest through GStreamer: each stream becomes RGB frames at its `fps`, fed
 //! into a [`crate::window::Windower`], with a supervisor that reconnects live sources forever.
 //!
-//! Source of truth: issue "GStreamer ingest and frame windows, with `vigil probe`" (items 1–3, 5)
-//! and the GStreamer element docs (uridecodebin3, rtspsrc, videorate, appsink).
+//! Reference: the GStreamer element docs (uridecodebin3, rtspsrc, videorate, appsink).
 //!
 //! * [`pipeline`] builds one attempt's pipeline: `uridecodebin3` (rtsp, http) or
 //!   `filesrc`/`v4l2src ! decodebin3` → `videorate → videoconvert → videoscale →

@@ -1,5 +1,5 @@
 //! `vigil probe`: open one stream, report its native caps and the first N windows, so a user can
-//! check a camera before configuring it (issue "GStreamer ingest ...", item 5).
+//! check a camera before configuring it.
 //!
 //! The probe runs the same pipeline and windower as the daemon, with no reconnects (the first
 //! error is the answer) and files read as fast as possible.
