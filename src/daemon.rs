@@ -200,8 +200,8 @@ struct Pending {
     info: WindowInfo,
     closed_at: Instant,
     remaining: usize,
-    /// The frames, kept only when a prompt wants a snapshot of them.
-    window: Option<Arc<Window>>,
+    /// The key frame, kept only when a prompt wants a snapshot of it.
+    key_frame: Option<Arc<crate::window::Frame>>,
 }
 
 /// Everything the tasks share.
@@ -506,13 +506,22 @@ async fn read_windows(state: Arc<State>, stream: String, rx: WindowReceiver) {
         let info = window_info(&w, &lock(&state.cfg));
         let fps = info.fps;
         let w = Arc::new(w);
-        if has_last_answers(&state, &stream, &prompts) && is_static(&state, &stream, &w, fps).await {
+        let settings = lock(&state.cfg).streams.iter().find(|s| s.name == stream).map(|s| s.settings.clone());
+        let Some(settings) = settings else { continue };
+        let snapshots = prompts.iter().any(|p| p.snapshot);
+        let gated = settings.skip_static && has_last_answers(&state, &stream, &prompts);
+        // One measure of what changed serves the gate and the snapshots' key frame.
+        let changes = if gated || snapshots { measure_changes(&state, &w, fps).await } else { None };
+        if gated && is_static(&settings, &w, changes.as_ref()) {
             state.metrics.windows_skipped.with(&[&stream, "static"]).inc();
             republish_static(&state, &stream, &prompts, &info);
             continue;
         }
-        let keep = prompts.iter().any(|p| p.snapshot).then(|| w.clone());
-        lock(&state.pending).insert((stream.clone(), w.seq), Pending { info, closed_at, remaining: prompts.len(), window: keep });
+        let key_frame = snapshots.then(|| {
+            let by_measure = changes.as_ref().and_then(|(c, _)| crate::snapshot::key_frame_by_changes(c)).and_then(|i| w.frames.get(i));
+            by_measure.cloned().or_else(|| crate::snapshot::key_frame(&w.frames).map(|f| Arc::new(f.clone())))
+        });
+        lock(&state.pending).insert((stream.clone(), w.seq), Pending { info, closed_at, remaining: prompts.len(), key_frame: key_frame.flatten() });
         let job = Job { stream: stream.clone(), window: w, prompts, fps, closed_at, reply: state.answers_tx.clone() };
         state.metrics.jobs_queued.with(&[&stream]).inc();
         if let Err(e) = state.engine.submit(job) {
@@ -521,29 +530,35 @@ async fn read_windows(state: Arc<State>, stream: String, rx: WindowReceiver) {
     }
 }
 
-/// With `skip_static`: whether less than `min_changed_fraction` of the window's video tokens
-/// changed (the pruning measure of the checkpoint's processor). A stream's first window always
-/// runs.
-async fn is_static(state: &Arc<State>, stream: &str, w: &Arc<Window>, fps: f64) -> bool {
-    let settings = lock(&state.cfg).streams.iter().find(|s| s.name == stream).map(|s| s.settings.clone());
-    let (Some(s), Some(gate)) = (settings, state.gate.clone()) else { return false };
-    if !s.skip_static || w.seq == 0 || w.frames.len() < 2 {
-        return false;
-    }
+/// Per frame, the video tokens that changed against the frame before (the checkpoint
+/// processor's pruning measure), and the window's token count; `None` if the processor cannot
+/// take the window (it then runs, and fails there with the reason). Off the async threads.
+async fn measure_changes(state: &Arc<State>, w: &Arc<Window>, fps: f64) -> Option<(Vec<usize>, usize)> {
+    let gate = state.gate.clone()?;
     let pruning = lock(&state.cfg).pruning.clone();
     let window = w.clone();
-    let measured = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let frames = window
             .frames
             .iter()
             .map(|f| crate::processor::image::RgbImage::new(f.width as usize, f.height as usize, f.data.clone()))
             .collect::<Result<Vec<_>, _>>()
             .ok()?;
-        gate.changed_fraction_of(frames, fps, &pruning).ok()
+        gate.changes_of(frames, fps, &pruning).ok()
     })
-    .await;
-    // A window the processor cannot take runs (and fails there, with the reason).
-    matches!(measured, Ok(Some(f)) if f < s.min_changed_fraction)
+    .await
+    .ok()
+    .flatten()
+}
+
+/// With `skip_static`: whether less than `min_changed_fraction` of the window's video tokens
+/// changed. A stream's first window always runs.
+fn is_static(settings: &crate::config::StreamDefaults, w: &Window, changes: Option<&(Vec<usize>, usize)>) -> bool {
+    if !settings.skip_static || w.seq == 0 || w.frames.len() < 2 {
+        return false;
+    }
+    matches!(changes, Some((per_frame, total)) if *total > 0
+        && (per_frame.iter().sum::<usize>() as f64 / *total as f64) < settings.min_changed_fraction)
 }
 
 /// Whether every caption and JSON prompt due has an answer to re-publish: until then, windows
@@ -645,11 +660,11 @@ fn on_output(state: &Arc<State>, out: JobOutput) {
 }
 
 /// One prompt of a window is done; forget the window when all are.
-fn settle(state: &State, stream: &str, seq: u64) -> Option<(WindowInfo, Instant, Option<Arc<Window>>)> {
+fn settle(state: &State, stream: &str, seq: u64) -> Option<(WindowInfo, Instant, Option<Arc<crate::window::Frame>>)> {
     let mut pending = lock(&state.pending);
     let key = (stream.to_string(), seq);
     let p = pending.get_mut(&key)?;
-    let found = (p.info.clone(), p.closed_at, p.window.clone());
+    let found = (p.info.clone(), p.closed_at, p.key_frame.clone());
     p.remaining = p.remaining.saturating_sub(1);
     if p.remaining == 0 {
         pending.remove(&key);
@@ -658,7 +673,7 @@ fn settle(state: &State, stream: &str, seq: u64) -> Option<(WindowInfo, Instant,
 }
 
 fn publish_answer(state: &Arc<State>, r: PromptResult) {
-    let Some((window, closed_at, frames)) = settle(state, &r.stream, r.window_seq) else {
+    let Some((window, closed_at, key_frame)) = settle(state, &r.stream, r.window_seq) else {
         warn!("stream {}: answer for unknown window {}", r.stream, r.window_seq);
         return;
     };
@@ -684,8 +699,8 @@ fn publish_answer(state: &Arc<State>, r: PromptResult) {
         model,
         timestamp: rfc3339(SystemTime::now()),
     };
-    if let Some(frames) = frames {
-        answer.snapshot = snapshot(state, &r.stream, &r.prompt, &answer.id, &frames);
+    if let Some(frame) = key_frame {
+        answer.snapshot = snapshot(state, &r.stream, &r.prompt, &answer.id, &frame);
     }
     state.publisher.answer(&answer);
     tracing::debug!("answer {} produced", answer.id);
@@ -706,30 +721,14 @@ fn publish_answer(state: &Arc<State>, r: PromptResult) {
 
 /// For a prompt with `snapshot = true`: a JPEG of the window's key frame, published (and saved
 /// to `snapshot_dir`). Encoded on this task's thread, not the engine's.
-fn snapshot(state: &Arc<State>, stream: &str, prompt: &str, id: &str, window: &Window) -> Option<crate::publish::SnapshotInfo> {
-    let settings = {
+fn snapshot(state: &Arc<State>, stream: &str, prompt: &str, id: &str, frame: &crate::window::Frame) -> Option<crate::publish::SnapshotInfo> {
+    let (s, base) = {
         let cfg = lock(&state.cfg);
         if !cfg.prompt(prompt).is_some_and(|p| p.snapshot) {
             return None;
         }
-        let s = cfg.streams.iter().find(|s| s.name == stream)?.settings.clone();
-        (s, cfg.base_dir.clone())
+        (cfg.streams.iter().find(|s| s.name == stream)?.settings.clone(), cfg.base_dir.clone())
     };
-    let (s, base) = settings;
-    // The key frame by the checkpoint's pruning measure; by the bytes where that is not at hand.
-    let by_measure = state.gate.as_ref().and_then(|gate| {
-        let frames = window
-            .frames
-            .iter()
-            .map(|f| crate::processor::image::RgbImage::new(f.width as usize, f.height as usize, f.data.clone()))
-            .collect::<Result<Vec<_>, _>>()
-            .ok()?;
-        let pruning = lock(&state.cfg).pruning.clone();
-        let fps = s.fps;
-        let (changes, _) = tokio::task::block_in_place(|| gate.changes_of(frames, fps, &pruning)).ok()?;
-        crate::snapshot::key_frame_by_changes(&changes).and_then(|i| window.frames.get(i)).map(|f| &**f)
-    });
-    let frame = by_measure.or_else(|| crate::snapshot::key_frame(&window.frames))?;
     let encoded = tokio::task::block_in_place(|| crate::snapshot::encode_jpeg(frame, s.snapshot_quality, s.snapshot_max_pixels));
     let (jpeg, width, height) = match encoded {
         Ok(e) => e,
