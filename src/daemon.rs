@@ -32,6 +32,7 @@ use crate::publish::{
     ANSWER_VERSION,
 };
 use crate::source::{EventKind, SourceEvent, SourceManager, SourceOptions, SourceSpec, StreamState};
+use crate::processor::video::{FrameChanges, Video};
 use crate::window::{Window, WindowReceiver};
 use notify::Notifier;
 
@@ -518,7 +519,7 @@ async fn read_windows(state: Arc<State>, stream: String, rx: WindowReceiver) {
             continue;
         }
         let key_frame = snapshots.then(|| {
-            let by_measure = changes.as_ref().and_then(|(c, _)| crate::snapshot::key_frame_by_changes(c)).and_then(|i| w.frames.get(i));
+            let by_measure = changes.as_ref().and_then(|c| crate::snapshot::key_frame_by_changes(&c.per_frame)).and_then(|i| w.frames.get(i));
             by_measure.cloned().or_else(|| crate::snapshot::key_frame(&w.frames).map(|f| Arc::new(f.clone())))
         });
         lock(&state.pending).insert((stream.clone(), w.seq), Pending { info, closed_at, remaining: prompts.len(), key_frame: key_frame.flatten() });
@@ -533,19 +534,11 @@ async fn read_windows(state: Arc<State>, stream: String, rx: WindowReceiver) {
 /// Per frame, the video tokens that changed against the frame before (the checkpoint
 /// processor's pruning measure), and the window's token count; `None` if the processor cannot
 /// take the window (it then runs, and fails there with the reason). Off the async threads.
-async fn measure_changes(state: &Arc<State>, w: &Arc<Window>, fps: f64) -> Option<(Vec<usize>, usize)> {
+async fn measure_changes(state: &Arc<State>, w: &Arc<Window>, fps: f64) -> Option<FrameChanges> {
     let gate = state.gate.clone()?;
     let pruning = lock(&state.cfg).pruning.clone();
     let window = w.clone();
-    tokio::task::spawn_blocking(move || {
-        let frames = window
-            .frames
-            .iter()
-            .map(|f| crate::processor::image::RgbImage::new(f.width as usize, f.height as usize, f.data.clone()))
-            .collect::<Result<Vec<_>, _>>()
-            .ok()?;
-        gate.changes_of(frames, fps, &pruning).ok()
-    })
+    tokio::task::spawn_blocking(move || gate.changes_of(Video::from_window(&window, fps).ok()?, &pruning).ok())
     .await
     .ok()
     .flatten()
@@ -553,12 +546,11 @@ async fn measure_changes(state: &Arc<State>, w: &Arc<Window>, fps: f64) -> Optio
 
 /// With `skip_static`: whether less than `min_changed_fraction` of the window's video tokens
 /// changed. A stream's first window always runs.
-fn is_static(settings: &crate::config::StreamDefaults, w: &Window, changes: Option<&(Vec<usize>, usize)>) -> bool {
+fn is_static(settings: &crate::config::StreamDefaults, w: &Window, changes: Option<&FrameChanges>) -> bool {
     if !settings.skip_static || w.seq == 0 || w.frames.len() < 2 {
         return false;
     }
-    matches!(changes, Some((per_frame, total)) if *total > 0
-        && (per_frame.iter().sum::<usize>() as f64 / *total as f64) < settings.min_changed_fraction)
+    changes.is_some_and(|c| c.total > 0 && c.fraction() < settings.min_changed_fraction)
 }
 
 /// Whether every caption and JSON prompt due has an answer to re-publish: until then, windows

@@ -276,14 +276,7 @@ fn with_a_model_size_the_buffered_frame_is_the_model_input() {
     let clip = raw_rgb_mkv(dir.path(), "raw.mkv", 8, 4, 320, 240);
     let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-videollama3");
     let vp = VideoProcessor::from_pretrained(&model).unwrap();
-    let c = vp.config.base.clone();
-    let input = vigil::engine::VideoInput {
-        patch: c.patch_size,
-        merge: c.merge_size,
-        min_pixels: c.min_pixels,
-        max_pixels: c.max_pixels,
-        do_resize: c.do_resize,
-    };
+    let input = vigil::engine::VideoInput::of(&vp.config.base);
     // 1 fps, 2 s windows: frames 0 and 4 of the clip. `max_frame_pixels` below the native size:
     // without a model size, frames are scaled to it first (and resized again by the processor).
     let s = StreamDefaults { max_frame_pixels: 20_000, ..settings(1.0, 2.0, 2.0) };
@@ -298,14 +291,7 @@ fn with_a_model_size_the_buffered_frame_is_the_model_input() {
     let native = vigil::processor::decode::decode_video_file(&clip).unwrap();
     assert_eq!((native.frames[0].width, native.frames[0].height), (320, 240));
     let reference = Video::from_frames(vec![native.frames[0].clone(), native.frames[4].clone()], Some(1.0)).unwrap();
-    let video_of = |w: &vigil::window::Window| {
-        let frames = w
-            .frames
-            .iter()
-            .map(|f| vigil::processor::image::RgbImage::new(f.width as usize, f.height as usize, f.data.clone()).unwrap())
-            .collect();
-        Video::from_frames(frames, Some(1.0)).unwrap()
-    };
+    let video_of = |w: &vigil::window::Window| Video::from_window(w, 1.0).unwrap();
     let pruning = vigil::config::PruningConfig::default();
     let want = vp.preprocess(&[reference], &pruning).unwrap();
     let have = vp.preprocess(&[video_of(w0)], &pruning).unwrap();

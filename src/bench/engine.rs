@@ -17,6 +17,7 @@ use serde::Serialize;
 use crate::engine::runner::RunOptions;
 use crate::engine::{load_runner, Engine, EngineCounters, EngineError, Job, JobOutput};
 use crate::config::Config;
+use crate::processor::video::Video;
 use crate::window::{Frame, Window};
 
 /// What to run.
@@ -251,14 +252,9 @@ pub fn run_gated(o: &BenchOptions, n: usize) -> Result<GateRow, EngineError> {
         let mut submitted = 0;
         for w in &windows {
             if gated && w.seq > 0 {
-                let frames = w
-                    .frames
-                    .iter()
-                    .map(|f| crate::processor::image::RgbImage::new(f.width as usize, f.height as usize, f.data.clone()))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| EngineError::InvalidJob(e.to_string()))?;
-                let changed = gate.changed_fraction_of(frames, o.fps, &cfg.pruning).map_err(|e| EngineError::InvalidJob(e.to_string()))?;
-                if changed < min_changed {
+                let video = Video::from_window(w, o.fps).map_err(|e| EngineError::InvalidJob(e.to_string()))?;
+                let changes = gate.changes_of(video, &cfg.pruning).map_err(|e| EngineError::InvalidJob(e.to_string()))?;
+                if changes.fraction() < min_changed {
                     continue;
                 }
             }

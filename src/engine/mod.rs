@@ -236,6 +236,11 @@ pub struct VideoInput {
 }
 
 impl VideoInput {
+    /// The sizing of a checkpoint's video processor settings.
+    pub fn of(c: &crate::processor::checkpoint::ImageProcessorConfig) -> VideoInput {
+        VideoInput { patch: c.patch_size, merge: c.merge_size, min_pixels: c.min_pixels, max_pixels: c.max_pixels, do_resize: c.do_resize }
+    }
+
     /// The processor's (height, width) for a frame of a clip of `frames` frames, or `None` if
     /// it refuses the frame (too elongated, empty).
     pub fn target(&self, height: usize, width: usize, frames: usize) -> Option<(usize, usize)> {
@@ -307,16 +312,14 @@ fn model_dir(cfg: &Config) -> Result<PathBuf, EngineError> {
 
 /// Tokens a job adds to a prefill (for `max_batch_tokens`): visual tokens before pruning at the
 /// processor's pixel budget, plus a rough text allowance per prompt.
-fn estimate_tokens(job: &Job, patch: usize, merge: usize, min_px: usize, max_px: usize) -> usize {
+fn estimate_tokens(job: &Job, v: &VideoInput) -> usize {
     let n = job.window.frames.len().max(1);
     let visual = job
         .window
         .frames
         .first()
-        .and_then(|f| {
-            crate::processor::resize::smart_resize(f.height as usize, f.width as usize, patch * merge, min_px, max_px / n).ok()
-        })
-        .map(|(h, w)| n * (h / patch) * (w / patch) / (merge * merge))
+        .and_then(|f| v.target(f.height as usize, f.width as usize, n))
+        .map(|(h, w)| n * (h / v.patch.max(1)) * (w / v.patch.max(1)) / (v.merge * v.merge).max(1))
         .unwrap_or(0);
     visual + n * 8 + job.prompts.iter().map(|p| p.text.len() / 2 + 16).sum::<usize>()
 }
@@ -360,14 +363,7 @@ impl Engine {
                     .unwrap_or_else(|_| Err(EngineError::Load("the model loader panicked".into())));
                 let mut runner = match loaded {
                     Ok(r) => {
-                        let v = &r.processor.video_processor.config.base;
-                        let _ = sh.video.set(VideoInput {
-                            patch: v.patch_size,
-                            merge: v.merge_size,
-                            min_pixels: v.min_pixels,
-                            max_pixels: v.max_pixels,
-                            do_resize: v.do_resize,
-                        });
+                        let _ = sh.video.set(VideoInput::of(&r.processor.video_processor.config.base));
                         let _ = ready_tx.send(Ok(()));
                         r
                     }
@@ -424,7 +420,7 @@ impl Engine {
             return Err(EngineError::ShuttingDown);
         }
         let v = self.shared.video.get().copied().unwrap_or(VideoInput { patch: 14, merge: 2, min_pixels: 784, max_pixels: 12544, do_resize: true });
-        let tokens = estimate_tokens(&job, v.patch, v.merge, v.min_pixels, v.max_pixels);
+        let tokens = estimate_tokens(&job, &v);
         let evicted = st.queue.push(Queued { job, fps, tokens });
         drop(st);
         let mut c = self.shared.counters.lock().unwrap_or_else(|p| p.into_inner());

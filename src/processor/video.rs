@@ -285,22 +285,46 @@ pub fn compression_mask(rows: &[f32], grid: [usize; 3], merge: usize, patch_dim:
     mask
 }
 
-impl VideoProcessor {
-    /// The share of a clip's video tokens that changed between its frames, by this checkpoint's
-    /// pruning measure (see [`changed_fraction`]); what the motion gate (`skip_static`) reads.
-    pub fn changed_fraction_of(&self, frames: Vec<RgbImage>, fps: f64, pruning: &PruningConfig) -> Result<f64, ProcessorError> {
-        let (changes, total) = self.changes_of(frames, fps, pruning)?;
-        Ok(if total == 0 { 0.0 } else { changes.iter().sum::<usize>() as f64 / total as f64 })
-    }
+/// What changed in a clip, by the pruning measure: per frame, the video tokens kept against the
+/// frame before beyond the frame's minimum (0 for the first), and the clip's token count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameChanges {
+    pub per_frame: Vec<usize>,
+    pub total: usize,
+}
 
-    /// Per frame, the tokens that changed against the frame before (beyond its minimum; 0 for
-    /// the first), and the clip's token count.
-    pub fn changes_of(&self, frames: Vec<RgbImage>, fps: f64, pruning: &PruningConfig) -> Result<(Vec<usize>, usize), ProcessorError> {
-        let n = frames.len();
+impl FrameChanges {
+    /// The share of the clip's tokens that changed: 0 for a frozen scene. What the motion gate
+    /// (`skip_static`) compares with `min_changed_fraction`.
+    pub fn fraction(&self) -> f64 {
+        if self.total == 0 {
+            return 0.0;
+        }
+        self.per_frame.iter().sum::<usize>() as f64 / self.total as f64
+    }
+}
+
+impl VideoProcessor {
+    /// What changed in `video` by this checkpoint's pruning measure (computed whether or not
+    /// pruning is enabled for the model).
+    pub fn changes_of(&self, video: Video, pruning: &PruningConfig) -> Result<FrameChanges, ProcessorError> {
+        let n = video.frames.len();
         let pruning = PruningConfig { enabled: true, ..pruning.clone() };
-        let inputs = self.preprocess(&[Video::from_frames(frames, Some(fps))?], &pruning)?;
+        let inputs = self.preprocess(&[video], &pruning)?;
         let mask = &inputs.video_compression_mask;
-        Ok((changes_per_frame(mask, n, pruning.min_tokens_per_frame), mask.len()))
+        Ok(FrameChanges { per_frame: changes_per_frame(mask, n, pruning.min_tokens_per_frame), total: mask.len() })
+    }
+}
+
+impl Video {
+    /// A window's buffered frames as a clip sampled at `fps`.
+    pub fn from_window(w: &crate::window::Window, fps: f64) -> Result<Video, ProcessorError> {
+        let frames = w
+            .frames
+            .iter()
+            .map(|f| RgbImage::new(f.width as usize, f.height as usize, f.data.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Video::from_frames(frames, Some(fps))
     }
 }
 
@@ -317,15 +341,6 @@ pub fn changes_per_frame(mask: &[bool], frames: usize, min_tokens: usize) -> Vec
         .collect()
 }
 
-/// The share of a clip's video tokens that changed: tokens a compression `mask` keeps in frames
-/// after the first, beyond each frame's `min_tokens`, over all tokens. 0 for a frozen scene.
-pub fn changed_fraction(mask: &[bool], frames: usize, min_tokens: usize) -> f64 {
-    if mask.is_empty() || frames < 2 {
-        return 0.0;
-    }
-    changes_per_frame(mask, frames, min_tokens).iter().sum::<usize>() as f64 / mask.len() as f64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -333,11 +348,14 @@ mod tests {
     #[test]
     fn changed_fraction_counts_what_moved_beyond_each_frames_minimum() {
         // 3 frames of 4 tokens; the first is always kept.
+        let changes = |mask: &[bool], frames| FrameChanges { per_frame: changes_per_frame(mask, frames, 1), total: mask.len() };
         let frozen = [true, true, true, true, true, false, false, false, true, false, false, false];
-        assert_eq!(changed_fraction(&frozen, 3, 1), 0.0);
+        assert_eq!(changes(&frozen, 3).per_frame, [0, 0, 0]);
+        assert_eq!(changes(&frozen, 3).fraction(), 0.0);
         let moving = [true, true, true, true, true, true, false, false, true, true, true, false];
-        assert_eq!(changed_fraction(&moving, 3, 1), 3.0 / 12.0);
-        assert_eq!(changed_fraction(&[true; 4], 1, 1), 0.0, "one frame: nothing to compare");
+        assert_eq!(changes(&moving, 3).per_frame, [0, 1, 2]);
+        assert_eq!(changes(&moving, 3).fraction(), 3.0 / 12.0);
+        assert_eq!(changes(&[true; 4], 1).fraction(), 0.0, "one frame: nothing to compare");
     }
 
     #[test]
