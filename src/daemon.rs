@@ -621,17 +621,7 @@ fn due_prompts(state: &State, stream: &str, seq: u64) -> (Vec<PromptConfig>, boo
 
 fn window_info(w: &Window, cfg: &Config) -> WindowInfo {
     let fps = cfg.streams.iter().find(|s| s.name == w.stream).map(|s| s.settings.fps).unwrap_or(0.0);
-    let first = w.frames.first().map(|f| f.captured_at).unwrap_or_else(SystemTime::now);
-    let last = w.frames.last().map(|f| f.captured_at).unwrap_or(first);
-    WindowInfo {
-        seq: w.seq,
-        start: rfc3339(first),
-        end: rfc3339(last),
-        start_s: w.first_time_s(),
-        end_s: w.last_time_s(),
-        frames: w.frames.len() as u32,
-        fps,
-    }
+    WindowInfo::of(w, fps)
 }
 
 fn on_output(state: &Arc<State>, out: JobOutput) {
@@ -670,45 +660,29 @@ fn publish_answer(state: &Arc<State>, r: PromptResult) {
         return;
     };
     let total = closed_at.elapsed();
-    let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let model = lock(&state.cfg).model.model_id();
-    let mut answer = Answer {
-        v: ANSWER_VERSION,
-        id: Answer::make_id(&r.stream, r.window_seq, &r.prompt),
-        stream: r.stream.clone(),
-        prompt: r.prompt.clone(),
-        question: r.question,
-        kind: r.kind,
-        answer: r.text,
-        value: r.value,
-        parse_error: r.parse_error,
-        skipped: None,
-        snapshot: None,
-        window,
-        tokens: TokenCounts { prompt: r.prompt_tokens, generated: r.generated_tokens },
-        visual_tokens: VisualTokens { total: r.visual_total, kept: r.visual_kept },
-        latency_ms: Latency { queue: ms(r.queue), vision: ms(r.vision), prefill: ms(r.prefill), decode: ms(r.decode), total: ms(total) },
-        model,
-        timestamp: rfc3339(SystemTime::now()),
-    };
-    if let Some(frame) = key_frame {
-        answer.snapshot = snapshot(state, &r.stream, &r.prompt, &answer.id, &frame);
-    }
-    state.publisher.answer(&answer);
-    tracing::debug!("answer {} produced", answer.id);
-    lock(&state.last_answers).insert((r.stream.clone(), r.prompt.clone()), answer);
-
     let m = &state.metrics;
     m.answers.with(&[&r.stream, &r.prompt]).inc();
     for (stage, d) in [("queue", r.queue), ("vision", r.vision), ("prefill", r.prefill), ("decode", r.decode), ("total", total)] {
         m.stage.with(&[stage]).observe(d.as_secs_f64());
     }
     m.tokens_generated.inc_by(r.generated_tokens as f64);
-    let mut recent = lock(&state.recent_latency);
-    if recent.len() >= 512 {
-        recent.pop_front();
+    {
+        let mut recent = lock(&state.recent_latency);
+        if recent.len() >= 512 {
+            recent.pop_front();
+        }
+        recent.push_back(total.as_secs_f64());
     }
-    recent.push_back(total.as_secs_f64());
+
+    let model = lock(&state.cfg).model.model_id();
+    let key = (r.stream.clone(), r.prompt.clone());
+    let mut answer = Answer::of_result(r, window, total, model);
+    if let Some(frame) = key_frame {
+        answer.snapshot = snapshot(state, &key.0, &key.1, &answer.id, &frame);
+    }
+    state.publisher.answer(&answer);
+    tracing::debug!("answer {} produced", answer.id);
+    lock(&state.last_answers).insert(key, answer);
 }
 
 /// For a prompt with `snapshot = true`: a JPEG of the window's key frame, published (and saved

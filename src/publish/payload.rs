@@ -58,6 +58,31 @@ impl Answer {
         format!("{stream}:{seq}:{prompt}")
     }
 
+    /// The answer to publish for an engine result about `window`, `total` after the window
+    /// closed (no snapshot; the daemon adds one for prompts that ask).
+    pub fn of_result(r: crate::engine::PromptResult, window: WindowInfo, total: Duration, model: String) -> Answer {
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        Answer {
+            v: ANSWER_VERSION,
+            id: Answer::make_id(&r.stream, r.window_seq, &r.prompt),
+            stream: r.stream,
+            prompt: r.prompt,
+            question: r.question,
+            kind: r.kind,
+            answer: r.text,
+            value: r.value,
+            parse_error: r.parse_error,
+            skipped: None,
+            snapshot: None,
+            window,
+            tokens: TokenCounts { prompt: r.prompt_tokens, generated: r.generated_tokens },
+            visual_tokens: VisualTokens { total: r.visual_total, kept: r.visual_kept },
+            latency_ms: Latency { queue: ms(r.queue), vision: ms(r.vision), prefill: ms(r.prefill), decode: ms(r.decode), total: ms(total) },
+            model,
+            timestamp: rfc3339(SystemTime::now()),
+        }
+    }
+
     /// For alert prompts: whether the answer says "yes" (`value == true`).
     pub fn is_positive(&self) -> bool {
         self.value == serde_json::Value::Bool(true)
@@ -87,6 +112,23 @@ pub struct WindowInfo {
     pub end_s: f64,
     pub frames: u32,
     pub fps: f64,
+}
+
+impl WindowInfo {
+    /// The window's description, sampled at `fps` (0 when unknown).
+    pub fn of(w: &crate::window::Window, fps: f64) -> WindowInfo {
+        let first = w.frames.first().map(|f| f.captured_at).unwrap_or_else(SystemTime::now);
+        let last = w.frames.last().map(|f| f.captured_at).unwrap_or(first);
+        WindowInfo {
+            seq: w.seq,
+            start: rfc3339(first),
+            end: rfc3339(last),
+            start_s: w.first_time_s(),
+            end_s: w.last_time_s(),
+            frames: w.frames.len() as u32,
+            fps,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

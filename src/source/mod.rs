@@ -271,6 +271,21 @@ pub struct SourceEvent {
 
 /// Output size for a `width × height` source with pixel aspect `par`, scaled (aspect kept) so
 /// that it holds at most `max_pixels`; never upscaled, never below 1×1.
+/// A native RGB frame resized to the model's input `target` (height, width) with the
+/// processor's own resize (the one transformers' video processor uses), so the buffered frame is
+/// the model input. `None` (a frame the model cannot take; the caller reports it) scales it to
+/// `max_frame_pixels` instead, which keeps it bounded.
+pub fn to_model_size(data: Vec<u8>, w: usize, h: usize, target: Option<(usize, usize)>, max_frame_pixels: u64) -> (Vec<u8>, usize, usize) {
+    let (th, tw) = target.unwrap_or_else(|| {
+        let (fw, fh) = fit_size(w as u32, h as u32, (1, 1), max_frame_pixels);
+        (fh as usize, fw as usize)
+    });
+    if (th, tw) == (h, w) {
+        return (data, w, h);
+    }
+    (crate::processor::resize::resize_torchvision_bicubic_u8(&data, h, w, 3, th, tw), tw, th)
+}
+
 pub fn fit_size(width: u32, height: u32, par: (i32, i32), max_pixels: u64) -> (u32, u32) {
     // Square pixels first: widen (or narrow) by the pixel aspect ratio.
     let (pn, pd) = if par.0 > 0 && par.1 > 0 { par } else { (1, 1) };

@@ -192,19 +192,12 @@ impl Shared {
         }
     }
 
-    /// A native frame resized to the model's input size with the processor's own resize (the
-    /// one transformers' video processor uses); as it is without a model size.
+    /// A native frame resized to the model's input size (see [`super::to_model_size`]).
     fn to_model_size(&self, data: Vec<u8>, w: usize, h: usize) -> (Vec<u8>, usize, usize) {
-        let Some(size) = &self.spec.model_size else { return (data, w, h) };
-        let (th, tw) = size(h, w).unwrap_or_else(|| {
-            // A frame the model cannot take (the daemon fails the stream): keep it bounded.
-            let (fw, fh) = super::fit_size(w as u32, h as u32, (1, 1), self.spec.settings.max_frame_pixels);
-            (fh as usize, fw as usize)
-        });
-        if (th, tw) == (h, w) {
-            return (data, w, h);
+        match &self.spec.model_size {
+            Some(size) => super::to_model_size(data, w, h, size(h, w), self.spec.settings.max_frame_pixels),
+            None => (data, w, h),
         }
-        (crate::processor::resize::resize_torchvision_bicubic_u8(&data, h, w, 3, th, tw), tw, th)
     }
 
     /// The appsink callback: copy the frame (respecting the row stride), window it, queue.
