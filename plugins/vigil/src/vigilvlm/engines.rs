@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -29,6 +29,41 @@ pub struct SharedEngine {
     pub engine: Engine,
     pub model_id: String,
     shutdown_timeout: Duration,
+    /// Elements holding a [`Lease`].
+    users: AtomicUsize,
+}
+
+/// An element's hold on a shared engine (between its `start()` and `stop()`).
+pub struct Lease(Arc<SharedEngine>);
+
+impl Lease {
+    fn new(e: Arc<SharedEngine>) -> Lease {
+        e.users.fetch_add(1, Ordering::SeqCst);
+        Lease(e)
+    }
+
+    /// Elements using this engine now.
+    pub fn users(&self) -> usize {
+        self.0.users.load(Ordering::SeqCst)
+    }
+
+    /// The engine, for the element's worker thread.
+    pub fn shared(&self) -> Arc<SharedEngine> {
+        self.0.clone()
+    }
+}
+
+impl std::ops::Deref for Lease {
+    type Target = SharedEngine;
+    fn deref(&self) -> &SharedEngine {
+        &self.0
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.0.users.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Drop for SharedEngine {
@@ -64,12 +99,12 @@ pub fn engine_config(key: &EngineKey, dtype: DType, defaults: StreamDefaults) ->
 
 /// The engine for `key`: the one another element already uses, or a newly loaded one (the
 /// lock is held while loading, so two elements starting at once still load the model once).
-pub fn acquire(key: &EngineKey, cfg: &Config) -> Result<Arc<SharedEngine>, EngineError> {
+pub fn acquire(key: &EngineKey, cfg: &Config) -> Result<Lease, EngineError> {
     let mut all = ENGINES.lock().unwrap_or_else(|p| p.into_inner());
     let all = all.get_or_insert_with(HashMap::new);
     all.retain(|_, w| w.strong_count() > 0);
     if let Some(e) = all.get(key).and_then(Weak::upgrade) {
-        return Ok(e);
+        return Ok(Lease::new(e));
     }
     let engine = Engine::start(cfg)?;
     LOADS.fetch_add(1, Ordering::Relaxed);
@@ -77,7 +112,8 @@ pub fn acquire(key: &EngineKey, cfg: &Config) -> Result<Arc<SharedEngine>, Engin
         engine,
         model_id: cfg.model.model_id(),
         shutdown_timeout: Duration::from_secs_f64(cfg.engine.shutdown_timeout_s),
+        users: AtomicUsize::new(0),
     });
     all.insert(key.clone(), Arc::downgrade(&shared));
-    Ok(shared)
+    Ok(Lease::new(shared))
 }

@@ -22,9 +22,10 @@ use vigil::config::{DType, GapPolicy, PromptConfig, PromptKind, StreamDefaults};
 use vigil::engine::VideoInput;
 use vigil::window::{Frame, Window, WindowSpec, Windower};
 
-use super::engines::{self, EngineKey, SharedEngine};
+use super::engines::{self, EngineKey, Lease};
 use super::sampler::Sampler;
-use super::worker::{self, Outlet, Pending, Shared};
+use super::text::TextOut;
+use super::worker::{self, Outlet, Pending, Shared, TextTimestamps};
 
 pub static CAT: LazyLock<gst::DebugCategory> =
     LazyLock::new(|| gst::DebugCategory::new("vigilvlm", gst::DebugColorFlags::empty(), Some("VideoLLaMA3 answers about video windows")));
@@ -56,6 +57,7 @@ struct Settings {
     max_frame_pixels: u64,
     queue_size: u32,
     eos_timeout_s: f64,
+    text_timestamps: TextTimestamps,
 }
 
 impl Default for Settings {
@@ -80,6 +82,7 @@ impl Default for Settings {
             max_frame_pixels: d.max_frame_pixels,
             queue_size: vigil::config::EngineConfig::default().queue_capacity as u32,
             eos_timeout_s: 120.0,
+            text_timestamps: TextTimestamps::Window,
         }
     }
 }
@@ -152,7 +155,7 @@ struct Input {
 
 /// Everything between `start()` and `stop()`.
 struct State {
-    engine: Arc<SharedEngine>,
+    engine: Lease,
     video: VideoInput,
     frames_per_window: usize,
     max_frame_pixels: u64,
@@ -167,6 +170,7 @@ struct State {
     shared: Arc<Shared>,
     worker: Option<JoinHandle<()>>,
     key: String,
+    text: TextOut,
 }
 
 pub struct VigilVlm {
@@ -295,6 +299,11 @@ impl ObjectImpl for VigilVlm {
                     .default_value(d.eos_timeout_s)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecEnum::builder_with_default("text-timestamps", d.text_timestamps)
+                    .nick("Text timestamps")
+                    .blurb("window: text buffers span their window; arrival: they start at the video position when the answer arrives and last one stride (captions burned in live by textoverlay)")
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecUInt64::builder("windows").nick("Windows").blurb("Windows closed so far").read_only().build(),
                 glib::ParamSpecUInt64::builder("windows-dropped")
                     .nick("Windows dropped")
@@ -342,6 +351,7 @@ impl ObjectImpl for VigilVlm {
             "max-frame-pixels" => s.max_frame_pixels = value.get().expect("type checked upstream"),
             "queue-size" => s.queue_size = value.get().expect("type checked upstream"),
             "eos-timeout" => s.eos_timeout_s = value.get().expect("type checked upstream"),
+            "text-timestamps" => s.text_timestamps = value.get().expect("type checked upstream"),
             other => unreachable!("no property {other}"),
         }
     }
@@ -366,11 +376,12 @@ impl ObjectImpl for VigilVlm {
             "max-frame-pixels" => s.max_frame_pixels.to_value(),
             "queue-size" => s.queue_size.to_value(),
             "eos-timeout" => s.eos_timeout_s.to_value(),
+            "text-timestamps" => s.text_timestamps.to_value(),
             "windows" => counter(|sh| &sh.counters.windows).to_value(),
             "windows-dropped" => counter(|sh| &sh.counters.windows_dropped).to_value(),
             "answers" => counter(|sh| &sh.counters.answers).to_value(),
             "engine-users" => {
-                lock(&self.state).as_ref().map(|st| Arc::strong_count(&st.engine) as u32).unwrap_or(0).to_value()
+                lock(&self.state).as_ref().map(|st| st.engine.users() as u32).unwrap_or(0).to_value()
             }
             other => unreachable!("no property {other}"),
         }
@@ -432,12 +443,12 @@ impl BaseTransformImpl for VigilVlm {
     fn start(&self) -> Result<(), gst::ErrorMessage> {
         let s = lock(&self.settings).clone();
         let Some(model) = s.model.clone() else {
-            return Err(gst::error_msg!(gst::ResourceError::NotFound, ["vigilvlm: the model property is not set (a checkpoint directory)"]));
+            return Err(gst::error_msg!(gst::ResourceError::NotFound, ("vigilvlm: the model property is not set (a checkpoint directory)")));
         };
         if let Some(e) = &s.prompts_error {
-            return Err(gst::error_msg!(gst::ResourceError::Settings, ["vigilvlm: {}", e]));
+            return Err(gst::error_msg!(gst::ResourceError::Settings, ("vigilvlm: {}", e)));
         }
-        let bad = |msg: String| gst::error_msg!(gst::ResourceError::Settings, ["vigilvlm: {}", msg]);
+        let bad = |msg: String| gst::error_msg!(gst::ResourceError::Settings, ("vigilvlm: {}", msg));
         let dtype = dtype_of(&s.dtype).map_err(bad)?;
         let spec = WindowSpec::new(s.fps, s.window_seconds, s.stride_seconds, GapPolicy::Emit).map_err(|e| bad(e.to_string()))?;
         let frames_per_window = (s.fps * s.window_seconds + 1e-9).floor().max(1.0);
@@ -463,7 +474,7 @@ impl BaseTransformImpl for VigilVlm {
         };
         let cfg = engines::engine_config(&key, dtype, defaults).map_err(bad)?;
         let engine = engines::acquire(&key, &cfg).map_err(|e| {
-            gst::error_msg!(gst::ResourceError::OpenRead, ["vigilvlm: cannot load the model {}: {}", model.display(), e])
+            gst::error_msg!(gst::ResourceError::OpenRead, ("vigilvlm: cannot load the model {}: {}", model.display(), e))
         })?;
         let video = engine.engine.video_input().ok_or_else(|| bad("the engine did not report its video input".into()))?;
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
@@ -471,18 +482,22 @@ impl BaseTransformImpl for VigilVlm {
         let stream = obj.name().to_string();
         let key = format!("{stream}#{id}");
         let shared = Shared::new(s.queue_size as usize);
+        let text = TextOut::start(self.text_pad.get().expect("constructed").clone(), &format!("vigilvlm-text-{id}"))
+            .map_err(|e| gst::error_msg!(gst::CoreError::Failed, ("vigilvlm: cannot start a thread: {}", e)))?;
         let outlet = Outlet {
             element: obj.downgrade(),
-            text_pad: self.text_pad.get().expect("constructed").clone(),
+            text: text.clone(),
+            timestamps: s.text_timestamps,
+            stride: gst::ClockTime::from_nseconds((s.stride_seconds * 1e9).round() as u64),
             stream: stream.clone(),
             key: key.clone(),
             fps: s.fps,
         };
-        let (sh, en) = (shared.clone(), engine.clone());
+        let (sh, en) = (shared.clone(), engine.shared());
         let worker = std::thread::Builder::new()
             .name(format!("vigilvlm-{id}"))
             .spawn(move || worker::run(sh, en, outlet))
-            .map_err(|e| gst::error_msg!(gst::CoreError::Failed, ["vigilvlm: cannot start a thread: {}", e]))?;
+            .map_err(|e| gst::error_msg!(gst::CoreError::Failed, ("vigilvlm: cannot start a thread: {}", e)))?;
         gst::info!(CAT, imp = self, "model {} on {} ({}); {} frames per window", model.display(), s.device, s.dtype, frames_per_window);
         *lock(&self.state) = Some(State {
             engine,
@@ -499,6 +514,7 @@ impl BaseTransformImpl for VigilVlm {
             shared,
             worker: Some(worker),
             key,
+            text,
         });
         Ok(())
     }
@@ -510,6 +526,7 @@ impl BaseTransformImpl for VigilVlm {
         if let Some(h) = st.worker.take() {
             let _ = h.join();
         }
+        st.text.stop();
         let (windows, dropped, answers) = (
             st.shared.counters.windows.load(Ordering::Relaxed),
             st.shared.counters.windows_dropped.load(Ordering::Relaxed),
@@ -551,35 +568,49 @@ impl BaseTransformImpl for VigilVlm {
     }
 
     fn sink_event(&self, event: gst::Event) -> bool {
-        let text = self.text_pad.get().expect("constructed").clone();
+        let text = lock(&self.state).as_ref().map(|st| st.text.clone());
         match event.view() {
             gst::EventView::StreamStart(s) => {
-                let id = format!("{}/vigilvlm-text", s.stream_id());
-                let _ = text.push_event(gst::event::StreamStart::builder(&id).group_id(s.group_id().unwrap_or_else(gst::GroupId::next)).build());
-                let _ = text.push_event(gst::event::Caps::new(&gst::Caps::builder("text/x-raw").field("format", "utf8").build()));
+                if let Some(text) = &text {
+                    let id = format!("{}/vigilvlm-text", s.stream_id());
+                    let group = s.group_id().unwrap_or_else(gst::GroupId::next);
+                    text.event(gst::event::StreamStart::builder(&id).group_id(group).build());
+                    text.event(gst::event::Caps::new(&gst::Caps::builder("text/x-raw").field("format", "utf8").build()));
+                }
             }
             gst::EventView::Segment(seg) => {
                 if let Some(time) = seg.segment().downcast_ref::<gst::ClockTime>() {
                     self.new_segment(time.clone());
                 }
-                let _ = text.push_event(event.clone());
+                if let Some(text) = &text {
+                    text.event(event.clone());
+                }
             }
             gst::EventView::FlushStart(_) => {
                 if let Some(st) = lock(&self.state).as_ref() {
                     st.shared.set_flushing(true);
                 }
-                let _ = text.push_event(event.clone());
+                if let Some(text) = &text {
+                    text.flush_start(event.clone());
+                }
             }
             gst::EventView::FlushStop(_) => {
                 self.flush();
-                let _ = text.push_event(event.clone());
+                if let Some(text) = &text {
+                    text.event(event.clone());
+                }
             }
             gst::EventView::Gap(_) => {
-                let _ = text.push_event(event.clone());
+                if let Some(text) = &text {
+                    text.event(event.clone());
+                }
             }
             gst::EventView::Eos(_) => {
+                // Every answer is posted (and its text queued) before EOS, on both pads.
                 self.drain();
-                let _ = text.push_event(gst::event::Eos::new());
+                if let Some(text) = &text {
+                    text.event(gst::event::Eos::new());
+                }
             }
             _ => {}
         }
@@ -607,13 +638,19 @@ impl VigilVlm {
             gst::debug!(CAT, imp = self, "buffer without a timestamp: not sampled");
             return;
         };
+        st.shared.last_pts.store(pts.nseconds(), Ordering::Relaxed);
+        // The text stream keeps up with the video, so a textoverlay waiting for text
+        // (its default) never holds the video back for an answer.
+        if st.text.is_linked() {
+            st.text.event(gst::event::Gap::builder(pts).duration(buf.duration()).build());
+        }
         let Some(t) = st.segment.to_stream_time(pts) else { return };
         for (slot, picked) in st.sampler.push(t.nseconds() as f64 / 1e9, buf.clone()) {
             let Some(input) = &st.input else { return };
             let (data, w, h) = match rgb_frame(&picked, input) {
                 Ok(f) => f,
                 Err(e) => {
-                    gst::element_imp_warning!(self, gst::StreamError::Decode, ["vigilvlm: frame not sampled: {}", e]);
+                    gst::element_imp_warning!(self, gst::StreamError::Decode, ("vigilvlm: frame not sampled: {}", e));
                     continue;
                 }
             };

@@ -15,6 +15,7 @@ use gstreamer::prelude::*;
 pub mod engines;
 mod imp;
 mod sampler;
+mod text;
 mod worker;
 
 glib::wrapper! {

@@ -62,6 +62,8 @@ pub struct Shared {
     capacity: usize,
     /// Set during a flush: EOS waits give up.
     flushing: AtomicBool,
+    /// PTS of the latest video buffer (ns; `u64::MAX`: none yet).
+    pub last_pts: AtomicU64,
 }
 
 fn lock(m: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
@@ -77,6 +79,7 @@ impl Shared {
             counters: Counters::default(),
             capacity: capacity.max(1),
             flushing: AtomicBool::new(false),
+            last_pts: AtomicU64::new(u64::MAX),
         })
     }
 
@@ -142,10 +145,26 @@ impl Shared {
     }
 }
 
+/// How text buffers are timestamped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, glib::Enum)]
+#[repr(u32)]
+#[enum_type(name = "GstVigilVlmTextTimestamps")]
+pub enum TextTimestamps {
+    /// PTS and duration span the window the answer is about (subtitle muxers, appsinks).
+    #[enum_value(name = "Window: PTS and duration span the window", nick = "window")]
+    Window,
+    /// PTS is the video position when the answer arrives, duration the stride: an overlay
+    /// shows each answer until the next one (live captions).
+    #[enum_value(name = "Arrival: from the video position at arrival, for one stride", nick = "arrival")]
+    Arrival,
+}
+
 /// Where the worker delivers answers.
 pub struct Outlet {
     pub element: glib::WeakRef<super::VigilVlm>,
-    pub text_pad: gst::Pad,
+    pub text: super::text::TextOut,
+    pub timestamps: TextTimestamps,
+    pub stride: gst::ClockTime,
     /// The stream name answers report (the element's name).
     pub stream: String,
     /// The stream's key in the shared engine (unique in the process).
@@ -239,7 +258,7 @@ fn deliver(shared: &Shared, engine: &SharedEngine, out: &Outlet, inflight: &mut 
             let seq = r.window_seq;
             if let Some(f) = inflight.get(&seq) {
                 shared.counters.answers.fetch_add(1, Ordering::Relaxed);
-                answer(out, engine, f, r);
+                answer(shared, out, engine, f, r);
             }
             (seq, 1)
         }
@@ -269,7 +288,7 @@ fn deliver(shared: &Shared, engine: &SharedEngine, out: &Outlet, inflight: &mut 
 }
 
 /// Post an answer on the bus and push it on the text pad.
-fn answer(out: &Outlet, engine: &SharedEngine, f: &InFlight, mut r: PromptResult) {
+fn answer(shared: &Shared, out: &Outlet, engine: &SharedEngine, f: &InFlight, mut r: PromptResult) {
     r.stream = out.stream.clone();
     let name = r.prompt.clone();
     let several = f.prompts > 1;
@@ -297,14 +316,20 @@ fn answer(out: &Outlet, engine: &SharedEngine, f: &InFlight, mut r: PromptResult
     }
     // Several prompts share one pad: each line says which prompt it answers.
     let text = if several { format!("{name}: {}", a.answer) } else { a.answer.clone() };
+    let (pts, duration) = match out.timestamps {
+        TextTimestamps::Window => (f.pts, f.duration),
+        TextTimestamps::Arrival => {
+            let now = shared.last_pts.load(Ordering::Relaxed);
+            ((now != u64::MAX).then(|| gst::ClockTime::from_nseconds(now)), Some(out.stride))
+        }
+    };
     let mut buf = gst::Buffer::from_mut_slice(text.into_bytes());
     {
         let b = buf.get_mut().expect("a new buffer is writable");
-        b.set_pts(f.pts);
-        b.set_duration(f.duration);
+        b.set_pts(pts);
+        b.set_duration(duration);
     }
-    // Not linked, or flushing: the bus message above still carries the answer.
-    let _ = out.text_pad.push(buf);
+    out.text.buffer(buf);
 }
 
 fn post_dropped(out: &Outlet, seq: u64, reason: &str) {
