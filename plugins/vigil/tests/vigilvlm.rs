@@ -354,3 +354,41 @@ fn a_flushing_seek_finishes_and_answers_the_new_position() {
     assert!(starts.iter().any(|&s| s >= 5.0), "no answer after the seek: {starts:?}");
     assert!(starts.iter().all(|&s| s < 2.0 || s >= 5.0), "an answer about the skipped part: {starts:?}");
 }
+
+/// `prompt` changes while playing: the windows closed after the change are asked the new
+/// question.
+#[test]
+fn the_prompt_changes_while_playing() {
+    let _g = serial();
+    init();
+    let desc = format!(
+        "videotestsrc is-live=true pattern=ball ! video/x-raw,format=I420,width=160,height=120,framerate=10/1 ! {} ! fakesink",
+        vlm("v", "fps=4 window-seconds=0.5 stride-seconds=0.5 prompt=\"What color is the ball?\"")
+    );
+    let pipeline = launch(&desc);
+    let bus = pipeline.bus().unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let mut questions = Vec::new();
+    let t0 = Instant::now();
+    let mut changed = false;
+    while t0.elapsed() < Duration::from_secs(30) {
+        let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else { continue };
+        if let gst::MessageView::Element(el) = msg.view() {
+            let s = el.structure().unwrap();
+            if s.name() == "vigilvlm-answer" {
+                questions.push(s.get::<String>("question").unwrap());
+                if !changed {
+                    pipeline.by_name("v").unwrap().set_property("prompt", "Is the ball moving?");
+                    changed = true;
+                }
+            }
+        }
+        if questions.iter().filter(|q| q.as_str() == "Is the ball moving?").count() >= 2 {
+            break;
+        }
+    }
+    pipeline.set_state(gst::State::Null).unwrap();
+    assert_eq!(questions.first().map(String::as_str), Some("What color is the ball?"), "{questions:?}");
+    let first_new = questions.iter().position(|q| q == "Is the ball moving?").unwrap_or_else(|| panic!("{questions:?}"));
+    assert!(questions[first_new..].iter().all(|q| q == "Is the ball moving?"), "{questions:?}");
+}
