@@ -494,10 +494,16 @@ impl VideoLlama3ForConditionalGeneration {
     }
 
     /// Logits `[batch, len, vocab]` (f32) for hidden states `[batch, len, hidden]`.
+    ///
+    /// One 2-D matmul over contiguous rows: a batched matmul of a strided view (the last
+    /// position of a prefill) against the broadcast `[vocab, hidden]` matrix materialises that
+    /// matrix once per row (gigabytes at the 2B's vocabulary).
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
-        Ok(hidden
-            .broadcast_matmul(&self.lm_head.t()?)?
-            .to_dtype(DType::F32)?)
+        let (b, l, h) = hidden.dims3()?;
+        let rows = hidden.contiguous()?.reshape((b * l, h))?;
+        let logits = rows.matmul(&self.lm_head.t()?)?;
+        let vocab = logits.dim(1)?;
+        Ok(logits.reshape((b, l, vocab))?.to_dtype(DType::F32)?)
     }
 
     /// Prefill forward over all positions: logits `[batch, len, vocab]`; fills `cache`.
