@@ -36,6 +36,13 @@ pub(crate) fn attention(
     attention_with_budget(q, k, v, scale, bias, SCORE_BUDGET_BYTES)
 }
 
+/// `q · kᵀ · scale` as f32. The product keeps the model dtype (as transformers' matmul does);
+/// the scale is applied after the cast: scaling in bf16 would round `scale` itself
+/// (`72^-0.5` → 0.117676) and every scaled score.
+pub(crate) fn scaled_scores(q: &Tensor, kt: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+    q.matmul(kt)?.to_dtype(DType::F32)? * scale
+}
+
 fn attention_with_budget(
     q: &Tensor,
     k: &Tensor,
@@ -63,7 +70,7 @@ fn attention_with_budget(
         };
         // [b, kv·groups, len, d] → [b, kv, groups·len, d]: same memory order, no copy when contiguous.
         let qc = qc.contiguous()?.reshape((b, kv, groups * len, d))?;
-        let scores = (qc.matmul(&kt)? * scale)?.to_dtype(DType::F32)?;
+        let scores = scaled_scores(&qc, &kt, scale)?;
         let mut scores = scores.reshape((b, h, len, s))?;
         if let Some(bias) = bias {
             scores = scores.broadcast_add(&bias(start, len)?)?;
@@ -88,6 +95,20 @@ mod tests {
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn bf16_scores_are_scaled_in_f32() {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 3.0, (1, 1, 64, 72), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let kt = Tensor::randn(0f32, 3.0, (1, 1, 72, 64), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let scale = 72f64.powf(-0.5);
+        let raw = q.matmul(&kt).unwrap().to_dtype(DType::F32).unwrap();
+        let want = (&raw * scale).unwrap();
+        assert_eq!(max_abs_diff(&scaled_scores(&q, &kt, scale).unwrap(), &want), 0.0);
+        // Scaling in bf16 first is measurably different.
+        let narrow = (q.matmul(&kt).unwrap() * scale).unwrap().to_dtype(DType::F32).unwrap();
+        assert!(max_abs_diff(&narrow, &want) > 1e-3);
     }
 
     #[test]

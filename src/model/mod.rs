@@ -55,6 +55,7 @@
 //! A left-padded batch (`attention_mask` 0 on padding) mixes images, videos and text in one
 //! call; each row stops on its own EOS and yields the same tokens as when run alone.
 
+mod activation;
 mod attention;
 pub mod config;
 pub mod generation;
@@ -68,7 +69,7 @@ mod video_llama3;
 pub use config::{
     GenerationDefaults, VideoLlama3Config, VideoLlama3TextConfig, VideoLlama3VisionConfig,
 };
-pub use generation::{GenerationOutput, GenerationParams, Sampling, TextStreamer, TokenEvent};
+pub use generation::{DecodeRow, Decoding, GenerationOutput, GenerationParams, Sampling, TextStreamer, TokenEvent};
 pub use text::{KvCache, Qwen2Decoder};
 pub use video_llama3::{
     ModelOutput, MultimodalInputs, VideoLlama3ForConditionalGeneration, VideoLlama3Model,
@@ -102,6 +103,8 @@ pub enum ModelError {
     },
     #[error("no safetensors weights in {0} (expected model.safetensors or model.safetensors.index.json)")]
     NoWeights(String),
+    #[error("generation interrupted")]
+    Interrupted,
     #[error("invalid model input: {0}")]
     InvalidInput(String),
     #[error(transparent)]

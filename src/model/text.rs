@@ -11,7 +11,6 @@ use candle_nn::{linear, linear_no_bias, rms_norm, Linear, RmsNorm, VarBuilder};
 
 use super::attention::{attention, rows_per_chunk};
 use super::config::VideoLlama3TextConfig;
-use super::vision::apply_rotary;
 
 /// Key/value cache of every layer plus the key padding mask seen so far.
 /// One layer's keys and values, `[batch, kv_heads, capacity, head_dim]` buffers of which the
@@ -185,8 +184,8 @@ impl Attention {
             .forward(xs)?
             .reshape((b, l, self.num_kv_heads, self.head_dim))?
             .transpose(1, 2)?;
-        let q = apply_rotary(&q, cos, sin)?.contiguous()?;
-        let k = apply_rotary(&k, cos, sin)?.contiguous()?;
+        let q = apply_rotary_in_dtype(&q, cos, sin)?.contiguous()?;
+        let k = apply_rotary_in_dtype(&k, cos, sin)?.contiguous()?;
         let v = v.contiguous()?;
         let (k, v) = match cache {
             Some(layer) => layer.append(&k, &v)?,
@@ -359,16 +358,8 @@ impl Qwen2Decoder {
         let freqs = pos.broadcast_mul(&self.inv_freq)?;
         let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
         let dtype = xs.dtype();
-        let cos = emb
-            .cos()?
-            .to_dtype(dtype)?
-            .to_dtype(DType::F32)?
-            .unsqueeze(1)?; // [b, 1, l, hd]
-        let sin = emb
-            .sin()?
-            .to_dtype(dtype)?
-            .to_dtype(DType::F32)?
-            .unsqueeze(1)?;
+        let cos = emb.cos()?.to_dtype(dtype)?.unsqueeze(1)?; // [b, 1, l, hd]
+        let sin = emb.sin()?.to_dtype(dtype)?.unsqueeze(1)?;
         let mut hidden = xs.clone();
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             hidden = layer.forward(&hidden, &cos, &sin, &mask, slot)?;
@@ -484,4 +475,15 @@ mod tests {
         assert!(same(&ok, &k));
         assert_eq!(a.layers[0].as_ref().unwrap().len, 4);
     }
+}
+
+/// Qwen2's `apply_rotary_pos_emb`: `x·cos + rotate_half(x)·sin` in the model dtype, with
+/// `cos`/`sin` already cast to it — each product and the sum rounded to that dtype, as
+/// transformers computes it (the vision tower's rotary, unlike this one, runs in f32).
+fn apply_rotary_in_dtype(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }

@@ -162,8 +162,8 @@ impl VisionMlp {
 
 impl Module for VisionMlp {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        // gelu_pytorch_tanh = candle's tanh-approximated gelu.
-        self.fc2.forward(&self.fc1.forward(xs)?.gelu()?)
+        // gelu_pytorch_tanh, evaluated in f32 as PyTorch does.
+        self.fc2.forward(&super::activation::gelu_tanh(&self.fc1.forward(xs)?)?)
     }
 }
 
@@ -389,7 +389,7 @@ impl VideoLlama3Projector {
 
 impl Module for VideoLlama3Projector {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(xs)?.gelu_erf()?)
+        self.fc2.forward(&super::activation::gelu_erf(&self.fc1.forward(xs)?)?)
     }
 }
 
