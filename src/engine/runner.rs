@@ -25,15 +25,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 use super::features::{FeatureCache, FrameKey, LruCache};
 use super::{EngineError, PromptResult};
 use crate::config::{PromptConfig, PruningConfig};
-use crate::model::generation::{apply_repetition_penalty, argmax, sample, Rng};
 use crate::model::text::DecoderInputs;
 use crate::model::{
-    GenerationParams, KvCache, MultimodalInputs, Sampling, VideoLlama3ForConditionalGeneration, VisualInputs,
+    DecodeRow, Decoding, GenerationParams, KvCache, ModelError, MultimodalInputs, VideoLlama3ForConditionalGeneration, VisualInputs,
 };
 use crate::processor::image::{normalize_planes, patchify_frames};
 use crate::processor::resize::{resize_torchvision_bicubic_u8, smart_resize};
@@ -122,17 +121,28 @@ struct PreparedPrompt {
     shared: bool,
 }
 
-/// A sequence being generated.
-struct Row {
+/// Where a decoded row comes from: its window (job) and prompt.
+struct RowOf {
     job: usize,
     prompt: usize,
+    /// The row's prompt length (prefix + suffix).
     full_len: usize,
-    max_new: usize,
-    tokens: Vec<u32>,
-    seen: Vec<bool>,
-    rng: Option<Rng>,
-    done: bool,
-    decode: Duration,
+}
+
+/// What the prefills hand to decoding: per row its origin and decode state, the cache and the
+/// last position's logits.
+struct Prefilled {
+    of: Vec<RowOf>,
+    rows: Vec<DecodeRow>,
+    cache: KvCache,
+    logits: Tensor,
+}
+
+/// A prefix prefilled once and forked into its rows: a window's shared video + head, or an
+/// unshared prompt's own prefix.
+struct Group {
+    job: usize,
+    ids: Vec<u32>,
 }
 
 /// Owns the model and processor; runs batches (on the engine thread).
@@ -146,9 +156,7 @@ pub struct Runner {
     /// and normalize each frame once.
     pixel_cache: LruCache<Arc<Vec<f32>>>,
     pub options: RunOptions,
-    eos: Vec<u32>,
-    pad: u32,
-    penalty: Option<f32>,
+    decoding: Decoding,
 }
 
 fn perr(e: impl std::fmt::Display) -> String {
@@ -164,15 +172,7 @@ impl Runner {
         pruning: PruningConfig,
         feature_cache_frames: usize,
     ) -> Result<Self, EngineError> {
-        let defaults = model.generation_defaults();
-        let eos = params.eos_token_ids.clone().unwrap_or_else(|| defaults.eos_token_ids.clone());
-        let pad = params.pad_token_id.or(defaults.pad_token_id).or_else(|| eos.first().copied()).unwrap_or(0);
-        let penalty = params.repetition_penalty.or(defaults.repetition_penalty).filter(|&p| p != 1.0);
-        if let Some(p) = penalty {
-            if !(p > 0.0 && p.is_finite()) {
-                return Err(EngineError::Load(format!("repetition_penalty must be positive, got {p}")));
-            }
-        }
+        let decoding = Decoding::resolve(&params, model.generation_defaults()).map_err(|e| EngineError::Load(e.to_string()))?;
         let cfg = model.config();
         if processor.video_token_id != cfg.video_token_id || processor.image_token_id != cfg.image_token_id {
             return Err(EngineError::Load(format!(
@@ -191,9 +191,7 @@ impl Runner {
             cache: FeatureCache::new(feature_cache_frames),
             pixel_cache: LruCache::new(feature_cache_frames),
             options: RunOptions::default(),
-            eos,
-            pad,
-            penalty,
+            decoding,
         })
     }
 
@@ -648,16 +646,55 @@ impl Runner {
         abort: &AtomicBool,
         stats: &mut RunStats,
     ) -> Result<Vec<(usize, usize, PromptOutcome)>, String> {
-        let dev = self.model.device().clone();
-        // Prefix groups: one per window for its shared rows, one per unshared row.
-        struct Group {
-            job: usize,
-            ids: Vec<u32>,
+        let (groups, row_group, of) = self.group(preps, stats);
+        if of.is_empty() {
+            return Ok(Vec::new());
         }
+        let t_prefill = Instant::now();
+        let prefix_cache = self.prefill_prefixes(&groups, preps, feats)?;
+        alive();
+        let Prefilled { of, mut rows, mut cache, logits } = self.prefill_suffixes(work, preps, prefix_cache, &row_group, of, stats)?;
+        let _ = self.model.device().synchronize();
+        let prefill = t_prefill.elapsed();
+        stats.prefill = prefill;
+        alive();
+
+        let t_decode = Instant::now();
+        let mut step = || {
+            alive();
+            !abort.load(Ordering::Relaxed)
+        };
+        match self.model.decode_rows(&self.decoding, &mut rows, logits, &mut cache, &mut |_| {}, &mut step) {
+            Ok(()) => {}
+            Err(ModelError::Interrupted) => return Err("engine shutting down".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+        stats.decode = t_decode.elapsed();
+        let mut results = Vec::with_capacity(rows.len());
+        for (o, r) in of.iter().zip(&rows) {
+            let p = preps[o.job].as_ref().expect("prepared");
+            stats.tokens_generated += r.tokens.len() as u64;
+            let res = self.result(
+                &work[o.job].stream,
+                work[o.job].window.seq,
+                &work[o.job].prompts[o.prompt],
+                &r.tokens,
+                o.full_len as u32,
+                p.visual_total,
+                p.visual_kept,
+                [work[o.job].queue, vision, prefill, r.decode],
+            );
+            results.push((o.job, o.prompt, res));
+        }
+        Ok(results)
+    }
+
+    /// The batch's prefix groups (one per window for its shared rows, one per unshared row),
+    /// each row's group, and where each row comes from.
+    fn group(&self, preps: &[Option<Prepared>], stats: &mut RunStats) -> (Vec<Group>, Vec<usize>, Vec<RowOf>) {
         let mut groups: Vec<Group> = Vec::new();
-        let mut rows: Vec<Row> = Vec::new();
         let mut row_group: Vec<usize> = Vec::new();
-        let vocab = self.model.config().text_config.vocab_size;
+        let mut of: Vec<RowOf> = Vec::new();
         for (j, p) in preps.iter().enumerate() {
             let Some(p) = p else { continue };
             stats.visual_tokens_total += p.visual_total as u64;
@@ -681,50 +718,29 @@ impl Runner {
                     groups.len() - 1
                 };
                 row_group.push(g);
-                let seen = if self.penalty.is_some() {
-                    let mut s = vec![false; vocab];
-                    for &t in &r.full_ids {
-                        if let Some(x) = s.get_mut(t as usize) {
-                            *x = true;
-                        }
-                    }
-                    s
-                } else {
-                    Vec::new()
-                };
-                rows.push(Row {
-                    job: j,
-                    prompt: pi,
-                    full_len: r.full_ids.len(),
-                    max_new: self.max_new(&work[j].prompts[pi]),
-                    tokens: Vec::new(),
-                    seen,
-                    rng: match &self.params.sampling {
-                        Sampling::Sample { seed, .. } => Some(Rng(*seed)),
-                        Sampling::Greedy => None,
-                    },
-                    done: false,
-                    decode: Duration::ZERO,
-                });
+                of.push(RowOf { job: j, prompt: pi, full_len: r.full_ids.len() });
             }
         }
-        if rows.is_empty() {
-            return Ok(Vec::new());
+        if !of.is_empty() {
+            stats.video_prefills += groups.len() as u64;
+            stats.prefix_tokens += groups.iter().map(|g| g.ids.len() as u64).sum::<u64>();
+            stats.sequences += of.len() as u64;
         }
-        stats.video_prefills += groups.len() as u64;
-        stats.prefix_tokens += groups.iter().map(|g| g.ids.len() as u64).sum::<u64>();
-        stats.sequences += rows.len() as u64;
+        (groups, row_group, of)
+    }
 
-        // 1. Prefix prefill (video + head), left-padded, all groups of the batch at once.
-        let t_prefill = Instant::now();
+    /// Prefix prefill (video + head), left-padded, all groups of the batch at once.
+    fn prefill_prefixes(&self, groups: &[Group], preps: &[Option<Prepared>], feats: &[Option<Tensor>]) -> Result<KvCache, String> {
+        let dev = self.model.device().clone();
+        let pad_id = self.decoding.pad;
         let lp = groups.iter().map(|g| g.ids.len()).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(groups.len() * lp);
         let mut mask = Vec::with_capacity(groups.len() * lp);
         let mut embeds = Vec::with_capacity(groups.len());
         let mut keep = Vec::new();
-        for g in &groups {
+        for g in groups {
             let pad = lp - g.ids.len();
-            ids.extend(std::iter::repeat_n(self.pad, pad));
+            ids.extend(std::iter::repeat_n(pad_id, pad));
             ids.extend_from_slice(&g.ids);
             mask.extend(std::iter::repeat_n(0f32, pad));
             mask.extend(std::iter::repeat_n(1f32, g.ids.len()));
@@ -740,25 +756,37 @@ impl Runner {
             ..MultimodalInputs::text(Tensor::from_vec(ids, (ng, lp), &dev).map_err(perr)?)
         };
         let stitched = self.model.model.input_embeddings(&mm).map_err(perr)?;
-        let mut prefix_cache = KvCache::new();
-        self.model.model.forward_embeds(&stitched, Some(&mask_t), &mut prefix_cache).map_err(perr)?;
-        alive();
+        let mut cache = KvCache::new();
+        self.model.model.forward_embeds(&stitched, Some(&mask_t), &mut cache).map_err(perr)?;
+        Ok(cache)
+    }
 
-        // 2. Fork each group's cache into its rows, then prefill the suffixes (mid-padded).
-        let mut cache = prefix_cache.select_rows(&row_group).map_err(perr)?;
+    /// Fork each group's cache into its rows, then prefill the rows' suffixes (mid-padded: each
+    /// row keeps the positions it has alone); the last position's logits start decoding.
+    fn prefill_suffixes(
+        &self,
+        work: &[WindowWork],
+        preps: &[Option<Prepared>],
+        prefix_cache: KvCache,
+        row_group: &[usize],
+        of: Vec<RowOf>,
+        stats: &mut RunStats,
+    ) -> Result<Prefilled, String> {
+        let dev = self.model.device().clone();
+        let mut cache = prefix_cache.select_rows(row_group).map_err(perr)?;
         drop(prefix_cache);
-        let nr = rows.len();
-        let suffix_of = |r: &Row| {
-            let pr = &preps[r.job].as_ref().expect("prepared").rows[r.prompt];
+        let nr = of.len();
+        let suffix_of = |o: &RowOf| {
+            let pr = &preps[o.job].as_ref().expect("prepared").rows[o.prompt];
             (&pr.full_ids[pr.split..], pr.split)
         };
-        let ls = rows.iter().map(|r| suffix_of(r).0.len()).max().unwrap_or(1);
+        let ls = of.iter().map(|o| suffix_of(o).0.len()).max().unwrap_or(1);
         let (mut sids, mut smask, mut spos) = (Vec::new(), Vec::new(), Vec::new());
-        for r in &rows {
-            let (suf, start) = suffix_of(r);
+        for o in &of {
+            let (suf, start) = suffix_of(o);
             stats.suffix_tokens += suf.len() as u64;
             let pad = ls - suf.len();
-            sids.extend(std::iter::repeat_n(self.pad, pad));
+            sids.extend(std::iter::repeat_n(self.decoding.pad, pad));
             sids.extend_from_slice(suf);
             smask.extend(std::iter::repeat_n(0f32, pad));
             smask.extend(std::iter::repeat_n(1f32, suf.len()));
@@ -773,90 +801,16 @@ impl Runner {
         let hidden = lm
             .forward(&DecoderInputs { inputs_embeds: &emb, position_ids: &spos, attention_mask: &smask }, &mut cache)
             .map_err(perr)?;
-        let mut logits = self.model.lm_head(&hidden.narrow(1, ls - 1, 1).map_err(perr)?).map_err(perr)?.squeeze(1).map_err(perr)?;
-        let _ = self.model.device().synchronize();
-        let prefill = t_prefill.elapsed();
-        stats.prefill = prefill;
-        alive();
-
-        // 3. Decode; finished rows leave the batch (their cache rows are dropped).
-        let t_decode = Instant::now();
-        let mut active: Vec<usize> = Vec::new();
-        for (i, r) in rows.iter_mut().enumerate() {
-            if r.max_new == 0 {
-                r.done = true;
-            } else {
-                active.push(i);
-            }
-        }
-        if active.len() != nr && !active.is_empty() {
-            cache = cache.select_rows(&active).map_err(perr)?;
-            logits = logits.index_select(&Tensor::from_vec(active.iter().map(|&i| i as u32).collect::<Vec<_>>(), active.len(), &dev).map_err(perr)?, 0).map_err(perr)?;
-        }
-        let mut step = 0usize;
-        while !active.is_empty() {
-            if abort.load(Ordering::Relaxed) {
-                return Err("engine shutting down".into());
-            }
-            let mut lrows = logits.to_dtype(DType::F32).map_err(perr)?.to_vec2::<f32>().map_err(perr)?;
-            let mut next_active = Vec::with_capacity(active.len());
-            let mut keep_idx = Vec::with_capacity(active.len());
-            let mut chosen = Vec::with_capacity(active.len());
-            let mut positions = Vec::with_capacity(active.len());
-            for (k, &ri) in active.iter().enumerate() {
-                let r = &mut rows[ri];
-                let row = &mut lrows[k];
-                if let Some(p) = self.penalty {
-                    apply_repetition_penalty(row, &r.seen, p);
-                }
-                let tok = match (&self.params.sampling, r.rng.as_mut()) {
-                    (Sampling::Sample { temperature, top_k, top_p, .. }, Some(rng)) => sample(row, *temperature, *top_k, *top_p, rng),
-                    _ => argmax(row),
-                };
-                if let Some(x) = r.seen.get_mut(tok as usize) {
-                    *x = true;
-                }
-                r.tokens.push(tok);
-                if self.eos.contains(&tok) || r.tokens.len() >= r.max_new {
-                    r.done = true;
-                    r.decode = t_decode.elapsed();
-                } else {
-                    next_active.push(ri);
-                    keep_idx.push(k);
-                    chosen.push(tok);
-                    positions.push((r.full_len + step) as i64);
-                }
-            }
-            if next_active.is_empty() {
-                break;
-            }
-            if keep_idx.len() != active.len() {
-                cache = cache.select_rows(&keep_idx).map_err(perr)?;
-            }
-            logits = self.model.decode_step(&chosen, &positions, &mut cache).map_err(perr)?;
-            active = next_active;
-            step += 1;
-            alive();
-        }
-
-        stats.decode = t_decode.elapsed();
-        let mut results = Vec::with_capacity(nr);
-        for r in &rows {
-            let p = preps[r.job].as_ref().expect("prepared");
-            stats.tokens_generated += r.tokens.len() as u64;
-            let res = self.result(
-                &work[r.job].stream,
-                work[r.job].window.seq,
-                &work[r.job].prompts[r.prompt],
-                &r.tokens,
-                r.full_len as u32,
-                p.visual_total,
-                p.visual_kept,
-                [work[r.job].queue, vision, prefill, r.decode],
-            );
-            results.push((r.job, r.prompt, res));
-        }
-        Ok(results)
+        let logits = self.model.lm_head(&hidden.narrow(1, ls - 1, 1).map_err(perr)?).map_err(perr)?.squeeze(1).map_err(perr)?;
+        let vocab = self.model.config().text_config.vocab_size;
+        let rows = of
+            .iter()
+            .map(|o| {
+                let full = &preps[o.job].as_ref().expect("prepared").rows[o.prompt].full_ids;
+                DecodeRow::new(&self.decoding, full, vocab, self.max_new(&work[o.job].prompts[o.prompt]), full.len() as i64)
+            })
+            .collect();
+        Ok(Prefilled { of, rows, cache, logits })
     }
 }
 

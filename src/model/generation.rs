@@ -6,7 +6,7 @@
 //! top-k → top-p, applied in that order). Sampling uses our own seeded RNG, so sampled text is
 //! reproducible per seed but not equal to torch's.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Tensor};
 
@@ -14,7 +14,7 @@ use super::text::KvCache;
 use super::video_llama3::{
     position_ids_from_mask, MultimodalInputs, VideoLlama3ForConditionalGeneration,
 };
-use super::ModelError;
+use super::{GenerationDefaults, ModelError};
 
 /// How the next token is chosen.
 #[derive(Debug, Clone, PartialEq)]
@@ -137,6 +137,7 @@ where
 }
 
 /// splitmix64: tiny, seedable and good enough for token sampling.
+#[derive(Debug, Clone)]
 pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
@@ -220,7 +221,145 @@ pub(crate) fn sample(
     order[keep - 1] as u32
 }
 
+/// How every row of one generation chooses its tokens: EOS ids, the pad id, repetition penalty
+/// and sampling, resolved once from the call's parameters and the checkpoint's
+/// generation_config.json (the parameters win).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoding {
+    pub sampling: Sampling,
+    pub eos: Vec<u32>,
+    /// Fed for padding (and, in transformers, for finished rows).
+    pub pad: u32,
+    /// Repetition penalty other than 1.
+    pub penalty: Option<f32>,
+}
+
+impl Decoding {
+    pub fn resolve(params: &GenerationParams, defaults: &GenerationDefaults) -> Result<Decoding, ModelError> {
+        let eos = params.eos_token_ids.clone().unwrap_or_else(|| defaults.eos_token_ids.clone());
+        let pad = params.pad_token_id.or(defaults.pad_token_id).or_else(|| eos.first().copied()).unwrap_or(0);
+        let penalty = params.repetition_penalty.or(defaults.repetition_penalty).filter(|&p| p != 1.0);
+        if let Some(p) = penalty {
+            if !(p > 0.0 && p.is_finite()) {
+                return Err(ModelError::InvalidInput(format!("repetition_penalty must be positive, got {p}")));
+            }
+        }
+        Ok(Decoding { sampling: params.sampling.clone(), eos, pad, penalty })
+    }
+
+    /// Penalty, then arg-max or a draw from the row's own RNG; records the token as seen.
+    fn choose(&self, row: &mut DecodeRow, logits: &mut [f32]) -> u32 {
+        if let Some(p) = self.penalty {
+            apply_repetition_penalty(logits, &row.seen, p);
+        }
+        let tok = match (&self.sampling, row.rng.as_mut()) {
+            (Sampling::Sample { temperature, top_k, top_p, .. }, Some(rng)) => sample(logits, *temperature, *top_k, *top_p, rng),
+            _ => argmax(logits),
+        };
+        if let Some(x) = row.seen.get_mut(tok as usize) {
+            *x = true;
+        }
+        tok
+    }
+}
+
+/// One sequence being decoded. Each row has its own RNG (seeded alike), so a row samples the
+/// same tokens in any batch as it would alone.
+#[derive(Debug)]
+pub struct DecodeRow {
+    pub max_new: usize,
+    /// Position of the next token (the prompt's last position + 1, then on).
+    pub position: i64,
+    /// Generated ids, including the EOS that ended the row.
+    pub tokens: Vec<u32>,
+    pub stopped_on_eos: bool,
+    pub done: bool,
+    /// Decoding time until this row finished.
+    pub decode: Duration,
+    /// Ids the repetition penalty covers (the prompt, then the outputs); empty without one.
+    seen: Vec<bool>,
+    rng: Option<Rng>,
+}
+
+impl DecodeRow {
+    /// `prompt`: the row's prompt ids without padding (what the repetition penalty covers).
+    pub fn new(d: &Decoding, prompt: &[u32], vocab: usize, max_new: usize, position: i64) -> DecodeRow {
+        let mut seen = Vec::new();
+        if d.penalty.is_some() {
+            seen = vec![false; vocab];
+            for &t in prompt {
+                if let Some(x) = seen.get_mut(t as usize) {
+                    *x = true;
+                }
+            }
+        }
+        let rng = match &d.sampling {
+            Sampling::Sample { seed, .. } => Some(Rng(*seed)),
+            Sampling::Greedy => None,
+        };
+        DecodeRow { max_new, position, tokens: Vec::new(), stopped_on_eos: false, done: max_new == 0, decode: Duration::ZERO, seen, rng }
+    }
+}
+
 impl VideoLlama3ForConditionalGeneration {
+    /// The decode loop, shared by [`Self::generate`] and the engine. `logits` `[rows, vocab]`
+    /// come from the prefill and `cache` holds every row; each step chooses a token per active
+    /// row, and rows that finish (EOS or `max_new`, or `max_new = 0` from the start) leave the
+    /// batch with their cache rows.
+    /// `step` runs before each decode step; returning false stops with
+    /// [`ModelError::Interrupted`].
+    pub fn decode_rows(
+        &self,
+        d: &Decoding,
+        rows: &mut [DecodeRow],
+        logits: Tensor,
+        cache: &mut KvCache,
+        on_token: &mut dyn FnMut(&TokenEvent),
+        step: &mut dyn FnMut() -> bool,
+    ) -> Result<(), ModelError> {
+        let t0 = Instant::now();
+        let mut active: Vec<usize> = (0..rows.len()).collect();
+        let mut logits = logits;
+        while !active.is_empty() {
+            let mut lrows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            let mut keep = Vec::with_capacity(active.len());
+            let mut chosen = Vec::with_capacity(active.len());
+            let mut positions = Vec::with_capacity(active.len());
+            for (k, &ri) in active.iter().enumerate() {
+                let r = &mut rows[ri];
+                if r.done {
+                    continue;
+                }
+                let tok = d.choose(r, &mut lrows[k]);
+                let is_eos = d.eos.contains(&tok);
+                r.tokens.push(tok);
+                on_token(&TokenEvent { row: ri, step: r.tokens.len() - 1, token: tok, is_eos });
+                if is_eos || r.tokens.len() >= r.max_new {
+                    r.done = true;
+                    r.stopped_on_eos = is_eos;
+                    r.decode = t0.elapsed();
+                } else {
+                    keep.push(k);
+                    chosen.push(tok);
+                    positions.push(r.position);
+                    r.position += 1;
+                }
+            }
+            if keep.is_empty() {
+                break;
+            }
+            if !step() {
+                return Err(ModelError::Interrupted);
+            }
+            if keep.len() != active.len() {
+                *cache = cache.select_rows(&keep)?;
+                active = keep.iter().map(|&k| active[k]).collect();
+            }
+            logits = self.decode_step(&chosen, &positions, cache)?;
+        }
+        Ok(())
+    }
+
     /// Generate up to `max_new_tokens` per row; `on_token` sees each token as it is chosen.
     pub fn generate(
         &self,
@@ -228,16 +367,7 @@ impl VideoLlama3ForConditionalGeneration {
         params: &GenerationParams,
         on_token: &mut dyn FnMut(&TokenEvent),
     ) -> Result<GenerationOutput, ModelError> {
-        let defaults = self.generation_defaults();
-        let eos: Vec<u32> = params
-            .eos_token_ids
-            .clone()
-            .unwrap_or_else(|| defaults.eos_token_ids.clone());
-        let pad = params
-            .pad_token_id
-            .or(defaults.pad_token_id)
-            .or_else(|| eos.first().copied())
-            .unwrap_or(0);
+        let d = Decoding::resolve(params, self.generation_defaults())?;
         let (b, l) = inputs.input_ids.dims2()?;
         if b == 0 || l == 0 {
             return Err(ModelError::InvalidInput(format!(
@@ -249,47 +379,22 @@ impl VideoLlama3ForConditionalGeneration {
             Some(m) => m.to_device(self.device())?.to_dtype(DType::F32)?,
             None => Tensor::ones((b, l), DType::F32, self.device())?,
         };
-        let prompt_tokens: Vec<usize> = mask
-            .to_vec2::<f32>()?
-            .iter()
-            .map(|r| r.iter().filter(|&&v| v != 0.0).count())
-            .collect();
+        let mask_rows = mask.to_vec2::<f32>()?;
+        let prompt_tokens: Vec<usize> = mask_rows.iter().map(|r| r.iter().filter(|&&v| v != 0.0).count()).collect();
         // Decode positions continue from the last column's position (generate's `position_ids[..., -1:] + 1`).
         let pos = position_ids_from_mask(&mask)?.to_vec2::<i64>()?;
-        let mut next_pos: Vec<i64> = pos.iter().map(|r| r[l - 1] + 1).collect();
-
-        let penalty = params
-            .repetition_penalty
-            .or(defaults.repetition_penalty)
-            .filter(|&p| p != 1.0);
-        if let Some(p) = penalty {
-            if !(p > 0.0 && p.is_finite()) {
-                return Err(ModelError::InvalidInput(format!(
-                    "repetition_penalty must be positive, got {p}"
-                )));
-            }
-        }
-        // Per row: which ids the penalty covers (prompt after its left padding, then outputs).
-        let mut seen: Vec<Vec<bool>> = Vec::new();
-        if penalty.is_some() {
-            let vocab = self.config().text_config.vocab_size;
-            let ids: Vec<Vec<u32>> = inputs.input_ids.to_dtype(DType::U32)?.to_vec2()?;
-            let mask_rows = mask.to_vec2::<f32>()?;
-            for (row, m) in ids.iter().zip(&mask_rows) {
+        let ids: Vec<Vec<u32>> = inputs.input_ids.to_dtype(DType::U32)?.to_vec2()?;
+        let vocab = self.config().text_config.vocab_size;
+        let mut rows: Vec<DecodeRow> = ids
+            .iter()
+            .zip(&mask_rows)
+            .zip(&pos)
+            .map(|((row, m), p)| {
+                // The penalty covers the prompt after its left padding.
                 let first = m.iter().position(|&v| v != 0.0).unwrap_or(0);
-                let mut s = vec![false; vocab];
-                for &t in &row[first..] {
-                    if let Some(x) = s.get_mut(t as usize) {
-                        *x = true;
-                    }
-                }
-                seen.push(s);
-            }
-        }
-        let mut rng = match &params.sampling {
-            Sampling::Sample { seed, .. } => Some(Rng(*seed)),
-            Sampling::Greedy => None,
-        };
+                DecodeRow::new(&d, &row[first..], vocab, params.max_new_tokens, p[l - 1] + 1)
+            })
+            .collect();
         let mut cache = KvCache::new();
         let t0 = Instant::now();
         let embeds = self.model.input_embeddings(inputs)?;
@@ -297,7 +402,7 @@ impl VideoLlama3ForConditionalGeneration {
         self.device().synchronize()?;
         let vision_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t0 = Instant::now();
-        let mut logits = if params.max_new_tokens > 0 {
+        let logits = if params.max_new_tokens > 0 {
             Some(self.prefill_last_embeds(&embeds, Some(&mask), &mut cache)?)
         } else {
             None
@@ -305,66 +410,12 @@ impl VideoLlama3ForConditionalGeneration {
         self.device().synchronize()?;
         let prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t1 = Instant::now();
-
-        let mut tokens = vec![Vec::new(); b];
-        let mut finished = vec![false; b];
-        let mut stopped_on_eos = vec![false; b];
-        for step in 0..params.max_new_tokens {
-            let mut rows = logits
-                .take()
-                .ok_or_else(|| {
-                    ModelError::InvalidInput("internal: no logits for this step".into())
-                })?
-                .to_vec2::<f32>()?;
-            let mut chosen = Vec::with_capacity(b);
-            for (r, row) in rows.iter_mut().enumerate() {
-                if finished[r] {
-                    chosen.push(pad);
-                    continue;
-                }
-                if let Some(p) = penalty {
-                    apply_repetition_penalty(row, &seen[r], p);
-                }
-                let tok = match (&params.sampling, rng.as_mut()) {
-                    (
-                        Sampling::Sample {
-                            temperature,
-                            top_k,
-                            top_p,
-                            ..
-                        },
-                        Some(rng),
-                    ) => sample(row, *temperature, *top_k, *top_p, rng),
-                    _ => argmax(row),
-                };
-                let is_eos = eos.contains(&tok);
-                if let Some(x) = seen.get_mut(r).and_then(|s| s.get_mut(tok as usize)) {
-                    *x = true;
-                }
-                tokens[r].push(tok);
-                on_token(&TokenEvent {
-                    row: r,
-                    step,
-                    token: tok,
-                    is_eos,
-                });
-                if is_eos {
-                    finished[r] = true;
-                    stopped_on_eos[r] = true;
-                }
-                chosen.push(tok);
-            }
-            if finished.iter().all(|&f| f) || step + 1 == params.max_new_tokens {
-                break;
-            }
-            logits = Some(self.decode_step(&chosen, &next_pos, &mut cache)?);
-            for p in next_pos.iter_mut() {
-                *p += 1;
-            }
+        if let Some(logits) = logits {
+            self.decode_rows(&d, &mut rows, logits, &mut cache, on_token, &mut || true)?;
         }
         Ok(GenerationOutput {
-            tokens,
-            stopped_on_eos,
+            stopped_on_eos: rows.iter().map(|r| r.stopped_on_eos).collect(),
+            tokens: rows.into_iter().map(|r| r.tokens).collect(),
             prompt_tokens,
             vision_ms,
             prefill_ms,
