@@ -6,7 +6,8 @@
 #
 #   CUDA_COMPUTE_CAP=90 ./scripts/build-cuda.sh      # 90 = H100/H200; 89 = L4/RTX 40xx; 87 = Orin
 #
-# Output: target/release/vigil. candle links libcuda at build time: when the machine has no
+# Output: target/release/vigil, and .gpu/ (scripts/pack-gpu.sh: the stripped binary, its
+# libraries, the GPU check and its fixtures) to carry to a GPU machine. candle links libcuda at build time: when the machine has no
 # driver (a build host), a stub with the driver API's symbols is generated; the real libcuda is
 # found at run time on the GPU machine.
 set -euo pipefail
@@ -38,3 +39,5 @@ export CUDA_HOME="$cu" PATH="$cu/bin:$PATH" CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP
 export CUDAFORGE_THREADS="${CUDAFORGE_THREADS:-$(nproc)}"
 cargo build --release --locked --features cuda
 echo "built target/release/vigil with CUDA (compute capability $CUDA_COMPUTE_CAP)"
+# What a GPU run needs, in one folder to carry (see scripts/gpu-check.sh).
+./scripts/pack-gpu.sh target/release/vigil .gpu

@@ -11,6 +11,7 @@ packages=(
   gstreamer1.0-x
   mosquitto mosquitto-clients
   systemd
+  python3
 )
 
 missing=()
