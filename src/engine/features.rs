@@ -6,10 +6,13 @@
 //! its patch grid. The key is a 128-bit hash of exactly those rows (the resized, normalized
 //! pixels the encoder sees) plus the grid: a changed resized size (a window with a different
 //! frame count shares the video pixel budget differently) is a different key. Content, not
-//! pointers: freed `Arc<Frame>`s can reuse an address for different pixels.
+//! pointers: freed `Arc<Frame>`s can reuse an address for different pixels. When the engine
+//! preprocesses a frame itself it keys it by its RGB bytes and target size instead
+//! ([`FrameKey::of_rgb`]), which determine those rows: one hash per frame serves both caches.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{DefaultHasher, Hasher};
+
+use xxhash_rust::xxh3::Xxh3;
 
 use candle_core::Tensor;
 
@@ -25,42 +28,31 @@ pub struct FrameKey {
 impl FrameKey {
     /// Key of a frame from its patch rows (`f32`, flattened) and patch grid.
     pub fn of(rows: &[f32], grid_h: usize, grid_w: usize) -> Self {
-        // Two SipHash passes with different salts: 128 bits make a collision (which would
-        // silently reuse another frame's features) negligible.
-        let mut a = DefaultHasher::new();
-        let mut b = DefaultHasher::new();
-        a.write_u64(0x5649_4749_4c5f_4131);
-        b.write_u64(0x5649_4749_4c5f_4232);
-        for h in [&mut a, &mut b] {
-            h.write_usize(grid_h);
-            h.write_usize(grid_w);
-            h.write_usize(rows.len());
+        let mut h = Xxh3::with_seed(0x5649_4749_4c5f_4131);
+        for n in [grid_h, grid_w, rows.len()] {
+            h.update(&(n as u64).to_le_bytes());
         }
         let mut buf = [0u8; 4096];
         for chunk in rows.chunks(1024) {
             for (i, v) in chunk.iter().enumerate() {
                 buf[i * 4..i * 4 + 4].copy_from_slice(&v.to_bits().to_le_bytes());
             }
-            let bytes = &buf[..chunk.len() * 4];
-            a.write(bytes);
-            b.write(bytes);
+            h.update(&buf[..chunk.len() * 4]);
         }
-        FrameKey { hash: ((a.finish() as u128) << 64) | b.finish() as u128, grid_h, grid_w }
+        FrameKey { hash: h.digest128(), grid_h, grid_w }
     }
 
-    /// Key of a decoded RGB8 frame (`width`x`height`) to be resized to `out_h`x`out_w` (the
-    /// preprocessed-pixels cache: same bytes, same size, same target → same patch rows).
+    /// Key of a decoded RGB8 frame (`width`x`height`) to be resized to `out_h`x`out_w`: same
+    /// bytes, same size, same target → same patch rows and so the same vision features (the
+    /// engine hashes each frame once and keys both caches with it). 128 bits make a collision,
+    /// which would silently reuse another frame's features, negligible.
     pub fn of_rgb(data: &[u8], width: usize, height: usize, out_h: usize, out_w: usize) -> Self {
-        let mut a = DefaultHasher::new();
-        let mut b = DefaultHasher::new();
-        a.write_u64(0x5649_4749_4c5f_5231);
-        b.write_u64(0x5649_4749_4c5f_5232);
-        for h in [&mut a, &mut b] {
-            h.write_usize(width);
-            h.write_usize(height);
-            h.write(data);
+        let mut h = Xxh3::with_seed(0x5649_4749_4c5f_5231);
+        for n in [width, height, out_h, out_w, data.len()] {
+            h.update(&(n as u64).to_le_bytes());
         }
-        FrameKey { hash: ((a.finish() as u128) << 64) | b.finish() as u128, grid_h: out_h, grid_w: out_w }
+        h.update(data);
+        FrameKey { hash: h.digest128(), grid_h: out_h, grid_w: out_w }
     }
 }
 

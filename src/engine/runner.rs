@@ -112,6 +112,9 @@ struct Prepared {
     rows: Vec<PreparedPrompt>,
     visual_total: u32,
     visual_kept: u32,
+    /// Per frame, the key its preprocessed pixels were cached under (when the engine
+    /// preprocessed them itself): the vision cache uses it too, so no frame is hashed twice.
+    frame_keys: Option<Vec<FrameKey>>,
 }
 
 struct PreparedPrompt {
@@ -354,10 +357,11 @@ impl Runner {
         let opts = self.call_options();
         let first = heads.first().ok_or("a job without prompts")?.0.clone();
         let first = &first;
-        let v = if self.options.feature_cache && self.pixel_cache.capacity() > 0 {
-            self.video_rows_cached(&work.window, work.fps, stats)?
+        let (v, frame_keys) = if self.options.feature_cache && self.pixel_cache.capacity() > 0 {
+            let (v, keys) = self.video_rows_cached(&work.window, work.fps, stats)?;
+            (v, Some(keys))
         } else {
-            self.processor.call(std::slice::from_ref(first), &[], &[video()?], &opts).map_err(perr)?.videos
+            (self.processor.call(std::slice::from_ref(first), &[], &[video()?], &opts).map_err(perr)?.videos, None)
         };
         // The processor's placeholder expansion (`replace_video_token`) of the head.
         let per = v.mask_of(0).len() / v.timestamps[0].len().max(1);
@@ -420,6 +424,7 @@ impl Runner {
             pixels: v.pixel_values_videos,
             prefix_ids,
             rows,
+            frame_keys,
         })
     }
 
@@ -427,7 +432,7 @@ impl Runner {
     /// normalized patch rows cached by content and target size. Same steps and functions as the
     /// processor (per-clip pixel budget, torchvision bicubic, normalize, patchify, pruning mask);
     /// frames are independent until the mask, which is computed over the whole clip.
-    fn video_rows_cached(&mut self, window: &Window, fps: f64, stats: &mut RunStats) -> Result<VideoInputs, String> {
+    fn video_rows_cached(&mut self, window: &Window, fps: f64, stats: &mut RunStats) -> Result<(VideoInputs, Vec<FrameKey>), String> {
         let c = self.processor.video_processor.config.base.clone();
         let first = window.frames.first().ok_or("a window without frames")?;
         let (fw, fh) = (first.width as usize, first.height as usize);
@@ -449,12 +454,14 @@ impl Runner {
         let norm = c.norm();
         let patch_dim = 3 * c.temporal_patch_size * c.patch_size * c.patch_size;
         let mut pixels = Vec::new();
+        let mut keys = Vec::with_capacity(window.frames.len());
         let (mut gh, mut gw) = (0, 0);
         for f in &window.frames {
             if f.data.len() != fw * fh * 3 {
                 return Err(format!("RGB buffer has {} bytes, expected {fw}x{fh}x3 = {}", f.data.len(), fw * fh * 3));
             }
             let key = FrameKey::of_rgb(&f.data, fw, fh, h, w);
+            keys.push(key);
             let rows = match self.pixel_cache.get(&key) {
                 Some(r) => {
                     stats.pixel_cache_hits += 1;
@@ -481,14 +488,17 @@ impl Runner {
         } else {
             vec![true; tokens]
         };
-        Ok(VideoInputs {
-            pixel_values_videos: pixels,
-            patch_dim,
-            video_grid_thw: vec![grid],
-            video_merge_sizes: vec![c.merge_size],
-            video_compression_mask: mask,
-            timestamps: vec![(0..n).map(|i| i as f64 / fps).collect()],
-        })
+        Ok((
+            VideoInputs {
+                pixel_values_videos: pixels,
+                patch_dim,
+                video_grid_thw: vec![grid],
+                video_merge_sizes: vec![c.merge_size],
+                video_compression_mask: mask,
+                timestamps: vec![(0..n).map(|i| i as f64 / fps).collect()],
+            },
+            keys,
+        ))
     }
 
     /// Projected video features `[tokens, hidden]` per prepared window (pre-pruning), one
@@ -527,7 +537,10 @@ impl Runner {
             let per = gh * gw * p.patch_dim;
             let mut ks = Vec::with_capacity(t);
             for f in 0..t {
-                let key = FrameKey::of(&p.pixels[f * per..(f + 1) * per], gh, gw);
+                let key = match &p.frame_keys {
+                    Some(k) if k.len() == t => k[f],
+                    _ => FrameKey::of(&p.pixels[f * per..(f + 1) * per], gh, gw),
+                };
                 if found.contains_key(&key) || missing.iter().any(|m| m.0 == key) {
                     stats.vision_cache_hits += 1;
                 } else if let Some(feat) = self.cache.get(&key) {
