@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, D};
 
 use super::text::KvCache;
 use super::video_llama3::{
@@ -320,8 +320,15 @@ impl VideoLlama3ForConditionalGeneration {
         let t0 = Instant::now();
         let mut active: Vec<usize> = (0..rows.len()).collect();
         let mut logits = logits;
+        // Greedy without a penalty needs no logits on the host: the device picks, and only one
+        // id per row comes back (not `rows × vocab` floats).
+        let on_device = d.penalty.is_none() && d.sampling == Sampling::Greedy;
         while !active.is_empty() {
-            let mut lrows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            let (mut lrows, ids) = if on_device {
+                (Vec::new(), logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+            } else {
+                (logits.to_dtype(DType::F32)?.to_vec2::<f32>()?, Vec::new())
+            };
             let mut keep = Vec::with_capacity(active.len());
             let mut chosen = Vec::with_capacity(active.len());
             let mut positions = Vec::with_capacity(active.len());
@@ -330,7 +337,7 @@ impl VideoLlama3ForConditionalGeneration {
                 if r.done {
                     continue;
                 }
-                let tok = d.choose(r, &mut lrows[k]);
+                let tok = if on_device { ids[k] } else { d.choose(r, &mut lrows[k]) };
                 let is_eos = d.eos.contains(&tok);
                 r.tokens.push(tok);
                 on_token(&TokenEvent { row: ri, step: r.tokens.len() - 1, token: tok, is_eos });
