@@ -63,6 +63,7 @@ pub mod load;
 pub mod random;
 pub mod text;
 pub mod vision;
+mod weights;
 
 mod video_llama3;
 

@@ -444,14 +444,13 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
 
 impl VideoLlama3ForConditionalGeneration {
     /// Load a Hugging Face checkpoint directory (config.json, generation_config.json, single or
-    /// sharded safetensors, memory-mapped), converting weights to `dtype`.
+    /// sharded safetensors), converting weights to `dtype`.
     pub fn from_pretrained(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
         let config = VideoLlama3Config::from_file(dir)?;
         let files = weight_files(dir)?;
-        // SAFETY: the weight files are memory-mapped; they must not be modified while loaded,
-        // which holds for checkpoint directories (written once, read many).
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device) }
-            .map_err(ModelError::from_load)?;
+        // Read tensor by tensor (not memory-mapped): the peak stays one copy of the weights.
+        let st = super::weights::ReadSafetensors::open(&files).map_err(ModelError::from_load)?;
+        let vb = VarBuilder::from_backend(Box::new(st), dtype, device.clone());
         let generation = GenerationDefaults::load(dir, &config)?;
         Self::new(&config, vb, generation)
     }
