@@ -35,7 +35,7 @@ use crate::model::GenerationParams;
 use crate::processor::Processor;
 use crate::window::Window;
 use queue::{DropReason, JobQueue, QueuedJob};
-use runner::{RunOptions, RunStats, Runner, WindowWork};
+use runner::{PreparedBatch, Preparer, RunOptions, RunStats, Runner, WindowWork};
 
 /// Why the engine could not start or take a job.
 #[derive(Debug, thiserror::Error)]
@@ -211,8 +211,10 @@ struct Shared {
     wake: Condvar,
     counters: Mutex<EngineCounters>,
     epoch: Instant,
-    /// Milliseconds since `epoch` when the thread last showed life.
+    /// Milliseconds since `epoch` when the model thread, and the preprocessing thread, last
+    /// showed life.
     heartbeat_ms: AtomicU64,
+    prep_heartbeat_ms: AtomicU64,
     abort: AtomicBool,
     finished: Mutex<bool>,
     finished_cv: Condvar,
@@ -255,6 +257,9 @@ impl VideoInput {
 impl Shared {
     fn beat(&self) {
         self.heartbeat_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+    fn beat_prep(&self) {
+        self.prep_heartbeat_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
 
@@ -344,6 +349,7 @@ impl Engine {
             counters: Mutex::new(EngineCounters::default()),
             epoch: Instant::now(),
             heartbeat_ms: AtomicU64::new(0),
+            prep_heartbeat_ms: AtomicU64::new(0),
             abort: AtomicBool::new(false),
             finished: Mutex::new(false),
             finished_cv: Condvar::new(),
@@ -373,7 +379,7 @@ impl Engine {
                         return;
                     }
                 };
-                runner.options = options;
+                runner.set_options(options);
                 engine_loop(&sh, &mut runner);
                 // Free the model before saying we are done.
                 drop(runner);
@@ -384,6 +390,7 @@ impl Engine {
         match ready_rx.recv() {
             Ok(Ok(())) => {
                 shared.beat();
+                shared.beat_prep();
                 Ok(Engine { shared })
             }
             Ok(Err(e)) => {
@@ -453,7 +460,9 @@ impl Engine {
     /// idle, and between prefill/decode steps while busy).
     pub fn heartbeat_age(&self) -> Duration {
         let now = self.shared.epoch.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.shared.heartbeat_ms.load(Ordering::Relaxed)))
+        // The older of the two threads' signs of life: either one stuck is the engine stuck.
+        let last = self.shared.heartbeat_ms.load(Ordering::Relaxed).min(self.shared.prep_heartbeat_ms.load(Ordering::Relaxed));
+        Duration::from_millis(now.saturating_sub(last))
     }
 
     pub fn counters(&self) -> EngineCounters {
@@ -520,9 +529,43 @@ fn join(sh: &Shared) {
     }
 }
 
+/// A batch taken from the queue and preprocessed, on its way to the model.
+struct Ready {
+    batch: Vec<Queued>,
+    work: Vec<WindowWork>,
+    prepared: PreparedBatch,
+}
+
+/// The engine runs on two threads: this one computes with the model; a preprocessing thread
+/// takes batches from the queue and prepares them (template, tokenizer, resize, normalize,
+/// pruning mask) one batch ahead, so the model does not wait for the CPU between batches.
 fn engine_loop(sh: &Arc<Shared>, runner: &mut Runner) {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Ready>(1);
+    let (psh, prep) = (sh.clone(), runner.preparer());
+    let prep_thread = match std::thread::Builder::new().name("vigil-prep".into()).spawn(move || prep_loop(&psh, prep, tx)) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!("cannot start the preprocessing thread ({e}); the engine stops");
+            return;
+        }
+    };
     loop {
         sh.beat();
+        match rx.recv_timeout(Duration::from_millis(250)) {
+            Ok(ready) => run_ready(sh, runner, ready),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => continue,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let _ = prep_thread.join();
+}
+
+/// `Arc<Shared>` references the engine's own threads hold: more means an `Engine` handle lives.
+const OWN_REFS: usize = 2;
+
+fn prep_loop(sh: &Arc<Shared>, mut prep: Preparer, tx: std::sync::mpsc::SyncSender<Ready>) {
+    loop {
+        sh.beat_prep();
         let batch = {
             let mut st = sh.state.lock().unwrap_or_else(|p| p.into_inner());
             let old = st.queue.expire(Instant::now());
@@ -537,8 +580,7 @@ fn engine_loop(sh: &Arc<Shared>, runner: &mut Runner) {
                 }
             }
             if sh.abort.load(Ordering::Relaxed) {
-                let rest: Vec<Queued> = st.queue.take_batch(usize::MAX, usize::MAX);
-                let mut rest = rest;
+                let mut rest: Vec<Queued> = Vec::new();
                 while !st.queue.is_empty() {
                     rest.extend(st.queue.take_batch(usize::MAX, usize::MAX));
                 }
@@ -551,8 +593,8 @@ fn engine_loop(sh: &Arc<Shared>, runner: &mut Runner) {
                 return;
             }
             if st.queue.is_empty() {
-                // Stopping, or every `Engine` handle is gone (only this thread holds `Shared`).
-                if st.stopping || Arc::strong_count(sh) == 1 {
+                // Stopping, or every `Engine` handle is gone (only the engine's threads hold `Shared`).
+                if st.stopping || Arc::strong_count(sh) <= OWN_REFS {
                     return;
                 }
                 let _ = sh.wake.wait_timeout(st, Duration::from_millis(250));
@@ -564,24 +606,42 @@ fn engine_loop(sh: &Arc<Shared>, runner: &mut Runner) {
             }
             st.queue.take_batch(sh.max_batch, sh.max_batch_tokens)
         };
-        run_jobs(sh, runner, batch);
+        let start = Instant::now();
+        let work: Vec<WindowWork> = batch
+            .iter()
+            .map(|q| WindowWork {
+                stream: q.job.stream.clone(),
+                window: q.job.window.clone(),
+                fps: q.fps,
+                prompts: q.job.prompts.clone(),
+                queue: start.saturating_duration_since(q.job.closed_at),
+            })
+            .collect();
+        let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| prep.prepare_batch(&work))).unwrap_or_else(|_| {
+            tracing::error!("the engine panicked while preprocessing a batch; its prompts fail");
+            PreparedBatch::failed(work.len(), "engine panic")
+        });
+        let mut ready = Ready { batch, work, prepared };
+        // Wait for the model to take it, showing life meanwhile.
+        loop {
+            match tx.try_send(ready) {
+                Ok(()) => break,
+                Err(std::sync::mpsc::TrySendError::Full(r)) => {
+                    ready = r;
+                    sh.beat_prep();
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return,
+            }
+        }
     }
 }
 
-fn run_jobs(sh: &Shared, runner: &mut Runner, batch: Vec<Queued>) {
+fn run_ready(sh: &Shared, runner: &mut Runner, ready: Ready) {
+    let Ready { batch, work, prepared } = ready;
     let start = Instant::now();
-    let work: Vec<WindowWork> = batch
-        .iter()
-        .map(|q| WindowWork {
-            stream: q.job.stream.clone(),
-            window: q.job.window.clone(),
-            fps: q.fps,
-            prompts: q.job.prompts.clone(),
-            queue: start.saturating_duration_since(q.job.closed_at),
-        })
-        .collect();
     let alive = || sh.beat();
-    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run_batch(&work, &alive, &sh.abort)));
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.compute_batch(&work, prepared, &alive, &sh.abort)));
     let (outcomes, stats) = match ran {
         Ok(r) => r,
         Err(_) => {

@@ -151,15 +151,39 @@ struct Group {
 /// Owns the model and processor; runs batches (on the engine thread).
 pub struct Runner {
     pub model: VideoLlama3ForConditionalGeneration,
-    pub processor: Processor,
+    pub processor: Arc<Processor>,
     params: GenerationParams,
-    pruning: PruningConfig,
     cache: FeatureCache,
+    options: RunOptions,
+    decoding: Decoding,
+    /// Preprocessing for [`Runner::run_batch`]; a pipelined engine runs its own
+    /// ([`Runner::preparer`]) on another thread.
+    prep: Preparer,
+}
+
+/// The CPU side of a batch: processor work (template, tokenizer, resize, normalize, patches,
+/// pruning mask, frame keys) with its cache of preprocessed frames. Independent of the model,
+/// so it can prepare the next batch on its own thread while the model computes this one.
+pub struct Preparer {
+    processor: Arc<Processor>,
+    pruning: PruningConfig,
     /// Preprocessed patch rows per (frame content, target size): overlapping windows resize
     /// and normalize each frame once.
     pixel_cache: LruCache<Arc<Vec<f32>>>,
-    pub options: RunOptions,
-    decoding: Decoding,
+    options: RunOptions,
+}
+
+/// A batch after preprocessing: per window its prepared inputs or why it failed.
+pub struct PreparedBatch {
+    preps: Vec<Result<Prepared, String>>,
+    stats: RunStats,
+}
+
+impl PreparedBatch {
+    /// A batch of `n` windows that all failed with `error`.
+    pub fn failed(n: usize, error: &str) -> PreparedBatch {
+        PreparedBatch { preps: (0..n).map(|_| Err(error.to_string())).collect(), stats: RunStats::default() }
+    }
 }
 
 fn perr(e: impl std::fmt::Display) -> String {
@@ -186,16 +210,10 @@ impl Runner {
         if processor.video_processor.config.base.temporal_patch_size != 1 {
             return Err(EngineError::Load("video temporal_patch_size must be 1 (VideoLLaMA3)".into()));
         }
-        Ok(Self {
-            model,
-            processor,
-            params,
-            pruning,
-            cache: FeatureCache::new(feature_cache_frames),
-            pixel_cache: LruCache::new(feature_cache_frames),
-            options: RunOptions::default(),
-            decoding,
-        })
+        let processor = Arc::new(processor);
+        let options = RunOptions::default();
+        let prep = Preparer { processor: processor.clone(), pruning, pixel_cache: LruCache::new(feature_cache_frames), options };
+        Ok(Self { model, processor, params, cache: FeatureCache::new(feature_cache_frames), options, decoding, prep })
     }
 
     pub fn feature_cache(&self) -> &FeatureCache {
@@ -204,35 +222,36 @@ impl Runner {
 
     pub fn clear_feature_cache(&mut self) {
         self.cache.clear();
-        self.pixel_cache.clear();
+        self.prep.pixel_cache.clear();
+    }
+
+    pub fn options(&self) -> RunOptions {
+        self.options
+    }
+
+    /// Which optimisations run (the bench and tests compare them).
+    pub fn set_options(&mut self, options: RunOptions) {
+        self.options = options;
+        self.prep.options = options;
+    }
+
+    /// A preprocessor for another thread: the same processor and settings, its own frame cache.
+    pub fn preparer(&self) -> Preparer {
+        Preparer {
+            processor: self.processor.clone(),
+            pruning: self.prep.pruning.clone(),
+            pixel_cache: LruCache::new(self.prep.pixel_cache.capacity()),
+            options: self.options,
+        }
     }
 
     fn max_new(&self, p: &PromptConfig) -> usize {
         p.max_new_tokens.unwrap_or(self.params.max_new_tokens)
     }
 
-    fn video_of(window: &Window, fps: f64) -> Result<Video, String> {
-        if window.frames.is_empty() {
-            return Err(format!("window {} of {} has no frames", window.seq, window.stream));
-        }
-        let frames = window
-            .frames
-            .iter()
-            .map(|f| RgbImage::new(f.width as usize, f.height as usize, f.data.clone()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(perr)?;
-        Video::from_frames(frames, Some(fps)).map_err(perr)
-    }
-
     /// The chat-template text of one (window, prompt) request: the video, then the question.
     pub fn render(&self, question: &str) -> Result<String, String> {
-        let conv = vec![Message::user(vec![ContentPart::Video, ContentPart::Text { text: question.to_string() }])];
-        let mut r = self.processor.apply_chat_template(&[conv], true).map_err(perr)?;
-        Ok(r.remove(0))
-    }
-
-    fn call_options(&self) -> CallOptions {
-        CallOptions { padding_side: PaddingSide::Left, pruning: self.pruning.clone() }
+        self.prep.render(question)
     }
 
     /// The plain path: one (window, prompt) through the processor and `generate`, exactly as a
@@ -241,8 +260,8 @@ impl Runner {
     pub fn run_alone(&self, stream: &str, window: &Window, fps: f64, prompt: &PromptConfig) -> PromptOutcome {
         let t0 = Instant::now();
         let text = self.render(&prompt.text)?;
-        let video = Self::video_of(window, fps)?;
-        let inputs = self.processor.call(&[text], &[], &[video], &self.call_options()).map_err(perr)?;
+        let video = Preparer::video_of(window, fps)?;
+        let inputs = self.processor.call(&[text], &[], &[video], &self.prep.call_options()).map_err(perr)?;
         let dev = self.model.device();
         let ids = inputs.input_ids[0].clone();
         let n = ids.len();
@@ -283,8 +302,8 @@ impl Runner {
     /// `[frames, h, w]` and the time taken.
     pub fn time_vision(&self, window: &Window, fps: f64) -> Result<(usize, [usize; 3], Duration), String> {
         let text = self.render("")?;
-        let video = Self::video_of(window, fps)?;
-        let v = self.processor.call(&[text], &[], &[video], &self.call_options()).map_err(perr)?.videos;
+        let video = Preparer::video_of(window, fps)?;
+        let v = self.processor.call(&[text], &[], &[video], &self.prep.call_options()).map_err(perr)?.videos;
         let dev = self.model.device();
         let vi = VisualInputs {
             pixel_values: Tensor::from_vec(v.pixel_values_videos.clone(), (v.rows(), v.patch_dim), dev).map_err(perr)?,
@@ -333,172 +352,6 @@ impl Runner {
             prefill,
             decode,
         })
-    }
-
-    /// Processor work for one window: the video's patches and mask, the tokenized head and each
-    /// prompt's full ids with where its suffix starts.
-    fn prepare(&mut self, work: &WindowWork, stats: &mut RunStats) -> Result<Prepared, String> {
-        let vtok = self.processor.files.video_token.clone();
-        let itok = self.processor.files.image_token.clone();
-        let mut heads = Vec::with_capacity(work.prompts.len());
-        for p in &work.prompts {
-            let text = self.render(&p.text)?;
-            if text.matches(&vtok).count() != 1 || text.contains(&itok) {
-                return Err(format!(
-                    "prompt {:?}: the rendered conversation must hold exactly one {vtok} and no {itok} (does the question contain a placeholder?)",
-                    p.name
-                ));
-            }
-            let cut = text.find(&vtok).unwrap_or(0) + vtok.len();
-            let (head, tail) = text.split_at(cut);
-            heads.push((head.to_string(), tail.to_string()));
-        }
-        let video = || Self::video_of(&work.window, work.fps);
-        let opts = self.call_options();
-        let first = heads.first().ok_or("a job without prompts")?.0.clone();
-        let first = &first;
-        let (v, frame_keys) = if self.options.feature_cache && self.pixel_cache.capacity() > 0 {
-            let (v, keys) = self.video_rows_cached(&work.window, work.fps, stats)?;
-            (v, Some(keys))
-        } else {
-            (self.processor.call(std::slice::from_ref(first), &[], &[video()?], &opts).map_err(perr)?.videos, None)
-        };
-        // The processor's placeholder expansion (`replace_video_token`) of the head.
-        let per = v.mask_of(0).len() / v.timestamps[0].len().max(1);
-        let repl: Vec<String> = v
-            .mask_of(0)
-            .chunks(per.max(1))
-            .zip(&v.timestamps[0])
-            .map(|(chunk, t)| format!("Time {}s:{}", py_format_1f(*t), vtok.repeat(chunk.iter().filter(|k| **k).count())))
-            .collect();
-        let expanded_head = first.replacen(&vtok, &repl.join(","), 1);
-        let prefix_ids = self.processor.tokenizer.encode(expanded_head.as_str(), true).map_err(perr)?.get_ids().to_vec();
-        let encode = |s: &str| -> Result<Vec<u32>, String> {
-            Ok(self.processor.tokenizer.encode(s, true).map_err(perr)?.get_ids().to_vec())
-        };
-        let (vid, iid) = (self.processor.video_token_id, self.processor.image_token_id);
-        let mut rows = Vec::with_capacity(heads.len());
-        for (head, tail) in &heads {
-            let full_ids = if head == first {
-                encode(&format!("{expanded_head}{tail}"))?
-            } else {
-                // The template put something prompt-specific before the video: its own expansion.
-                let own = self.processor.call(&[format!("{head}{tail}")], &[], &[video()?], &opts).map_err(perr)?;
-                own.input_ids[0].clone()
-            };
-            if full_ids.len() < 2 {
-                return Err("the rendered prompt is too short".into());
-            }
-            // Sharing is exact only if the prompt's own ids start with the shared head's ids
-            // (no BPE merge across the boundary) and the suffix holds no visual placeholder.
-            let n = prefix_ids.len();
-            let can_share = head == first
-                && full_ids.len() > n
-                && full_ids[..n] == prefix_ids[..]
-                && !full_ids[n..].iter().any(|&t| t == vid || t == iid);
-            if self.options.share_prefix && can_share {
-                rows.push(PreparedPrompt { full_ids, split: n, shared: true });
-            } else {
-                if self.options.share_prefix {
-                    stats.prefix_fallbacks += 1;
-                    tracing::debug!(stream = %work.stream, "prompt ids do not extend the shared video prefix; prefilled alone");
-                }
-                let split = full_ids.len() - 1;
-                if full_ids[split..].iter().any(|&t| t == vid || t == iid) {
-                    return Err("the rendered prompt ends with a visual placeholder".into());
-                }
-                rows.push(PreparedPrompt { full_ids, split, shared: false });
-            }
-        }
-        if v.video_grid_thw.len() != 1 {
-            return Err("expected one video".into());
-        }
-        let kept = v.video_compression_mask.iter().filter(|k| **k).count() as u32;
-        Ok(Prepared {
-            patch_dim: v.patch_dim,
-            grid: v.video_grid_thw[0],
-            merge: v.video_merge_sizes[0],
-            visual_total: v.video_compression_mask.len() as u32,
-            visual_kept: kept,
-            keep: v.video_compression_mask,
-            pixels: v.pixel_values_videos,
-            prefix_ids,
-            rows,
-            frame_keys,
-        })
-    }
-
-    /// `VideoProcessor::preprocess` for one window's frames, with each frame's resized,
-    /// normalized patch rows cached by content and target size. Same steps and functions as the
-    /// processor (per-clip pixel budget, torchvision bicubic, normalize, patchify, pruning mask);
-    /// frames are independent until the mask, which is computed over the whole clip.
-    fn video_rows_cached(&mut self, window: &Window, fps: f64, stats: &mut RunStats) -> Result<(VideoInputs, Vec<FrameKey>), String> {
-        let c = self.processor.video_processor.config.base.clone();
-        let first = window.frames.first().ok_or("a window without frames")?;
-        let (fw, fh) = (first.width as usize, first.height as usize);
-        if let Some((i, f)) = window.frames.iter().enumerate().find(|(_, f)| (f.width, f.height) != (first.width, first.height)) {
-            return Err(format!(
-                "video 0: frame {i} is {}x{} but frame 0 is {fw}x{fh}; all frames of a video must have the same size",
-                f.width, f.height
-            ));
-        }
-        if !(fps.is_finite() && fps > 0.0) {
-            return Err(format!("video fps must be a positive number, got {fps}"));
-        }
-        let n = window.frames.len();
-        let (h, w) = if c.do_resize {
-            smart_resize(fh, fw, c.patch_size * c.merge_size, c.min_pixels, c.max_pixels / n).map_err(perr)?
-        } else {
-            (fh, fw)
-        };
-        let norm = c.norm();
-        let patch_dim = 3 * c.temporal_patch_size * c.patch_size * c.patch_size;
-        let mut pixels = Vec::new();
-        let mut keys = Vec::with_capacity(window.frames.len());
-        let (mut gh, mut gw) = (0, 0);
-        for f in &window.frames {
-            if f.data.len() != fw * fh * 3 {
-                return Err(format!("RGB buffer has {} bytes, expected {fw}x{fh}x3 = {}", f.data.len(), fw * fh * 3));
-            }
-            let key = FrameKey::of_rgb(&f.data, fw, fh, h, w);
-            keys.push(key);
-            let rows = match self.pixel_cache.get(&key) {
-                Some(r) => {
-                    stats.pixel_cache_hits += 1;
-                    r
-                }
-                None => {
-                    stats.pixel_cache_misses += 1;
-                    let data = if (h, w) == (fh, fw) { f.data.clone() } else { resize_torchvision_bicubic_u8(&f.data, fh, fw, 3, h, w) };
-                    let planes = normalize_planes(&RgbImage { width: w, height: h, data }, &norm);
-                    let mut rows = Vec::new();
-                    patchify_frames(&[planes], h, w, c.patch_size, c.merge_size, c.temporal_patch_size, &mut rows).map_err(perr)?;
-                    let rows = Arc::new(rows);
-                    self.pixel_cache.insert(key, rows.clone());
-                    rows
-                }
-            };
-            (gh, gw) = (h / c.patch_size, w / c.patch_size);
-            pixels.extend_from_slice(&rows);
-        }
-        let grid = [n.div_ceil(c.temporal_patch_size), gh, gw];
-        let tokens = grid[0] * gh * gw / (c.merge_size * c.merge_size);
-        let mask = if self.pruning.enabled {
-            compression_mask(&pixels, grid, c.merge_size, patch_dim, self.pruning.threshold, self.pruning.min_tokens_per_frame)
-        } else {
-            vec![true; tokens]
-        };
-        Ok((
-            VideoInputs {
-                pixel_values_videos: pixels,
-                patch_dim,
-                video_grid_thw: vec![grid],
-                video_merge_sizes: vec![c.merge_size],
-                video_compression_mask: mask,
-                timestamps: vec![(0..n).map(|i| i as f64 / fps).collect()],
-            },
-            keys,
-        ))
     }
 
     /// Projected video features `[tokens, hidden]` per prepared window (pre-pruning), one
@@ -602,29 +455,35 @@ impl Runner {
 
     /// Run a batch of windows; one outcome per (window, prompt), in order. `alive` is called
     /// between steps (heartbeat); `abort` stops generation early (shutdown).
-    pub fn run_batch(
+    pub fn run_batch(&mut self, work: &[WindowWork], alive: &dyn Fn(), abort: &AtomicBool) -> (Vec<Vec<PromptOutcome>>, RunStats) {
+        let prepared = self.prep.prepare_batch(work);
+        alive();
+        self.compute_batch(work, prepared, alive, abort)
+    }
+
+    /// The model side of [`Runner::run_batch`] for a batch [`Preparer::prepare_batch`] prepared.
+    pub fn compute_batch(
         &mut self,
         work: &[WindowWork],
+        prepared: PreparedBatch,
         alive: &dyn Fn(),
         abort: &AtomicBool,
     ) -> (Vec<Vec<PromptOutcome>>, RunStats) {
-        let mut stats = RunStats::default();
+        let PreparedBatch { preps, mut stats } = prepared;
         let mut out: Vec<Vec<Option<PromptOutcome>>> = work.iter().map(|w| vec![None; w.prompts.len()]).collect();
-        let t_vision = Instant::now();
-        let mut preps: Vec<Option<Prepared>> = Vec::with_capacity(work.len());
-        for (j, w) in work.iter().enumerate() {
-            match self.prepare(w, &mut stats) {
-                Ok(p) => preps.push(Some(p)),
+        let preps: Vec<Option<Prepared>> = preps
+            .into_iter()
+            .enumerate()
+            .map(|(j, p)| match p {
+                Ok(p) => Some(p),
                 Err(e) => {
                     for o in out[j].iter_mut() {
                         *o = Some(Err(e.clone()));
                     }
-                    preps.push(None);
+                    None
                 }
-            }
-        }
-        stats.preprocess = t_vision.elapsed();
-        alive();
+            })
+            .collect();
         let t_tower = Instant::now();
         let feats = match self.vision(&preps, &mut stats) {
             Ok(f) => f,
@@ -634,8 +493,8 @@ impl Runner {
         };
         // Kernels run asynchronously on a GPU: wait, so the stage times are the stages'.
         let _ = self.model.device().synchronize();
-        let vision = t_vision.elapsed();
         stats.vision = t_tower.elapsed();
+        let vision = stats.preprocess + stats.vision;
         alive();
         match self.generate_batch(work, &preps, &feats, vision, alive, abort, &mut stats) {
             Ok(results) => {
@@ -825,6 +684,208 @@ impl Runner {
             .collect();
         Ok(Prefilled { of, rows, cache, logits })
     }
+}
+
+impl Preparer {
+    /// Processor work for every window of a batch.
+    pub fn prepare_batch(&mut self, work: &[WindowWork]) -> PreparedBatch {
+        let mut stats = RunStats::default();
+        let t0 = Instant::now();
+        let preps = work.iter().map(|w| self.prepare(w, &mut stats)).collect();
+        stats.preprocess = t0.elapsed();
+        PreparedBatch { preps, stats }
+    }
+
+    fn video_of(window: &Window, fps: f64) -> Result<Video, String> {
+        if window.frames.is_empty() {
+            return Err(format!("window {} of {} has no frames", window.seq, window.stream));
+        }
+        let frames = window
+            .frames
+            .iter()
+            .map(|f| RgbImage::new(f.width as usize, f.height as usize, f.data.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(perr)?;
+        Video::from_frames(frames, Some(fps)).map_err(perr)
+    }
+
+    /// The chat-template text of one (window, prompt) request: the video, then the question.
+    pub fn render(&self, question: &str) -> Result<String, String> {
+        let conv = vec![Message::user(vec![ContentPart::Video, ContentPart::Text { text: question.to_string() }])];
+        let mut r = self.processor.apply_chat_template(&[conv], true).map_err(perr)?;
+        Ok(r.remove(0))
+    }
+
+    fn call_options(&self) -> CallOptions {
+        CallOptions { padding_side: PaddingSide::Left, pruning: self.pruning.clone() }
+    }
+
+    /// Processor work for one window: the video's patches and mask, the tokenized head and each
+    /// prompt's full ids with where its suffix starts.
+    fn prepare(&mut self, work: &WindowWork, stats: &mut RunStats) -> Result<Prepared, String> {
+        let vtok = self.processor.files.video_token.clone();
+        let itok = self.processor.files.image_token.clone();
+        let mut heads = Vec::with_capacity(work.prompts.len());
+        for p in &work.prompts {
+            let text = self.render(&p.text)?;
+            if text.matches(&vtok).count() != 1 || text.contains(&itok) {
+                return Err(format!(
+                    "prompt {:?}: the rendered conversation must hold exactly one {vtok} and no {itok} (does the question contain a placeholder?)",
+                    p.name
+                ));
+            }
+            let cut = text.find(&vtok).unwrap_or(0) + vtok.len();
+            let (head, tail) = text.split_at(cut);
+            heads.push((head.to_string(), tail.to_string()));
+        }
+        let video = || Self::video_of(&work.window, work.fps);
+        let opts = self.call_options();
+        let first = heads.first().ok_or("a job without prompts")?.0.clone();
+        let first = &first;
+        let (v, frame_keys) = if self.options.feature_cache && self.pixel_cache.capacity() > 0 {
+            let (v, keys) = self.video_rows_cached(&work.window, work.fps, stats)?;
+            (v, Some(keys))
+        } else {
+            (self.processor.call(std::slice::from_ref(first), &[], &[video()?], &opts).map_err(perr)?.videos, None)
+        };
+        // The processor's placeholder expansion (`replace_video_token`) of the head.
+        let per = v.mask_of(0).len() / v.timestamps[0].len().max(1);
+        let repl: Vec<String> = v
+            .mask_of(0)
+            .chunks(per.max(1))
+            .zip(&v.timestamps[0])
+            .map(|(chunk, t)| format!("Time {}s:{}", py_format_1f(*t), vtok.repeat(chunk.iter().filter(|k| **k).count())))
+            .collect();
+        let expanded_head = first.replacen(&vtok, &repl.join(","), 1);
+        let prefix_ids = self.processor.tokenizer.encode(expanded_head.as_str(), true).map_err(perr)?.get_ids().to_vec();
+        let encode = |s: &str| -> Result<Vec<u32>, String> {
+            Ok(self.processor.tokenizer.encode(s, true).map_err(perr)?.get_ids().to_vec())
+        };
+        let (vid, iid) = (self.processor.video_token_id, self.processor.image_token_id);
+        let mut rows = Vec::with_capacity(heads.len());
+        for (head, tail) in &heads {
+            let full_ids = if head == first {
+                encode(&format!("{expanded_head}{tail}"))?
+            } else {
+                // The template put something prompt-specific before the video: its own expansion.
+                let own = self.processor.call(&[format!("{head}{tail}")], &[], &[video()?], &opts).map_err(perr)?;
+                own.input_ids[0].clone()
+            };
+            if full_ids.len() < 2 {
+                return Err("the rendered prompt is too short".into());
+            }
+            // Sharing is exact only if the prompt's own ids start with the shared head's ids
+            // (no BPE merge across the boundary) and the suffix holds no visual placeholder.
+            let n = prefix_ids.len();
+            let can_share = head == first
+                && full_ids.len() > n
+                && full_ids[..n] == prefix_ids[..]
+                && !full_ids[n..].iter().any(|&t| t == vid || t == iid);
+            if self.options.share_prefix && can_share {
+                rows.push(PreparedPrompt { full_ids, split: n, shared: true });
+            } else {
+                if self.options.share_prefix {
+                    stats.prefix_fallbacks += 1;
+                    tracing::debug!(stream = %work.stream, "prompt ids do not extend the shared video prefix; prefilled alone");
+                }
+                let split = full_ids.len() - 1;
+                if full_ids[split..].iter().any(|&t| t == vid || t == iid) {
+                    return Err("the rendered prompt ends with a visual placeholder".into());
+                }
+                rows.push(PreparedPrompt { full_ids, split, shared: false });
+            }
+        }
+        if v.video_grid_thw.len() != 1 {
+            return Err("expected one video".into());
+        }
+        let kept = v.video_compression_mask.iter().filter(|k| **k).count() as u32;
+        Ok(Prepared {
+            patch_dim: v.patch_dim,
+            grid: v.video_grid_thw[0],
+            merge: v.video_merge_sizes[0],
+            visual_total: v.video_compression_mask.len() as u32,
+            visual_kept: kept,
+            keep: v.video_compression_mask,
+            pixels: v.pixel_values_videos,
+            prefix_ids,
+            rows,
+            frame_keys,
+        })
+    }
+
+    /// `VideoProcessor::preprocess` for one window's frames, with each frame's resized,
+    /// normalized patch rows cached by content and target size. Same steps and functions as the
+    /// processor (per-clip pixel budget, torchvision bicubic, normalize, patchify, pruning mask);
+    /// frames are independent until the mask, which is computed over the whole clip.
+    fn video_rows_cached(&mut self, window: &Window, fps: f64, stats: &mut RunStats) -> Result<(VideoInputs, Vec<FrameKey>), String> {
+        let c = self.processor.video_processor.config.base.clone();
+        let first = window.frames.first().ok_or("a window without frames")?;
+        let (fw, fh) = (first.width as usize, first.height as usize);
+        if let Some((i, f)) = window.frames.iter().enumerate().find(|(_, f)| (f.width, f.height) != (first.width, first.height)) {
+            return Err(format!(
+                "video 0: frame {i} is {}x{} but frame 0 is {fw}x{fh}; all frames of a video must have the same size",
+                f.width, f.height
+            ));
+        }
+        if !(fps.is_finite() && fps > 0.0) {
+            return Err(format!("video fps must be a positive number, got {fps}"));
+        }
+        let n = window.frames.len();
+        let (h, w) = if c.do_resize {
+            smart_resize(fh, fw, c.patch_size * c.merge_size, c.min_pixels, c.max_pixels / n).map_err(perr)?
+        } else {
+            (fh, fw)
+        };
+        let norm = c.norm();
+        let patch_dim = 3 * c.temporal_patch_size * c.patch_size * c.patch_size;
+        let mut pixels = Vec::new();
+        let mut keys = Vec::with_capacity(window.frames.len());
+        let (mut gh, mut gw) = (0, 0);
+        for f in &window.frames {
+            if f.data.len() != fw * fh * 3 {
+                return Err(format!("RGB buffer has {} bytes, expected {fw}x{fh}x3 = {}", f.data.len(), fw * fh * 3));
+            }
+            let key = FrameKey::of_rgb(&f.data, fw, fh, h, w);
+            keys.push(key);
+            let rows = match self.pixel_cache.get(&key) {
+                Some(r) => {
+                    stats.pixel_cache_hits += 1;
+                    r
+                }
+                None => {
+                    stats.pixel_cache_misses += 1;
+                    let data = if (h, w) == (fh, fw) { f.data.clone() } else { resize_torchvision_bicubic_u8(&f.data, fh, fw, 3, h, w) };
+                    let planes = normalize_planes(&RgbImage { width: w, height: h, data }, &norm);
+                    let mut rows = Vec::new();
+                    patchify_frames(&[planes], h, w, c.patch_size, c.merge_size, c.temporal_patch_size, &mut rows).map_err(perr)?;
+                    let rows = Arc::new(rows);
+                    self.pixel_cache.insert(key, rows.clone());
+                    rows
+                }
+            };
+            (gh, gw) = (h / c.patch_size, w / c.patch_size);
+            pixels.extend_from_slice(&rows);
+        }
+        let grid = [n.div_ceil(c.temporal_patch_size), gh, gw];
+        let tokens = grid[0] * gh * gw / (c.merge_size * c.merge_size);
+        let mask = if self.pruning.enabled {
+            compression_mask(&pixels, grid, c.merge_size, patch_dim, self.pruning.threshold, self.pruning.min_tokens_per_frame)
+        } else {
+            vec![true; tokens]
+        };
+        Ok((
+            VideoInputs {
+                pixel_values_videos: pixels,
+                patch_dim,
+                video_grid_thw: vec![grid],
+                video_merge_sizes: vec![c.merge_size],
+                video_compression_mask: mask,
+                timestamps: vec![(0..n).map(|i| i as f64 / fps).collect()],
+            },
+            keys,
+        ))
+    }
+
 }
 
 fn fill(out: Vec<Vec<Option<PromptOutcome>>>, err: &str) -> Vec<Vec<PromptOutcome>> {
