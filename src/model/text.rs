@@ -386,25 +386,23 @@ impl ChunkedBias {
         rows: usize,
         device: &Device,
     ) -> candle_core::Result<Self> {
+        // Built on the device from the key mask: no host loops, no copy of the mask back.
         let (b, total) = key_mask.dims2()?;
-        let keys = key_mask.to_vec2::<f32>()?;
+        let valid = key_mask.ne(0f32)?.unsqueeze(1)?; // [b, 1, total]
+        let kpos = Tensor::arange(0u32, total as u32, device)?.unsqueeze(0)?; // [1, total]
+        let zero = Tensor::new(0f32, device)?;
+        let neg = Tensor::new(f32::MIN, device)?;
         let mut chunks = Vec::with_capacity(l.div_ceil(rows));
         let mut start = 0;
         while start < l {
             let len = rows.min(l - start);
-            let mut bias = vec![0f32; b * len * total];
-            for (bi, row) in keys.iter().enumerate() {
-                for q in 0..len {
-                    let qpos = past + start + q;
-                    let out = &mut bias[(bi * len + q) * total..(bi * len + q + 1) * total];
-                    for (k, (&valid, o)) in row.iter().zip(out.iter_mut()).enumerate() {
-                        if k > qpos || valid == 0.0 {
-                            *o = f32::MIN;
-                        }
-                    }
-                }
-            }
-            chunks.push(Tensor::from_vec(bias, (b, 1, len, total), device)?);
+            let q0 = (past + start) as u32;
+            let qpos = Tensor::arange(q0, q0 + len as u32, device)?.unsqueeze(1)?; // [len, 1]
+            // A query sees the valid keys at or before its own position.
+            let allowed = kpos.broadcast_le(&qpos)?.unsqueeze(0)?.broadcast_mul(&valid)?; // [b, len, total]
+            let shape = (b, len, total);
+            let bias = allowed.where_cond(&zero.broadcast_as(shape)?, &neg.broadcast_as(shape)?)?;
+            chunks.push(bias.unsqueeze(1)?);
             start += len;
         }
         Ok(Self { rows, chunks })
