@@ -7,7 +7,7 @@
 //! happens before it), per-row position ids and a key padding mask.
 
 use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{linear, linear_no_bias, rms_norm, Linear, RmsNorm, VarBuilder};
+use candle_nn::{linear_no_bias, rms_norm, Linear, RmsNorm, VarBuilder};
 
 use super::attention::{attention, rows_per_chunk};
 use super::config::VideoLlama3TextConfig;
@@ -134,10 +134,27 @@ impl KvCache {
     }
 }
 
+/// One matmul for several projections of the same input: their weights (and biases) stacked
+/// along the output dimension at load (the checkpoint's names are unchanged). Each output
+/// column is the same dot product as in its own projection; a decode step launches one matmul
+/// instead of several.
+fn stacked_linear(vb: &VarBuilder, names: &[&str], in_dim: usize, out_dims: &[usize], bias: bool) -> candle_core::Result<Linear> {
+    let mut ws = Vec::with_capacity(names.len());
+    let mut bs = Vec::with_capacity(names.len());
+    for (name, &out) in names.iter().zip(out_dims) {
+        ws.push(vb.pp(*name).get((out, in_dim), "weight")?);
+        if bias {
+            bs.push(vb.pp(*name).get(out, "bias")?);
+        }
+    }
+    let w = Tensor::cat(&ws, 0)?;
+    let b = if bias { Some(Tensor::cat(&bs, 0)?) } else { None };
+    Ok(Linear::new(w, b))
+}
+
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    /// q, k and v stacked.
+    qkv_proj: Linear,
     o_proj: Linear,
     num_heads: usize,
     num_kv_heads: usize,
@@ -148,10 +165,9 @@ struct Attention {
 impl Attention {
     fn new(cfg: &VideoLlama3TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let (q, kv) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd);
         Ok(Self {
-            q_proj: linear(h, cfg.num_attention_heads * hd, vb.pp("q_proj"))?,
-            k_proj: linear(h, cfg.num_key_value_heads * hd, vb.pp("k_proj"))?,
-            v_proj: linear(h, cfg.num_key_value_heads * hd, vb.pp("v_proj"))?,
+            qkv_proj: stacked_linear(&vb, &["q_proj", "k_proj", "v_proj"], h, &[q, kv, kv], true)?,
             o_proj: linear_no_bias(cfg.num_attention_heads * hd, h, vb.pp("o_proj"))?,
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
@@ -169,21 +185,11 @@ impl Attention {
         cache: &mut Option<LayerKv>,
     ) -> candle_core::Result<Tensor> {
         let (b, l, _) = xs.dims3()?;
-        let q = self
-            .q_proj
-            .forward(xs)?
-            .reshape((b, l, self.num_heads, self.head_dim))?
-            .transpose(1, 2)?;
-        let k = self
-            .k_proj
-            .forward(xs)?
-            .reshape((b, l, self.num_kv_heads, self.head_dim))?
-            .transpose(1, 2)?;
-        let v = self
-            .v_proj
-            .forward(xs)?
-            .reshape((b, l, self.num_kv_heads, self.head_dim))?
-            .transpose(1, 2)?;
+        let (q_dim, kv_dim) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
+        let qkv = self.qkv_proj.forward(xs)?;
+        let q = qkv.narrow(D::Minus1, 0, q_dim)?.reshape((b, l, self.num_heads, self.head_dim))?.transpose(1, 2)?;
+        let k = qkv.narrow(D::Minus1, q_dim, kv_dim)?.reshape((b, l, self.num_kv_heads, self.head_dim))?.transpose(1, 2)?;
+        let v = qkv.narrow(D::Minus1, q_dim + kv_dim, kv_dim)?.reshape((b, l, self.num_kv_heads, self.head_dim))?.transpose(1, 2)?;
         let q = apply_rotary_in_dtype(&q, cos, sin)?.contiguous()?;
         let k = apply_rotary_in_dtype(&k, cos, sin)?.contiguous()?;
         let v = v.contiguous()?;
@@ -206,8 +212,9 @@ impl Attention {
 }
 
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    /// gate and up stacked.
+    gate_up_proj: Linear,
+    intermediate: usize,
     down_proj: Linear,
 }
 
@@ -215,8 +222,8 @@ impl Mlp {
     fn new(cfg: &VideoLlama3TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
-            gate_proj: linear_no_bias(h, i, vb.pp("gate_proj"))?,
-            up_proj: linear_no_bias(h, i, vb.pp("up_proj"))?,
+            gate_up_proj: stacked_linear(&vb, &["gate_proj", "up_proj"], h, &[i, i], false)?,
+            intermediate: i,
             down_proj: linear_no_bias(i, h, vb.pp("down_proj"))?,
         })
     }
@@ -224,8 +231,10 @@ impl Mlp {
 
 impl Module for Mlp {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(xs)?)?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(xs)?)?)
+        let gate_up = self.gate_up_proj.forward(xs)?;
+        let gate = candle_nn::ops::silu(&gate_up.narrow(D::Minus1, 0, self.intermediate)?)?;
+        let up = gate_up.narrow(D::Minus1, self.intermediate, self.intermediate)?;
+        self.down_proj.forward(&(gate * up)?)
     }
 }
 
