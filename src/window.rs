@@ -50,13 +50,6 @@ pub struct Frame {
     pub captured_at: SystemTime,
 }
 
-impl Frame {
-    /// Seconds since the Unix epoch of [`Frame::captured_at`].
-    pub fn captured_unix_s(&self) -> f64 {
-        self.captured_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-    }
-}
-
 /// A window of frames.
 #[derive(Debug, Clone)]
 pub struct Window {
@@ -121,11 +114,6 @@ impl WindowSpec {
             return Err(WindowError::Window { window_seconds, fps });
         }
         Ok(spec)
-    }
-
-    /// The slot nearest to a stream time.
-    pub fn slot_of(&self, time_s: f64) -> u64 {
-        (time_s * self.fps).round().max(0.0) as u64
     }
 
     /// First slot of window `k`.

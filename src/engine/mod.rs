@@ -236,6 +236,11 @@ pub struct VideoInput {
 }
 
 impl VideoInput {
+    /// The sizing a job's token estimate uses if the checkpoint's is not known. Unreachable in
+    /// practice ([`Engine::start`] returns after the load sets it), so a small budget at
+    /// VideoLLaMA3's patch and merge sizes: an estimate, never a refusal.
+    pub const FALLBACK: VideoInput = VideoInput { patch: 14, merge: 2, min_pixels: 28 * 28, max_pixels: 112 * 112, do_resize: true };
+
     /// The sizing of a checkpoint's video processor settings.
     pub fn of(c: &crate::processor::checkpoint::ImageProcessorConfig) -> VideoInput {
         VideoInput { patch: c.patch_size, merge: c.merge_size, min_pixels: c.min_pixels, max_pixels: c.max_pixels, do_resize: c.do_resize }
@@ -419,7 +424,7 @@ impl Engine {
         if st.stopping {
             return Err(EngineError::ShuttingDown);
         }
-        let v = self.shared.video.get().copied().unwrap_or(VideoInput { patch: 14, merge: 2, min_pixels: 784, max_pixels: 12544, do_resize: true });
+        let v = self.shared.video.get().copied().unwrap_or(VideoInput::FALLBACK);
         let tokens = estimate_tokens(&job, &v);
         let evicted = st.queue.push(Queued { job, fps, tokens });
         drop(st);

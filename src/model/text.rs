@@ -13,7 +13,6 @@ use super::attention::{attention, rows_per_chunk};
 use super::config::VideoLlama3TextConfig;
 use super::vision::apply_rotary;
 
-/// Key/value cache of every layer plus the key padding mask seen so far.
 /// One layer's keys and values, `[batch, kv_heads, capacity, head_dim]` buffers of which the
 /// first `len` positions are filled. Appending writes in place (`slice_set`); the buffer is
 /// reallocated only when it is full, with room for [`KV_HEADROOM`] more tokens, so decoding does
@@ -93,13 +92,6 @@ impl KvCache {
     }
     pub fn clear(&mut self) {
         *self = Self::default();
-    }
-    /// Rows of the batch in cache `[batch, ...]`.
-    pub fn batch_size(&self) -> usize {
-        self.key_mask
-            .as_ref()
-            .and_then(|m| m.dim(0).ok())
-            .unwrap_or(0)
     }
     /// A new cache whose row `i` is a copy of row `rows[i]` of this one (rows may repeat): forks
     /// a shared prefix into several continuations, or drops finished rows from a batch. Keys,
