@@ -16,7 +16,7 @@ pub mod notify;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::mpsc;
@@ -25,6 +25,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, PromptConfig, StreamConfig};
 use crate::engine::{Engine, Job, JobOutput, PromptResult};
+use crate::lock::lock;
 use crate::metrics::{CounterVec, GaugeVec, HistogramVec, MetricsServer, Probe, Registry, LATENCY_BUCKETS};
 use crate::publish::{
     rfc3339, Answer, Command, InferenceStats, Latency, LoopHealth, PublishOptions, Publisher, SetTarget, StatsPayload,
@@ -87,10 +88,6 @@ pub fn signal_controls() -> std::io::Result<mpsc::Receiver<Control>> {
         }
     });
     Ok(rx)
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Prometheus families; names follow the conventions (`vigil_`, `_total`, `_seconds`).

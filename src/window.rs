@@ -345,7 +345,7 @@ pub fn window_queue(capacity: usize) -> (WindowSender, WindowReceiver) {
 
 fn lock(inner: &QueueInner) -> std::sync::MutexGuard<'_, QueueState> {
     // A panic while holding the lock cannot leave the deque inconsistent; keep going.
-    inner.items.lock().unwrap_or_else(|e| e.into_inner())
+    crate::lock::lock(&inner.items)
 }
 
 impl WindowSender {
@@ -377,7 +377,7 @@ impl WindowSender {
             if stop.load(Ordering::Relaxed) {
                 return false;
             }
-            st = self.inner.cond.wait_timeout(st, Duration::from_millis(50)).unwrap_or_else(|e| e.into_inner()).0;
+            st = crate::lock::wait_timeout(&self.inner.cond, st, Duration::from_millis(50));
         }
         if st.receivers_gone {
             return false;
@@ -428,7 +428,7 @@ impl WindowReceiver {
             if st.closed || now >= deadline {
                 return None;
             }
-            st = self.inner.cond.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            st = crate::lock::wait_timeout(&self.inner.cond, st, deadline - now);
         }
     }
 

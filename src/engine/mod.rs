@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::config::{Config, PromptConfig, PromptKind};
+use crate::lock::{lock, wait_timeout};
 use crate::model::GenerationParams;
 use crate::processor::Processor;
 use crate::window::Window;
@@ -385,7 +386,7 @@ impl Engine {
                 mark_finished(&sh);
             })
             .map_err(|e| EngineError::Load(format!("cannot spawn the engine thread: {e}")))?;
-        *shared.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        *lock(&shared.thread) = Some(handle);
         match ready_rx.recv() {
             Ok(Ok(())) => {
                 shared.beat();
@@ -416,11 +417,11 @@ impl Engine {
         if job.window.frames.is_empty() {
             return Err(EngineError::InvalidJob(format!("window {} of {} has no frames", job.window.seq, job.stream)));
         }
-        if *self.shared.finished.lock().unwrap_or_else(|p| p.into_inner()) {
+        if *lock(&self.shared.finished) {
             return Err(EngineError::Stopped);
         }
         let fps = self.fps_of(&job);
-        let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = lock(&self.shared.state);
         if st.stopping {
             return Err(EngineError::ShuttingDown);
         }
@@ -428,7 +429,7 @@ impl Engine {
         let tokens = estimate_tokens(&job, &v);
         let evicted = st.queue.push(Queued { job, fps, tokens });
         drop(st);
-        let mut c = self.shared.counters.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = lock(&self.shared.counters);
         c.jobs_queued += 1;
         if let Some((old, why)) = evicted {
             c.dropped(reason_name(why), 1);
@@ -462,18 +463,18 @@ impl Engine {
     }
 
     pub fn counters(&self) -> EngineCounters {
-        self.shared.counters.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        lock(&self.shared.counters).clone()
     }
 
     pub fn queue_len(&self) -> usize {
-        self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).queue.len()
+        lock(&self.shared.state).queue.len()
     }
 
     /// Remove a stream's queued jobs (stream removed or disabled at run time).
     pub fn forget_stream(&self, stream: &str) {
-        let jobs = self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).queue.remove_stream(stream);
+        let jobs = lock(&self.shared.state).queue.remove_stream(stream);
         if !jobs.is_empty() {
-            self.shared.counters.lock().unwrap_or_else(|p| p.into_inner()).dropped("stream_removed", jobs.len() as u64);
+            lock(&self.shared.counters).dropped("stream_removed", jobs.len() as u64);
             for q in &jobs {
                 drop_job(&q.job, "stream_removed");
             }
@@ -485,7 +486,7 @@ impl Engine {
     /// short (its prompts fail). True if everything finished in time.
     pub fn shutdown(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).stopping = true;
+        lock(&self.shared.state).stopping = true;
         self.shared.wake.notify_all();
         let clean = wait_finished(&self.shared, deadline);
         if !clean {
@@ -494,7 +495,7 @@ impl Engine {
             // The running batch stops at its next decode step; queued jobs are dropped.
             wait_finished(&self.shared, Instant::now() + Duration::from_secs(5));
         }
-        let finished = *self.shared.finished.lock().unwrap_or_else(|p| p.into_inner());
+        let finished = *lock(&self.shared.finished);
         if finished {
             join(&self.shared);
         }
@@ -503,24 +504,24 @@ impl Engine {
 }
 
 fn mark_finished(sh: &Shared) {
-    *sh.finished.lock().unwrap_or_else(|p| p.into_inner()) = true;
+    *lock(&sh.finished) = true;
     sh.finished_cv.notify_all();
 }
 
 fn wait_finished(sh: &Shared, deadline: Instant) -> bool {
-    let mut f = sh.finished.lock().unwrap_or_else(|p| p.into_inner());
+    let mut f = lock(&sh.finished);
     while !*f {
         let now = Instant::now();
         if now >= deadline {
             return false;
         }
-        f = sh.finished_cv.wait_timeout(f, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        f = wait_timeout(&sh.finished_cv, f, deadline - now);
     }
     true
 }
 
 fn join(sh: &Shared) {
-    if let Some(h) = sh.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+    if let Some(h) = lock(&sh.thread).take() {
         let _ = h.join();
     }
 }
@@ -529,10 +530,10 @@ fn engine_loop(sh: &Arc<Shared>, runner: &mut Runner) {
     loop {
         sh.beat();
         let batch = {
-            let mut st = sh.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut st = lock(&sh.state);
             let old = st.queue.expire(Instant::now());
             if !old.is_empty() {
-                sh.counters.lock().unwrap_or_else(|p| p.into_inner()).dropped("too_old", old.len() as u64);
+                lock(&sh.counters).dropped("too_old", old.len() as u64);
                 if st.too_old_burst == 0 {
                     tracing::warn!(jobs = old.len(), "engine is behind: dropping jobs older than max_queue_age_s (logged once per burst)");
                 }
@@ -548,7 +549,7 @@ fn engine_loop(sh: &Arc<Shared>, runner: &mut Runner) {
                     rest.extend(st.queue.take_batch(usize::MAX, usize::MAX));
                 }
                 if !rest.is_empty() {
-                    sh.counters.lock().unwrap_or_else(|p| p.into_inner()).dropped("shutdown", rest.len() as u64);
+                    lock(&sh.counters).dropped("shutdown", rest.len() as u64);
                 }
                 for q in &rest {
                     drop_job(&q.job, "shutdown");
@@ -560,7 +561,7 @@ fn engine_loop(sh: &Arc<Shared>, runner: &mut Runner) {
                 if st.stopping || Arc::strong_count(sh) == 1 {
                     return;
                 }
-                let _ = sh.wake.wait_timeout(st, Duration::from_millis(250));
+                drop(wait_timeout(&sh.wake, st, Duration::from_millis(250)));
                 continue;
             }
             if st.too_old_burst > 0 && old.is_empty() {
@@ -614,7 +615,7 @@ fn run_jobs(sh: &Shared, runner: &mut Runner, batch: Vec<Queued>) {
         }
     }
     {
-        let mut c = sh.counters.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = lock(&sh.counters);
         c.add(&stats);
         c.batches += 1;
         c.jobs_done += batch.len() as u64;

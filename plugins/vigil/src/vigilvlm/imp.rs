@@ -180,7 +180,7 @@ pub struct VigilVlm {
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    vigil::lock::lock(m)
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);

@@ -48,7 +48,7 @@ pub struct TextOut {
 }
 
 fn lock(m: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    vigil::lock::lock(m)
 }
 
 /// Text items waiting at most; beyond it the oldest buffer goes (a peer that never takes text
@@ -108,10 +108,10 @@ impl TextOut {
             if now >= deadline {
                 return;
             }
-            q = self.inner.cv.wait_timeout(q, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            q = vigil::lock::wait_timeout(&self.inner.cv, q, deadline - now);
         }
         drop(q);
-        if let Some(h) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(h) = vigil::lock::lock(&self.thread).take() {
             let _ = h.join();
         }
     }
@@ -134,7 +134,7 @@ fn push_all(pad: &gst::Pad, inner: &Inner) {
                 if let Some(i) = q.items.pop_front() {
                     break i;
                 }
-                q = inner.cv.wait(q).unwrap_or_else(|p| p.into_inner());
+                q = vigil::lock::wait(&inner.cv, q);
             }
         };
         // Not linked or flushing: the answers still went to the bus.

@@ -67,7 +67,7 @@ pub struct Shared {
 }
 
 fn lock(m: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    vigil::lock::lock(m)
 }
 
 impl Shared {
@@ -130,7 +130,7 @@ impl Shared {
             if q.abandon || self.flushing.load(Ordering::SeqCst) || now >= deadline {
                 return false;
             }
-            q = self.progress.wait_timeout(q, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            q = vigil::lock::wait_timeout(&self.progress, q, deadline - now);
         }
     }
 

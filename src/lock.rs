@@ -1,0 +1,25 @@
+//! The one lock-poisoning policy: a lock whose holder panicked is used as it was left.
+//!
+//! Every panic that can happen under one of vigil's locks is caught (the engine's batches, the
+//! GStreamer callbacks) or ends the thread that owns the data, and each guarded value is valid
+//! between any two of the statements that change it (counters, queues, maps of plain data). So
+//! recovering the guard keeps the daemon serving instead of turning one panic into a panic in
+//! every thread that touches the same lock.
+
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+/// Lock `m`, poisoned or not.
+pub fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// [`Condvar::wait`], poisoned or not.
+pub fn wait<'a, T>(cv: &Condvar, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+    cv.wait(guard).unwrap_or_else(PoisonError::into_inner)
+}
+
+/// [`Condvar::wait_timeout`] (whether it timed out is left to the caller's clock), poisoned or not.
+pub fn wait_timeout<'a, T>(cv: &Condvar, guard: MutexGuard<'a, T>, timeout: Duration) -> MutexGuard<'a, T> {
+    cv.wait_timeout(guard, timeout).unwrap_or_else(PoisonError::into_inner).0
+}
