@@ -28,7 +28,7 @@ use crate::engine::{Engine, Job, JobOutput, PromptResult};
 use crate::lock::lock;
 use crate::metrics::{CounterVec, GaugeVec, HistogramVec, MetricsServer, Probe, Registry, LATENCY_BUCKETS};
 use crate::publish::{
-    rfc3339, Answer, Command, InferenceStats, Latency, LoopHealth, PublishOptions, Publisher, SetTarget, StatsPayload,
+    rfc3339, Answer, Command, Component, InferenceStats, Latency, LoopHealth, PublishOptions, Publisher, SetTarget, StatsPayload,
     StatusPayload, StreamState as PubState, StreamStats as PubStreamStats, TokenCounts, VisualTokens, WindowInfo,
     ANSWER_VERSION,
 };
@@ -460,7 +460,7 @@ fn start_stream(state: &Arc<State>, s: &StreamConfig) {
         Err(e) => {
             let msg = e.to_string();
             error!("stream {}: {msg}", s.name);
-            state.publisher.error("source", Some(&s.name), &msg);
+            state.publisher.error(Component::Source, Some(&s.name), &msg);
             return;
         }
     };
@@ -469,7 +469,7 @@ fn start_stream(state: &Arc<State>, s: &StreamConfig) {
         Err(e) => {
             let msg = e.to_string();
             error!("stream {}: {msg}", s.name);
-            state.publisher.error("source", Some(&s.name), &msg);
+            state.publisher.error(Component::Source, Some(&s.name), &msg);
             return;
         }
     };
@@ -632,7 +632,7 @@ fn on_output(state: &Arc<State>, out: JobOutput) {
         JobOutput::Failed { stream, window_seq, prompt, error } => {
             state.metrics.answer_errors.with(&[&stream]).inc();
             error!("stream {stream}: window {window_seq} prompt {prompt}: {error}");
-            state.publisher.error("engine", Some(&stream), &format!("window {window_seq} prompt {prompt}: {error}"));
+            state.publisher.error(Component::Engine, Some(&stream), &format!("window {window_seq} prompt {prompt}: {error}"));
             settle(state, &stream, window_seq);
         }
     }
@@ -733,7 +733,7 @@ fn on_source_event(state: &Arc<State>, ev: SourceEvent) {
         state.publisher.close_events(&ev.stream, None, "stream_down");
     }
     match &s {
-        StreamState::Failed { error } => state.publisher.error("source", Some(&ev.stream), error),
+        StreamState::Failed { error } => state.publisher.error(Component::Source, Some(&ev.stream), error),
         StreamState::Reconnecting { attempt, delay, error } => {
             warn!("stream {}: reconnecting (attempt {attempt}, in {:.1} s): {error}", ev.stream, delay.as_secs_f64())
         }
@@ -761,7 +761,7 @@ fn check_frame_shape(state: &Arc<State>, stream: &str, c: &crate::source::Native
     );
     error!("stream {stream}: {error}");
     stop_stream(state, stream);
-    state.publisher.error("source", Some(stream), &error);
+    state.publisher.error(Component::Source, Some(stream), &error);
     let failed = StreamState::Failed { error: error.clone() };
     state.publisher.status(stream, &StatusPayload { state: pub_state(&failed), since: rfc3339(SystemTime::now()), error: Some(error) });
     lock(&state.states).insert(stream.to_string(), failed);
@@ -836,7 +836,7 @@ fn reload(state: &Arc<State>) {
         Ok(c) => c,
         Err(e) => {
             error!("reload rejected, keeping the running config:\n{e}");
-            state.publisher.error("config", None, &format!("reload rejected: {e}"));
+            state.publisher.error(Component::Config, None, &format!("reload rejected: {e}"));
             let _ = state.notifier.ready();
             return;
         }

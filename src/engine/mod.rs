@@ -35,7 +35,8 @@ use crate::lock::{lock, wait_timeout};
 use crate::model::GenerationParams;
 use crate::processor::Processor;
 use crate::window::Window;
-use queue::{DropReason, JobQueue, QueuedJob};
+pub use queue::DropReason;
+use queue::{JobQueue, QueuedJob};
 use runner::{RunOptions, RunStats, Runner, WindowWork};
 
 /// Why the engine could not start or take a job.
@@ -113,7 +114,7 @@ pub struct EngineCounters {
     pub jobs_queued: u64,
     pub jobs_done: u64,
     /// Jobs dropped, by reason (`too_old`, `queue_full`, `stream_removed`, `shutdown`).
-    pub jobs_dropped: BTreeMap<String, u64>,
+    pub jobs_dropped: BTreeMap<DropReason, u64>,
     /// Prompts answered / failed.
     pub prompts_done: u64,
     pub prompts_failed: u64,
@@ -169,12 +170,8 @@ impl EngineCounters {
         self.prefill_ms += s.prefill.as_millis() as u64;
         self.decode_ms += s.decode.as_millis() as u64;
     }
-    fn dropped(&mut self, reason: &str, n: u64) {
-        *self.jobs_dropped.entry(reason.to_string()).or_default() += n;
-    }
-    /// All dropped jobs.
-    pub fn jobs_dropped_total(&self) -> u64 {
-        self.jobs_dropped.values().sum()
+    fn dropped(&mut self, reason: DropReason, n: u64) {
+        *self.jobs_dropped.entry(reason).or_default() += n;
     }
 }
 
@@ -271,20 +268,13 @@ pub struct Engine {
 }
 
 /// Report a job that will not run.
-fn drop_job(job: &Job, reason: &str) {
+fn drop_job(job: &Job, reason: DropReason) {
     let _ = job.reply.send(JobOutput::Dropped {
         stream: job.stream.clone(),
         window_seq: job.window.seq,
         prompts: job.prompts.iter().map(|p| p.name.clone()).collect(),
         reason: reason.to_string(),
     });
-}
-
-fn reason_name(r: DropReason) -> &'static str {
-    match r {
-        DropReason::TooOld => "too_old",
-        DropReason::QueueFull => "queue_full",
-    }
 }
 
 /// Load the model and processor a config names.
@@ -432,10 +422,10 @@ impl Engine {
         let mut c = lock(&self.shared.counters);
         c.jobs_queued += 1;
         if let Some((old, why)) = evicted {
-            c.dropped(reason_name(why), 1);
+            c.dropped(why, 1);
             drop(c);
             tracing::warn!(stream = %old.job.stream, window = old.job.window.seq, "engine queue full; dropped the oldest job of the busiest stream");
-            drop_job(&old.job, reason_name(why));
+            drop_job(&old.job, why);
         }
         self.shared.wake.notify_all();
         Ok(())
@@ -474,9 +464,9 @@ impl Engine {
     pub fn forget_stream(&self, stream: &str) {
         let jobs = lock(&self.shared.state).queue.remove_stream(stream);
         if !jobs.is_empty() {
-            lock(&self.shared.counters).dropped("stream_removed", jobs.len() as u64);
+            lock(&self.shared.counters).dropped(DropReason::StreamRemoved, jobs.len() as u64);
             for q in &jobs {
-                drop_job(&q.job, "stream_removed");
+                drop_job(&q.job, DropReason::StreamRemoved);
             }
         }
     }
@@ -533,13 +523,13 @@ fn engine_loop(sh: &Arc<Shared>, runner: &mut Runner) {
             let mut st = lock(&sh.state);
             let old = st.queue.expire(Instant::now());
             if !old.is_empty() {
-                lock(&sh.counters).dropped("too_old", old.len() as u64);
+                lock(&sh.counters).dropped(DropReason::TooOld, old.len() as u64);
                 if st.too_old_burst == 0 {
                     tracing::warn!(jobs = old.len(), "engine is behind: dropping jobs older than max_queue_age_s (logged once per burst)");
                 }
                 st.too_old_burst += old.len() as u64;
                 for q in &old {
-                    drop_job(&q.job, "too_old");
+                    drop_job(&q.job, DropReason::TooOld);
                 }
             }
             if sh.abort.load(Ordering::Relaxed) {
@@ -549,10 +539,10 @@ fn engine_loop(sh: &Arc<Shared>, runner: &mut Runner) {
                     rest.extend(st.queue.take_batch(usize::MAX, usize::MAX));
                 }
                 if !rest.is_empty() {
-                    lock(&sh.counters).dropped("shutdown", rest.len() as u64);
+                    lock(&sh.counters).dropped(DropReason::Shutdown, rest.len() as u64);
                 }
                 for q in &rest {
-                    drop_job(&q.job, "shutdown");
+                    drop_job(&q.job, DropReason::Shutdown);
                 }
                 return;
             }

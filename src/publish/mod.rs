@@ -450,7 +450,8 @@ impl Publisher {
 
     /// Report a failure worth a human's attention on `<prefix>/errors`: at most one per
     /// component and stream every 10 s, the next one saying how many were not reported.
-    pub fn error(&self, component: &str, stream: Option<&str>, message: &str) {
+    pub fn error(&self, component: impl Into<Component>, stream: Option<&str>, message: &str) {
+        let component = component.into();
         let key = format!("{component}/{}", stream.unwrap_or(""));
         let Some(suppressed) = lock(&self.shared.reports).admit(&key, Instant::now()) else { return };
         let e = ErrorPayload {
@@ -789,6 +790,45 @@ fn on_message(shared: &Shared, topic: &str, payload: &[u8]) {
     }
 }
 
+/// The part of vigil an `errors` report is about (its `component` field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    Source,
+    Engine,
+    Config,
+    Mqtt,
+    /// Any other name (the payload's `component` is free text).
+    Other(&'static str),
+}
+
+impl Component {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Component::Source => "source",
+            Component::Engine => "engine",
+            Component::Config => "config",
+            Component::Mqtt => "mqtt",
+            Component::Other(name) => name,
+        }
+    }
+}
+
+impl std::fmt::Display for Component {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// By name: the known names are their variants.
+impl From<&'static str> for Component {
+    fn from(name: &'static str) -> Self {
+        [Component::Source, Component::Engine, Component::Config, Component::Mqtt]
+            .into_iter()
+            .find(|c| c.as_str() == name)
+            .unwrap_or(Component::Other(name))
+    }
+}
+
 /// A refused `set` message: counted always; logged and reported on `errors` once per burst of
 /// the same `problem` (a bad payload, an unknown target).
 fn reject_command(shared: &Shared, problem: &str, message: &str) {
@@ -797,6 +837,6 @@ fn reject_command(shared: &Shared, problem: &str, message: &str) {
     let Some(suppressed) = lock(&shared.reports).admit(&key, Instant::now()) else { return };
     let message = throttle::with_suppressed(message, suppressed);
     tracing::warn!("MQTT command ignored: {message}");
-    let e = ErrorPayload { component: "mqtt".into(), stream: None, message, timestamp: now_rfc3339() };
+    let e = ErrorPayload { component: Component::Mqtt.to_string(), stream: None, message, timestamp: now_rfc3339() };
     shared.diagnostic(shared.topics.errors(), to_json(&e));
 }
