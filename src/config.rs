@@ -80,8 +80,7 @@ pub struct Config {
     pub base_dir: PathBuf,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ModelConfig {
     /// Local Hugging Face layout directory.
     pub path: Option<PathBuf>,
@@ -89,7 +88,7 @@ pub struct ModelConfig {
     pub repo: Option<String>,
     /// Hub revision used with `repo`.
     pub revision: Option<String>,
-    pub device: String,
+    pub device: Device,
     pub dtype: DType,
     pub max_new_tokens: usize,
     pub temperature: f64,
@@ -107,7 +106,7 @@ impl Default for ModelConfig {
             path: None,
             repo: None,
             revision: None,
-            device: "cuda:0".into(),
+            device: Device::Cuda(0),
             dtype: DType::Bf16,
             max_new_tokens: 64,
             temperature: 0.0,
@@ -120,11 +119,6 @@ impl Default for ModelConfig {
 }
 
 impl ModelConfig {
-    /// The parsed `device` (validated at load time, so this only fails on hand-built configs).
-    pub fn device(&self) -> Result<Device, String> {
-        self.device.parse()
-    }
-
     /// A stable identifier for answers: `id`, else the repo, else the directory name.
     pub fn model_id(&self) -> String {
         if let Some(id) = &self.id {
@@ -171,12 +165,62 @@ impl fmt::Display for Device {
     }
 }
 
+/// Written as in the config file (`"cpu"`, `"cuda:N"`).
+impl Serialize for Device {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Compares with the config's spelling (`"cpu"`, `"cuda:N"`).
+impl PartialEq<&str> for Device {
+    fn eq(&self, other: &&str) -> bool {
+        self.to_string() == *other
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DType {
     F32,
     F16,
     Bf16,
+}
+
+impl DType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::Bf16 => "bf16",
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::Bf16 => 2,
+        }
+    }
+}
+
+impl std::str::FromStr for DType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(DType::F32),
+            "f16" => Ok(DType::F16),
+            "bf16" => Ok(DType::Bf16),
+            _ => Err(format!("expected f32, f16 or bf16, got {s:?}")),
+        }
+    }
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -544,12 +588,74 @@ impl StreamFile {
     }
 }
 
+/// `[model]` as written: `device` stays text until validation parses it, so a bad device is one
+/// located problem among the others rather than the end of deserialization.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ModelFile {
+    path: Option<PathBuf>,
+    repo: Option<String>,
+    revision: Option<String>,
+    device: String,
+    dtype: DType,
+    max_new_tokens: usize,
+    temperature: f64,
+    top_p: f64,
+    top_k: usize,
+    seed: u64,
+    id: Option<String>,
+}
+
+impl Default for ModelFile {
+    fn default() -> Self {
+        let m = ModelConfig::default();
+        Self {
+            path: m.path,
+            repo: m.repo,
+            revision: m.revision,
+            device: m.device.to_string(),
+            dtype: m.dtype,
+            max_new_tokens: m.max_new_tokens,
+            temperature: m.temperature,
+            top_p: m.top_p,
+            top_k: m.top_k,
+            seed: m.seed,
+            id: m.id,
+        }
+    }
+}
+
+impl ModelFile {
+    /// The section with its device parsed (the default one if it does not parse), and the
+    /// parse error for validation to report.
+    fn resolve(self) -> (ModelConfig, Option<String>) {
+        let (device, error) = match self.device.parse::<Device>() {
+            Ok(d) => (d, None),
+            Err(e) => (ModelConfig::default().device, Some(e)),
+        };
+        let m = ModelConfig {
+            path: self.path,
+            repo: self.repo,
+            revision: self.revision,
+            device,
+            dtype: self.dtype,
+            max_new_tokens: self.max_new_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            id: self.id,
+        };
+        (m, error)
+    }
+}
+
 /// The file as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ConfigFile {
     #[serde(default)]
-    model: ModelConfig,
+    model: ModelFile,
     #[serde(default)]
     pruning: PruningConfig,
     #[serde(default)]
@@ -821,9 +927,10 @@ impl Config {
         };
 
         let locator = Locator { text, doc: &doc };
+        let (model, device_error) = file_cfg.model.resolve();
         let cfg = Config {
             streams: file_cfg.stream.into_iter().map(|s| s.resolve(&file_cfg.defaults)).collect(),
-            model: file_cfg.model,
+            model,
             pruning: file_cfg.pruning,
             mqtt: file_cfg.mqtt,
             metrics: file_cfg.metrics,
@@ -832,7 +939,7 @@ impl Config {
             prompts: file_cfg.prompt,
             base_dir: base_dir.to_path_buf(),
         };
-        let problems = cfg.validate(&locator);
+        let problems = cfg.validate(&locator, device_error.as_deref());
         if problems.is_empty() {
             Ok(cfg)
         } else {
@@ -916,7 +1023,8 @@ impl Config {
         w
     }
 
-    fn validate(&self, loc: &Locator) -> Vec<Problem> {
+    /// Every problem of the config; `device_error` is why `model.device` did not parse.
+    fn validate(&self, loc: &Locator, device_error: Option<&str>) -> Vec<Problem> {
         let mut v = Validator { loc, problems: Vec::new() };
         let m = &self.model;
 
@@ -925,8 +1033,8 @@ impl Config {
             (Some(_), Some(_)) => v.fail("model.repo", "set only one of model.path or model.repo"),
             _ => {}
         }
-        if let Err(e) = m.device.parse::<Device>() {
-            v.fail("model.device", &e);
+        if let Some(e) = device_error {
+            v.fail("model.device", e);
         }
         if m.max_new_tokens == 0 {
             v.fail("model.max_new_tokens", "must be at least 1");

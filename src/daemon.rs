@@ -63,9 +63,12 @@ pub enum DaemonError {
     #[error(transparent)]
     Publish(#[from] crate::publish::PublishError),
     #[error("model: {0}")]
-    Engine(String),
+    Engine(#[source] crate::engine::EngineError),
+    /// The model-loading task panicked or was cancelled.
+    #[error("model: {0}")]
+    LoadTask(#[source] tokio::task::JoinError),
     #[error("sources: {0}")]
-    Source(String),
+    Source(#[source] crate::source::SourceError),
 }
 
 /// Map SIGTERM/SIGINT to [`Control::Shutdown`] and SIGHUP to [`Control::Reload`].
@@ -254,12 +257,12 @@ pub async fn run(config_path: &Path, mut controls: mpsc::Receiver<Control>) -> R
         publisher.shutdown(Duration::from_secs(2)).await;
         return Ok(());
     };
-    let engine = loaded.map_err(|e| DaemonError::Engine(e.to_string()))?.map_err(|e| DaemonError::Engine(e.to_string()))?;
+    let engine = loaded.map_err(DaemonError::LoadTask)?.map_err(DaemonError::Engine)?;
     info!("model {} loaded in {:.1} s", cfg.model.model_id(), load_started.elapsed().as_secs_f64());
 
 
     let (sources, mut events) =
-        SourceManager::new(SourceOptions::default()).map_err(|e| DaemonError::Source(e.to_string()))?;
+        SourceManager::new(SourceOptions::default()).map_err(DaemonError::Source)?;
     let (answers_tx, mut answers_rx) = mpsc::unbounded_channel();
     let state = Arc::new(State {
         cfg: Mutex::new(cfg.clone()),

@@ -10,9 +10,37 @@
 pub mod engine;
 pub mod shapes;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::engine::EngineError;
+use crate::model::ModelError;
 use crate::window::{Frame, Window};
+
+/// Why a benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bench config: {0}")]
+    Config(#[source] crate::config::ConfigError),
+    #[error("{0}")]
+    Processor(#[from] crate::processor::ProcessorError),
+    /// Options that cannot make a benchmark.
+    #[error("{0}")]
+    Options(String),
+    /// A prompt or job of the run failed (the runner's reason).
+    #[error("{0}")]
+    Run(String),
+}
 
 /// A gap-free synthetic window of stream `cam{s}`: window `k` whose first frame is stream frame
 /// `start`, at `fps`.

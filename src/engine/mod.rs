@@ -43,13 +43,52 @@ use runner::{RunOptions, RunStats, Runner, WindowWork};
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("cannot load the model: {0}")]
-    Load(String),
+    Load(#[source] LoadError),
     #[error("the engine is shutting down")]
     ShuttingDown,
     #[error("the engine thread has stopped")]
     Stopped,
     #[error("invalid job: {0}")]
     InvalidJob(String),
+}
+
+impl EngineError {
+    /// A checkpoint the engine cannot run ([`LoadError::Checkpoint`]).
+    pub(crate) fn checkpoint(why: String) -> Self {
+        EngineError::Load(LoadError::Checkpoint(why))
+    }
+}
+
+/// Why the model and processor a config names could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// No checkpoint directory (not found, not in the cache, the download failed).
+    #[error("{0}")]
+    Locate(#[source] crate::model::ModelError),
+    #[error("{}: {source}", dir.display())]
+    Model {
+        dir: PathBuf,
+        #[source]
+        source: crate::model::ModelError,
+    },
+    #[error("{}: {source}", dir.display())]
+    Processor {
+        dir: PathBuf,
+        #[source]
+        source: crate::processor::ProcessorError,
+    },
+    /// Requests of the config that cannot fit the model's context.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    TooLong(Vec<preflight::PreflightError>),
+    /// The checkpoint's parts disagree, or it asks for what the engine does not do.
+    #[error("{0}")]
+    Checkpoint(String),
+    #[error("cannot spawn the engine thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("the model loader panicked")]
+    Panicked,
+    #[error("the engine thread died while loading")]
+    ThreadDied,
 }
 
 /// A window and the prompts due for it (per each prompt's `every`).
@@ -279,30 +318,30 @@ fn drop_job(job: &Job, reason: DropReason) {
 
 /// Load the model and processor a config names.
 pub fn load_runner(cfg: &Config) -> Result<Runner, EngineError> {
-    let dir = model_dir(cfg)?;
+    let dir = model_dir(cfg).map_err(|e| EngineError::Load(LoadError::Locate(e)))?;
     let model = crate::model::load::load_model(
         &crate::config::ModelConfig { path: Some(dir.clone()), ..cfg.model.clone() },
         &cfg.base_dir,
     )
-    .map_err(|e| EngineError::Load(format!("{}: {e}", dir.display())))?;
-    let processor = Processor::from_pretrained(&dir).map_err(|e| EngineError::Load(format!("{}: {e}", dir.display())))?;
+    .map_err(|source| EngineError::Load(LoadError::Model { dir: dir.clone(), source }))?;
+    let processor = Processor::from_pretrained(&dir).map_err(|source| EngineError::Load(LoadError::Processor { dir: dir.clone(), source }))?;
     let (too_long, _) = preflight::context_fit(cfg, &processor, model.config().text_config.max_position_embeddings);
     if !too_long.is_empty() {
-        let why: Vec<String> = too_long.iter().map(ToString::to_string).collect();
-        return Err(EngineError::Load(why.join("; ")));
+        return Err(EngineError::Load(LoadError::TooLong(too_long)));
     }
     Runner::new(model, processor, GenerationParams::from_model_config(&cfg.model), cfg.pruning.clone(), cfg.engine.feature_cache_frames)
 }
 
-fn model_dir(cfg: &Config) -> Result<PathBuf, EngineError> {
+/// The checkpoint directory: `path`, the cached `repo`, else (with `hub`) the downloaded one.
+fn model_dir(cfg: &Config) -> Result<PathBuf, crate::model::ModelError> {
     match crate::model::load::model_dir(&cfg.model, &cfg.base_dir) {
         Ok(d) => Ok(d),
         #[cfg(feature = "hub")]
         Err(_) if cfg.model.path.is_none() && cfg.model.repo.is_some() => {
             let repo = cfg.model.repo.as_deref().unwrap_or_default();
-            crate::model::load::download_snapshot(repo, cfg.model.revision.as_deref()).map_err(|e| EngineError::Load(e.to_string()))
+            crate::model::load::download_snapshot(repo, cfg.model.revision.as_deref())
         }
-        Err(e) => Err(EngineError::Load(e.to_string())),
+        Err(e) => Err(e),
     }
 }
 
@@ -356,7 +395,7 @@ impl Engine {
             .name("vigil-engine".into())
             .spawn(move || {
                 let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_runner(&cfg)))
-                    .unwrap_or_else(|_| Err(EngineError::Load("the model loader panicked".into())));
+                    .unwrap_or_else(|_| Err(EngineError::Load(LoadError::Panicked)));
                 let mut runner = match loaded {
                     Ok(r) => {
                         let _ = sh.video.set(VideoInput::of(&r.processor.video_processor.config.base));
@@ -375,7 +414,7 @@ impl Engine {
                 drop(runner);
                 mark_finished(&sh);
             })
-            .map_err(|e| EngineError::Load(format!("cannot spawn the engine thread: {e}")))?;
+            .map_err(|e| EngineError::Load(LoadError::Spawn(e)))?;
         *lock(&shared.thread) = Some(handle);
         match ready_rx.recv() {
             Ok(Ok(())) => {
@@ -388,7 +427,7 @@ impl Engine {
             }
             Err(_) => {
                 join(&shared);
-                Err(EngineError::Load("the engine thread died while loading".into()))
+                Err(EngineError::Load(LoadError::ThreadDied))
             }
         }
     }

@@ -170,18 +170,18 @@ impl Runner {
         let penalty = params.repetition_penalty.or(defaults.repetition_penalty).filter(|&p| p != 1.0);
         if let Some(p) = penalty {
             if !(p > 0.0 && p.is_finite()) {
-                return Err(EngineError::Load(format!("repetition_penalty must be positive, got {p}")));
+                return Err(EngineError::checkpoint(format!("repetition_penalty must be positive, got {p}")));
             }
         }
         let cfg = model.config();
         if processor.video_token_id != cfg.video_token_id || processor.image_token_id != cfg.image_token_id {
-            return Err(EngineError::Load(format!(
+            return Err(EngineError::checkpoint(format!(
                 "tokenizer placeholder ids (image {}, video {}) differ from the model's (image {}, video {})",
                 processor.image_token_id, processor.video_token_id, cfg.image_token_id, cfg.video_token_id
             )));
         }
         if processor.video_processor.config.base.temporal_patch_size != 1 {
-            return Err(EngineError::Load("video temporal_patch_size must be 1 (VideoLLaMA3)".into()));
+            return Err(EngineError::checkpoint("video temporal_patch_size must be 1 (VideoLLaMA3)".into()));
         }
         Ok(Self {
             model,

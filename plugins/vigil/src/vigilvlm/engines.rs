@@ -85,7 +85,7 @@ pub fn models_loaded() -> u64 {
 pub fn engine_config(key: &EngineKey, dtype: DType, defaults: StreamDefaults) -> Result<Config, String> {
     let device: vigil::config::Device = key.device.parse()?;
     Ok(Config {
-        model: ModelConfig { path: Some(key.model.clone()), device: device.to_string(), dtype, ..ModelConfig::default() },
+        model: ModelConfig { path: Some(key.model.clone()), device, dtype, ..ModelConfig::default() },
         pruning: PruningConfig { enabled: key.pruning, threshold: f64::from_bits(key.threshold_bits), ..PruningConfig::default() },
         mqtt: Default::default(),
         metrics: Default::default(),

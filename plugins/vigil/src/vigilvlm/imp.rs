@@ -67,7 +67,7 @@ impl Default for Settings {
         let p = vigil::config::PruningConfig::default();
         Settings {
             model: None,
-            device: m.device,
+            device: m.device.to_string(),
             dtype: "bf16".into(),
             prompt: DEFAULT_PROMPT.into(),
             prompts_json: String::new(),
