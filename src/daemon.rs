@@ -12,6 +12,7 @@
 //! Reload (SIGHUP) re-reads the config: streams and prompts change in place, the model stays
 //! loaded; a config that fails validation is rejected and the running one kept.
 
+mod metrics;
 pub mod notify;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -26,15 +27,15 @@ use tracing::{error, info, warn};
 use crate::config::{Config, PromptConfig, StreamConfig};
 use crate::engine::{Engine, Job, JobOutput, PromptResult};
 use crate::lock::lock;
-use crate::metrics::{CounterVec, GaugeVec, HistogramVec, MetricsServer, Probe, Registry, LATENCY_BUCKETS};
+use crate::metrics::{MetricsServer, Probe};
 use crate::publish::{
-    rfc3339, Answer, Command, Component, InferenceStats, Latency, LoopHealth, PublishOptions, Publisher, SetTarget, StatsPayload,
-    StatusPayload, StreamState as PubState, StreamStats as PubStreamStats, TokenCounts, VisualTokens, WindowInfo,
-    ANSWER_VERSION,
+    rfc3339, Answer, Command, Component, Latency, LoopHealth, PublishOptions, Publisher, SetTarget, StatusPayload,
+    StreamState as PubState, TokenCounts, VisualTokens, WindowInfo,
 };
 use crate::source::{EventKind, SourceEvent, SourceManager, SourceOptions, SourceSpec, StreamState};
 use crate::processor::video::{FrameChanges, Video};
 use crate::window::{Window, WindowReceiver};
+use metrics::{collect_stats, install_scrape_hook, Metrics};
 use notify::Notifier;
 
 /// What the outside world asks of a running daemon (signals, tests).
@@ -91,109 +92,6 @@ pub fn signal_controls() -> std::io::Result<mpsc::Receiver<Control>> {
         }
     });
     Ok(rx)
-}
-
-/// Prometheus families; names follow the conventions (`vigil_`, `_total`, `_seconds`).
-struct Metrics {
-    registry: Registry,
-    frames: CounterVec,
-    frames_dropped: CounterVec,
-    windows: CounterVec,
-    windows_dropped: CounterVec,
-    windows_skipped: CounterVec,
-    jobs_queued: CounterVec,
-    jobs_dropped: CounterVec,
-    answers: CounterVec,
-    answers_delivered: CounterVec,
-    answers_dropped: CounterVec,
-    answer_errors: CounterVec,
-    stage: HistogramVec,
-    tokens_generated: CounterVec,
-    visual_total: CounterVec,
-    visual_kept: CounterVec,
-    cache_hits: CounterVec,
-    cache_misses: CounterVec,
-    prefix_shared: CounterVec,
-    mqtt_published: CounterVec,
-    mqtt_queued: GaugeVec,
-    mqtt_dropped: CounterVec,
-    mqtt_connected: GaugeVec,
-    commands_rejected: CounterVec,
-    stream_up: GaugeVec,
-    engine_queue: GaugeVec,
-    heartbeat_age: GaugeVec,
-}
-
-impl Metrics {
-    fn new() -> Metrics {
-        let r = Registry::new();
-        Metrics {
-            frames: r.counter("vigil_frames_total", "Frames delivered by the stream's pipeline (after rate limiting).", &["stream"]),
-            frames_dropped: r.counter(
-                "vigil_frames_dropped_total",
-                "Frames discarded by the windower (out of order after a reconnect or loop).",
-                &["stream"],
-            ),
-            windows: r.counter("vigil_windows_total", "Windows emitted.", &["stream"]),
-            windows_dropped: r.counter(
-                "vigil_windows_dropped_total",
-                "Windows dropped: gaps under gap_policy=drop, or the oldest when the consumer was behind.",
-                &["stream"],
-            ),
-            windows_skipped: r.counter(
-                "vigil_windows_skipped_total",
-                "Windows no prompt ran on, by reason (schedule: every prompt out of its active hours).",
-                &["stream", "reason"],
-            ),
-            jobs_queued: r.counter("vigil_jobs_queued_total", "Jobs (window x due prompts) submitted to the engine.", &["stream"]),
-            jobs_dropped: r.counter("vigil_jobs_dropped_total", "Jobs dropped instead of answered late.", &["stream"]),
-            answers: r.counter("vigil_answers_total", "Answers produced (handed to the MQTT outbox).", &["stream", "prompt"]),
-            answers_delivered: r.counter(
-                "vigil_mqtt_delivered_total",
-                "Answers the broker acknowledged (PUBACK/PUBCOMP; written, for QoS 0).",
-                &[],
-            ),
-            answers_dropped: r.counter(
-                "vigil_answers_dropped_total",
-                "Answers dropped undelivered: the oldest when the MQTT outbox was full.",
-                &[],
-            ),
-            answer_errors: r.counter("vigil_answer_errors_total", "Prompts that failed in the engine.", &["stream"]),
-            stage: r.histogram(
-                "vigil_stage_seconds",
-                "Time per stage: queue, vision, prefill, decode, and total from window close to publish.",
-                &["stage"],
-                LATENCY_BUCKETS,
-            ),
-            tokens_generated: r.counter("vigil_tokens_generated_total", "Tokens generated.", &[]),
-            visual_total: r.counter("vigil_visual_tokens_total", "Video tokens before pruning.", &[]),
-            visual_kept: r.counter("vigil_visual_tokens_kept_total", "Video tokens kept after pruning.", &[]),
-            cache_hits: r.counter("vigil_vision_cache_hits_total", "Frames whose vision features came from the cache.", &[]),
-            cache_misses: r.counter("vigil_vision_cache_misses_total", "Frames run through the vision encoder.", &[]),
-            prefix_shared: r.counter(
-                "vigil_prefix_shared_total",
-                "Prompts that re-used a window's prefilled video prefix.",
-                &[],
-            ),
-            mqtt_published: r.counter(
-                "vigil_mqtt_published_total",
-                "MQTT messages the broker took (QoS 0 written, QoS 1/2 acknowledged).",
-                &[],
-            ),
-            mqtt_queued: r.gauge("vigil_mqtt_queued", "Messages waiting in the MQTT outbox.", &[]),
-            mqtt_dropped: r.counter("vigil_mqtt_dropped_total", "MQTT messages dropped because the outbox was full.", &[]),
-            mqtt_connected: r.gauge("vigil_mqtt_connected", "1 while the MQTT broker connection is up.", &[]),
-            commands_rejected: r.counter(
-                "vigil_mqtt_commands_rejected_total",
-                "`set` messages refused: a payload other than ON/OFF, or an unknown stream or prompt.",
-                &[],
-            ),
-            stream_up: r.gauge("vigil_stream_up", "1 while the stream delivers frames.", &["stream"]),
-            engine_queue: r.gauge("vigil_engine_queue_depth", "Jobs waiting for the engine.", &[]),
-            heartbeat_age: r.gauge("vigil_engine_heartbeat_age_seconds", "Seconds since the engine thread last showed life.", &[]),
-            registry: r,
-        }
-    }
 }
 
 /// A window whose answers are still outstanding.
@@ -933,90 +831,4 @@ fn spawn_watchdog(state: &Arc<State>) -> JoinHandle<()> {
             }
         }
     })
-}
-
-/// Copy counters that live in the sources, the engine and the outbox into the registry.
-fn install_scrape_hook(state: &Arc<State>) {
-    let weak = Arc::downgrade(state);
-    state.metrics.registry.on_scrape(move || {
-        let Some(state) = weak.upgrade() else { return };
-        let m = &state.metrics;
-        {
-            let sources = lock(&state.sources);
-            for name in sources.names() {
-                if let Some(st) = sources.stats(&name) {
-                    m.frames.with(&[&name]).set_total(st.frames as f64);
-                    m.frames_dropped.with(&[&name]).set_total(st.windows.frames_out_of_order as f64);
-                    m.windows_dropped
-                        .with(&[&name])
-                        .set_total((st.windows.windows_dropped_gap + st.windows_dropped_queue) as f64);
-                }
-            }
-        }
-        let c = state.engine.counters();
-        m.visual_total.with(&[]).set_total(c.visual_tokens_total as f64);
-        m.visual_kept.with(&[]).set_total(c.visual_tokens_kept as f64);
-        m.cache_hits.with(&[]).set_total(c.vision_cache_hits as f64);
-        m.cache_misses.with(&[]).set_total(c.vision_cache_misses as f64);
-        m.prefix_shared.with(&[]).set_total(c.prefix_shared as f64);
-        let o = state.publisher.outbox_stats();
-        m.mqtt_queued.with(&[]).set(o.depth as f64);
-        m.mqtt_published.with(&[]).set_total(state.publisher.delivered() as f64);
-        m.mqtt_dropped.with(&[]).set_total(o.dropped as f64);
-        let a = state.publisher.answer_counts();
-        m.answers_delivered.with(&[]).set_total(a.delivered as f64);
-        m.answers_dropped.with(&[]).set_total(a.dropped as f64);
-        m.commands_rejected.with(&[]).set_total(state.publisher.commands_rejected() as f64);
-        m.mqtt_connected.with(&[]).set(if state.publisher.link().borrow().connected { 1.0 } else { 0.0 });
-        m.engine_queue.with(&[]).set(state.engine.queue_len() as f64);
-        m.heartbeat_age.with(&[]).set(state.engine.heartbeat_age().as_secs_f64());
-    });
-}
-
-fn collect_stats(state: &State) -> StatsPayload {
-    let mut streams = BTreeMap::new();
-    {
-        let sources = lock(&state.sources);
-        for name in sources.names() {
-            if let Some(st) = sources.stats(&name) {
-                let jobs_dropped = state.metrics.jobs_dropped.with(&[&name]).get() as u64;
-                streams.insert(
-                    name.clone(),
-                    PubStreamStats {
-                        frames: st.frames,
-                        windows: st.windows.windows_emitted,
-                        drops: st.windows.windows_dropped_gap + st.windows_dropped_queue + jobs_dropped,
-                        skipped: ["static", "schedule"]
-                            .iter()
-                            .map(|r| state.metrics.windows_skipped.with(&[&name, r]).get() as u64)
-                            .sum(),
-                    },
-                );
-            }
-        }
-    }
-    let mut lat: Vec<f64> = lock(&state.recent_latency).iter().copied().collect();
-    lat.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    let q = |p: f64| if lat.is_empty() { 0.0 } else { lat[((lat.len() - 1) as f64 * p).round() as usize] * 1e3 };
-    let c = state.engine.counters();
-    let uptime = state.started.elapsed().as_secs_f64();
-    StatsPayload {
-        v: ANSWER_VERSION,
-        uptime_s: uptime,
-        streams,
-        inference: InferenceStats {
-            latency_p50_ms: q(0.5),
-            latency_p95_ms: q(0.95),
-            tokens_per_s: if uptime > 0.0 { c.tokens_generated as f64 / uptime } else { 0.0 },
-            pruning_ratio: if c.visual_tokens_total > 0 {
-                1.0 - c.visual_tokens_kept as f64 / c.visual_tokens_total as f64
-            } else {
-                0.0
-            },
-        },
-        outbox: Default::default(),
-        answers: None,
-        events: None,
-        timestamp: rfc3339(SystemTime::now()),
-    }
 }
