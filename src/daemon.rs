@@ -20,8 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::config::{Config, PromptConfig, StreamConfig};
@@ -104,6 +103,16 @@ struct Pending {
 }
 
 /// Everything the tasks share.
+///
+/// Lock order: a task holds at most these nested, taken in this order: `states` → `cfg` →
+/// `disabled_prompts` → `overrides`. Every other mutex here is taken alone and released before
+/// the next one. Calls into the engine, the publisher, the sources and the metrics registry take
+/// only their own internal locks, which never call back into this state, so holding one of the
+/// above across such a call cannot deadlock.
+///
+/// Shutdown is cooperative: `shutdown` is announced to the tasks that wait (watchdog, ready
+/// notice); dropping a stream's entry in `readers` stops its reader; every task holds a clone
+/// of `done`, so `run` sees them all finished when its receiver reports every sender dropped.
 struct State {
     cfg: Mutex<Config>,
     config_path: PathBuf,
@@ -117,8 +126,8 @@ struct State {
     disabled_prompts: Mutex<HashSet<(String, String)>>,
     /// `set ON/OFF` of a scheduled prompt: holds until the schedule's next boundary.
     overrides: Mutex<HashMap<(String, String), (bool, Instant)>>,
-    /// Per stream: the window-reading task.
-    readers: Mutex<HashMap<String, JoinHandle<()>>>,
+    /// Per stream: dropping the sender stops the stream's window-reading task.
+    readers: Mutex<HashMap<String, oneshot::Sender<()>>>,
     pending: Mutex<HashMap<(String, u64), Pending>>,
     states: Mutex<BTreeMap<String, StreamState>>,
     /// Recent total latencies (s), for the stats' p50/p95.
@@ -131,6 +140,10 @@ struct State {
     gate: Option<Arc<crate::processor::video::VideoProcessor>>,
     /// Each (stream, prompt)'s last answer, re-published for a window skipped as static.
     last_answers: Mutex<HashMap<(String, String), Answer>>,
+    /// Announces the shutdown to the tasks that wait for something else meanwhile.
+    shutdown: broadcast::Sender<()>,
+    /// Handed to every task; `None` once stopping (no new tasks).
+    done: Mutex<Option<mpsc::Sender<()>>>,
 }
 
 /// Run the daemon until a [`Control::Shutdown`] arrives (or `controls` closes).
@@ -162,6 +175,7 @@ pub async fn run(config_path: &Path, mut controls: mpsc::Receiver<Control>) -> R
     let (sources, mut events) =
         SourceManager::new(SourceOptions::default()).map_err(DaemonError::Source)?;
     let (answers_tx, mut answers_rx) = mpsc::unbounded_channel();
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let state = Arc::new(State {
         cfg: Mutex::new(cfg.clone()),
         config_path: config_path.to_path_buf(),
@@ -185,6 +199,8 @@ pub async fn run(config_path: &Path, mut controls: mpsc::Receiver<Control>) -> R
             .map(Arc::new),
         last_answers: Mutex::default(),
         notifier,
+        shutdown: broadcast::channel(1).0,
+        done: Mutex::new(Some(done_tx)),
     });
     install_scrape_hook(&state);
     let _metrics_server = match cfg.metrics.listen_addr() {
@@ -208,13 +224,13 @@ pub async fn run(config_path: &Path, mut controls: mpsc::Receiver<Control>) -> R
     for s in cfg.streams.iter().filter(|s| s.enabled) {
         start_stream(&state, s);
     }
-    let ready_task = spawn_ready_notice(&state);
+    spawn_ready_notice(&state);
     update_status_line(&state);
     info!("vigil running: {}", cfg.summary());
 
     let stats_state = state.clone();
     let stats_task = publisher.stats_every(Duration::from_secs(60), move || collect_stats(&stats_state));
-    let watchdog_task = spawn_watchdog(&state);
+    spawn_watchdog(&state);
     if reload_asked {
         reload(&state);
     }
@@ -236,9 +252,11 @@ pub async fn run(config_path: &Path, mut controls: mpsc::Receiver<Control>) -> R
     let _ = state.notifier.stopping();
     let timeout = Duration::from_secs_f64(lock(&state.cfg).engine.shutdown_timeout_s);
     let deadline = Instant::now() + timeout;
-    for (_, h) in lock(&state.readers).drain() {
-        h.abort();
-    }
+    let _ = state.shutdown.send(());
+    lock(&state.readers).clear();
+    drop(lock(&state.done).take());
+    // Every task has ended once every `done` sender is gone (a reader finishes the window in hand).
+    let _ = tokio::time::timeout_at(deadline.into(), done_rx.recv()).await;
     let src_state = state.clone();
     let _ = tokio::task::spawn_blocking(move || lock(&src_state.sources).shutdown(Duration::from_secs(5))).await;
     let eng = state.engine.clone();
@@ -251,9 +269,8 @@ pub async fn run(config_path: &Path, mut controls: mpsc::Receiver<Control>) -> R
     while let Ok(out) = answers_rx.try_recv() {
         on_output(&state, out);
     }
+    // The publisher's own ticker: it has nothing to finish.
     stats_task.abort();
-    watchdog_task.abort();
-    ready_task.abort();
     publisher.shutdown(Duration::from_secs(10)).await;
     let o = publisher.outbox_stats();
     let a = publisher.answer_counts();
@@ -271,18 +288,25 @@ pub async fn run(config_path: &Path, mut controls: mpsc::Receiver<Control>) -> R
 
 /// `READY=1` once the broker took us (the embedded one is up at once), or after
 /// [`BROKER_WAIT`] without it: the streams run meanwhile and their answers wait in the outbox.
-fn spawn_ready_notice(state: &Arc<State>) -> JoinHandle<()> {
+fn spawn_ready_notice(state: &Arc<State>) {
+    let Some(done) = lock(&state.done).clone() else { return };
+    let mut shutdown = state.shutdown.subscribe();
     // Only the bool leaves the closure: the `Ref` that `wait_for` returns holds the watch's
     // read lock, and kept alive it would block the publisher's next link update for good.
     let mut link = state.publisher.link();
     let state = state.clone();
     tokio::spawn(async move {
-        let connected = tokio::time::timeout(BROKER_WAIT, async { link.wait_for(|l| l.connected).await.is_ok() }).await;
+        let _done = done;
+        let wait = tokio::time::timeout(BROKER_WAIT, async { link.wait_for(|l| l.connected).await.is_ok() });
+        let connected = tokio::select! {
+            c = wait => c,
+            _ = shutdown.recv() => return,
+        };
         if connected != Ok(true) {
             warn!("MQTT broker not reachable yet; answers queue in the outbox until it is");
         }
         let _ = state.notifier.ready();
-    })
+    });
 }
 
 /// Await `fut` unless a shutdown arrives first (`None`); a reload is noted for later.
@@ -347,6 +371,7 @@ fn readiness(state: &State) -> Result<(), String> {
 
 /// Start a stream's pipeline and the task that turns its windows into jobs.
 fn start_stream(state: &Arc<State>, s: &StreamConfig) {
+    let Some(done) = lock(&state.done).clone() else { return };
     let base = lock(&state.cfg).base_dir.clone();
     let spec = match SourceSpec::from_config(s, &base) {
         Ok(mut spec) => {
@@ -374,25 +399,33 @@ fn start_stream(state: &Arc<State>, s: &StreamConfig) {
             return;
         }
     };
-    let task = tokio::spawn(read_windows(state.clone(), s.name.clone(), rx));
-    if let Some(old) = lock(&state.readers).insert(s.name.clone(), task) {
-        old.abort();
-    }
+    let (stop, stopped) = oneshot::channel();
+    tokio::spawn(read_windows(state.clone(), s.name.clone(), rx, stopped, done));
+    // Replacing the entry drops the old reader's sender: it stops.
+    lock(&state.readers).insert(s.name.clone(), stop);
 }
 
 fn stop_stream(state: &Arc<State>, name: &str) {
-    if let Some(h) = lock(&state.readers).remove(name) {
-        h.abort();
-    }
+    // Dropping the sender stops the reader.
+    lock(&state.readers).remove(name);
     lock(&state.sources).remove(name);
     state.engine.forget_stream(name);
     lock(&state.states).remove(name);
     state.metrics.stream_up.remove(&[name]);
 }
 
-/// Windows → jobs with the prompts due for them.
-async fn read_windows(state: Arc<State>, stream: String, rx: WindowReceiver) {
-    while let Some(w) = rx.recv().await {
+/// Windows → jobs with the prompts due for them, until the window channel closes or the
+/// stream's `readers` entry is dropped (`stop`). Holds `_done` while it runs.
+async fn read_windows(state: Arc<State>, stream: String, rx: WindowReceiver, mut stop: oneshot::Receiver<()>, _done: mpsc::Sender<()>) {
+    loop {
+        let w = tokio::select! {
+            biased;
+            _ = &mut stop => return,
+            w = rx.recv() => match w {
+                Some(w) => w,
+                None => return,
+            },
+        };
         let closed_at = Instant::now();
         state.metrics.windows.with(&[&stream]).inc();
         let (prompts, scheduled_out) = due_prompts(&state, &stream, w.seq);
@@ -420,6 +453,10 @@ async fn read_windows(state: Arc<State>, stream: String, rx: WindowReceiver) {
             let by_measure = changes.as_ref().and_then(|c| crate::snapshot::key_frame_by_changes(&c.per_frame)).and_then(|i| w.frames.get(i));
             by_measure.cloned().or_else(|| crate::snapshot::key_frame(&w.frames).map(|f| Arc::new(f.clone())))
         });
+        // Stopped while measuring: the stream is gone, its window with it.
+        if !matches!(stop.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
+            return;
+        }
         lock(&state.pending).insert((stream.clone(), w.seq), Pending { info, closed_at, remaining: prompts.len(), key_frame: key_frame.flatten() });
         let job = Job { stream: stream.clone(), window: w, prompts, fps, closed_at, reply: state.answers_tx.clone() };
         state.metrics.jobs_queued.with(&[&stream]).inc();
@@ -810,14 +847,20 @@ mod erased {
 
 /// WATCHDOG=1 at half the systemd timeout, only while [`liveness`] holds: a wedged engine or
 /// publisher stops the pings and systemd restarts the service.
-fn spawn_watchdog(state: &Arc<State>) -> JoinHandle<()> {
+fn spawn_watchdog(state: &Arc<State>) {
+    let Some(timeout) = state.notifier.watchdog_timeout() else { return };
+    let Some(done) = lock(&state.done).clone() else { return };
+    let mut shutdown = state.shutdown.subscribe();
     let state = state.clone();
     tokio::spawn(async move {
-        let Some(timeout) = state.notifier.watchdog_timeout() else { return };
+        let _done = done;
         let mut tick = tokio::time::interval(timeout / 2);
         let mut withheld = false;
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.recv() => return,
+            }
             match liveness(&state) {
                 Ok(()) => {
                     withheld = false;
@@ -830,5 +873,5 @@ fn spawn_watchdog(state: &Arc<State>) -> JoinHandle<()> {
                 Err(_) => {}
             }
         }
-    })
+    });
 }

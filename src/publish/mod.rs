@@ -131,6 +131,9 @@ struct Shared {
     discovery_topics: Mutex<HashSet<String>>,
     ha_status_topic: Option<String>,
     beat: Heartbeat,
+    /// Woken after every event the loop handles (acks, disconnects: what empties the outbox),
+    /// for `shutdown` to wait on instead of polling.
+    progressed: tokio::sync::Notify,
     /// One log line and one `errors` message per burst of the same problem.
     reports: Mutex<throttle::Throttle>,
     /// `set` messages refused (bad payload, unknown stream or prompt) since start.
@@ -345,6 +348,7 @@ impl Publisher {
             ha_status_topic: m.homeassistant_discovery.then(|| discovery::status_topic(cfg)),
             topics,
             beat: Heartbeat { base: Instant::now(), busy_since: AtomicU64::new(0) },
+            progressed: tokio::sync::Notify::new(),
             reports: Mutex::new(throttle::Throttle::new(REPORT_PERIOD)),
             commands_rejected: AtomicU64::new(0),
             events: Mutex::default(),
@@ -545,6 +549,10 @@ impl Publisher {
         });
         let deadline = Instant::now() + timeout;
         loop {
+            // Registered before the check, so progress made in between still wakes us.
+            let progressed = self.shared.progressed.notified();
+            tokio::pin!(progressed);
+            progressed.as_mut().enable();
             {
                 let inner = self.shared.lock();
                 if inner.outbox.is_idle() || !inner.connected || Instant::now() >= deadline {
@@ -554,7 +562,7 @@ impl Publisher {
                     break;
                 }
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            let _ = tokio::time::timeout_at(deadline.into(), progressed).await;
         }
         let connected = {
             let mut inner = self.shared.lock();
@@ -614,6 +622,8 @@ async fn run_loop(shared: Arc<Shared>, mut el: EventLoop, opts: PublishOptions, 
     let stall = crate::fault::publisher_stall();
     let started = Instant::now();
     loop {
+        // The last event may have emptied the outbox or ended the connection.
+        shared.progressed.notify_waiters();
         shared.beat.idle();
         let polled = el.poll().await;
         shared.beat.busy();
@@ -690,6 +700,7 @@ async fn run_loop(shared: Arc<Shared>, mut el: EventLoop, opts: PublishOptions, 
                     l.failures += 1;
                     l.last_error = Some(msg);
                 });
+                shared.progressed.notify_waiters();
                 shared.beat.idle();
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(opts.reconnect_max);
