@@ -6,8 +6,10 @@
 //!   the identical workload on the same weights and prints the ratios.
 //! - [`engine`]: `vigil bench engine --model DIR`: the engine's optimisations on vs off on the
 //!   same windows, with a check that both give the same tokens.
+//! - [`random`]: the random-weight checkpoints `shapes` measures.
 
 pub mod engine;
+pub mod random;
 pub mod shapes;
 
 use std::path::PathBuf;

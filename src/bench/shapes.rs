@@ -1,7 +1,7 @@
 //! `vigil bench --shape 2b|7b|CONFIG.json --random-weights`: the model at real shapes.
 //!
 //! Compute does not care what the weights are, so a checkpoint with random weights at the
-//! published shapes ([`crate::model::random`]) measures what the real one would. The workload is
+//! published shapes ([`super::random`]) measures what the real one would. The workload is
 //! synthetic camera windows: each frame's left `static_fraction` of columns never changes, the
 //! rest changes every frame, so token pruning has the work a fixed camera gives it. Generation is
 //! greedy for exactly `new_tokens` tokens (the bench checkpoint has no EOS), so runs compare.
@@ -31,7 +31,7 @@ use crate::config::Config;
 use super::BenchError;
 use crate::config::{DType, Device};
 use crate::engine::{load_runner, Engine, EngineCounters, EngineError, Job, JobOutput};
-use crate::model::random::{bench_config, parameter_count, tensor_shapes, write_random_checkpoint};
+use super::random::{bench_config, parameter_count, tensor_shapes, write_random_checkpoint};
 use crate::model::VideoLlama3Config;
 use crate::window::{Frame, Window};
 

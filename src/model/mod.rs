@@ -59,7 +59,6 @@ mod attention;
 pub mod config;
 pub mod generation;
 pub mod load;
-pub mod random;
 pub mod text;
 pub mod vision;
 

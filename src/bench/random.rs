@@ -25,8 +25,8 @@ use candle_core::{DType, Device, Shape, Tensor, WithDType};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-use super::config::{GenerationDefaults, VideoLlama3Config};
-use super::{ModelError, VideoLlama3ForConditionalGeneration};
+use crate::model::config::{GenerationDefaults, VideoLlama3Config};
+use crate::model::{ModelError, VideoLlama3ForConditionalGeneration};
 
 const TINY_TOKENIZER: &str = include_str!("../../models/tiny-videollama3/tokenizer.json");
 const TINY_TOKENIZER_CONFIG: &str = include_str!("../../models/tiny-videollama3/tokenizer_config.json");
