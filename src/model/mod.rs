@@ -59,6 +59,7 @@ mod attention;
 pub mod config;
 pub mod generation;
 pub mod load;
+mod rotary;
 pub mod text;
 pub mod vision;
 

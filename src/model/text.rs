@@ -11,7 +11,7 @@ use candle_nn::{linear, linear_no_bias, rms_norm, Linear, RmsNorm, VarBuilder};
 
 use super::attention::{attention, rows_per_chunk};
 use super::config::VideoLlama3TextConfig;
-use super::vision::apply_rotary;
+use super::rotary::{apply_rotary, inverse_frequencies};
 
 /// One layer's keys and values, `[batch, kv_heads, capacity, head_dim]` buffers of which the
 /// first `len` positions are filled. Appending writes in place (`slice_set`); the buffer is
@@ -292,10 +292,7 @@ impl Qwen2Decoder {
             .map(|i| DecoderLayer::new(cfg, vb.pp("layers").pp(i)))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?;
-        let inv: Vec<f32> = (0..cfg.head_dim)
-            .step_by(2)
-            .map(|i| 1.0f32 / (cfg.rope_theta as f32).powf(i as f32 / cfg.head_dim as f32))
-            .collect();
+        let inv = inverse_frequencies(cfg.head_dim, cfg.rope_theta);
         let n = inv.len();
         let inv_freq = Tensor::from_vec(inv, (1, 1, n), vb.device())?;
         Ok(Self {
