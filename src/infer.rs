@@ -34,14 +34,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::PruningConfig;
-use crate::model::{
-    GenerationParams, ModelError, MultimodalInputs, TextStreamer,
-    VideoLlama3ForConditionalGeneration, VisualInputs,
-};
+use crate::model::{GenerationParams, ModelError, MultimodalInputs, TextStreamer, VideoLlama3ForConditionalGeneration};
 use crate::processor::report::{LoadedRequest, PromptRequest};
 use crate::processor::{BatchInputs, CallOptions, PaddingSide, Processor, ProcessorError};
 
@@ -152,61 +148,6 @@ pub fn prepare_loaded(
     Ok((batch, totals))
 }
 
-/// Turn the processor's output into the model's inputs on `device`.
-pub fn model_inputs(
-    batch: &BatchInputs,
-    device: &candle_core::Device,
-) -> Result<MultimodalInputs, ModelError> {
-    let (b, l) = (batch.input_ids.len(), batch.seq_len);
-    let ids: Vec<u32> = batch.input_ids.iter().flatten().copied().collect();
-    let input_ids = Tensor::from_vec(ids, (b, l), device)?;
-    let padded = batch.attention_mask.iter().flatten().any(|&m| m == 0);
-    let attention_mask = if padded {
-        let m: Vec<u8> = batch.attention_mask.iter().flatten().copied().collect();
-        Some(Tensor::from_vec(m, (b, l), device)?.to_dtype(DType::F32)?)
-    } else {
-        None
-    };
-    let im = &batch.images;
-    let images = if im.image_grid_thw.is_empty() {
-        None
-    } else {
-        Some(VisualInputs {
-            pixel_values: Tensor::from_vec(
-                im.pixel_values.clone(),
-                (im.rows(), im.patch_dim),
-                device,
-            )?,
-            grid_thw: im.image_grid_thw.clone(),
-            merge_sizes: im.image_merge_sizes.clone(),
-        })
-    };
-    let vd = &batch.videos;
-    let (videos, video_compression_mask) = if vd.video_grid_thw.is_empty() {
-        (None, None)
-    } else {
-        (
-            Some(VisualInputs {
-                pixel_values: Tensor::from_vec(
-                    vd.pixel_values_videos.clone(),
-                    (vd.rows(), vd.patch_dim),
-                    device,
-                )?,
-                grid_thw: vd.video_grid_thw.clone(),
-                merge_sizes: vd.video_merge_sizes.clone(),
-            }),
-            Some(vd.video_compression_mask.clone()),
-        )
-    };
-    Ok(MultimodalInputs {
-        attention_mask,
-        images,
-        videos,
-        video_compression_mask,
-        ..MultimodalInputs::text(input_ids)
-    })
-}
-
 /// Run `requests` as one left-padded batch. `on_text(row, delta)` receives each row's decoded
 /// answer as it is generated (special tokens skipped; split UTF-8 characters held back).
 pub fn infer(
@@ -238,7 +179,7 @@ pub fn infer_loaded(
     let t0 = Instant::now();
     let (batch, video_totals) = prepare_loaded(processor, requests, &opts.pruning)?;
     let preprocess_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let inputs = model_inputs(&batch, model.device())?;
+    let inputs = MultimodalInputs::from_batch(&batch, model.device())?;
     let mut streamers: Vec<_> = (0..requests.len())
         .map(|_| TextStreamer::new(|ids: &[u32]| processor.decode(ids, true)))
         .collect();

@@ -58,6 +58,7 @@
 mod attention;
 pub mod config;
 pub mod generation;
+mod inputs;
 pub mod load;
 mod rotary;
 pub mod text;

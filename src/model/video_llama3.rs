@@ -330,7 +330,7 @@ impl VideoLlama3Model {
 ///
 /// ```
 /// use candle_core::{DType, Device};
-/// use vigil::model::{GenerationParams, VideoLlama3ForConditionalGeneration};
+/// use vigil::model::{GenerationParams, MultimodalInputs, VideoLlama3ForConditionalGeneration};
 /// use vigil::processor::{CallOptions, ContentPart, Message, Processor, Sampling, Video};
 ///
 /// let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-videollama3"));
@@ -348,7 +348,7 @@ impl VideoLlama3Model {
 /// let video = Video::from_file(clip, &sampling, &processor.video_processor.config)?;
 /// let batch = processor.call(&prompts, &[], &[video], &CallOptions::default())?;
 ///
-/// let inputs = vigil::infer::model_inputs(&batch, &device)?;
+/// let inputs = MultimodalInputs::from_batch(&batch, &device)?;
 /// let out = model.generate(&inputs, &GenerationParams::greedy(16), &mut |_| {})?;
 /// let answer = processor.decode(&out.tokens[0], true)?;
 /// println!("{answer}");
@@ -361,7 +361,7 @@ impl VideoLlama3Model {
 ///
 /// ```
 /// use candle_core::{DType, Device};
-/// use vigil::model::{GenerationParams, VideoLlama3ForConditionalGeneration};
+/// use vigil::model::{GenerationParams, MultimodalInputs, VideoLlama3ForConditionalGeneration};
 /// use vigil::processor::{CallOptions, ContentPart, Message, PaddingSide, Processor, RgbImage, Video};
 ///
 /// let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-videollama3"));
@@ -383,13 +383,13 @@ impl VideoLlama3Model {
 /// let batch = processor.call(&prompts, &[image], &[video], &opts)?;
 ///
 /// let params = GenerationParams::greedy(8);
-/// let out = model.generate(&vigil::infer::model_inputs(&batch, &device)?, &params, &mut |_| {})?;
+/// let out = model.generate(&MultimodalInputs::from_batch(&batch, &device)?, &params, &mut |_| {})?;
 /// for tokens in &out.tokens {
 ///     println!("{}", processor.decode(tokens, true)?);
 /// }
 /// // The text-only row alone gives the same tokens.
 /// let alone = processor.call(&prompts[2..], &[], &[], &opts)?;
-/// let single = model.generate(&vigil::infer::model_inputs(&alone, &device)?, &params, &mut |_| {})?;
+/// let single = model.generate(&MultimodalInputs::from_batch(&alone, &device)?, &params, &mut |_| {})?;
 /// assert_eq!(single.tokens[0], out.tokens[2]);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
