@@ -331,7 +331,7 @@ impl VideoLlama3Model {
 /// ```
 /// use candle_core::{DType, Device};
 /// use vigil::model::{GenerationParams, MultimodalInputs, VideoLlama3ForConditionalGeneration};
-/// use vigil::processor::{CallOptions, ContentPart, Message, Processor, Sampling, Video};
+/// use vigil::processor::{CallOptions, ContentPart, FrameSampling, Message, Processor, Video};
 ///
 /// let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-videollama3"));
 /// let device = Device::Cpu;
@@ -344,7 +344,7 @@ impl VideoLlama3Model {
 /// ])];
 /// let prompts = processor.apply_chat_template(&[conversation], true)?;
 /// let clip = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo.mp4"));
-/// let sampling = Sampling { fps: Some(1.0), max_frames: Some(4), ..Default::default() };
+/// let sampling = FrameSampling { fps: Some(1.0), max_frames: Some(4), ..Default::default() };
 /// let video = Video::from_file(clip, &sampling, &processor.video_processor.config)?;
 /// let batch = processor.call(&prompts, &[], &[video], &CallOptions::default())?;
 ///

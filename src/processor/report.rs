@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::{CallOptions, ContentPart, Message, Processor, ProcessorError, RgbImage, Sampling, Video};
+use super::{CallOptions, ContentPart, FrameSampling, Message, Processor, ProcessorError, RgbImage, Video};
 use crate::config::PruningConfig;
 
 /// A prompt about media for a checkpoint: what `vigil preprocess` measures and `vigil infer`
@@ -110,7 +110,7 @@ impl PromptRequest {
             if req.max_frames == Some(0) {
                 return Err(ProcessorError::Input("--max-frames must be at least 1".into()));
             }
-            let sampling = Sampling { fps: req.fps, max_frames: req.max_frames, ..Default::default() };
+            let sampling = FrameSampling { fps: req.fps, max_frames: req.max_frames, ..Default::default() };
             videos.push(Video::from_file(v, &sampling, &processor.video_processor.config)?);
             parts.push(ContentPart::Video);
             sources.push(("video", v.display().to_string()));
