@@ -766,7 +766,7 @@ impl Runner {
             spos.extend((0..suf.len()).map(|i| (start + i) as i64));
         }
         let sids = Tensor::from_vec(sids, (nr, ls), &dev).map_err(perr)?;
-        let lm = &self.model.model.language_model;
+        let lm = self.model.model.language_model();
         let emb = lm.embed(&sids).map_err(perr)?;
         let smask = Tensor::from_vec(smask, (nr, ls), &dev).map_err(perr)?;
         let spos = Tensor::from_vec(spos, (nr, ls), &dev).map_err(perr)?;

@@ -81,7 +81,7 @@ pub(crate) fn position_ids_from_mask(mask: &Tensor) -> Result<Tensor, ModelError
 pub struct VideoLlama3Model {
     pub vision_model: VideoLlama3VisionModel,
     pub projector: VideoLlama3Projector,
-    pub language_model: Qwen2Decoder,
+    language_model: Qwen2Decoder,
     config: VideoLlama3Config,
 }
 
@@ -104,6 +104,11 @@ impl VideoLlama3Model {
 
     pub fn config(&self) -> &VideoLlama3Config {
         &self.config
+    }
+
+    /// The decoder (token embeddings, layers, final norm).
+    pub fn language_model(&self) -> &Qwen2Decoder {
+        &self.language_model
     }
 
     /// Projected image embeddings, one `[tokens, text_hidden]` tensor per image.
