@@ -354,6 +354,21 @@ impl Failure {
         Failure { code: 1, message: format!("error: {e}") }
     }
 
+    /// Exit 1 with `e` and its causes: each cause is added unless the message already says it
+    /// (vigil's errors write their cause into their own message).
+    fn error(e: &(dyn std::error::Error + 'static)) -> Self {
+        let mut message = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !message.contains(&text) {
+                message = format!("{message}: {text}");
+            }
+            cause = c.source();
+        }
+        Self::runtime(vigil::config::redact_uri(&message))
+    }
+
     /// Exit 2: what the user gave (arguments, config, model files) is wrong; `message` is every
     /// line to print.
     fn invalid(message: String) -> Self {
@@ -374,7 +389,7 @@ fn main() -> ExitCode {
         Command::Run { config } => run(&config),
         Command::Probe(args) => probe(&args),
         Command::Preprocess(args) => preprocess(args),
-        Command::Infer(args) => run_infer(args).map_err(|e| Failure::runtime(format!("{e:#}"))),
+        Command::Infer(args) => run_infer(args).map_err(|e| Failure::error(e.as_ref())),
         Command::Bench(BenchArgs { command: None, shapes }) => bench_shapes(shapes),
         Command::Bench(BenchArgs { command: Some(BenchCommand::Engine(args)), .. }) => {
             let json = args.json;
@@ -400,7 +415,7 @@ fn bench_shapes(a: BenchShapeArgs) -> Result<(), Failure> {
     let o = a.into();
     let started = std::time::Instant::now();
     let mut progress = |m: &str| eprintln!("[{:>6.1}s] {m}", started.elapsed().as_secs_f64());
-    let r = vigil::bench::shapes::run(&o, &mut progress).map_err(Failure::runtime)?;
+    let r = vigil::bench::shapes::run(&o, &mut progress).map_err(|e| Failure::error(&e))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
     } else {
@@ -411,7 +426,7 @@ fn bench_shapes(a: BenchShapeArgs) -> Result<(), Failure> {
 
 fn bench_engine(o: &vigil::bench::engine::BenchOptions, json: bool) -> Result<(), Failure> {
     let gated = o.streams.iter().copied().max().map(|n| vigil::bench::engine::run_gated(o, n.max(2)));
-    let rows = vigil::bench::engine::run(o).map_err(Failure::runtime)?;
+    let rows = vigil::bench::engine::run(o).map_err(|e| Failure::error(&e))?;
     if json {
         for r in &rows {
             println!("{}", serde_json::to_string(r).unwrap_or_default());
@@ -440,7 +455,7 @@ fn probe(a: &ProbeArgs) -> Result<(), Failure> {
         ProbeEvent::Caps(c) => println!("{}", caps_line(c, opts.fps, a.json)),
         ProbeEvent::Window(w) => println!("{}", window_line(w, a.json)),
     })
-    .map_err(Failure::runtime)?;
+    .map_err(|e| Failure::error(&e))?;
     if summary.ended_early {
         eprintln!("note: the stream ended after {} window(s)", summary.windows);
     }
@@ -449,9 +464,9 @@ fn probe(a: &ProbeArgs) -> Result<(), Failure> {
 
 fn preprocess(a: PreprocessArgs) -> Result<(), Failure> {
     let req = a.media.request(a.model, a.prompt);
-    let r = vigil::processor::report::preprocess(&req).map_err(Failure::runtime)?;
+    let r = vigil::processor::report::preprocess(&req).map_err(|e| Failure::error(&e))?;
     if a.json {
-        println!("{}", serde_json::to_string(&r).map_err(Failure::runtime)?);
+        println!("{}", serde_json::to_string(&r).map_err(|e| Failure::error(&e))?);
     } else {
         print!("{}", r.human());
     }
@@ -529,7 +544,7 @@ fn tail(a: TailArgs) -> Result<(), Failure> {
         .build()
         .map_err(|e| Failure::runtime(format!("cannot start the async runtime: {e}")))?;
     let mut out = std::io::stdout();
-    rt.block_on(vigil::publish::tail::tail(opts, &mut out)).map_err(Failure::runtime)
+    rt.block_on(vigil::publish::tail::tail(opts, &mut out)).map_err(|e| Failure::error(&e))
 }
 
 /// `vigil run`: the daemon until SIGTERM/SIGINT (exit 0); SIGHUP reloads the config.
@@ -547,7 +562,7 @@ fn run(path: &std::path::Path) -> Result<(), Failure> {
     });
     // Pipelines and the embedded broker own threads of their own: do not wait for them.
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
-    result.map_err(|e| Failure::runtime(vigil::config::redact_uri(&format!("{e:#}"))))
+    result.map_err(|e| Failure::error(e.as_ref()))
 }
 
 /// Load a config; its problems (exit 2) on failure.

@@ -92,7 +92,7 @@ text = "Is there a person in the frame? Answer yes or no."
 "#;
 
 fn bench_config(o: &BenchOptions, streams: usize) -> Result<Config, BenchError> {
-    let model = o.model.canonicalize().map_err(|source| BenchError::Io { path: o.model.clone(), source })?;
+    let model = o.model.canonicalize().map_err(|source| BenchError::ModelDir { path: o.model.clone(), source })?;
     let mut text = format!(
         "[model]\npath = {path:?}\ndevice = {dev:?}\ndtype = {dt:?}\nmax_new_tokens = {mnt}\n\n\
          [engine]\nmax_batch = {mb}\nqueue_capacity = 4096\nmax_queue_age_s = 86400.0\nfeature_cache_frames = 1024\n{PROMPTS}",

@@ -26,8 +26,9 @@ pub enum BenchError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Model(#[from] ModelError),
-    #[error("{}: {source}", path.display())]
-    Io {
+    /// The `--model` directory cannot be read.
+    #[error("cannot load the model: {}: {source}", path.display())]
+    ModelDir {
         path: PathBuf,
         #[source]
         source: std::io::Error,
