@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,6 +20,7 @@ use gstreamer_video::prelude::*;
 
 use vigil::config::{DType, GapPolicy, PromptConfig, PromptKind, StreamDefaults};
 use vigil::engine::VideoInput;
+use vigil::lock::lock;
 use vigil::window::{Frame, Window, WindowSpec, Windower};
 
 use super::engines::{self, EngineKey, Lease};
@@ -177,10 +178,6 @@ pub struct VigilVlm {
     settings: Mutex<Settings>,
     state: Mutex<Option<State>>,
     text_pad: OnceLock<gst::Pad>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    vigil::lock::lock(m)
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
