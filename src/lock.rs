@@ -1,10 +1,9 @@
 //! The one lock-poisoning policy: a lock whose holder panicked is used as it was left.
 //!
-//! Every panic that can happen under one of vigil's locks is caught (the engine's batches, the
-//! GStreamer callbacks) or ends the thread that owns the data, and each guarded value is valid
-//! between any two of the statements that change it (counters, queues, maps of plain data). So
-//! recovering the guard keeps the daemon serving instead of turning one panic into a panic in
-//! every thread that touches the same lock.
+//! What vigil guards with a mutex is plain data (counters, queues, maps) that a panic can leave
+//! at most one update short, never unreadable. Recovering the guard keeps the other threads
+//! serving (the engine also catches a batch's panic and fails its prompts) instead of turning
+//! one panic into a panic in every thread that touches the same lock.
 
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;

@@ -1,5 +1,5 @@
-//! The TOML configuration: the schema and its defaults ([`validate`] loads and checks a file,
-//! [`locate`] finds keys in its source, [`redact`] keeps secrets out of messages).
+//! The TOML configuration: the schema and its defaults (`validate.rs` loads and checks a file,
+//! `locate.rs` finds keys in its source, `redact.rs` keeps secrets out of messages).
 //!
 //! Every error names the file, line, column and key (`file:line:col: key: message`), so a user can
 //! jump straight to the mistake. Secrets (passwords, credentials inside URIs) are scrubbed from

@@ -58,7 +58,7 @@ pub use image::{ImageInputs, ImageProcessor, RgbImage};
 pub use template::{ChatTemplate, Content, ContentPart, Conversation, Message};
 pub use video::{sample_frame_indices, FrameSampling, Video, VideoInputs, VideoProcessor};
 
-// Earlier names, for callers written against them.
+// Doc-hidden aliases: `decode` is `video_file`, `Sampling` is `FrameSampling`.
 #[doc(hidden)]
 pub use video_file as decode;
 #[doc(hidden)]
