@@ -12,28 +12,29 @@
 //! Reload (SIGHUP) re-reads the config: streams and prompts change in place, the model stays
 //! loaded; a config that fails validation is rejected and the running one kept.
 
+mod metrics;
 pub mod notify;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{error, info, warn};
 
 use crate::config::{Config, PromptConfig, StreamConfig};
 use crate::engine::{Engine, Job, JobOutput, PromptResult};
-use crate::metrics::{CounterVec, GaugeVec, HistogramVec, MetricsServer, Probe, Registry, LATENCY_BUCKETS};
+use crate::lock::lock;
+use crate::metrics::{MetricsServer, Probe};
 use crate::publish::{
-    rfc3339, Answer, Command, InferenceStats, Latency, LoopHealth, PublishOptions, Publisher, SetTarget, StatsPayload,
-    StatusPayload, StreamState as PubState, StreamStats as PubStreamStats, TokenCounts, VisualTokens, WindowInfo,
-    ANSWER_VERSION,
+    rfc3339, Answer, Command, Component, Latency, LoopHealth, PublishOptions, Publisher, SetTarget, StatusPayload,
+    StreamState as PubState, TokenCounts, VisualTokens, WindowInfo,
 };
 use crate::source::{EventKind, SourceEvent, SourceManager, SourceOptions, SourceSpec, StreamState};
 use crate::processor::video::{FrameChanges, Video};
 use crate::window::{Window, WindowReceiver};
+use metrics::{collect_stats, install_scrape_hook, Metrics};
 use notify::Notifier;
 
 /// What the outside world asks of a running daemon (signals, tests).
@@ -62,9 +63,12 @@ pub enum DaemonError {
     #[error(transparent)]
     Publish(#[from] crate::publish::PublishError),
     #[error("model: {0}")]
-    Engine(String),
+    Engine(#[source] crate::engine::EngineError),
+    /// The model-loading task panicked or was cancelled.
+    #[error("model: {0}")]
+    LoadTask(#[source] tokio::task::JoinError),
     #[error("sources: {0}")]
-    Source(String),
+    Source(#[source] crate::source::SourceError),
 }
 
 /// Map SIGTERM/SIGINT to [`Control::Shutdown`] and SIGHUP to [`Control::Reload`].
@@ -89,113 +93,6 @@ pub fn signal_controls() -> std::io::Result<mpsc::Receiver<Control>> {
     Ok(rx)
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Prometheus families; names follow the conventions (`vigil_`, `_total`, `_seconds`).
-struct Metrics {
-    registry: Registry,
-    frames: CounterVec,
-    frames_dropped: CounterVec,
-    windows: CounterVec,
-    windows_dropped: CounterVec,
-    windows_skipped: CounterVec,
-    jobs_queued: CounterVec,
-    jobs_dropped: CounterVec,
-    answers: CounterVec,
-    answers_delivered: CounterVec,
-    answers_dropped: CounterVec,
-    answer_errors: CounterVec,
-    stage: HistogramVec,
-    tokens_generated: CounterVec,
-    visual_total: CounterVec,
-    visual_kept: CounterVec,
-    cache_hits: CounterVec,
-    cache_misses: CounterVec,
-    prefix_shared: CounterVec,
-    mqtt_published: CounterVec,
-    mqtt_queued: GaugeVec,
-    mqtt_dropped: CounterVec,
-    mqtt_connected: GaugeVec,
-    commands_rejected: CounterVec,
-    stream_up: GaugeVec,
-    engine_queue: GaugeVec,
-    heartbeat_age: GaugeVec,
-}
-
-impl Metrics {
-    fn new() -> Metrics {
-        let r = Registry::new();
-        Metrics {
-            frames: r.counter("vigil_frames_total", "Frames delivered by the stream's pipeline (after rate limiting).", &["stream"]),
-            frames_dropped: r.counter(
-                "vigil_frames_dropped_total",
-                "Frames discarded by the windower (out of order after a reconnect or loop).",
-                &["stream"],
-            ),
-            windows: r.counter("vigil_windows_total", "Windows emitted.", &["stream"]),
-            windows_dropped: r.counter(
-                "vigil_windows_dropped_total",
-                "Windows dropped: gaps under gap_policy=drop, or the oldest when the consumer was behind.",
-                &["stream"],
-            ),
-            windows_skipped: r.counter(
-                "vigil_windows_skipped_total",
-                "Windows no prompt ran on, by reason (schedule: every prompt out of its active hours).",
-                &["stream", "reason"],
-            ),
-            jobs_queued: r.counter("vigil_jobs_queued_total", "Jobs (window x due prompts) submitted to the engine.", &["stream"]),
-            jobs_dropped: r.counter("vigil_jobs_dropped_total", "Jobs dropped instead of answered late.", &["stream"]),
-            answers: r.counter("vigil_answers_total", "Answers produced (handed to the MQTT outbox).", &["stream", "prompt"]),
-            answers_delivered: r.counter(
-                "vigil_mqtt_delivered_total",
-                "Answers the broker acknowledged (PUBACK/PUBCOMP; written, for QoS 0).",
-                &[],
-            ),
-            answers_dropped: r.counter(
-                "vigil_answers_dropped_total",
-                "Answers dropped undelivered: the oldest when the MQTT outbox was full.",
-                &[],
-            ),
-            answer_errors: r.counter("vigil_answer_errors_total", "Prompts that failed in the engine.", &["stream"]),
-            stage: r.histogram(
-                "vigil_stage_seconds",
-                "Time per stage: queue, vision, prefill, decode, and total from window close to publish.",
-                &["stage"],
-                LATENCY_BUCKETS,
-            ),
-            tokens_generated: r.counter("vigil_tokens_generated_total", "Tokens generated.", &[]),
-            visual_total: r.counter("vigil_visual_tokens_total", "Video tokens before pruning.", &[]),
-            visual_kept: r.counter("vigil_visual_tokens_kept_total", "Video tokens kept after pruning.", &[]),
-            cache_hits: r.counter("vigil_vision_cache_hits_total", "Frames whose vision features came from the cache.", &[]),
-            cache_misses: r.counter("vigil_vision_cache_misses_total", "Frames run through the vision encoder.", &[]),
-            prefix_shared: r.counter(
-                "vigil_prefix_shared_total",
-                "Prompts that re-used a window's prefilled video prefix.",
-                &[],
-            ),
-            mqtt_published: r.counter(
-                "vigil_mqtt_published_total",
-                "MQTT messages the broker took (QoS 0 written, QoS 1/2 acknowledged).",
-                &[],
-            ),
-            mqtt_queued: r.gauge("vigil_mqtt_queued", "Messages waiting in the MQTT outbox.", &[]),
-            mqtt_dropped: r.counter("vigil_mqtt_dropped_total", "MQTT messages dropped because the outbox was full.", &[]),
-            mqtt_connected: r.gauge("vigil_mqtt_connected", "1 while the MQTT broker connection is up.", &[]),
-            commands_rejected: r.counter(
-                "vigil_mqtt_commands_rejected_total",
-                "`set` messages refused: a payload other than ON/OFF, or an unknown stream or prompt.",
-                &[],
-            ),
-            stream_up: r.gauge("vigil_stream_up", "1 while the stream delivers frames.", &["stream"]),
-            engine_queue: r.gauge("vigil_engine_queue_depth", "Jobs waiting for the engine.", &[]),
-            heartbeat_age: r.gauge("vigil_engine_heartbeat_age_seconds", "Seconds since the engine thread last showed life.", &[]),
-            registry: r,
-        }
-    }
-}
-
 /// A window whose answers are still outstanding.
 struct Pending {
     info: WindowInfo,
@@ -206,6 +103,16 @@ struct Pending {
 }
 
 /// Everything the tasks share.
+///
+/// Lock order: a task holds at most these nested, taken in this order: `states` → `cfg` →
+/// `disabled_prompts` → `overrides`. Every other mutex here is taken alone and released before
+/// the next one. Calls into the engine, the publisher, the sources and the metrics registry take
+/// only their own internal locks, which never call back into this state, so holding one of the
+/// above across such a call cannot deadlock.
+///
+/// Shutdown is cooperative: `shutdown` is announced to the tasks that wait (watchdog, ready
+/// notice); dropping a stream's entry in `readers` stops its reader; every task holds a clone
+/// of `done`, so `run` sees them all finished when its receiver reports every sender dropped.
 struct State {
     cfg: Mutex<Config>,
     config_path: PathBuf,
@@ -219,8 +126,8 @@ struct State {
     disabled_prompts: Mutex<HashSet<(String, String)>>,
     /// `set ON/OFF` of a scheduled prompt: holds until the schedule's next boundary.
     overrides: Mutex<HashMap<(String, String), (bool, Instant)>>,
-    /// Per stream: the window-reading task.
-    readers: Mutex<HashMap<String, JoinHandle<()>>>,
+    /// Per stream: dropping the sender stops the stream's window-reading task.
+    readers: Mutex<HashMap<String, oneshot::Sender<()>>>,
     pending: Mutex<HashMap<(String, u64), Pending>>,
     states: Mutex<BTreeMap<String, StreamState>>,
     /// Recent total latencies (s), for the stats' p50/p95.
@@ -233,6 +140,10 @@ struct State {
     gate: Option<Arc<crate::processor::video::VideoProcessor>>,
     /// Each (stream, prompt)'s last answer, re-published for a window skipped as static.
     last_answers: Mutex<HashMap<(String, String), Answer>>,
+    /// Announces the shutdown to the tasks that wait for something else meanwhile.
+    shutdown: broadcast::Sender<()>,
+    /// Handed to every task; `None` once stopping (no new tasks).
+    done: Mutex<Option<mpsc::Sender<()>>>,
 }
 
 /// Run the daemon until a [`Control::Shutdown`] arrives (or `controls` closes).
@@ -257,13 +168,14 @@ pub async fn run(config_path: &Path, mut controls: mpsc::Receiver<Control>) -> R
         publisher.shutdown(Duration::from_secs(2)).await;
         return Ok(());
     };
-    let engine = loaded.map_err(|e| DaemonError::Engine(e.to_string()))?.map_err(|e| DaemonError::Engine(e.to_string()))?;
+    let engine = loaded.map_err(DaemonError::LoadTask)?.map_err(DaemonError::Engine)?;
     info!("model {} loaded in {:.1} s", cfg.model.model_id(), load_started.elapsed().as_secs_f64());
 
 
     let (sources, mut events) =
-        SourceManager::new(SourceOptions::default()).map_err(|e| DaemonError::Source(e.to_string()))?;
+        SourceManager::new(SourceOptions::default()).map_err(DaemonError::Source)?;
     let (answers_tx, mut answers_rx) = mpsc::unbounded_channel();
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let state = Arc::new(State {
         cfg: Mutex::new(cfg.clone()),
         config_path: config_path.to_path_buf(),
@@ -287,6 +199,8 @@ pub async fn run(config_path: &Path, mut controls: mpsc::Receiver<Control>) -> R
             .map(Arc::new),
         last_answers: Mutex::default(),
         notifier,
+        shutdown: broadcast::channel(1).0,
+        done: Mutex::new(Some(done_tx)),
     });
     install_scrape_hook(&state);
     let _metrics_server = match cfg.metrics.listen_addr() {
@@ -310,13 +224,13 @@ pub async fn run(config_path: &Path, mut controls: mpsc::Receiver<Control>) -> R
     for s in cfg.streams.iter().filter(|s| s.enabled) {
         start_stream(&state, s);
     }
-    let ready_task = spawn_ready_notice(&state);
+    spawn_ready_notice(&state);
     update_status_line(&state);
     info!("vigil running: {}", cfg.summary());
 
     let stats_state = state.clone();
     let stats_task = publisher.stats_every(Duration::from_secs(60), move || collect_stats(&stats_state));
-    let watchdog_task = spawn_watchdog(&state);
+    spawn_watchdog(&state);
     if reload_asked {
         reload(&state);
     }
@@ -338,9 +252,11 @@ pub async fn run(config_path: &Path, mut controls: mpsc::Receiver<Control>) -> R
     let _ = state.notifier.stopping();
     let timeout = Duration::from_secs_f64(lock(&state.cfg).engine.shutdown_timeout_s);
     let deadline = Instant::now() + timeout;
-    for (_, h) in lock(&state.readers).drain() {
-        h.abort();
-    }
+    let _ = state.shutdown.send(());
+    lock(&state.readers).clear();
+    drop(lock(&state.done).take());
+    // Every task has ended once every `done` sender is gone (a reader finishes the window in hand).
+    let _ = tokio::time::timeout_at(deadline.into(), done_rx.recv()).await;
     let src_state = state.clone();
     let _ = tokio::task::spawn_blocking(move || lock(&src_state.sources).shutdown(Duration::from_secs(5))).await;
     let eng = state.engine.clone();
@@ -353,9 +269,8 @@ pub async fn run(config_path: &Path, mut controls: mpsc::Receiver<Control>) -> R
     while let Ok(out) = answers_rx.try_recv() {
         on_output(&state, out);
     }
+    // The publisher's own ticker: it has nothing to finish.
     stats_task.abort();
-    watchdog_task.abort();
-    ready_task.abort();
     publisher.shutdown(Duration::from_secs(10)).await;
     let o = publisher.outbox_stats();
     let a = publisher.answer_counts();
@@ -373,18 +288,25 @@ pub async fn run(config_path: &Path, mut controls: mpsc::Receiver<Control>) -> R
 
 /// `READY=1` once the broker took us (the embedded one is up at once), or after
 /// [`BROKER_WAIT`] without it: the streams run meanwhile and their answers wait in the outbox.
-fn spawn_ready_notice(state: &Arc<State>) -> JoinHandle<()> {
+fn spawn_ready_notice(state: &Arc<State>) {
+    let Some(done) = lock(&state.done).clone() else { return };
+    let mut shutdown = state.shutdown.subscribe();
     // Only the bool leaves the closure: the `Ref` that `wait_for` returns holds the watch's
     // read lock, and kept alive it would block the publisher's next link update for good.
     let mut link = state.publisher.link();
     let state = state.clone();
     tokio::spawn(async move {
-        let connected = tokio::time::timeout(BROKER_WAIT, async { link.wait_for(|l| l.connected).await.is_ok() }).await;
+        let _done = done;
+        let wait = tokio::time::timeout(BROKER_WAIT, async { link.wait_for(|l| l.connected).await.is_ok() });
+        let connected = tokio::select! {
+            c = wait => c,
+            _ = shutdown.recv() => return,
+        };
         if connected != Ok(true) {
             warn!("MQTT broker not reachable yet; answers queue in the outbox until it is");
         }
         let _ = state.notifier.ready();
-    })
+    });
 }
 
 /// Await `fut` unless a shutdown arrives first (`None`); a reload is noted for later.
@@ -449,6 +371,7 @@ fn readiness(state: &State) -> Result<(), String> {
 
 /// Start a stream's pipeline and the task that turns its windows into jobs.
 fn start_stream(state: &Arc<State>, s: &StreamConfig) {
+    let Some(done) = lock(&state.done).clone() else { return };
     let base = lock(&state.cfg).base_dir.clone();
     let spec = match SourceSpec::from_config(s, &base) {
         Ok(mut spec) => {
@@ -463,7 +386,7 @@ fn start_stream(state: &Arc<State>, s: &StreamConfig) {
         Err(e) => {
             let msg = e.to_string();
             error!("stream {}: {msg}", s.name);
-            state.publisher.error("source", Some(&s.name), &msg);
+            state.publisher.error(Component::Source, Some(&s.name), &msg);
             return;
         }
     };
@@ -472,29 +395,37 @@ fn start_stream(state: &Arc<State>, s: &StreamConfig) {
         Err(e) => {
             let msg = e.to_string();
             error!("stream {}: {msg}", s.name);
-            state.publisher.error("source", Some(&s.name), &msg);
+            state.publisher.error(Component::Source, Some(&s.name), &msg);
             return;
         }
     };
-    let task = tokio::spawn(read_windows(state.clone(), s.name.clone(), rx));
-    if let Some(old) = lock(&state.readers).insert(s.name.clone(), task) {
-        old.abort();
-    }
+    let (stop, stopped) = oneshot::channel();
+    tokio::spawn(read_windows(state.clone(), s.name.clone(), rx, stopped, done));
+    // Replacing the entry drops the old reader's sender: it stops.
+    lock(&state.readers).insert(s.name.clone(), stop);
 }
 
 fn stop_stream(state: &Arc<State>, name: &str) {
-    if let Some(h) = lock(&state.readers).remove(name) {
-        h.abort();
-    }
+    // Dropping the sender stops the reader.
+    lock(&state.readers).remove(name);
     lock(&state.sources).remove(name);
     state.engine.forget_stream(name);
     lock(&state.states).remove(name);
     state.metrics.stream_up.remove(&[name]);
 }
 
-/// Windows → jobs with the prompts due for them.
-async fn read_windows(state: Arc<State>, stream: String, rx: WindowReceiver) {
-    while let Some(w) = rx.recv().await {
+/// Windows → jobs with the prompts due for them, until the window channel closes or the
+/// stream's `readers` entry is dropped (`stop`). Holds `_done` while it runs.
+async fn read_windows(state: Arc<State>, stream: String, rx: WindowReceiver, mut stop: oneshot::Receiver<()>, _done: mpsc::Sender<()>) {
+    loop {
+        let w = tokio::select! {
+            biased;
+            _ = &mut stop => return,
+            w = rx.recv() => match w {
+                Some(w) => w,
+                None => return,
+            },
+        };
         let closed_at = Instant::now();
         state.metrics.windows.with(&[&stream]).inc();
         let (prompts, scheduled_out) = due_prompts(&state, &stream, w.seq);
@@ -522,6 +453,10 @@ async fn read_windows(state: Arc<State>, stream: String, rx: WindowReceiver) {
             let by_measure = changes.as_ref().and_then(|c| crate::snapshot::key_frame_by_changes(&c.per_frame)).and_then(|i| w.frames.get(i));
             by_measure.cloned().or_else(|| crate::snapshot::key_frame(&w.frames).map(|f| Arc::new(f.clone())))
         });
+        // Stopped while measuring: the stream is gone, its window with it.
+        if !matches!(stop.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
+            return;
+        }
         lock(&state.pending).insert((stream.clone(), w.seq), Pending { info, closed_at, remaining: prompts.len(), key_frame: key_frame.flatten() });
         let job = Job { stream: stream.clone(), window: w, prompts, fps, closed_at, reply: state.answers_tx.clone() };
         state.metrics.jobs_queued.with(&[&stream]).inc();
@@ -635,7 +570,7 @@ fn on_output(state: &Arc<State>, out: JobOutput) {
         JobOutput::Failed { stream, window_seq, prompt, error } => {
             state.metrics.answer_errors.with(&[&stream]).inc();
             error!("stream {stream}: window {window_seq} prompt {prompt}: {error}");
-            state.publisher.error("engine", Some(&stream), &format!("window {window_seq} prompt {prompt}: {error}"));
+            state.publisher.error(Component::Engine, Some(&stream), &format!("window {window_seq} prompt {prompt}: {error}"));
             settle(state, &stream, window_seq);
         }
     }
@@ -736,7 +671,7 @@ fn on_source_event(state: &Arc<State>, ev: SourceEvent) {
         state.publisher.close_events(&ev.stream, None, "stream_down");
     }
     match &s {
-        StreamState::Failed { error } => state.publisher.error("source", Some(&ev.stream), error),
+        StreamState::Failed { error } => state.publisher.error(Component::Source, Some(&ev.stream), error),
         StreamState::Reconnecting { attempt, delay, error } => {
             warn!("stream {}: reconnecting (attempt {attempt}, in {:.1} s): {error}", ev.stream, delay.as_secs_f64())
         }
@@ -764,7 +699,7 @@ fn check_frame_shape(state: &Arc<State>, stream: &str, c: &crate::source::Native
     );
     error!("stream {stream}: {error}");
     stop_stream(state, stream);
-    state.publisher.error("source", Some(stream), &error);
+    state.publisher.error(Component::Source, Some(stream), &error);
     let failed = StreamState::Failed { error: error.clone() };
     state.publisher.status(stream, &StatusPayload { state: pub_state(&failed), since: rfc3339(SystemTime::now()), error: Some(error) });
     lock(&state.states).insert(stream.to_string(), failed);
@@ -839,7 +774,7 @@ fn reload(state: &Arc<State>) {
         Ok(c) => c,
         Err(e) => {
             error!("reload rejected, keeping the running config:\n{e}");
-            state.publisher.error("config", None, &format!("reload rejected: {e}"));
+            state.publisher.error(Component::Config, None, &format!("reload rejected: {e}"));
             let _ = state.notifier.ready();
             return;
         }
@@ -912,14 +847,20 @@ mod erased {
 
 /// WATCHDOG=1 at half the systemd timeout, only while [`liveness`] holds: a wedged engine or
 /// publisher stops the pings and systemd restarts the service.
-fn spawn_watchdog(state: &Arc<State>) -> JoinHandle<()> {
+fn spawn_watchdog(state: &Arc<State>) {
+    let Some(timeout) = state.notifier.watchdog_timeout() else { return };
+    let Some(done) = lock(&state.done).clone() else { return };
+    let mut shutdown = state.shutdown.subscribe();
     let state = state.clone();
     tokio::spawn(async move {
-        let Some(timeout) = state.notifier.watchdog_timeout() else { return };
+        let _done = done;
         let mut tick = tokio::time::interval(timeout / 2);
         let mut withheld = false;
         loop {
-            tick.tick().await;
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.recv() => return,
+            }
             match liveness(&state) {
                 Ok(()) => {
                     withheld = false;
@@ -932,91 +873,5 @@ fn spawn_watchdog(state: &Arc<State>) -> JoinHandle<()> {
                 Err(_) => {}
             }
         }
-    })
-}
-
-/// Copy counters that live in the sources, the engine and the outbox into the registry.
-fn install_scrape_hook(state: &Arc<State>) {
-    let weak = Arc::downgrade(state);
-    state.metrics.registry.on_scrape(move || {
-        let Some(state) = weak.upgrade() else { return };
-        let m = &state.metrics;
-        {
-            let sources = lock(&state.sources);
-            for name in sources.names() {
-                if let Some(st) = sources.stats(&name) {
-                    m.frames.with(&[&name]).set_total(st.frames as f64);
-                    m.frames_dropped.with(&[&name]).set_total(st.windows.frames_out_of_order as f64);
-                    m.windows_dropped
-                        .with(&[&name])
-                        .set_total((st.windows.windows_dropped_gap + st.windows_dropped_queue) as f64);
-                }
-            }
-        }
-        let c = state.engine.counters();
-        m.visual_total.with(&[]).set_total(c.visual_tokens_total as f64);
-        m.visual_kept.with(&[]).set_total(c.visual_tokens_kept as f64);
-        m.cache_hits.with(&[]).set_total(c.vision_cache_hits as f64);
-        m.cache_misses.with(&[]).set_total(c.vision_cache_misses as f64);
-        m.prefix_shared.with(&[]).set_total(c.prefix_shared as f64);
-        let o = state.publisher.outbox_stats();
-        m.mqtt_queued.with(&[]).set(o.depth as f64);
-        m.mqtt_published.with(&[]).set_total(state.publisher.delivered() as f64);
-        m.mqtt_dropped.with(&[]).set_total(o.dropped as f64);
-        let a = state.publisher.answer_counts();
-        m.answers_delivered.with(&[]).set_total(a.delivered as f64);
-        m.answers_dropped.with(&[]).set_total(a.dropped as f64);
-        m.commands_rejected.with(&[]).set_total(state.publisher.commands_rejected() as f64);
-        m.mqtt_connected.with(&[]).set(if state.publisher.link().borrow().connected { 1.0 } else { 0.0 });
-        m.engine_queue.with(&[]).set(state.engine.queue_len() as f64);
-        m.heartbeat_age.with(&[]).set(state.engine.heartbeat_age().as_secs_f64());
     });
-}
-
-fn collect_stats(state: &State) -> StatsPayload {
-    let mut streams = BTreeMap::new();
-    {
-        let sources = lock(&state.sources);
-        for name in sources.names() {
-            if let Some(st) = sources.stats(&name) {
-                let jobs_dropped = state.metrics.jobs_dropped.with(&[&name]).get() as u64;
-                streams.insert(
-                    name.clone(),
-                    PubStreamStats {
-                        frames: st.frames,
-                        windows: st.windows.windows_emitted,
-                        drops: st.windows.windows_dropped_gap + st.windows_dropped_queue + jobs_dropped,
-                        skipped: ["static", "schedule"]
-                            .iter()
-                            .map(|r| state.metrics.windows_skipped.with(&[&name, r]).get() as u64)
-                            .sum(),
-                    },
-                );
-            }
-        }
-    }
-    let mut lat: Vec<f64> = lock(&state.recent_latency).iter().copied().collect();
-    lat.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    let q = |p: f64| if lat.is_empty() { 0.0 } else { lat[((lat.len() - 1) as f64 * p).round() as usize] * 1e3 };
-    let c = state.engine.counters();
-    let uptime = state.started.elapsed().as_secs_f64();
-    StatsPayload {
-        v: ANSWER_VERSION,
-        uptime_s: uptime,
-        streams,
-        inference: InferenceStats {
-            latency_p50_ms: q(0.5),
-            latency_p95_ms: q(0.95),
-            tokens_per_s: if uptime > 0.0 { c.tokens_generated as f64 / uptime } else { 0.0 },
-            pruning_ratio: if c.visual_tokens_total > 0 {
-                1.0 - c.visual_tokens_kept as f64 / c.visual_tokens_total as f64
-            } else {
-                0.0
-            },
-        },
-        outbox: Default::default(),
-        answers: None,
-        events: None,
-        timestamp: rfc3339(SystemTime::now()),
-    }
 }

@@ -7,7 +7,7 @@
 //! skip_special_tokens=True)`. End-to-end parity (token for token against `generate(do_sample=False)`)
 //! is tested by `tests/infer_cli.rs` on fixtures from `tests/reference/gen_infer_fixtures.py`.
 //!
-//! Requests are [`PreprocessRequest`]s (the same media flags and ordering as `vigil preprocess`):
+//! Requests are [`PromptRequest`]s (the same media flags and ordering as `vigil preprocess`):
 //! media go before the prompt in one user turn — images, then the `video` clip, then the
 //! `frames` clip. [`infer`] (paths) and [`infer_loaded`] (media in memory, see
 //! [`LoadedRequest::new`]) are the library entry points the engine can call with an already loaded
@@ -16,14 +16,14 @@
 //! ```
 //! use vigil::infer::{infer, InferOptions};
 //! use vigil::model::{GenerationParams, VideoLlama3ForConditionalGeneration};
-//! use vigil::processor::{report::PreprocessRequest, Processor};
+//! use vigil::processor::{report::PromptRequest, Processor};
 //!
 //! let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
 //! let dir = root.join("models/tiny-videollama3");
 //! let model = VideoLlama3ForConditionalGeneration::from_pretrained(&dir, candle_core::DType::F32, &candle_core::Device::Cpu)?;
 //! let processor = Processor::from_pretrained(&dir)?;
-//! let ask = |prompt: &str| PreprocessRequest { model: dir.clone(), prompt: prompt.into(), ..Default::default() };
-//! let video = PreprocessRequest { video: Some(root.join("assets/demo.mp4")), fps: Some(1.0), max_frames: Some(4), ..ask("What happens?") };
+//! let ask = |prompt: &str| PromptRequest { model: dir.clone(), prompt: prompt.into(), ..Default::default() };
+//! let video = PromptRequest { video: Some(root.join("assets/demo.mp4")), fps: Some(1.0), max_frames: Some(4), ..ask("What happens?") };
 //! let opts = InferOptions { generation: GenerationParams::greedy(8), ..Default::default() };
 //! let out = infer(&model, &processor, &[video, ask("Hello?")], &opts, &mut |row, delta| print!("[{row}] {delta}"))?;
 //! assert_eq!(out.results.len(), 2);
@@ -34,15 +34,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::config::PruningConfig;
-use crate::model::{
-    GenerationParams, ModelError, MultimodalInputs, TextStreamer,
-    VideoLlama3ForConditionalGeneration, VisualInputs,
-};
-use crate::processor::report::{LoadedRequest, PreprocessRequest};
+use crate::model::{GenerationParams, ModelError, MultimodalInputs, TextStreamer, VideoLlama3ForConditionalGeneration};
+use crate::processor::report::{LoadedRequest, PromptRequest};
 use crate::processor::{BatchInputs, CallOptions, PaddingSide, Processor, ProcessorError};
 
 /// Why an inference failed.
@@ -114,7 +110,7 @@ pub struct InferOutput {
 /// left padding. Returns the processor output and each row's video tokens before pruning.
 pub fn prepare(
     processor: &Processor,
-    requests: &[PreprocessRequest],
+    requests: &[PromptRequest],
     pruning: &PruningConfig,
 ) -> Result<(BatchInputs, Vec<usize>), InferError> {
     let loaded = requests
@@ -152,67 +148,12 @@ pub fn prepare_loaded(
     Ok((batch, totals))
 }
 
-/// Turn the processor's output into the model's inputs on `device`.
-pub fn model_inputs(
-    batch: &BatchInputs,
-    device: &candle_core::Device,
-) -> Result<MultimodalInputs, ModelError> {
-    let (b, l) = (batch.input_ids.len(), batch.seq_len);
-    let ids: Vec<u32> = batch.input_ids.iter().flatten().copied().collect();
-    let input_ids = Tensor::from_vec(ids, (b, l), device)?;
-    let padded = batch.attention_mask.iter().flatten().any(|&m| m == 0);
-    let attention_mask = if padded {
-        let m: Vec<u8> = batch.attention_mask.iter().flatten().copied().collect();
-        Some(Tensor::from_vec(m, (b, l), device)?.to_dtype(DType::F32)?)
-    } else {
-        None
-    };
-    let im = &batch.images;
-    let images = if im.image_grid_thw.is_empty() {
-        None
-    } else {
-        Some(VisualInputs {
-            pixel_values: Tensor::from_vec(
-                im.pixel_values.clone(),
-                (im.rows(), im.patch_dim),
-                device,
-            )?,
-            grid_thw: im.image_grid_thw.clone(),
-            merge_sizes: im.image_merge_sizes.clone(),
-        })
-    };
-    let vd = &batch.videos;
-    let (videos, video_compression_mask) = if vd.video_grid_thw.is_empty() {
-        (None, None)
-    } else {
-        (
-            Some(VisualInputs {
-                pixel_values: Tensor::from_vec(
-                    vd.pixel_values_videos.clone(),
-                    (vd.rows(), vd.patch_dim),
-                    device,
-                )?,
-                grid_thw: vd.video_grid_thw.clone(),
-                merge_sizes: vd.video_merge_sizes.clone(),
-            }),
-            Some(vd.video_compression_mask.clone()),
-        )
-    };
-    Ok(MultimodalInputs {
-        attention_mask,
-        images,
-        videos,
-        video_compression_mask,
-        ..MultimodalInputs::text(input_ids)
-    })
-}
-
 /// Run `requests` as one left-padded batch. `on_text(row, delta)` receives each row's decoded
 /// answer as it is generated (special tokens skipped; split UTF-8 characters held back).
 pub fn infer(
     model: &VideoLlama3ForConditionalGeneration,
     processor: &Processor,
-    requests: &[PreprocessRequest],
+    requests: &[PromptRequest],
     opts: &InferOptions,
     on_text: &mut dyn FnMut(usize, &str),
 ) -> Result<InferOutput, InferError> {
@@ -238,7 +179,7 @@ pub fn infer_loaded(
     let t0 = Instant::now();
     let (batch, video_totals) = prepare_loaded(processor, requests, &opts.pruning)?;
     let preprocess_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let inputs = model_inputs(&batch, model.device())?;
+    let inputs = MultimodalInputs::from_batch(&batch, model.device())?;
     let mut streamers: Vec<_> = (0..requests.len())
         .map(|_| TextStreamer::new(|ids: &[u32]| processor.decode(ids, true)))
         .collect();
@@ -312,7 +253,7 @@ struct BatchLine {
 /// Read a `--batch` JSONL file: one request per non-empty line,
 /// `{"prompt": ..., "images": [...], "video": ..., "fps": ..., "frames": [...], "max_frames": ...}`,
 /// media paths relative to the file's directory.
-pub fn read_batch(path: &Path, model: &Path) -> Result<Vec<PreprocessRequest>, InferError> {
+pub fn read_batch(path: &Path, model: &Path) -> Result<Vec<PromptRequest>, InferError> {
     let text = std::fs::read_to_string(path).map_err(|e| InferError::Batch {
         path: path.to_path_buf(),
         line: 0,
@@ -334,7 +275,7 @@ pub fn read_batch(path: &Path, model: &Path) -> Result<Vec<PreprocessRequest>, I
         if l.max_frames.is_some() && l.video.is_none() {
             return Err(err("max_frames needs a video".into()));
         }
-        out.push(PreprocessRequest {
+        out.push(PromptRequest {
             model: model.to_path_buf(),
             prompt: l.prompt,
             images: l.images.into_iter().map(rel).collect(),
@@ -355,13 +296,12 @@ pub fn read_batch(path: &Path, model: &Path) -> Result<Vec<PreprocessRequest>, I
     Ok(out)
 }
 
-/// Open `device` ("cpu", "cuda", "cuda:N"), with a clear error when CUDA was not compiled in.
-pub fn open_device(device: &str) -> Result<candle_core::Device, InferError> {
-    let d: crate::config::Device = device.parse().map_err(InferError::Input)?;
-    if matches!(d, crate::config::Device::Cuda(_)) && !cfg!(feature = "cuda") {
+/// Open `device`, with a clear error when CUDA was not compiled in.
+pub fn open_device(device: crate::config::Device) -> Result<candle_core::Device, InferError> {
+    if matches!(device, crate::config::Device::Cuda(_)) && !cfg!(feature = "cuda") {
         return Err(InferError::Input(format!(
             "--device {device}: this vigil was built without CUDA support; rebuild with `cargo build --release --features cuda` or use --device cpu"
         )));
     }
-    Ok(crate::model::load::candle_device(d)?)
+    Ok(crate::model::load::candle_device(device)?)
 }

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod engine;
 pub mod fault;
 pub mod infer;
+pub mod lock;
 pub mod logging;
 pub mod metrics;
 pub mod model;

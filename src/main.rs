@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{ArgAction, Parser, Subcommand};
-use vigil::config::{Config, ConfigError};
+use vigil::config::{Config, ConfigError, DType, Device};
 
 #[derive(Parser)]
 #[command(name = "vigil", version, about = "Watches camera streams and answers questions about them (VideoLLaMA3 → MQTT)")]
@@ -40,49 +40,9 @@ enum Command {
     },
     /// Open a stream (rtsp://, http(s)://, file path, v4l2:///dev/videoN) and print its native
     /// caps and the first windows, to check a camera before configuring it.
-    Probe {
-        /// Stream URI or file path (credentials in it are never printed).
-        uri: String,
-        /// Frames per second to sample.
-        #[arg(long, default_value_t = 1.0)]
-        fps: f64,
-        /// Window length in seconds.
-        #[arg(long, default_value_t = 8.0)]
-        window_seconds: f64,
-        /// Seconds between window starts (less than the window: overlap).
-        #[arg(long, default_value_t = 8.0)]
-        stride_seconds: f64,
-        /// Windows to print before stopping.
-        #[arg(long, default_value_t = 3)]
-        windows: usize,
-        /// Seconds allowed to open the stream.
-        #[arg(long, default_value_t = 10.0)]
-        timeout_s: f64,
-        /// Largest frame (pixels) after scaling, aspect kept.
-        #[arg(long, default_value_t = 200_704)]
-        max_frame_pixels: u64,
-        /// One JSON object per line (caps, then each window).
-        #[arg(long)]
-        json: bool,
-    },
+    Probe(ProbeArgs),
     /// Print answers as they arrive on MQTT (from a config's broker, or --broker URL).
-    Tail {
-        /// Config file whose [mqtt] section (broker, credentials, TLS, prefix) to use; or --broker.
-        #[arg(short, long, value_name = "FILE", required_unless_present = "broker", conflicts_with = "broker")]
-        config: Option<PathBuf>,
-        /// Broker URL, e.g. mqtt://127.0.0.1:1883.
-        #[arg(long, value_name = "URL")]
-        broker: Option<String>,
-        /// Topic prefix (default: the config's, else "vigil").
-        #[arg(long, value_name = "P")]
-        prefix: Option<String>,
-        /// Print the raw JSON payloads, one per line.
-        #[arg(long)]
-        json: bool,
-        /// Exit after N answers.
-        #[arg(short = 'n', long, value_name = "N")]
-        count: Option<usize>,
-    },
+    Tail(TailArgs),
     /// Show what a prompt costs: tokens, visual tokens before/after pruning, grids.
     Preprocess(PreprocessArgs),
     /// Answer a prompt about images / a video with a VideoLLaMA3 checkpoint (or a JSONL batch).
@@ -90,6 +50,65 @@ enum Command {
     /// Benchmarks: `vigil bench --shape 2b --random-weights` (the model at real shapes; its
     /// --json feeds tests/reference/bench_transformers.py) and `vigil bench engine --model DIR`.
     Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct ProbeArgs {
+    /// Stream URI or file path (credentials in it are never printed).
+    uri: String,
+    /// Frames per second to sample.
+    #[arg(long, default_value_t = 1.0)]
+    fps: f64,
+    /// Window length in seconds.
+    #[arg(long, default_value_t = 8.0)]
+    window_seconds: f64,
+    /// Seconds between window starts (less than the window: overlap).
+    #[arg(long, default_value_t = 8.0)]
+    stride_seconds: f64,
+    /// Windows to print before stopping.
+    #[arg(long, default_value_t = 3)]
+    windows: usize,
+    /// Seconds allowed to open the stream.
+    #[arg(long, default_value_t = 10.0)]
+    timeout_s: f64,
+    /// Largest frame (pixels) after scaling, aspect kept.
+    #[arg(long, default_value_t = 200_704)]
+    max_frame_pixels: u64,
+    /// One JSON object per line (caps, then each window).
+    #[arg(long)]
+    json: bool,
+}
+
+impl From<&ProbeArgs> for vigil::source::probe::ProbeOptions {
+    fn from(a: &ProbeArgs) -> Self {
+        Self {
+            fps: a.fps,
+            window_seconds: a.window_seconds,
+            stride_seconds: a.stride_seconds,
+            windows: a.windows,
+            timeout: std::time::Duration::from_secs_f64(a.timeout_s.max(0.1)),
+            max_frame_pixels: a.max_frame_pixels,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct TailArgs {
+    /// Config file whose [mqtt] section (broker, credentials, TLS, prefix) to use; or --broker.
+    #[arg(short, long, value_name = "FILE", required_unless_present = "broker", conflicts_with = "broker")]
+    config: Option<PathBuf>,
+    /// Broker URL, e.g. mqtt://127.0.0.1:1883.
+    #[arg(long, value_name = "URL")]
+    broker: Option<String>,
+    /// Topic prefix (default: the config's, else "vigil").
+    #[arg(long, value_name = "P")]
+    prefix: Option<String>,
+    /// Print the raw JSON payloads, one per line.
+    #[arg(long)]
+    json: bool,
+    /// Exit after N answers.
+    #[arg(short = 'n', long, value_name = "N")]
+    count: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -114,10 +133,10 @@ struct BenchShapeArgs {
     model: Option<PathBuf>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: Device,
     /// f32, f16 or bf16 (default: bf16 on a GPU, f32 on the CPU).
     #[arg(long)]
-    dtype: Option<String>,
+    dtype: Option<DType>,
     /// Concurrent streams for the serving measurement (a list measures each).
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     streams: Vec<usize>,
@@ -151,6 +170,29 @@ struct BenchShapeArgs {
     json: bool,
 }
 
+impl From<BenchShapeArgs> for vigil::bench::shapes::ShapeOptions {
+    fn from(a: BenchShapeArgs) -> Self {
+        Self {
+            shape: a.shape,
+            model: a.model,
+            device: a.device,
+            dtype: a.dtype,
+            streams: a.streams,
+            windows: a.windows,
+            frames: a.frames,
+            width: a.size.0,
+            height: a.size.1,
+            prompts: a.prompts,
+            new_tokens: a.new_tokens,
+            pruning: !a.no_pruning,
+            static_fraction: a.static_fraction,
+            save_weights: a.save_weights,
+            seed: a.seed,
+            ..Default::default()
+        }
+    }
+}
+
 fn parse_size(s: &str) -> Result<(u32, u32), String> {
     let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| format!("{s:?}: expected WIDTHxHEIGHT"))?;
     let n = |v: &str| v.trim().parse::<u32>().ok().filter(|&n| n >= 28).ok_or_else(|| format!("{s:?}: sizes are whole numbers >= 28"));
@@ -169,9 +211,9 @@ struct BenchEngineArgs {
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: Device,
     #[arg(long, default_value = "f32")]
-    dtype: String,
+    dtype: DType,
     /// Stream counts to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
     streams: Vec<usize>,
@@ -193,6 +235,24 @@ struct BenchEngineArgs {
     /// Print the rows as JSON lines instead of the table.
     #[arg(long)]
     json: bool,
+}
+
+impl From<BenchEngineArgs> for vigil::bench::engine::BenchOptions {
+    fn from(a: BenchEngineArgs) -> Self {
+        Self {
+            device: a.device,
+            dtype: a.dtype,
+            streams: a.streams,
+            windows_per_stream: a.windows_per_stream,
+            frames_per_window: a.frames_per_window,
+            stride_frames: a.stride_frames,
+            width: a.width,
+            height: a.height,
+            max_new_tokens: a.max_new_tokens,
+            max_batch: a.max_batch,
+            ..Self::new(a.model)
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -234,8 +294,8 @@ struct MediaArgs {
 }
 
 impl MediaArgs {
-    fn request(self, model: PathBuf, prompt: String) -> vigil::processor::report::PreprocessRequest {
-        vigil::processor::report::PreprocessRequest {
+    fn request(self, model: PathBuf, prompt: String) -> vigil::processor::report::PromptRequest {
+        vigil::processor::report::PromptRequest {
             model,
             prompt,
             images: self.images,
@@ -272,190 +332,145 @@ struct InferArgs {
     seed: u64,
     /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: Device,
     /// Weights and activations: f32, f16 or bf16.
-    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
-    dtype: vigil::config::DType,
+    #[arg(long, default_value = "f32")]
+    dtype: DType,
     /// Print one JSON object (per request) instead of streaming the answer.
     #[arg(long)]
     json: bool,
 }
 
-fn parse_dtype(s: &str) -> Result<vigil::config::DType, String> {
-    serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|_| format!("expected f32, f16 or bf16, got {s:?}"))
+
+/// Why a command failed: its exit status and what it says on stderr.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    /// Exit 1: the command could not do its work.
+    fn runtime(e: impl std::fmt::Display) -> Self {
+        Failure { code: 1, message: format!("error: {e}") }
+    }
+
+    /// Exit 1 with `e` and its causes: each cause is added unless the message already says it
+    /// (vigil's errors write their cause into their own message).
+    fn error(e: &(dyn std::error::Error + 'static)) -> Self {
+        let mut message = e.to_string();
+        let mut cause = e.source();
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !message.contains(&text) {
+                message = format!("{message}: {text}");
+            }
+            cause = c.source();
+        }
+        Self::runtime(vigil::config::redact_uri(&message))
+    }
+
+    /// Exit 2: what the user gave (arguments, config, model files) is wrong; `message` is every
+    /// line to print.
+    fn invalid(message: String) -> Self {
+        Failure { code: 2, message }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     vigil::logging::init(cli.verbose as i8 - cli.quiet as i8);
-    match cli.command {
+    let result = match cli.command {
         Command::Check { config, no_model } => check(&config, !no_model),
         Command::PrintConfig => {
             print!("{}", vigil::config::EXAMPLE_CONFIG);
-            ExitCode::SUCCESS
+            Ok(())
         }
-        Command::Tail { config, broker, prefix, json, count } => tail(config, broker, prefix, json, count),
+        Command::Tail(args) => tail(args),
         Command::Run { config } => run(&config),
-        Command::Probe { uri, fps, window_seconds, stride_seconds, windows, timeout_s, max_frame_pixels, json } => {
-            let opts = vigil::source::probe::ProbeOptions {
-                fps,
-                window_seconds,
-                stride_seconds,
-                windows,
-                timeout: std::time::Duration::from_secs_f64(timeout_s.max(0.1)),
-                max_frame_pixels,
-            };
-            probe(&uri, &opts, json)
-        }
+        Command::Probe(args) => probe(&args),
         Command::Preprocess(args) => preprocess(args),
-        Command::Infer(args) => infer(args),
-        Command::Bench(BenchArgs { command: None, shapes: a }) => bench_shapes(a),
-        Command::Bench(BenchArgs { command: Some(BenchCommand::Engine(a)), .. }) => {
-            let o = vigil::bench::engine::BenchOptions {
-                device: a.device,
-                dtype: a.dtype,
-                streams: a.streams,
-                windows_per_stream: a.windows_per_stream,
-                frames_per_window: a.frames_per_window,
-                stride_frames: a.stride_frames,
-                width: a.width,
-                height: a.height,
-                max_new_tokens: a.max_new_tokens,
-                max_batch: a.max_batch,
-                ..vigil::bench::engine::BenchOptions::new(a.model)
-            };
-            bench_engine(&o, a.json)
+        Command::Infer(args) => run_infer(args).map_err(|e| Failure::error(e.as_ref())),
+        Command::Bench(BenchArgs { command: None, shapes }) => bench_shapes(shapes),
+        Command::Bench(BenchArgs { command: Some(BenchCommand::Engine(args)), .. }) => {
+            let json = args.json;
+            bench_engine(&args.into(), json)
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("{}", f.message);
+            ExitCode::from(f.code)
         }
     }
 }
 
-fn bench_shapes(a: BenchShapeArgs) -> ExitCode {
+fn bench_shapes(a: BenchShapeArgs) -> Result<(), Failure> {
     if a.shape.is_none() && a.model.is_none() {
-        eprintln!("error: vigil bench needs --shape 2b|7b|CONFIG.json --random-weights, or --model DIR (or the `engine` subcommand)");
-        return ExitCode::from(2);
+        return Err(Failure::invalid(
+            "error: vigil bench needs --shape 2b|7b|CONFIG.json --random-weights, or --model DIR (or the `engine` subcommand)".into(),
+        ));
     }
-    let o = vigil::bench::shapes::ShapeOptions {
-        shape: a.shape,
-        model: a.model,
-        device: a.device,
-        dtype: a.dtype,
-        streams: a.streams,
-        windows: a.windows,
-        frames: a.frames,
-        width: a.size.0,
-        height: a.size.1,
-        prompts: a.prompts,
-        new_tokens: a.new_tokens,
-        pruning: !a.no_pruning,
-        static_fraction: a.static_fraction,
-        save_weights: a.save_weights,
-        seed: a.seed,
-        ..Default::default()
-    };
+    let json = a.json;
+    let o = a.into();
     let started = std::time::Instant::now();
     let mut progress = |m: &str| eprintln!("[{:>6.1}s] {m}", started.elapsed().as_secs_f64());
-    match vigil::bench::shapes::run(&o, &mut progress) {
-        Ok(r) => {
-            if a.json {
-                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
-            } else {
-                print!("{}", vigil::bench::shapes::table(&r));
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
+    let r = vigil::bench::shapes::run(&o, &mut progress).map_err(|e| Failure::error(&e))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+    } else {
+        print!("{}", vigil::bench::shapes::table(&r));
     }
+    Ok(())
 }
 
-fn bench_engine(o: &vigil::bench::engine::BenchOptions, json: bool) -> ExitCode {
+fn bench_engine(o: &vigil::bench::engine::BenchOptions, json: bool) -> Result<(), Failure> {
     let gated = o.streams.iter().copied().max().map(|n| vigil::bench::engine::run_gated(o, n.max(2)));
-    match vigil::bench::engine::run(o) {
-        Ok(rows) => {
-            if json {
-                for r in &rows {
-                    println!("{}", serde_json::to_string(r).unwrap_or_default());
-                }
-            } else {
-                print!("{}", vigil::bench::engine::table(o, &rows));
-            }
-            match gated {
-                Some(Ok(g)) if json => println!("{}", serde_json::to_string(&g).unwrap_or_default()),
-                Some(Ok(g)) => print!("{}", vigil::bench::engine::gate_line(&g)),
-                Some(Err(e)) => eprintln!("warning: motion-gate bench: {e}"),
-                None => {}
-            }
-            if rows.iter().any(|r| r.mismatches > 0) {
-                eprintln!("error: optimised answers differ from the one-request path");
-                return ExitCode::FAILURE;
-            }
-            ExitCode::SUCCESS
+    let rows = vigil::bench::engine::run(o).map_err(|e| Failure::error(&e))?;
+    if json {
+        for r in &rows {
+            println!("{}", serde_json::to_string(r).unwrap_or_default());
         }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
+    } else {
+        print!("{}", vigil::bench::engine::table(o, &rows));
     }
+    match gated {
+        Some(Ok(g)) if json => println!("{}", serde_json::to_string(&g).unwrap_or_default()),
+        Some(Ok(g)) => print!("{}", vigil::bench::engine::gate_line(&g)),
+        Some(Err(e)) => eprintln!("warning: motion-gate bench: {e}"),
+        None => {}
+    }
+    if rows.iter().any(|r| r.mismatches > 0) {
+        return Err(Failure::runtime("optimised answers differ from the one-request path"));
+    }
+    Ok(())
 }
 
-fn probe(uri: &str, opts: &vigil::source::probe::ProbeOptions, json: bool) -> ExitCode {
+fn probe(a: &ProbeArgs) -> Result<(), Failure> {
     use vigil::source::probe::{caps_line, probe, window_line, ProbeEvent};
-    if let Err(e) = vigil::window::WindowSpec::new(opts.fps, opts.window_seconds, opts.stride_seconds, vigil::config::GapPolicy::Emit) {
-        eprintln!("error: {e}");
-        return ExitCode::from(2);
+    let opts = vigil::source::probe::ProbeOptions::from(a);
+    vigil::window::WindowSpec::new(opts.fps, opts.window_seconds, opts.stride_seconds, vigil::config::GapPolicy::Emit)
+        .map_err(|e| Failure::invalid(format!("error: {e}")))?;
+    let summary = probe(&a.uri, &opts, |ev| match ev {
+        ProbeEvent::Caps(c) => println!("{}", caps_line(c, opts.fps, a.json)),
+        ProbeEvent::Window(w) => println!("{}", window_line(w, a.json)),
+    })
+    .map_err(|e| Failure::error(&e))?;
+    if summary.ended_early {
+        eprintln!("note: the stream ended after {} window(s)", summary.windows);
     }
-    let result = probe(uri, opts, |ev| match ev {
-        ProbeEvent::Caps(c) => println!("{}", caps_line(c, opts.fps, json)),
-        ProbeEvent::Window(w) => println!("{}", window_line(w, json)),
-    });
-    match result {
-        Ok(summary) => {
-            if summary.ended_early {
-                eprintln!("note: the stream ended after {} window(s)", summary.windows);
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    Ok(())
 }
 
-fn preprocess(a: PreprocessArgs) -> ExitCode {
+fn preprocess(a: PreprocessArgs) -> Result<(), Failure> {
     let req = a.media.request(a.model, a.prompt);
-    match vigil::processor::report::preprocess(&req) {
-        Ok(r) if a.json => match serde_json::to_string(&r) {
-            Ok(s) => {
-                println!("{s}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e}");
-                ExitCode::FAILURE
-            }
-        },
-        Ok(r) => {
-            print!("{}", r.human());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
+    let r = vigil::processor::report::preprocess(&req).map_err(|e| Failure::error(&e))?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r).map_err(|e| Failure::error(&e))?);
+    } else {
+        print!("{}", r.human());
     }
-}
-
-fn infer(a: InferArgs) -> ExitCode {
-    match run_infer(a) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    Ok(())
 }
 
 fn run_infer(a: InferArgs) -> anyhow::Result<()> {
@@ -473,7 +488,7 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
         (None, Some(prompt)) => (vec![a.media.request(a.model.clone(), prompt)], false),
         (None, None) => anyhow::bail!("--prompt or --batch is required"),
     };
-    let device = vigil::infer::open_device(&a.device)?;
+    let device = vigil::infer::open_device(a.device)?;
     let t0 = std::time::Instant::now();
     let processor = vigil::processor::Processor::from_pretrained(&a.model)?;
     let model = vigil::model::VideoLlama3ForConditionalGeneration::from_pretrained(&a.model, vigil::model::load::candle_dtype(a.dtype), &device)?;
@@ -515,91 +530,60 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn tail(config: Option<PathBuf>, broker: Option<String>, prefix: Option<String>, json: bool, count: Option<usize>) -> ExitCode {
-    let mut mqtt = match &config {
-        Some(path) => match load(path) {
-            Ok(cfg) => vigil::publish::connect::resolved(&cfg),
-            Err(code) => return code,
-        },
-        None => vigil::config::MqttConfig { broker: broker.unwrap_or_default(), ..Default::default() },
+fn tail(a: TailArgs) -> Result<(), Failure> {
+    let mut mqtt = match &a.config {
+        Some(path) => vigil::publish::connect::resolved(&load(path)?),
+        None => vigil::config::MqttConfig { broker: a.broker.unwrap_or_default(), ..Default::default() },
     };
-    if let Some(p) = prefix {
+    if let Some(p) = a.prefix {
         mqtt.topic_prefix = p;
     }
-    let opts = vigil::publish::tail::TailOptions { mqtt, json, count };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let opts = vigil::publish::tail::TailOptions { mqtt, json: a.json, count: a.count };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::runtime(format!("cannot start the async runtime: {e}")))?;
     let mut out = std::io::stdout();
-    match rt.block_on(vigil::publish::tail::tail(opts, &mut out)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    rt.block_on(vigil::publish::tail::tail(opts, &mut out)).map_err(|e| Failure::error(&e))
 }
 
 /// `vigil run`: the daemon until SIGTERM/SIGINT (exit 0); SIGHUP reloads the config.
-fn run(path: &std::path::Path) -> ExitCode {
+fn run(path: &std::path::Path) -> Result<(), Failure> {
     // Validate first so config mistakes exit 2 with the same messages as `check`.
-    if let Err(code) = load(path) {
-        return code;
-    }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("vigil").build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    load(path)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("vigil")
+        .build()
+        .map_err(|e| Failure::runtime(format!("cannot start the async runtime: {e}")))?;
     let result = rt.block_on(async {
         let controls = vigil::daemon::signal_controls()?;
         vigil::daemon::run(path, controls).await.map_err(anyhow::Error::from)
     });
     // Pipelines and the embedded broker own threads of their own: do not wait for them.
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", vigil::config::redact_uri(&format!("{e:#}")));
-            ExitCode::FAILURE
-        }
-    }
+    result.map_err(|e| Failure::error(e.as_ref()))
 }
 
-/// Load a config, printing the errors and returning exit code 2 on failure.
-fn load(path: &std::path::Path) -> Result<Config, ExitCode> {
-    match Config::load(path) {
-        Ok(cfg) => Ok(cfg),
-        Err(e @ ConfigError::Read { .. }) => {
-            eprintln!("error: {e}");
-            Err(ExitCode::from(2))
-        }
-        Err(e) => {
+/// Load a config; its problems (exit 2) on failure.
+fn load(path: &std::path::Path) -> Result<Config, Failure> {
+    Config::load(path).map_err(|e| match e {
+        e @ ConfigError::Read { .. } => Failure::invalid(format!("error: {e}")),
+        e => {
             let n = e.problems().len();
-            eprintln!("{e}");
-            eprintln!("error: {} problem{} in {}", n, if n == 1 { "" } else { "s" }, path.display());
-            Err(ExitCode::from(2))
+            Failure::invalid(format!("{e}\nerror: {} problem{} in {}", n, if n == 1 { "" } else { "s" }, path.display()))
         }
-    }
+    })
 }
 
-fn check(path: &std::path::Path, with_model: bool) -> ExitCode {
-    let cfg = match load(path) {
-        Ok(cfg) => cfg,
-        Err(code) => return code,
-    };
+fn check(path: &std::path::Path, with_model: bool) -> Result<(), Failure> {
+    let cfg = load(path)?;
     for w in cfg.warnings() {
         eprintln!("warning: {w}");
     }
     println!("{}: ok: {}", path.display(), cfg.summary());
     if !with_model {
-        return ExitCode::SUCCESS;
+        return Ok(());
     }
     use vigil::engine::preflight::{preflight, PreflightError};
     match preflight(&cfg) {
@@ -610,19 +594,22 @@ fn check(path: &std::path::Path, with_model: bool) -> ExitCode {
                 None => String::new(),
             };
             println!("{}: model ok: {}{largest}", path.display(), p.dir.display());
-            ExitCode::SUCCESS
+            Ok(())
         }
         // A Hub model not downloaded yet: `run` fetches it, so there is nothing to check.
         Err(e) if cfg!(feature = "hub") && cfg.model.repo.is_some() && matches!(e[..], [PreflightError::Dir(_)]) => {
             eprintln!("warning: model.repo {:?} is not in the Hugging Face cache yet; `run` downloads it (not checked)", cfg.model.repo.as_deref().unwrap_or(""));
-            ExitCode::SUCCESS
+            Ok(())
         }
         Err(problems) => {
-            for p in &problems {
-                eprintln!("{}: model: {}", path.display(), vigil::config::redact_uri(&p.to_string()));
-            }
-            eprintln!("error: the model cannot run ({} problem{}); `--no-model` skips this check", problems.len(), if problems.len() == 1 { "" } else { "s" });
-            ExitCode::from(2)
+            let mut lines: Vec<String> =
+                problems.iter().map(|p| format!("{}: model: {}", path.display(), vigil::config::redact_uri(&p.to_string()))).collect();
+            lines.push(format!(
+                "error: the model cannot run ({} problem{}); `--no-model` skips this check",
+                problems.len(),
+                if problems.len() == 1 { "" } else { "s" }
+            ));
+            Err(Failure::invalid(lines.join("\n")))
         }
     }
 }

@@ -10,6 +10,8 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::lock::lock;
+
 /// A series' labels, in the family's label order.
 type Labels = Vec<(String, String)>;
 type F64Counter = prometheus_client::metrics::counter::Counter<f64, AtomicU64>;
@@ -34,10 +36,6 @@ impl Default for Registry {
     fn default() -> Self {
         Registry { inner: Arc::default(), hooks: Arc::default() }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// OpenMetrics names a counter family without its `_total` suffix (and adds it to samples).

@@ -50,13 +50,6 @@ pub struct Frame {
     pub captured_at: SystemTime,
 }
 
-impl Frame {
-    /// Seconds since the Unix epoch of [`Frame::captured_at`].
-    pub fn captured_unix_s(&self) -> f64 {
-        self.captured_at.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-    }
-}
-
 /// A window of frames.
 #[derive(Debug, Clone)]
 pub struct Window {
@@ -121,11 +114,6 @@ impl WindowSpec {
             return Err(WindowError::Window { window_seconds, fps });
         }
         Ok(spec)
-    }
-
-    /// The slot nearest to a stream time.
-    pub fn slot_of(&self, time_s: f64) -> u64 {
-        (time_s * self.fps).round().max(0.0) as u64
     }
 
     /// First slot of window `k`.
@@ -357,7 +345,7 @@ pub fn window_queue(capacity: usize) -> (WindowSender, WindowReceiver) {
 
 fn lock(inner: &QueueInner) -> std::sync::MutexGuard<'_, QueueState> {
     // A panic while holding the lock cannot leave the deque inconsistent; keep going.
-    inner.items.lock().unwrap_or_else(|e| e.into_inner())
+    crate::lock::lock(&inner.items)
 }
 
 impl WindowSender {
@@ -389,7 +377,7 @@ impl WindowSender {
             if stop.load(Ordering::Relaxed) {
                 return false;
             }
-            st = self.inner.cond.wait_timeout(st, Duration::from_millis(50)).unwrap_or_else(|e| e.into_inner()).0;
+            st = crate::lock::wait_timeout(&self.inner.cond, st, Duration::from_millis(50));
         }
         if st.receivers_gone {
             return false;
@@ -440,7 +428,7 @@ impl WindowReceiver {
             if st.closed || now >= deadline {
                 return None;
             }
-            st = self.inner.cond.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            st = crate::lock::wait_timeout(&self.inner.cond, st, deadline - now);
         }
     }
 

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use crate::engine::runner::RunOptions;
+use super::BenchError;
+use crate::config::{DType, Device};
 use crate::engine::{load_runner, Engine, EngineCounters, EngineError, Job, JobOutput};
 use crate::config::Config;
 use crate::processor::video::Video;
@@ -25,10 +27,8 @@ use crate::window::{Frame, Window};
 pub struct BenchOptions {
     /// Complete checkpoint directory (model + processor files).
     pub model: PathBuf,
-    /// `cpu` or `cuda:N`.
-    pub device: String,
-    /// `f32`, `f16` or `bf16`.
-    pub dtype: String,
+    pub device: Device,
+    pub dtype: DType,
     /// Stream counts to measure.
     pub streams: Vec<usize>,
     pub windows_per_stream: usize,
@@ -46,8 +46,8 @@ impl BenchOptions {
     pub fn new(model: PathBuf) -> Self {
         Self {
             model,
-            device: "cpu".into(),
-            dtype: "f32".into(),
+            device: Device::Cpu,
+            dtype: DType::F32,
             streams: vec![1, 4, 8],
             windows_per_stream: 4,
             frames_per_window: 8,
@@ -91,14 +91,14 @@ kind = "alert"
 text = "Is there a person in the frame? Answer yes or no."
 "#;
 
-fn bench_config(o: &BenchOptions, streams: usize) -> Result<Config, EngineError> {
-    let model = o.model.canonicalize().map_err(|e| EngineError::Load(format!("{}: {e}", o.model.display())))?;
+fn bench_config(o: &BenchOptions, streams: usize) -> Result<Config, BenchError> {
+    let model = o.model.canonicalize().map_err(|source| BenchError::ModelDir { path: o.model.clone(), source })?;
     let mut text = format!(
         "[model]\npath = {path:?}\ndevice = {dev:?}\ndtype = {dt:?}\nmax_new_tokens = {mnt}\n\n\
          [engine]\nmax_batch = {mb}\nqueue_capacity = 4096\nmax_queue_age_s = 86400.0\nfeature_cache_frames = 1024\n{PROMPTS}",
         path = model.display().to_string(),
-        dev = o.device,
-        dt = o.dtype,
+        dev = o.device.to_string(),
+        dt = o.dtype.as_str(),
         mnt = o.max_new_tokens,
         mb = o.max_batch,
     );
@@ -108,7 +108,7 @@ fn bench_config(o: &BenchOptions, streams: usize) -> Result<Config, EngineError>
             o.fps
         ));
     }
-    Config::parse(&text, "bench.toml", std::path::Path::new(".")).map_err(|e| EngineError::Load(format!("bench config: {e}")))
+    Config::parse(&text, "bench.toml", std::path::Path::new(".")).map_err(BenchError::Config)
 }
 
 /// Frame `i` of stream `s`: a square moving over a gradient; stream `s` has its own size.
@@ -141,9 +141,9 @@ pub fn synthetic_windows(s: usize, o: &BenchOptions) -> Vec<Arc<Window>> {
 }
 
 /// Run the benchmark; one row per stream count.
-pub fn run(o: &BenchOptions) -> Result<Vec<BenchRow>, EngineError> {
+pub fn run(o: &BenchOptions) -> Result<Vec<BenchRow>, BenchError> {
     if o.windows_per_stream == 0 || o.frames_per_window == 0 || o.stride_frames == 0 {
-        return Err(EngineError::InvalidJob("windows, frames and stride must be positive".into()));
+        return Err(BenchError::Options("windows, frames and stride must be positive".into()));
     }
     let mut rows = Vec::new();
     for &n in &o.streams {
@@ -157,7 +157,7 @@ pub fn run(o: &BenchOptions) -> Result<Vec<BenchRow>, EngineError> {
         let mut off_tokens = Vec::new();
         for w in &windows {
             for p in &prompts {
-                let r = runner.run_alone(&w.stream, w, o.fps, p).map_err(EngineError::InvalidJob)?;
+                let r = runner.run_alone(&w.stream, w, o.fps, p).map_err(BenchError::Run)?;
                 off_tokens.push(((w.stream.clone(), w.seq, p.name.clone()), r.tokens));
             }
         }
@@ -178,8 +178,8 @@ pub fn run(o: &BenchOptions) -> Result<Vec<BenchRow>, EngineError> {
                 Some(JobOutput::Answer(r)) => {
                     on_tokens.insert((r.stream, r.window_seq, r.prompt), r.tokens);
                 }
-                Some(other) => return Err(EngineError::InvalidJob(format!("bench job did not complete: {other:?}"))),
-                None => return Err(EngineError::Stopped),
+                Some(other) => return Err(BenchError::Run(format!("bench job did not complete: {other:?}"))),
+                None => return Err(EngineError::Stopped.into()),
             }
         }
         let on_s = t0.elapsed().as_secs_f64();
@@ -224,7 +224,7 @@ pub struct GateRow {
 /// Run the engine over `n` streams' windows (half of them frozen) with the motion gate
 /// (`skip_static`, default `min_changed_fraction`) on and off, in the same run. Gate time is
 /// part of "on".
-pub fn run_gated(o: &BenchOptions, n: usize) -> Result<GateRow, EngineError> {
+pub fn run_gated(o: &BenchOptions, n: usize) -> Result<GateRow, BenchError> {
     let cfg = bench_config(o, n)?;
     let statics = n / 2;
     let windows: Vec<Arc<Window>> = (0..n)
@@ -241,19 +241,18 @@ pub fn run_gated(o: &BenchOptions, n: usize) -> Result<GateRow, EngineError> {
             w
         })
         .collect();
-    let gate = crate::processor::video::VideoProcessor::from_pretrained(&cfg.model_dir().unwrap_or_default())
-        .map_err(|e| EngineError::Load(e.to_string()))?;
+    let gate = crate::processor::video::VideoProcessor::from_pretrained(&cfg.model_dir().unwrap_or_default())?;
     let min_changed = crate::config::StreamDefaults::default().min_changed_fraction;
     // A fresh engine per side: neither profits from the other's feature cache.
-    let timed = |gated: bool| -> Result<(f64, usize), EngineError> {
+    let timed = |gated: bool| -> Result<(f64, usize), BenchError> {
         let engine = Engine::start_with(&cfg, RunOptions::default())?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let t0 = Instant::now();
         let mut submitted = 0;
         for w in &windows {
             if gated && w.seq > 0 {
-                let video = Video::from_window(w, o.fps).map_err(|e| EngineError::InvalidJob(e.to_string()))?;
-                let changes = gate.changes_of(video, &cfg.pruning).map_err(|e| EngineError::InvalidJob(e.to_string()))?;
+                let video = Video::from_window(w, o.fps)?;
+                let changes = gate.changes_of(video, &cfg.pruning)?;
                 if changes.fraction() < min_changed {
                     continue;
                 }
@@ -264,8 +263,8 @@ pub fn run_gated(o: &BenchOptions, n: usize) -> Result<GateRow, EngineError> {
         for _ in 0..submitted * cfg.prompts.len() {
             match rx.blocking_recv() {
                 Some(JobOutput::Answer(_)) => {}
-                Some(other) => return Err(EngineError::InvalidJob(format!("bench job did not complete: {other:?}"))),
-                None => return Err(EngineError::Stopped),
+                Some(other) => return Err(BenchError::Run(format!("bench job did not complete: {other:?}"))),
+                None => return Err(EngineError::Stopped.into()),
             }
         }
         let took = t0.elapsed().as_secs_f64();

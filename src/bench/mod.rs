@@ -6,13 +6,44 @@
 //!   the identical workload on the same weights and prints the ratios.
 //! - [`engine`]: `vigil bench engine --model DIR`: the engine's optimisations on vs off on the
 //!   same windows, with a check that both give the same tokens.
+//! - [`random`]: the random-weight checkpoints `shapes` measures.
 
 pub mod engine;
+pub mod random;
 pub mod shapes;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::engine::EngineError;
+use crate::model::ModelError;
 use crate::window::{Frame, Window};
+
+/// Why a benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// The `--model` directory cannot be read.
+    #[error("cannot load the model: {}: {source}", path.display())]
+    ModelDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bench config: {0}")]
+    Config(#[source] crate::config::ConfigError),
+    #[error("{0}")]
+    Processor(#[from] crate::processor::ProcessorError),
+    /// Options that cannot make a benchmark.
+    #[error("{0}")]
+    Options(String),
+    /// A prompt or job of the run failed (the runner's reason).
+    #[error("{0}")]
+    Run(String),
+}
 
 /// A gap-free synthetic window of stream `cam{s}`: window `k` whose first frame is stream frame
 /// `start`, at `fps`.

@@ -1,7 +1,7 @@
 //! `vigil bench --shape 2b|7b|CONFIG.json --random-weights`: the model at real shapes.
 //!
 //! Compute does not care what the weights are, so a checkpoint with random weights at the
-//! published shapes ([`crate::model::random`]) measures what the real one would. The workload is
+//! published shapes ([`super::random`]) measures what the real one would. The workload is
 //! synthetic camera windows: each frame's left `static_fraction` of columns never changes, the
 //! rest changes every frame, so token pruning has the work a fixed camera gives it. Generation is
 //! greedy for exactly `new_tokens` tokens (the bench checkpoint has no EOS), so runs compare.
@@ -28,8 +28,10 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
+use super::BenchError;
+use crate::config::{DType, Device};
 use crate::engine::{load_runner, Engine, EngineCounters, EngineError, Job, JobOutput};
-use crate::model::random::{bench_config, parameter_count, tensor_shapes, write_random_checkpoint};
+use super::random::{bench_config, parameter_count, tensor_shapes, write_random_checkpoint};
 use crate::model::VideoLlama3Config;
 use crate::window::{Frame, Window};
 
@@ -48,9 +50,9 @@ pub struct ShapeOptions {
     pub shape: Option<String>,
     /// Or an existing checkpoint directory (real weights, or one saved by `--save-weights`).
     pub model: Option<PathBuf>,
-    pub device: String,
+    pub device: Device,
     /// Default: bf16 on a GPU, f32 on the CPU.
-    pub dtype: Option<String>,
+    pub dtype: Option<DType>,
     /// Stream counts to measure the serving path at.
     pub streams: Vec<usize>,
     pub windows: usize,
@@ -72,7 +74,7 @@ impl Default for ShapeOptions {
         Self {
             shape: None,
             model: None,
-            device: "cpu".into(),
+            device: Device::Cpu,
             dtype: None,
             streams: vec![1, 8],
             windows: 2,
@@ -256,11 +258,13 @@ fn rss_peak_mib() -> u64 {
 }
 
 impl MemorySampler {
-    fn start(device: &str) -> Self {
+    fn start(device: Device) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let peak = Arc::new(AtomicU64::new(0));
-        let gpu = device.strip_prefix("cuda").map(|rest| rest.trim_start_matches(':').to_string());
-        let gpu = gpu.map(|i| if i.is_empty() { "0".to_string() } else { i });
+        let gpu = match device {
+            Device::Cuda(n) => Some(n.to_string()),
+            Device::Cpu => None,
+        };
         if let Some(index) = gpu.filter(|i| gpu_used_mib(i).is_some()) {
             let baseline = gpu_used_mib(&index).unwrap_or(0);
             let (s, p) = (stop.clone(), peak.clone());
@@ -291,18 +295,15 @@ impl MemorySampler {
     }
 }
 
-fn load_err(e: impl std::fmt::Display) -> EngineError {
-    EngineError::Load(e.to_string())
-}
-
-fn engine_config(dir: &Path, o: &ShapeOptions, dtype: &str, w: &Workload) -> Result<Config, EngineError> {
+fn engine_config(dir: &Path, o: &ShapeOptions, dtype: DType, w: &Workload) -> Result<Config, BenchError> {
     let max_streams = w.streams.iter().copied().max().unwrap_or(1);
     let mut text = format!(
         "[model]\npath = {path:?}\ndevice = {dev:?}\ndtype = {dtype:?}\nmax_new_tokens = {t}\n\n\
          [pruning]\nenabled = {pr}\n\n\
          [engine]\nmax_batch = {mb}\nmax_batch_tokens = 1000000\nqueue_capacity = 100000\nmax_queue_age_s = 86400.0\nfeature_cache_frames = 1024\n",
         path = dir.display().to_string(),
-        dev = o.device,
+        dev = o.device.to_string(),
+        dtype = dtype.as_str(),
         t = w.new_tokens,
         pr = w.pruning,
         mb = max_streams * w.questions.len(),
@@ -314,26 +315,20 @@ fn engine_config(dir: &Path, o: &ShapeOptions, dtype: &str, w: &Workload) -> Res
     for s in 0..max_streams {
         text.push_str(&format!("\n[[stream]]\nname = \"cam{s}\"\nuri = \"rtsp://127.0.0.1:8554/cam{s}\"\nprompts = {names:?}\nfps = {}\n", w.fps));
     }
-    Config::parse(&text, "bench.toml", Path::new(".")).map_err(|e| load_err(format!("bench config: {e}")))
+    Config::parse(&text, "bench.toml", Path::new(".")).map_err(BenchError::Config)
 }
 
 /// Run the benchmark.
-pub fn run(o: &ShapeOptions, progress: &mut dyn FnMut(&str)) -> Result<ShapeReport, EngineError> {
+pub fn run(o: &ShapeOptions, progress: &mut dyn FnMut(&str)) -> Result<ShapeReport, BenchError> {
     if o.frames == 0 || o.windows == 0 || o.prompts == 0 || o.new_tokens < 2 || o.streams.iter().any(|&s| s == 0) {
-        return Err(EngineError::InvalidJob("frames, windows, prompts and streams must be positive and new tokens at least 2".into()));
+        return Err(BenchError::Options("frames, windows, prompts and streams must be positive and new tokens at least 2".into()));
     }
-    let gpu = o.device.starts_with("cuda");
-    let dtype = o.dtype.clone().unwrap_or_else(|| if gpu { "bf16".into() } else { "f32".into() });
-    let candle_dtype = match dtype.as_str() {
-        "bf16" => candle_core::DType::BF16,
-        "f16" => candle_core::DType::F16,
-        "f32" => candle_core::DType::F32,
-        other => return Err(load_err(format!("--dtype {other:?}: expected f32, f16 or bf16"))),
-    };
+    let gpu = matches!(o.device, Device::Cuda(_));
+    let dtype = o.dtype.unwrap_or(if gpu { DType::Bf16 } else { DType::F32 });
+    let candle_dtype = crate::model::load::candle_dtype(dtype);
 
     // Fail before writing gigabytes of weights when the device cannot be opened.
-    let device: crate::config::Device = o.device.parse().map_err(|e: String| load_err(format!("--device: {e}")))?;
-    crate::model::load::candle_device(device).map_err(load_err)?;
+    crate::model::load::candle_device(o.device)?;
 
     // The checkpoint: an existing directory, or random weights written (or re-used) on disk so
     // the very same weights load through the normal path here and in the peer.
@@ -341,7 +336,7 @@ pub fn run(o: &ShapeOptions, progress: &mut dyn FnMut(&str)) -> Result<ShapeRepo
     let (dir, shape) = match (&o.model, &o.shape) {
         (Some(m), None) => (m.clone(), m.display().to_string()),
         (None, Some(shape)) => {
-            let cfg = bench_config(shape).map_err(load_err)?;
+            let cfg = bench_config(shape)?;
             let dir = match &o.save_weights {
                 Some(d) => d.clone(),
                 None => {
@@ -351,13 +346,13 @@ pub fn run(o: &ShapeOptions, progress: &mut dyn FnMut(&str)) -> Result<ShapeRepo
                 }
             };
             progress(&format!("writing random {shape} weights ({dtype}) to {}", dir.display()));
-            write_random_checkpoint(&dir, &cfg, candle_dtype, o.seed).map_err(load_err)?;
+            write_random_checkpoint(&dir, &cfg, candle_dtype, o.seed)?;
             (dir, shape.clone())
         }
-        _ => return Err(load_err("give either --shape (with --random-weights) or --model")),
+        _ => return Err(BenchError::Options("give either --shape (with --random-weights) or --model".into())),
     };
-    let memory = MemorySampler::start(&o.device);
-    let result = measure(o, &dir, &shape, &dtype, progress);
+    let memory = MemorySampler::start(o.device);
+    let result = measure(o, &dir, &shape, dtype, progress);
     if let Some(t) = temp {
         let _ = std::fs::remove_dir_all(t);
     }
@@ -370,10 +365,10 @@ pub fn run(o: &ShapeOptions, progress: &mut dyn FnMut(&str)) -> Result<ShapeRepo
     Ok(report)
 }
 
-fn measure(o: &ShapeOptions, dir: &Path, shape: &str, dtype: &str, progress: &mut dyn FnMut(&str)) -> Result<ShapeReport, EngineError> {
-    let model_cfg = VideoLlama3Config::from_file(dir).map_err(load_err)?;
-    let shapes = tensor_shapes(&model_cfg).map_err(load_err)?;
-    let elem = if dtype == "f32" { 4 } else { 2 };
+fn measure(o: &ShapeOptions, dir: &Path, shape: &str, dtype: DType, progress: &mut dyn FnMut(&str)) -> Result<ShapeReport, BenchError> {
+    let model_cfg = VideoLlama3Config::from_file(dir)?;
+    let shapes = tensor_shapes(&model_cfg)?;
+    let elem = dtype.size() as u64;
     // What a decode step reads: the decoder and the output head (the embedding when tied).
     let tied = model_cfg.tie_word_embeddings;
     let text_params: u64 = shapes
@@ -409,11 +404,11 @@ fn measure(o: &ShapeOptions, dir: &Path, shape: &str, dtype: &str, progress: &mu
     let runner = load_runner(&cfg)?;
     let load_s = t0.elapsed().as_secs_f64();
     progress("warming up (first GPU use compiles kernels)");
-    runner.run_alone("cam0", &first, w.fps, &prompt0).map_err(EngineError::InvalidJob)?;
+    runner.run_alone("cam0", &first, w.fps, &prompt0).map_err(BenchError::Run)?;
     let mut vision_runs = Vec::new();
     let (mut visual_tokens, mut grid) = (0, [0; 3]);
     for _ in 0..3 {
-        let (n, g, d) = runner.time_vision(&first, w.fps).map_err(EngineError::InvalidJob)?;
+        let (n, g, d) = runner.time_vision(&first, w.fps).map_err(BenchError::Run)?;
         (visual_tokens, grid) = (n, g);
         vision_runs.push(d.as_secs_f64());
     }
@@ -424,7 +419,7 @@ fn measure(o: &ShapeOptions, dir: &Path, shape: &str, dtype: &str, progress: &mu
     progress(&format!("vision: {:.1} ms per window, {:.1} TFLOP/s", vision.ms, vision.tflop_per_s));
 
     let t0 = Instant::now();
-    let r = runner.run_alone("cam0", &first, w.fps, &prompt0).map_err(EngineError::InvalidJob)?;
+    let r = runner.run_alone("cam0", &first, w.fps, &prompt0).map_err(BenchError::Run)?;
     let total_s = t0.elapsed().as_secs_f64();
     let steps = r.generated_tokens.saturating_sub(1).max(1) as f64;
     let decode_s = r.decode.as_secs_f64();
@@ -459,13 +454,13 @@ fn measure(o: &ShapeOptions, dir: &Path, shape: &str, dtype: &str, progress: &mu
             reply: tx.clone(),
         })
     };
-    let mut wait = |n: usize| -> Result<(), EngineError> {
+    let mut wait = |n: usize| -> Result<(), BenchError> {
         let mut got = 0;
         while got < n {
             match rx.blocking_recv() {
                 Some(JobOutput::Answer(_)) => got += 1,
-                Some(other) => return Err(EngineError::InvalidJob(format!("bench job did not complete: {other:?}"))),
-                None => return Err(EngineError::Stopped),
+                Some(other) => return Err(BenchError::Run(format!("bench job did not complete: {other:?}"))),
+                None => return Err(EngineError::Stopped.into()),
             }
         }
         Ok(())
@@ -509,7 +504,7 @@ fn measure(o: &ShapeOptions, dir: &Path, shape: &str, dtype: &str, progress: &mu
         implementation: "vigil".into(),
         shape: shape.to_string(),
         checkpoint: dir.display().to_string(),
-        device: o.device.clone(),
+        device: o.device.to_string(),
         dtype: dtype.to_string(),
         parameters: parameter_count(&shapes),
         text_weight_bytes: text_params * elem,

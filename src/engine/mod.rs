@@ -31,23 +31,64 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::config::{Config, PromptConfig, PromptKind};
+use crate::lock::{lock, wait_timeout};
 use crate::model::GenerationParams;
 use crate::processor::Processor;
 use crate::window::Window;
-use queue::{DropReason, JobQueue, QueuedJob};
+pub use queue::DropReason;
+use queue::{JobQueue, QueuedJob};
 use runner::{PreparedBatch, Preparer, RunOptions, RunStats, Runner, WindowWork};
 
 /// Why the engine could not start or take a job.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
     #[error("cannot load the model: {0}")]
-    Load(String),
+    Load(#[source] LoadError),
     #[error("the engine is shutting down")]
     ShuttingDown,
     #[error("the engine thread has stopped")]
     Stopped,
     #[error("invalid job: {0}")]
     InvalidJob(String),
+}
+
+impl EngineError {
+    /// A checkpoint the engine cannot run ([`LoadError::Checkpoint`]).
+    pub(crate) fn checkpoint(why: String) -> Self {
+        EngineError::Load(LoadError::Checkpoint(why))
+    }
+}
+
+/// Why the model and processor a config names could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// No checkpoint directory (not found, not in the cache, the download failed).
+    #[error("{0}")]
+    Locate(#[source] crate::model::ModelError),
+    #[error("{}: {source}", dir.display())]
+    Model {
+        dir: PathBuf,
+        #[source]
+        source: crate::model::ModelError,
+    },
+    #[error("{}: {source}", dir.display())]
+    Processor {
+        dir: PathBuf,
+        #[source]
+        source: crate::processor::ProcessorError,
+    },
+    /// Requests of the config that cannot fit the model's context.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    TooLong(Vec<preflight::PreflightError>),
+    /// The checkpoint's parts disagree, or it asks for what the engine does not do.
+    #[error("{0}")]
+    Checkpoint(String),
+    #[error("cannot spawn the engine thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("the model loader panicked")]
+    Panicked,
+    #[error("the engine thread died while loading")]
+    ThreadDied,
 }
 
 /// A window and the prompts due for it (per each prompt's `every`).
@@ -112,7 +153,7 @@ pub struct EngineCounters {
     pub jobs_queued: u64,
     pub jobs_done: u64,
     /// Jobs dropped, by reason (`too_old`, `queue_full`, `stream_removed`, `shutdown`).
-    pub jobs_dropped: BTreeMap<String, u64>,
+    pub jobs_dropped: BTreeMap<DropReason, u64>,
     /// Prompts answered / failed.
     pub prompts_done: u64,
     pub prompts_failed: u64,
@@ -168,12 +209,8 @@ impl EngineCounters {
         self.prefill_ms += s.prefill.as_millis() as u64;
         self.decode_ms += s.decode.as_millis() as u64;
     }
-    fn dropped(&mut self, reason: &str, n: u64) {
-        *self.jobs_dropped.entry(reason.to_string()).or_default() += n;
-    }
-    /// All dropped jobs.
-    pub fn jobs_dropped_total(&self) -> u64 {
-        self.jobs_dropped.values().sum()
+    fn dropped(&mut self, reason: DropReason, n: u64) {
+        *self.jobs_dropped.entry(reason).or_default() += n;
     }
 }
 
@@ -238,6 +275,11 @@ pub struct VideoInput {
 }
 
 impl VideoInput {
+    /// The sizing a job's token estimate uses if the checkpoint's is not known. Unreachable in
+    /// practice ([`Engine::start`] returns after the load sets it), so a small budget at
+    /// VideoLLaMA3's patch and merge sizes: an estimate, never a refusal.
+    pub const FALLBACK: VideoInput = VideoInput { patch: 14, merge: 2, min_pixels: 28 * 28, max_pixels: 112 * 112, do_resize: true };
+
     /// The sizing of a checkpoint's video processor settings.
     pub fn of(c: &crate::processor::checkpoint::ImageProcessorConfig) -> VideoInput {
         VideoInput { patch: c.patch_size, merge: c.merge_size, min_pixels: c.min_pixels, max_pixels: c.max_pixels, do_resize: c.do_resize }
@@ -270,7 +312,7 @@ pub struct Engine {
 }
 
 /// Report a job that will not run.
-fn drop_job(job: &Job, reason: &str) {
+fn drop_job(job: &Job, reason: DropReason) {
     let _ = job.reply.send(JobOutput::Dropped {
         stream: job.stream.clone(),
         window_seq: job.window.seq,
@@ -279,39 +321,32 @@ fn drop_job(job: &Job, reason: &str) {
     });
 }
 
-fn reason_name(r: DropReason) -> &'static str {
-    match r {
-        DropReason::TooOld => "too_old",
-        DropReason::QueueFull => "queue_full",
-    }
-}
-
 /// Load the model and processor a config names.
 pub fn load_runner(cfg: &Config) -> Result<Runner, EngineError> {
-    let dir = model_dir(cfg)?;
+    let dir = model_dir(cfg).map_err(|e| EngineError::Load(LoadError::Locate(e)))?;
     let model = crate::model::load::load_model(
         &crate::config::ModelConfig { path: Some(dir.clone()), ..cfg.model.clone() },
         &cfg.base_dir,
     )
-    .map_err(|e| EngineError::Load(format!("{}: {e}", dir.display())))?;
-    let processor = Processor::from_pretrained(&dir).map_err(|e| EngineError::Load(format!("{}: {e}", dir.display())))?;
+    .map_err(|source| EngineError::Load(LoadError::Model { dir: dir.clone(), source }))?;
+    let processor = Processor::from_pretrained(&dir).map_err(|source| EngineError::Load(LoadError::Processor { dir: dir.clone(), source }))?;
     let (too_long, _) = preflight::context_fit(cfg, &processor, model.config().text_config.max_position_embeddings);
     if !too_long.is_empty() {
-        let why: Vec<String> = too_long.iter().map(ToString::to_string).collect();
-        return Err(EngineError::Load(why.join("; ")));
+        return Err(EngineError::Load(LoadError::TooLong(too_long)));
     }
     Runner::new(model, processor, GenerationParams::from_model_config(&cfg.model), cfg.pruning.clone(), cfg.engine.feature_cache_frames)
 }
 
-fn model_dir(cfg: &Config) -> Result<PathBuf, EngineError> {
+/// The checkpoint directory: `path`, the cached `repo`, else (with `hub`) the downloaded one.
+fn model_dir(cfg: &Config) -> Result<PathBuf, crate::model::ModelError> {
     match crate::model::load::model_dir(&cfg.model, &cfg.base_dir) {
         Ok(d) => Ok(d),
         #[cfg(feature = "hub")]
         Err(_) if cfg.model.path.is_none() && cfg.model.repo.is_some() => {
             let repo = cfg.model.repo.as_deref().unwrap_or_default();
-            crate::model::load::download_snapshot(repo, cfg.model.revision.as_deref()).map_err(|e| EngineError::Load(e.to_string()))
+            crate::model::load::download_snapshot(repo, cfg.model.revision.as_deref())
         }
-        Err(e) => Err(EngineError::Load(e.to_string())),
+        Err(e) => Err(e),
     }
 }
 
@@ -366,7 +401,7 @@ impl Engine {
             .name("vigil-engine".into())
             .spawn(move || {
                 let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_runner(&cfg)))
-                    .unwrap_or_else(|_| Err(EngineError::Load("the model loader panicked".into())));
+                    .unwrap_or_else(|_| Err(EngineError::Load(LoadError::Panicked)));
                 let mut runner = match loaded {
                     Ok(r) => {
                         let _ = sh.video.set(VideoInput::of(&r.processor.video_processor.config.base));
@@ -385,8 +420,8 @@ impl Engine {
                 drop(runner);
                 mark_finished(&sh);
             })
-            .map_err(|e| EngineError::Load(format!("cannot spawn the engine thread: {e}")))?;
-        *shared.thread.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+            .map_err(|e| EngineError::Load(LoadError::Spawn(e)))?;
+        *lock(&shared.thread) = Some(handle);
         match ready_rx.recv() {
             Ok(Ok(())) => {
                 shared.beat();
@@ -399,7 +434,7 @@ impl Engine {
             }
             Err(_) => {
                 join(&shared);
-                Err(EngineError::Load("the engine thread died while loading".into()))
+                Err(EngineError::Load(LoadError::ThreadDied))
             }
         }
     }
@@ -418,25 +453,25 @@ impl Engine {
         if job.window.frames.is_empty() {
             return Err(EngineError::InvalidJob(format!("window {} of {} has no frames", job.window.seq, job.stream)));
         }
-        if *self.shared.finished.lock().unwrap_or_else(|p| p.into_inner()) {
+        if *lock(&self.shared.finished) {
             return Err(EngineError::Stopped);
         }
         let fps = self.fps_of(&job);
-        let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = lock(&self.shared.state);
         if st.stopping {
             return Err(EngineError::ShuttingDown);
         }
-        let v = self.shared.video.get().copied().unwrap_or(VideoInput { patch: 14, merge: 2, min_pixels: 784, max_pixels: 12544, do_resize: true });
+        let v = self.shared.video.get().copied().unwrap_or(VideoInput::FALLBACK);
         let tokens = estimate_tokens(&job, &v);
         let evicted = st.queue.push(Queued { job, fps, tokens });
         drop(st);
-        let mut c = self.shared.counters.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = lock(&self.shared.counters);
         c.jobs_queued += 1;
         if let Some((old, why)) = evicted {
-            c.dropped(reason_name(why), 1);
+            c.dropped(why, 1);
             drop(c);
             tracing::warn!(stream = %old.job.stream, window = old.job.window.seq, "engine queue full; dropped the oldest job of the busiest stream");
-            drop_job(&old.job, reason_name(why));
+            drop_job(&old.job, why);
         }
         self.shared.wake.notify_all();
         Ok(())
@@ -466,20 +501,20 @@ impl Engine {
     }
 
     pub fn counters(&self) -> EngineCounters {
-        self.shared.counters.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        lock(&self.shared.counters).clone()
     }
 
     pub fn queue_len(&self) -> usize {
-        self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).queue.len()
+        lock(&self.shared.state).queue.len()
     }
 
     /// Remove a stream's queued jobs (stream removed or disabled at run time).
     pub fn forget_stream(&self, stream: &str) {
-        let jobs = self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).queue.remove_stream(stream);
+        let jobs = lock(&self.shared.state).queue.remove_stream(stream);
         if !jobs.is_empty() {
-            self.shared.counters.lock().unwrap_or_else(|p| p.into_inner()).dropped("stream_removed", jobs.len() as u64);
+            lock(&self.shared.counters).dropped(DropReason::StreamRemoved, jobs.len() as u64);
             for q in &jobs {
-                drop_job(&q.job, "stream_removed");
+                drop_job(&q.job, DropReason::StreamRemoved);
             }
         }
     }
@@ -489,7 +524,7 @@ impl Engine {
     /// short (its prompts fail). True if everything finished in time.
     pub fn shutdown(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        self.shared.state.lock().unwrap_or_else(|p| p.into_inner()).stopping = true;
+        lock(&self.shared.state).stopping = true;
         self.shared.wake.notify_all();
         let clean = wait_finished(&self.shared, deadline);
         if !clean {
@@ -498,7 +533,7 @@ impl Engine {
             // The running batch stops at its next decode step; queued jobs are dropped.
             wait_finished(&self.shared, Instant::now() + Duration::from_secs(5));
         }
-        let finished = *self.shared.finished.lock().unwrap_or_else(|p| p.into_inner());
+        let finished = *lock(&self.shared.finished);
         if finished {
             join(&self.shared);
         }
@@ -507,24 +542,24 @@ impl Engine {
 }
 
 fn mark_finished(sh: &Shared) {
-    *sh.finished.lock().unwrap_or_else(|p| p.into_inner()) = true;
+    *lock(&sh.finished) = true;
     sh.finished_cv.notify_all();
 }
 
 fn wait_finished(sh: &Shared, deadline: Instant) -> bool {
-    let mut f = sh.finished.lock().unwrap_or_else(|p| p.into_inner());
+    let mut f = lock(&sh.finished);
     while !*f {
         let now = Instant::now();
         if now >= deadline {
             return false;
         }
-        f = sh.finished_cv.wait_timeout(f, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        f = wait_timeout(&sh.finished_cv, f, deadline - now);
     }
     true
 }
 
 fn join(sh: &Shared) {
-    if let Some(h) = sh.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+    if let Some(h) = lock(&sh.thread).take() {
         let _ = h.join();
     }
 }
@@ -567,16 +602,16 @@ fn prep_loop(sh: &Arc<Shared>, mut prep: Preparer, tx: std::sync::mpsc::SyncSend
     loop {
         sh.beat_prep();
         let batch = {
-            let mut st = sh.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut st = lock(&sh.state);
             let old = st.queue.expire(Instant::now());
             if !old.is_empty() {
-                sh.counters.lock().unwrap_or_else(|p| p.into_inner()).dropped("too_old", old.len() as u64);
+                lock(&sh.counters).dropped(DropReason::TooOld, old.len() as u64);
                 if st.too_old_burst == 0 {
                     tracing::warn!(jobs = old.len(), "engine is behind: dropping jobs older than max_queue_age_s (logged once per burst)");
                 }
                 st.too_old_burst += old.len() as u64;
                 for q in &old {
-                    drop_job(&q.job, "too_old");
+                    drop_job(&q.job, DropReason::TooOld);
                 }
             }
             if sh.abort.load(Ordering::Relaxed) {
@@ -585,10 +620,10 @@ fn prep_loop(sh: &Arc<Shared>, mut prep: Preparer, tx: std::sync::mpsc::SyncSend
                     rest.extend(st.queue.take_batch(usize::MAX, usize::MAX));
                 }
                 if !rest.is_empty() {
-                    sh.counters.lock().unwrap_or_else(|p| p.into_inner()).dropped("shutdown", rest.len() as u64);
+                    lock(&sh.counters).dropped(DropReason::Shutdown, rest.len() as u64);
                 }
                 for q in &rest {
-                    drop_job(&q.job, "shutdown");
+                    drop_job(&q.job, DropReason::Shutdown);
                 }
                 return;
             }
@@ -597,7 +632,7 @@ fn prep_loop(sh: &Arc<Shared>, mut prep: Preparer, tx: std::sync::mpsc::SyncSend
                 if st.stopping || Arc::strong_count(sh) <= OWN_REFS {
                     return;
                 }
-                let _ = sh.wake.wait_timeout(st, Duration::from_millis(250));
+                drop(wait_timeout(&sh.wake, st, Duration::from_millis(250)));
                 continue;
             }
             if st.too_old_burst > 0 && old.is_empty() {
@@ -669,7 +704,7 @@ fn run_ready(sh: &Shared, runner: &mut Runner, ready: Ready) {
         }
     }
     {
-        let mut c = sh.counters.lock().unwrap_or_else(|p| p.into_inner());
+        let mut c = lock(&sh.counters);
         c.add(&stats);
         c.batches += 1;
         c.jobs_done += batch.len() as u64;

@@ -54,7 +54,7 @@ pub struct Preflight {
 /// Check the model `cfg` names (a `repo` must already be in the Hugging Face cache). Every
 /// problem found is returned, not just the first.
 pub fn preflight(cfg: &Config) -> Result<Preflight, Vec<PreflightError>> {
-    let device = cfg.model.device().map_err(ModelError::InvalidInput).and_then(crate::model::load::candle_device);
+    let device = crate::model::load::candle_device(cfg.model.device);
     let mut problems: Vec<PreflightError> = device.err().map(PreflightError::Device).into_iter().collect();
     let dir = match crate::model::load::model_dir(&cfg.model, &cfg.base_dir) {
         Ok(d) => d,

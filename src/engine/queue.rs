@@ -22,12 +22,60 @@ pub trait QueuedJob {
 }
 
 /// Why a job left the queue without being run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
     /// Waited longer than `max_queue_age_s`.
     TooOld,
     /// Pushed out by a newer job while the queue was full.
     QueueFull,
+    /// Its stream was removed or disabled.
+    StreamRemoved,
+    /// Still waiting when the engine's shutdown deadline passed.
+    Shutdown,
+}
+
+impl DropReason {
+    /// The name in counters, metrics and `Dropped` outputs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::TooOld => "too_old",
+            DropReason::QueueFull => "queue_full",
+            DropReason::StreamRemoved => "stream_removed",
+            DropReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl std::fmt::Display for DropReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+// Ordered, and looked up in maps, by name, so a map keyed by reason reads (and serialises) as
+// one keyed by its name.
+impl Ord for DropReason {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl PartialOrd for DropReason {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl std::borrow::Borrow<str> for DropReason {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl serde::Serialize for DropReason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
 }
 
 pub struct JobQueue<J> {

@@ -199,16 +199,16 @@ impl Runner {
         pruning: PruningConfig,
         feature_cache_frames: usize,
     ) -> Result<Self, EngineError> {
-        let decoding = Decoding::resolve(&params, model.generation_defaults()).map_err(|e| EngineError::Load(e.to_string()))?;
+        let decoding = Decoding::resolve(&params, model.generation_defaults()).map_err(|e| EngineError::checkpoint(e.to_string()))?;
         let cfg = model.config();
         if processor.video_token_id != cfg.video_token_id || processor.image_token_id != cfg.image_token_id {
-            return Err(EngineError::Load(format!(
+            return Err(EngineError::checkpoint(format!(
                 "tokenizer placeholder ids (image {}, video {}) differ from the model's (image {}, video {})",
                 processor.image_token_id, processor.video_token_id, cfg.image_token_id, cfg.video_token_id
             )));
         }
         if processor.video_processor.config.base.temporal_patch_size != 1 {
-            return Err(EngineError::Load("video temporal_patch_size must be 1 (VideoLLaMA3)".into()));
+            return Err(EngineError::checkpoint("video temporal_patch_size must be 1 (VideoLLaMA3)".into()));
         }
         let processor = Arc::new(processor);
         let options = RunOptions::default();
@@ -666,7 +666,7 @@ impl Runner {
             spos.extend((0..suf.len()).map(|i| (start + i) as i64));
         }
         let sids = Tensor::from_vec(sids, (nr, ls), &dev).map_err(perr)?;
-        let lm = &self.model.model.language_model;
+        let lm = self.model.model.language_model();
         let emb = lm.embed(&sids).map_err(perr)?;
         let smask = Tensor::from_vec(smask, (nr, ls), &dev).map_err(perr)?;
         let spos = Tensor::from_vec(spos, (nr, ls), &dev).map_err(perr)?;

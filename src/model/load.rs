@@ -19,11 +19,7 @@ use crate::config::{self, ModelConfig};
 pub fn candle_device(device: config::Device) -> Result<candle_core::Device, ModelError> {
     match device {
         config::Device::Cpu => Ok(candle_core::Device::Cpu),
-        config::Device::Cuda(n) => candle_core::Device::new_cuda(n).map_err(|e| {
-            ModelError::InvalidInput(format!(
-                "cannot open cuda:{n} ({e}); vigil must be built with `--features cuda` for GPU inference"
-            ))
-        }),
+        config::Device::Cuda(n) => candle_core::Device::new_cuda(n).map_err(|source| ModelError::Device { device, source }),
     }
 }
 
@@ -56,7 +52,7 @@ pub fn cached_snapshot(
     let revision = revision.unwrap_or("main");
     let repo_dir = cache.join(format!("models--{}", repo.replace('/', "--")));
     let not_cached = |why: &str| {
-        ModelError::InvalidInput(format!(
+        ModelError::NotFound(format!(
             "model repo {repo:?} (revision {revision}) is not in the Hugging Face cache {} ({why}); \
              fetch it first, e.g. `huggingface-cli download {repo}`, or set model.path",
             cache.display()
@@ -87,11 +83,11 @@ pub fn model_dir(model: &ModelConfig, base_dir: &Path) -> Result<PathBuf, ModelE
         }),
         (None, Some(repo)) => {
             let cache = hf_cache_dir().ok_or_else(|| {
-                ModelError::InvalidInput("cannot locate the Hugging Face cache (no HOME)".into())
+                ModelError::NotFound("cannot locate the Hugging Face cache (no HOME)".into())
             })?;
             cached_snapshot(&cache, repo, model.revision.as_deref())
         }
-        (None, None) => Err(ModelError::InvalidInput(
+        (None, None) => Err(ModelError::NotFound(
             "set model.path or model.repo".into(),
         )),
     }
@@ -134,8 +130,10 @@ pub fn download_snapshot_from(
     use hf_hub::api::sync::ApiBuilder;
     use hf_hub::{Repo, RepoType};
 
-    let hub_err = |file: &str, e: hf_hub::api::sync::ApiError| {
-        ModelError::InvalidInput(format!("downloading {file} of {repo}: {e}"))
+    let hub_err = |file: &str, e: hf_hub::api::sync::ApiError| ModelError::Download {
+        repo: repo.to_string(),
+        file: file.to_string(),
+        source: Box::new(e),
     };
     let mut builder = ApiBuilder::from_env().with_progress(false);
     if let Some(endpoint) = endpoint {
@@ -156,7 +154,7 @@ pub fn download_snapshot_from(
     let dir = config
         .parent()
         .map(Path::to_path_buf)
-        .ok_or_else(|| ModelError::InvalidInput(format!("odd cache path {}", config.display())))?;
+        .ok_or_else(|| ModelError::NotFound(format!("odd cache path {}", config.display())))?;
     for file in OPTIONAL_FILES {
         let _ = api.get(file);
     }
@@ -179,7 +177,7 @@ pub fn load_model(
     model: &ModelConfig,
     base_dir: &Path,
 ) -> Result<VideoLlama3ForConditionalGeneration, ModelError> {
-    let device = candle_device(model.device().map_err(ModelError::InvalidInput)?)?;
+    let device = candle_device(model.device)?;
     let dir = model_dir(model, base_dir)?;
     VideoLlama3ForConditionalGeneration::from_pretrained(&dir, candle_dtype(model.dtype), &device)
 }

@@ -59,8 +59,9 @@ mod activation;
 mod attention;
 pub mod config;
 pub mod generation;
+mod inputs;
 pub mod load;
-pub mod random;
+mod rotary;
 pub mod text;
 pub mod vision;
 mod weights;
@@ -108,6 +109,25 @@ pub enum ModelError {
     Interrupted,
     #[error("invalid model input: {0}")]
     InvalidInput(String),
+    /// The configured device cannot be opened (a GPU without the `cuda` build, or no such GPU).
+    #[error("cannot open {device} ({source}); vigil must be built with `--features cuda` for GPU inference")]
+    Device {
+        device: crate::config::Device,
+        #[source]
+        source: candle_core::Error,
+    },
+    /// No checkpoint directory: neither `path` nor `repo`, or a repo not in the Hugging Face cache.
+    #[error("{0}")]
+    NotFound(String),
+    /// Fetching a file of a Hub repo failed.
+    #[cfg(feature = "hub")]
+    #[error("downloading {file} of {repo}: {source}")]
+    Download {
+        repo: String,
+        file: String,
+        #[source]
+        source: Box<hf_hub::api::sync::ApiError>,
+    },
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -11,8 +11,8 @@ use candle_nn::{linear_no_bias, rms_norm, Linear, RmsNorm, VarBuilder};
 
 use super::attention::{attention, rows_per_chunk};
 use super::config::VideoLlama3TextConfig;
+use super::rotary::inverse_frequencies;
 
-/// Key/value cache of every layer plus the key padding mask seen so far.
 /// One layer's keys and values, `[batch, kv_heads, capacity, head_dim]` buffers of which the
 /// first `len` positions are filled. Appending writes in place (`slice_set`); the buffer is
 /// reallocated only when it is full, with room for [`KV_HEADROOM`] more tokens, so decoding does
@@ -92,13 +92,6 @@ impl KvCache {
     }
     pub fn clear(&mut self) {
         *self = Self::default();
-    }
-    /// Rows of the batch in cache `[batch, ...]`.
-    pub fn batch_size(&self) -> usize {
-        self.key_mask
-            .as_ref()
-            .and_then(|m| m.dim(0).ok())
-            .unwrap_or(0)
     }
     /// A new cache whose row `i` is a copy of row `rows[i]` of this one (rows may repeat): forks
     /// a shared prefix into several continuations, or drops finished rows from a batch. Keys,
@@ -308,10 +301,7 @@ impl Qwen2Decoder {
             .map(|i| DecoderLayer::new(cfg, vb.pp("layers").pp(i)))
             .collect::<candle_core::Result<Vec<_>>>()?;
         let norm = rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("norm"))?;
-        let inv: Vec<f32> = (0..cfg.head_dim)
-            .step_by(2)
-            .map(|i| 1.0f32 / (cfg.rope_theta as f32).powf(i as f32 / cfg.head_dim as f32))
-            .collect();
+        let inv = inverse_frequencies(cfg.head_dim, cfg.rope_theta);
         let n = inv.len();
         let inv_freq = Tensor::from_vec(inv, (1, 1, n), vb.device())?;
         Ok(Self {

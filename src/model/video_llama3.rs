@@ -81,7 +81,7 @@ pub(crate) fn position_ids_from_mask(mask: &Tensor) -> Result<Tensor, ModelError
 pub struct VideoLlama3Model {
     pub vision_model: VideoLlama3VisionModel,
     pub projector: VideoLlama3Projector,
-    pub language_model: Qwen2Decoder,
+    language_model: Qwen2Decoder,
     config: VideoLlama3Config,
 }
 
@@ -104,6 +104,11 @@ impl VideoLlama3Model {
 
     pub fn config(&self) -> &VideoLlama3Config {
         &self.config
+    }
+
+    /// The decoder (token embeddings, layers, final norm).
+    pub fn language_model(&self) -> &Qwen2Decoder {
+        &self.language_model
     }
 
     /// Projected image embeddings, one `[tokens, text_hidden]` tensor per image.
@@ -330,8 +335,8 @@ impl VideoLlama3Model {
 ///
 /// ```
 /// use candle_core::{DType, Device};
-/// use vigil::model::{GenerationParams, VideoLlama3ForConditionalGeneration};
-/// use vigil::processor::{CallOptions, ContentPart, Message, Processor, Sampling, Video};
+/// use vigil::model::{GenerationParams, MultimodalInputs, VideoLlama3ForConditionalGeneration};
+/// use vigil::processor::{CallOptions, ContentPart, FrameSampling, Message, Processor, Video};
 ///
 /// let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-videollama3"));
 /// let device = Device::Cpu;
@@ -344,11 +349,11 @@ impl VideoLlama3Model {
 /// ])];
 /// let prompts = processor.apply_chat_template(&[conversation], true)?;
 /// let clip = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/demo.mp4"));
-/// let sampling = Sampling { fps: Some(1.0), max_frames: Some(4), ..Default::default() };
+/// let sampling = FrameSampling { fps: Some(1.0), max_frames: Some(4), ..Default::default() };
 /// let video = Video::from_file(clip, &sampling, &processor.video_processor.config)?;
 /// let batch = processor.call(&prompts, &[], &[video], &CallOptions::default())?;
 ///
-/// let inputs = vigil::infer::model_inputs(&batch, &device)?;
+/// let inputs = MultimodalInputs::from_batch(&batch, &device)?;
 /// let out = model.generate(&inputs, &GenerationParams::greedy(16), &mut |_| {})?;
 /// let answer = processor.decode(&out.tokens[0], true)?;
 /// println!("{answer}");
@@ -361,7 +366,7 @@ impl VideoLlama3Model {
 ///
 /// ```
 /// use candle_core::{DType, Device};
-/// use vigil::model::{GenerationParams, VideoLlama3ForConditionalGeneration};
+/// use vigil::model::{GenerationParams, MultimodalInputs, VideoLlama3ForConditionalGeneration};
 /// use vigil::processor::{CallOptions, ContentPart, Message, PaddingSide, Processor, RgbImage, Video};
 ///
 /// let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-videollama3"));
@@ -383,13 +388,13 @@ impl VideoLlama3Model {
 /// let batch = processor.call(&prompts, &[image], &[video], &opts)?;
 ///
 /// let params = GenerationParams::greedy(8);
-/// let out = model.generate(&vigil::infer::model_inputs(&batch, &device)?, &params, &mut |_| {})?;
+/// let out = model.generate(&MultimodalInputs::from_batch(&batch, &device)?, &params, &mut |_| {})?;
 /// for tokens in &out.tokens {
 ///     println!("{}", processor.decode(tokens, true)?);
 /// }
 /// // The text-only row alone gives the same tokens.
 /// let alone = processor.call(&prompts[2..], &[], &[], &opts)?;
-/// let single = model.generate(&vigil::infer::model_inputs(&alone, &device)?, &params, &mut |_| {})?;
+/// let single = model.generate(&MultimodalInputs::from_batch(&alone, &device)?, &params, &mut |_| {})?;
 /// assert_eq!(single.tokens[0], out.tokens[2]);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```

@@ -10,11 +10,12 @@
 //! attention sequence, exactly like transformers' `cu_seqlens` split: frames are batched along a
 //! leading dimension, so no attention can cross a frame boundary.
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{Device, Module, Tensor, D};
 use candle_nn::{layer_norm, linear, LayerNorm, LayerNormConfig, Linear, VarBuilder};
 
 use super::attention::{attention, SCORE_BUDGET_BYTES};
 use super::config::{VideoLlama3Config, VideoLlama3VisionConfig};
+use super::rotary::{apply_rotary, inverse_frequencies};
 use super::ModelError;
 
 /// Patches of one or more images, or of one or more videos, as the processor produces them.
@@ -134,18 +135,6 @@ impl VisionAttention {
     }
 }
 
-/// `x·cos + rotate_half(x)·sin`, computed in f32 and cast back.
-pub(crate) fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    let out = (x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?;
-    out.to_dtype(dtype)
-}
-
 struct VisionMlp {
     fc1: Linear,
     fc2: Linear,
@@ -228,11 +217,7 @@ impl VideoLlama3VisionModel {
         let post_layernorm = layer_norm(d, ln_config(cfg.layer_norm_eps), vb.pp("post_layernorm"))?;
         // Axial RoPE: head_dim/2 per axis, frequencies over that half (transformers'
         // compute_axial_rope_parameters), computed in f32 like torch.
-        let spatial = cfg.head_dim() / 2;
-        let inv_freq = (0..spatial)
-            .step_by(2)
-            .map(|i| 1.0f32 / (cfg.rope_theta as f32).powf(i as f32 / spatial as f32))
-            .collect();
+        let inv_freq = inverse_frequencies(cfg.head_dim() / 2, cfg.rope_theta);
         Ok(Self {
             patch_weight,
             patch_bias,

@@ -44,19 +44,25 @@
 //! ```
 
 pub mod checkpoint;
-pub mod decode;
 pub mod image;
 pub mod report;
 pub mod resize;
 pub mod template;
 pub mod video;
+pub mod video_file;
 
 use std::path::{Path, PathBuf};
 
 pub use checkpoint::{CheckpointFiles, ImageProcessorConfig, ResizeBackend, VideoProcessorConfig};
 pub use image::{ImageInputs, ImageProcessor, RgbImage};
 pub use template::{ChatTemplate, Content, ContentPart, Conversation, Message};
-pub use video::{sample_frame_indices, Sampling, Video, VideoInputs, VideoProcessor};
+pub use video::{sample_frame_indices, FrameSampling, Video, VideoInputs, VideoProcessor};
+
+// Doc-hidden aliases: `decode` is `video_file`, `Sampling` is `FrameSampling`.
+#[doc(hidden)]
+pub use video_file as decode;
+#[doc(hidden)]
+pub type Sampling = FrameSampling;
 
 use crate::config::PruningConfig;
 

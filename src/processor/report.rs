@@ -7,12 +7,13 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
-use super::{CallOptions, ContentPart, Message, Processor, ProcessorError, RgbImage, Sampling, Video};
+use super::{CallOptions, ContentPart, FrameSampling, Message, Processor, ProcessorError, RgbImage, Video};
 use crate::config::PruningConfig;
 
-/// Inputs of one `vigil preprocess` invocation.
+/// A prompt about media for a checkpoint: what `vigil preprocess` measures and `vigil infer`
+/// answers (one line of an `infer --batch` file).
 #[derive(Debug, Clone, Default)]
-pub struct PreprocessRequest {
+pub struct PromptRequest {
     pub model: PathBuf,
     pub prompt: String,
     pub images: Vec<PathBuf>,
@@ -91,7 +92,7 @@ impl LoadedRequest {
     }
 }
 
-impl PreprocessRequest {
+impl PromptRequest {
     /// Decode the request's images and videos (videos sampled with the checkpoint's video
     /// settings) and build its user turn. `model` and `pruning` are not used here.
     pub fn load_media(&self, processor: &Processor) -> Result<LoadedRequest, ProcessorError> {
@@ -109,7 +110,7 @@ impl PreprocessRequest {
             if req.max_frames == Some(0) {
                 return Err(ProcessorError::Input("--max-frames must be at least 1".into()));
             }
-            let sampling = Sampling { fps: req.fps, max_frames: req.max_frames, ..Default::default() };
+            let sampling = FrameSampling { fps: req.fps, max_frames: req.max_frames, ..Default::default() };
             videos.push(Video::from_file(v, &sampling, &processor.video_processor.config)?);
             parts.push(ContentPart::Video);
             sources.push(("video", v.display().to_string()));
@@ -126,7 +127,7 @@ impl PreprocessRequest {
 }
 
 /// Run the processor of `req.model` on the request.
-pub fn preprocess(req: &PreprocessRequest) -> Result<PreprocessReport, ProcessorError> {
+pub fn preprocess(req: &PromptRequest) -> Result<PreprocessReport, ProcessorError> {
     let processor = Processor::from_pretrained(&req.model)?;
     let LoadedRequest { parts, images, videos, sources } = req.load_media(&processor)?;
     let prompts = processor.apply_chat_template(&[vec![Message::user(parts)]], true)?;

@@ -57,8 +57,8 @@ impl Video {
     }
 
     /// Decode a video file with GStreamer and sample it like transformers (`sample_frames`).
-    pub fn from_file(path: &Path, sampling: &Sampling, cfg: &VideoProcessorConfig) -> Result<Self, ProcessorError> {
-        let decoded = super::decode::decode_video_file(path)?;
+    pub fn from_file(path: &Path, sampling: &FrameSampling, cfg: &VideoProcessorConfig) -> Result<Self, ProcessorError> {
+        let decoded = super::video_file::decode_video_file(path)?;
         let total = decoded.frames.len();
         if total == 0 {
             return Err(ProcessorError::Media { path: path.into(), msg: "the video has no frames".into() });
@@ -92,10 +92,10 @@ impl Video {
     }
 }
 
-/// Frame-sampling request for a video file (`fps` and `num_frames` are mutually exclusive;
+/// Which frames of a video file to keep (`fps` and `num_frames` are mutually exclusive;
 /// `max_frames` without either keeps at most that many frames, uniformly sampled).
 #[derive(Debug, Clone, Default)]
-pub struct Sampling {
+pub struct FrameSampling {
     pub fps: Option<f64>,
     pub num_frames: Option<usize>,
     pub min_frames: Option<usize>,

@@ -41,6 +41,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{Config, PromptKind};
+use crate::lock::lock;
 use connect::BrokerAddr;
 pub use outbox::AnswerCounts;
 use outbox::{Class, Msg, Outbox, Pushed};
@@ -130,6 +131,9 @@ struct Shared {
     discovery_topics: Mutex<HashSet<String>>,
     ha_status_topic: Option<String>,
     beat: Heartbeat,
+    /// Woken after every event the loop handles (acks, disconnects: what empties the outbox),
+    /// for `shutdown` to wait on instead of polling.
+    progressed: tokio::sync::Notify,
     /// One log line and one `errors` message per burst of the same problem.
     reports: Mutex<throttle::Throttle>,
     /// `set` messages refused (bad payload, unknown stream or prompt) since start.
@@ -177,8 +181,7 @@ pub enum LoopHealth {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding the lock leaves plain data behind; keep publishing.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner)
     }
 
     fn enqueue(&self, msg: Msg) {
@@ -253,7 +256,7 @@ impl Shared {
     }
 
     fn event_counts(&self) -> events::EventCounts {
-        lock_plain(&self.events).values().fold(events::EventCounts::default(), |mut sum, t| {
+        lock(&self.events).values().fold(events::EventCounts::default(), |mut sum, t| {
             let c = t.counts();
             sum.started += c.started;
             sum.ended += c.ended;
@@ -345,6 +348,7 @@ impl Publisher {
             ha_status_topic: m.homeassistant_discovery.then(|| discovery::status_topic(cfg)),
             topics,
             beat: Heartbeat { base: Instant::now(), busy_since: AtomicU64::new(0) },
+            progressed: tokio::sync::Notify::new(),
             reports: Mutex::new(throttle::Throttle::new(REPORT_PERIOD)),
             commands_rejected: AtomicU64::new(0),
             events: Mutex::default(),
@@ -395,8 +399,8 @@ impl Publisher {
             if now && !before {
                 self.shared.event(t.alert(&a.stream, &a.prompt), to_json(&AlertPayload::from_answer(a)));
             }
-            let policy = lock_plain(&sh.policies).get(&a.prompt).copied().unwrap_or_default();
-            let event = lock_plain(&sh.events)
+            let policy = lock(&sh.policies).get(&a.prompt).copied().unwrap_or_default();
+            let event = lock(&sh.events)
                 .entry((a.stream.clone(), a.prompt.clone()))
                 .or_default()
                 .on_answer(a, &policy, unix_now());
@@ -450,9 +454,10 @@ impl Publisher {
 
     /// Report a failure worth a human's attention on `<prefix>/errors`: at most one per
     /// component and stream every 10 s, the next one saying how many were not reported.
-    pub fn error(&self, component: &str, stream: Option<&str>, message: &str) {
+    pub fn error(&self, component: impl Into<Component>, stream: Option<&str>, message: &str) {
+        let component = component.into();
         let key = format!("{component}/{}", stream.unwrap_or(""));
-        let Some(suppressed) = lock_plain(&self.shared.reports).admit(&key, Instant::now()) else { return };
+        let Some(suppressed) = lock(&self.shared.reports).admit(&key, Instant::now()) else { return };
         let e = ErrorPayload {
             component: component.to_string(),
             stream: stream.map(str::to_string),
@@ -465,7 +470,7 @@ impl Publisher {
     /// End the open alert events of a stream (`prompt`: only that prompt's), with the reason
     /// (`stream_down`, `disabled`, `removed`).
     pub fn close_events(&self, stream: &str, prompt: Option<&str>, reason: &str) {
-        let ended: Vec<events::EventPayload> = lock_plain(&self.shared.events)
+        let ended: Vec<events::EventPayload> = lock(&self.shared.events)
             .iter_mut()
             .filter(|((s, p), _)| s == stream && prompt.is_none_or(|q| q == p))
             .filter_map(|((s, p), t)| t.close(s, p, unix_now(), reason))
@@ -507,7 +512,7 @@ impl Publisher {
 
     /// Whether the event loop is alive and how long it has been busy on one event.
     pub fn loop_health(&self) -> LoopHealth {
-        let ended = self.task.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_none_or(|t| t.is_finished());
+        let ended = lock(&self.task).as_ref().is_none_or(|t| t.is_finished());
         if ended {
             return LoopHealth::Ended;
         }
@@ -534,7 +539,7 @@ impl Publisher {
     /// Clean shutdown: publish `stopped`, give queued messages up to `timeout` to go out, then
     /// disconnect (so the broker does not send the `offline` will). Later calls do nothing.
     pub async fn shutdown(&self, timeout: Duration) {
-        let Some(mut task) = self.task.lock().unwrap_or_else(|p| p.into_inner()).take() else { return };
+        let Some(mut task) = lock(&self.task).take() else { return };
         self.shared.enqueue(Msg {
             topic: self.shared.topics.available(),
             payload: b"stopped".to_vec(),
@@ -544,6 +549,10 @@ impl Publisher {
         });
         let deadline = Instant::now() + timeout;
         loop {
+            // Registered before the check, so progress made in between still wakes us.
+            let progressed = self.shared.progressed.notified();
+            tokio::pin!(progressed);
+            progressed.as_mut().enable();
             {
                 let inner = self.shared.lock();
                 if inner.outbox.is_idle() || !inner.connected || Instant::now() >= deadline {
@@ -553,7 +562,7 @@ impl Publisher {
                     break;
                 }
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            let _ = tokio::time::timeout_at(deadline.into(), progressed).await;
         }
         let connected = {
             let mut inner = self.shared.lock();
@@ -572,7 +581,7 @@ impl Publisher {
     /// Stop at once without DISCONNECT, as a crash would: the broker then publishes the
     /// `offline` last will.
     pub fn kill(&self) {
-        if let Some(t) = self.task.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(t) = lock(&self.task).take() {
             t.abort();
         }
     }
@@ -613,6 +622,8 @@ async fn run_loop(shared: Arc<Shared>, mut el: EventLoop, opts: PublishOptions, 
     let stall = crate::fault::publisher_stall();
     let started = Instant::now();
     loop {
+        // The last event may have emptied the outbox or ended the connection.
+        shared.progressed.notify_waiters();
         shared.beat.idle();
         let polled = el.poll().await;
         shared.beat.busy();
@@ -689,6 +700,7 @@ async fn run_loop(shared: Arc<Shared>, mut el: EventLoop, opts: PublishOptions, 
                     l.failures += 1;
                     l.last_error = Some(msg);
                 });
+                shared.progressed.notify_waiters();
                 shared.beat.idle();
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(opts.reconnect_max);
@@ -708,12 +720,12 @@ fn ack(shared: &Shared, pkid: u16) {
 /// Publish discovery configs and the `enabled` states of streams and prompts not announced yet,
 /// retract discovery configs that are gone, and remember which streams and prompts exist.
 fn announce(shared: &Shared, cfg: &Config) {
-    *lock_plain(&shared.policies) = cfg.prompts.iter().map(|p| (p.name.clone(), p.event_policy())).collect();
-    let known = std::mem::take(&mut *lock_plain(&shared.streams));
+    *lock(&shared.policies) = cfg.prompts.iter().map(|p| (p.name.clone(), p.event_policy())).collect();
+    let known = std::mem::take(&mut *lock(&shared.streams));
     if cfg.mqtt.homeassistant_discovery {
         let configs = discovery::configs(cfg, &shared.topics);
         let now: HashSet<String> = configs.iter().map(|d| d.topic.clone()).collect();
-        let mut published = lock_plain(&shared.discovery_topics);
+        let mut published = lock(&shared.discovery_topics);
         for gone in published.difference(&now) {
             shared.retained(gone.clone(), Vec::new());
         }
@@ -735,15 +747,11 @@ fn announce(shared: &Shared, cfg: &Config) {
         }
         streams.insert(s.name.clone(), s.prompts.iter().cloned().collect::<HashSet<_>>());
     }
-    *lock_plain(&shared.streams) = streams;
+    *lock(&shared.streams) = streams;
 }
 
 fn unix_now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
-
-fn lock_plain<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A message on a subscribed topic: a `set` command or Home Assistant's birth message.
@@ -770,7 +778,7 @@ fn on_message(shared: &Shared, topic: &str, payload: &[u8]) {
         }
     };
     let known = {
-        let streams = lock_plain(&shared.streams);
+        let streams = lock(&shared.streams);
         match &target {
             SetTarget::Stream(s) => streams.contains_key(s),
             SetTarget::Prompt { stream, prompt } => streams.get(stream).is_some_and(|p| p.contains(prompt)),
@@ -793,14 +801,53 @@ fn on_message(shared: &Shared, topic: &str, payload: &[u8]) {
     }
 }
 
+/// The part of vigil an `errors` report is about (its `component` field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    Source,
+    Engine,
+    Config,
+    Mqtt,
+    /// Any other name (the payload's `component` is free text).
+    Other(&'static str),
+}
+
+impl Component {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Component::Source => "source",
+            Component::Engine => "engine",
+            Component::Config => "config",
+            Component::Mqtt => "mqtt",
+            Component::Other(name) => name,
+        }
+    }
+}
+
+impl std::fmt::Display for Component {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// By name: the known names are their variants.
+impl From<&'static str> for Component {
+    fn from(name: &'static str) -> Self {
+        [Component::Source, Component::Engine, Component::Config, Component::Mqtt]
+            .into_iter()
+            .find(|c| c.as_str() == name)
+            .unwrap_or(Component::Other(name))
+    }
+}
+
 /// A refused `set` message: counted always; logged and reported on `errors` once per burst of
 /// the same `problem` (a bad payload, an unknown target).
 fn reject_command(shared: &Shared, problem: &str, message: &str) {
     shared.commands_rejected.fetch_add(1, Ordering::Relaxed);
     let key = format!("mqtt/set/{problem}");
-    let Some(suppressed) = lock_plain(&shared.reports).admit(&key, Instant::now()) else { return };
+    let Some(suppressed) = lock(&shared.reports).admit(&key, Instant::now()) else { return };
     let message = throttle::with_suppressed(message, suppressed);
     tracing::warn!("MQTT command ignored: {message}");
-    let e = ErrorPayload { component: "mqtt".into(), stream: None, message, timestamp: now_rfc3339() };
+    let e = ErrorPayload { component: Component::Mqtt.to_string(), stream: None, message, timestamp: now_rfc3339() };
     shared.diagnostic(shared.topics.errors(), to_json(&e));
 }

@@ -221,14 +221,6 @@ impl Outbox {
         }
     }
 
-    /// Mark the retained topics under `prefix` for re-sending (discovery configs).
-    pub fn resend_retained_under(&mut self, prefix: &str) {
-        let order: Vec<String> = self.retained_order.iter().filter(|t| t.starts_with(prefix)).cloned().collect();
-        for t in order {
-            self.mark_dirty(&t);
-        }
-    }
-
     /// The next message to hand to the client, if the in-flight window allows one. Retained
     /// states go first (they are few and describe the present).
     pub fn take_next(&mut self) -> Option<Msg> {

@@ -69,10 +69,6 @@ impl Topics {
         format!("{}/{stream}/set", self.prefix)
     }
 
-    pub fn prompt_set(&self, stream: &str, prompt: &str) -> String {
-        format!("{}/{stream}/{prompt}/set", self.prefix)
-    }
-
     /// `<prefix>/<stream>/enabled`: echo of the stream's `set` state, retained.
     pub fn stream_enabled(&self, stream: &str) -> String {
         format!("{}/{stream}/enabled", self.prefix)

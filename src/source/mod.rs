@@ -27,7 +27,7 @@ pub use supervisor::{SourceManager, StreamStats};
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("GStreamer could not be initialised: {0}")]
-    Init(String),
+    Init(#[source] gstreamer::glib::Error),
     #[error("stream {stream}: {message}")]
     Spec { stream: String, message: String },
     #[error("stream {0:?} already exists")]
@@ -49,7 +49,7 @@ pub enum SourceError {
 
 /// Initialise GStreamer once (idempotent).
 pub fn init() -> Result<(), SourceError> {
-    gstreamer::init().map_err(|e| SourceError::Init(e.to_string()))
+    gstreamer::init().map_err(SourceError::Init)
 }
 
 /// What a supervisor needs to run one stream. `Debug` never shows the password.

@@ -193,7 +193,7 @@ pub fn build(spec: &SourceSpec) -> Result<Built, String> {
         // No decoder inside: the source itself produced raw video (e.g. a raw v4l2 camera).
         let codec_caps = decoder_input_caps(&dec).unwrap_or_else(|| "video/x-raw".into());
         let fr = vinfo.fps();
-        *caps_slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(NativeCaps {
+        *crate::lock::lock(&caps_slot) = Some(NativeCaps {
             codec: codec_name(&codec_caps),
             codec_caps,
             width: vinfo.width(),

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -27,12 +27,8 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tracing::{debug, info, warn};
 
 use super::{pipeline, EventKind, SourceError, SourceEvent, SourceOptions, SourceSpec, StreamState};
+use crate::lock::lock;
 use crate::window::{window_queue, Frame, WindowReceiver, WindowSender, WindowSpec, Windower, WindowerStats};
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Poisoning only means a panic elsewhere; the data (counters, deques) stays usable.
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// The reconnect delay before attempt `attempt` (1-based), given a uniform `r` in `[0, 1)`.
 pub fn backoff_delay(attempt: u32, min_s: f64, max_s: f64, r: f64) -> Duration {

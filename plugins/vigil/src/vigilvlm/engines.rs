@@ -85,7 +85,7 @@ pub fn models_loaded() -> u64 {
 pub fn engine_config(key: &EngineKey, dtype: DType, defaults: StreamDefaults) -> Result<Config, String> {
     let device: vigil::config::Device = key.device.parse()?;
     Ok(Config {
-        model: ModelConfig { path: Some(key.model.clone()), device: device.to_string(), dtype, ..ModelConfig::default() },
+        model: ModelConfig { path: Some(key.model.clone()), device, dtype, ..ModelConfig::default() },
         pruning: PruningConfig { enabled: key.pruning, threshold: f64::from_bits(key.threshold_bits), ..PruningConfig::default() },
         mqtt: Default::default(),
         metrics: Default::default(),
@@ -100,7 +100,7 @@ pub fn engine_config(key: &EngineKey, dtype: DType, defaults: StreamDefaults) ->
 /// The engine for `key`: the one another element already uses, or a newly loaded one (the
 /// lock is held while loading, so two elements starting at once still load the model once).
 pub fn acquire(key: &EngineKey, cfg: &Config) -> Result<Lease, EngineError> {
-    let mut all = ENGINES.lock().unwrap_or_else(|p| p.into_inner());
+    let mut all = vigil::lock::lock(&ENGINES);
     let all = all.get_or_insert_with(HashMap::new);
     all.retain(|_, w| w.strong_count() > 0);
     if let Some(e) = all.get(key).and_then(Weak::upgrade) {

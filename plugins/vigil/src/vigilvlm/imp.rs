@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, LazyLock, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,6 +20,7 @@ use gstreamer_video::prelude::*;
 
 use vigil::config::{DType, GapPolicy, PromptConfig, PromptKind, StreamDefaults};
 use vigil::engine::VideoInput;
+use vigil::lock::lock;
 use vigil::window::{Frame, Window, WindowSpec, Windower};
 
 use super::engines::{self, EngineKey, Lease};
@@ -67,7 +68,7 @@ impl Default for Settings {
         let p = vigil::config::PruningConfig::default();
         Settings {
             model: None,
-            device: m.device,
+            device: m.device.to_string(),
             dtype: "bf16".into(),
             prompt: DEFAULT_PROMPT.into(),
             prompts_json: String::new(),
@@ -177,10 +178,6 @@ pub struct VigilVlm {
     settings: Mutex<Settings>,
     state: Mutex<Option<State>>,
     text_pad: OnceLock<gst::Pad>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);

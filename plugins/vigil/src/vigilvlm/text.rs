@@ -5,11 +5,13 @@
 //! buffers; a flush empties the queue and is pushed at once (it unblocks the peer).
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use gstreamer as gst;
 use gstreamer::prelude::*;
+
+use vigil::lock::{lock, wait, wait_timeout};
 
 enum Item {
     Buffer(gst::Buffer),
@@ -45,10 +47,6 @@ pub struct TextOut {
     pad: gst::Pad,
     inner: Arc<Inner>,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
-}
-
-fn lock(m: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Text items waiting at most; beyond it the oldest buffer goes (a peer that never takes text
@@ -108,10 +106,10 @@ impl TextOut {
             if now >= deadline {
                 return;
             }
-            q = self.inner.cv.wait_timeout(q, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            q = wait_timeout(&self.inner.cv, q, deadline - now);
         }
         drop(q);
-        if let Some(h) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        if let Some(h) = lock(&self.thread).take() {
             let _ = h.join();
         }
     }
@@ -134,7 +132,7 @@ fn push_all(pad: &gst::Pad, inner: &Inner) {
                 if let Some(i) = q.items.pop_front() {
                     break i;
                 }
-                q = inner.cv.wait(q).unwrap_or_else(|p| p.into_inner());
+                q = wait(&inner.cv, q);
             }
         };
         // Not linked or flushing: the answers still went to the bus.

@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use gstreamer as gst;
@@ -14,6 +14,7 @@ use gstreamer::prelude::*;
 
 use vigil::config::PromptConfig;
 use vigil::engine::{Job, JobOutput, PromptResult};
+use vigil::lock::{lock, wait_timeout};
 use vigil::publish::{Answer, WindowInfo};
 use vigil::window::Window;
 
@@ -64,10 +65,6 @@ pub struct Shared {
     flushing: AtomicBool,
     /// PTS of the latest video buffer (ns; `u64::MAX`: none yet).
     pub last_pts: AtomicU64,
-}
-
-fn lock(m: &Mutex<Queue>) -> MutexGuard<'_, Queue> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Shared {
@@ -130,7 +127,7 @@ impl Shared {
             if q.abandon || self.flushing.load(Ordering::SeqCst) || now >= deadline {
                 return false;
             }
-            q = self.progress.wait_timeout(q, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            q = wait_timeout(&self.progress, q, deadline - now);
         }
     }
 

@@ -25,8 +25,8 @@ use candle_core::{DType, Device, Shape, Tensor, WithDType};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-use super::config::{GenerationDefaults, VideoLlama3Config};
-use super::{ModelError, VideoLlama3ForConditionalGeneration};
+use crate::model::config::{GenerationDefaults, VideoLlama3Config};
+use crate::model::{ModelError, VideoLlama3ForConditionalGeneration};
 
 const TINY_TOKENIZER: &str = include_str!("../../models/tiny-videollama3/tokenizer.json");
 const TINY_TOKENIZER_CONFIG: &str = include_str!("../../models/tiny-videollama3/tokenizer_config.json");
@@ -127,7 +127,7 @@ struct Recorder(std::sync::Arc<Mutex<Vec<(String, Vec<usize>)>>>);
 
 impl SimpleBackend for Recorder {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).push((name.to_string(), s.dims().to_vec()));
+        crate::lock::lock(&self.0).push((name.to_string(), s.dims().to_vec()));
         Tensor::zeros((), dtype, dev)?.broadcast_as(s)
     }
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
@@ -143,7 +143,7 @@ pub fn tensor_shapes(config: &VideoLlama3Config) -> Result<Vec<(String, Vec<usiz
     let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
     let vb = VarBuilder::from_backend(Box::new(Recorder(seen.clone())), DType::F32, Device::Cpu);
     VideoLlama3ForConditionalGeneration::new(config, vb, GenerationDefaults::default())?;
-    let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(|p| p.into_inner()));
+    let seen = std::mem::take(&mut *crate::lock::lock(&seen));
     let mut out: Vec<(String, Vec<usize>)> = Vec::with_capacity(seen.len());
     for (name, shape) in seen {
         if !out.iter().any(|(n, _)| *n == name) {
