@@ -339,6 +339,14 @@ pub struct EngineConfig {
     pub shutdown_timeout_s: f64,
 }
 
+impl EngineConfig {
+    /// `max_batch` and `max_batch_tokens` when `[model] device` is a GPU and the file sets
+    /// neither: one batch holds 8 streams × 2 prompts of 16-frame 448×448 windows (4096 visual
+    /// tokens each before pruning, plus text). The CPU defaults stay small.
+    pub const GPU_MAX_BATCH: usize = 16;
+    pub const GPU_MAX_BATCH_TOKENS: usize = 40960;
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         Self {

@@ -352,3 +352,15 @@ fn pathdiff(to: &Path, from: &Path) -> PathBuf {
     }
     p
 }
+
+#[test]
+fn a_gpu_gets_gpu_sized_batches_unless_the_file_sets_them() {
+    // MINIMAL runs on the default device, cuda:0.
+    let gpu = parse(MINIMAL).unwrap();
+    assert_eq!((gpu.engine.max_batch, gpu.engine.max_batch_tokens), (EngineConfig::GPU_MAX_BATCH, EngineConfig::GPU_MAX_BATCH_TOKENS));
+    let cpu = parse(&MINIMAL.replace("path = \"m\"", "path = \"m\"\ndevice = \"cpu\"")).unwrap();
+    let d = EngineConfig::default();
+    assert_eq!((cpu.engine.max_batch, cpu.engine.max_batch_tokens), (d.max_batch, d.max_batch_tokens));
+    let set = parse(&format!("{MINIMAL}\n[engine]\nmax_batch = 4\n")).unwrap();
+    assert_eq!((set.engine.max_batch, set.engine.max_batch_tokens), (4, EngineConfig::GPU_MAX_BATCH_TOKENS));
+}

@@ -54,7 +54,7 @@ impl Config {
 
         let locator = Locator { text, doc: &doc };
         let (model, device_error) = file_cfg.model.resolve();
-        let cfg = Config {
+        let mut cfg = Config {
             streams: file_cfg.stream.into_iter().map(|s| s.resolve(&file_cfg.defaults)).collect(),
             model,
             pruning: file_cfg.pruning,
@@ -65,6 +65,16 @@ impl Config {
             prompts: file_cfg.prompt,
             base_dir: base_dir.to_path_buf(),
         };
+        // On a GPU, batches as large as a GPU takes, unless the file says otherwise.
+        if matches!(cfg.model.device, Device::Cuda(_)) {
+            let given = |key: &str| doc.get("engine").and_then(|e| e.get(key)).is_some();
+            if !given("max_batch") {
+                cfg.engine.max_batch = EngineConfig::GPU_MAX_BATCH;
+            }
+            if !given("max_batch_tokens") {
+                cfg.engine.max_batch_tokens = EngineConfig::GPU_MAX_BATCH_TOKENS;
+            }
+        }
         let problems = cfg.validate(&locator, device_error.as_deref());
         if problems.is_empty() {
             Ok(cfg)
