@@ -392,3 +392,46 @@ fn the_prompt_changes_while_playing() {
     let first_new = questions.iter().position(|q| q == "Is the ball moving?").unwrap_or_else(|| panic!("{questions:?}"));
     assert!(questions[first_new..].iter().all(|q| q == "Is the ball moving?"), "{questions:?}");
 }
+
+/// A source faster than the model: the oldest waiting windows are dropped (queue-size), each
+/// with a `vigilvlm-dropped` message and counted; every window is either answered or dropped,
+/// and the video still reaches EOS.
+#[test]
+fn a_full_queue_drops_the_oldest_windows_and_counts_them() {
+    let _g = serial();
+    init();
+    let desc = format!(
+        "videotestsrc pattern=ball num-buffers=200 ! video/x-raw,format=RGB,width=160,height=120,framerate=20/1 ! {} ! fakesink",
+        vlm("v", "fps=10 window-seconds=0.2 stride-seconds=0.2 queue-size=1 max-new-tokens=16")
+    );
+    let pipeline = launch(&desc);
+    let bus = pipeline.bus().unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let (mut answers, mut dropped, mut eos) = (0u64, Vec::new(), false);
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(60) {
+        let Some(msg) = bus.timed_pop(gst::ClockTime::from_mseconds(100)) else { continue };
+        match msg.view() {
+            gst::MessageView::Eos(_) => {
+                eos = true;
+                break;
+            }
+            gst::MessageView::Error(e) => panic!("{}", e.error()),
+            gst::MessageView::Element(el) => match el.structure().map(|s| s.name().to_string()).as_deref() {
+                Some("vigilvlm-answer") => answers += 1,
+                Some("vigilvlm-dropped") => dropped.push(el.structure().unwrap().get::<String>("reason").unwrap()),
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+    let v = pipeline.by_name("v").unwrap();
+    let (windows, counted) = (v.property::<u64>("windows"), v.property::<u64>("windows-dropped"));
+    pipeline.set_state(gst::State::Null).unwrap();
+    assert!(eos, "no EOS");
+    assert_eq!(windows, 50, "10 s of video in 0.2 s windows");
+    assert!(!dropped.is_empty(), "nothing dropped with queue-size=1 and a source faster than the model");
+    assert!(dropped.iter().all(|r| r == "queue_full"), "{dropped:?}");
+    assert_eq!(counted, dropped.len() as u64);
+    assert_eq!(answers + counted, windows, "every window is answered or dropped: {answers} answered, {counted} dropped");
+}

@@ -678,9 +678,7 @@ impl VigilVlm {
         let seq = w.seq;
         let pending = Pending { window: Arc::new(w), prompts, closed_at: Instant::now(), pts, duration };
         if let Some(old) = st.shared.push(pending) {
-            gst::warning!(CAT, imp = self, "queue full ({} windows): dropped window {}", st.shared.capacity(), old.window.seq);
-            let s = gst::Structure::builder("vigilvlm-dropped").field("seq", old.window.seq).field("reason", "queue_full").build();
-            let _ = self.obj().post_message(gst::message::Element::builder(s).src(&*self.obj()).build());
+            worker::announce_drop(&self.obj(), old.window.seq, "queue_full");
         }
         gst::debug!(CAT, imp = self, "window {seq} queued");
     }

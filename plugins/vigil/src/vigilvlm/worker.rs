@@ -80,11 +80,6 @@ impl Shared {
         })
     }
 
-    /// Windows the queue holds at most.
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     /// Queue a closed window; returns the window dropped to make room, if any.
     pub fn push(&self, p: Pending) -> Option<Pending> {
         self.counters.windows.fetch_add(1, Ordering::Relaxed);
@@ -331,8 +326,13 @@ fn answer(shared: &Shared, out: &Outlet, engine: &SharedEngine, f: &InFlight, mu
 
 fn post_dropped(out: &Outlet, seq: u64, reason: &str) {
     if let Some(el) = out.element.upgrade() {
-        gst::warning!(super::imp::CAT, obj = &el, "window {seq} dropped: {reason}");
-        let s = gst::Structure::builder("vigilvlm-dropped").field("seq", seq).field("reason", reason).build();
-        let _ = el.post_message(gst::message::Element::builder(s).src(&el).build());
+        announce_drop(&el, seq, reason);
     }
+}
+
+/// Log a dropped window and post its `vigilvlm-dropped` message.
+pub fn announce_drop(el: &super::VigilVlm, seq: u64, reason: &str) {
+    gst::warning!(super::imp::CAT, obj = el, "window {seq} dropped: {reason}");
+    let s = gst::Structure::builder("vigilvlm-dropped").field("seq", seq).field("reason", reason).build();
+    let _ = el.post_message(gst::message::Element::builder(s).src(el).build());
 }
