@@ -536,7 +536,7 @@ fn due_prompts(state: &State, stream: &str, seq: u64) -> (Vec<PromptConfig>, boo
         .prompts
         .iter()
         .filter_map(|p| cfg.prompt(p))
-        .filter(|p| seq % p.every.max(1) == 0)
+        .filter(|p| seq.is_multiple_of(p.every.max(1)))
         .filter(|p| {
             let key = (stream.to_string(), p.name.clone());
             if let Some((on, _)) = overrides.get(&key).filter(|(_, until)| Instant::now() < *until) {

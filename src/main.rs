@@ -1,5 +1,8 @@
 //! The `vigil` command line: a thin layer over the library.
 
+// The library's errors carry their causes by value; built on cold paths only (see lib.rs).
+#![allow(clippy::result_large_err)]
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -26,17 +26,12 @@ type Hook = Box<dyn Fn() + Send + Sync>;
 /// The metric families the daemon exposes: a `prometheus-client` registry (OpenMetrics text),
 /// shared by clones, plus hooks that copy counters kept by other components in before each
 /// scrape.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct Registry {
     inner: Arc<Mutex<prometheus_client::registry::Registry>>,
     hooks: Arc<Mutex<Vec<Hook>>>,
 }
 
-impl Default for Registry {
-    fn default() -> Self {
-        Registry { inner: Arc::default(), hooks: Arc::default() }
-    }
-}
 
 /// OpenMetrics names a counter family without its `_total` suffix (and adds it to samples).
 fn family_name<'a>(name: &'a str, kind: &str) -> &'a str {

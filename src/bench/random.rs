@@ -122,8 +122,11 @@ pub fn bench_config(shape: &str) -> Result<serde_json::Value, ModelError> {
     Ok(v)
 }
 
+/// (name, shape) of each tensor asked for, in order.
+type Seen = std::sync::Arc<Mutex<Vec<(String, Vec<usize>)>>>;
+
 /// Notes every tensor the loader asks for; hands back a zero-stride view (no allocation).
-struct Recorder(std::sync::Arc<Mutex<Vec<(String, Vec<usize>)>>>);
+struct Recorder(Seen);
 
 impl SimpleBackend for Recorder {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

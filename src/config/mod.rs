@@ -182,7 +182,10 @@ impl Serialize for Device {
 /// Compares with the config's spelling (`"cpu"`, `"cuda:N"`).
 impl PartialEq<&str> for Device {
     fn eq(&self, other: &&str) -> bool {
-        self.to_string() == *other
+        match self {
+            Device::Cpu => *other == "cpu",
+            Device::Cuda(n) => other.strip_prefix("cuda:").and_then(|i| i.parse::<usize>().ok()) == Some(*n),
+        }
     }
 }
 

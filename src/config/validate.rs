@@ -406,7 +406,7 @@ impl Config {
         }
         if !(s.reconnect_min_s > 0.0 && s.reconnect_min_s.is_finite()) {
             v.fail(&name("reconnect_min_s"), "must be > 0");
-        } else if !(s.reconnect_max_s >= s.reconnect_min_s) {
+        } else if s.reconnect_max_s.partial_cmp(&s.reconnect_min_s).is_none_or(|o| o.is_lt()) {
             v.fail(&name("reconnect_max_s"), "must be >= reconnect_min_s");
         }
     }

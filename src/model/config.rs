@@ -260,7 +260,7 @@ impl VideoLlama3Config {
         let num_key_value_heads = t.num_key_value_heads.unwrap_or(t.num_attention_heads);
         if t.num_attention_heads == 0
             || num_key_value_heads == 0
-            || t.num_attention_heads % num_key_value_heads != 0
+            || !t.num_attention_heads.is_multiple_of(num_key_value_heads)
         {
             return Err(invalid(format!(
                 "text_config: num_attention_heads {} is not a multiple of num_key_value_heads {}",
@@ -268,7 +268,7 @@ impl VideoLlama3Config {
             )));
         }
         let head_dim = t.head_dim.unwrap_or(t.hidden_size / t.num_attention_heads);
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(invalid(format!(
                 "text_config: head_dim {head_dim} must be even for RoPE"
             )));
@@ -310,12 +310,12 @@ impl VideoLlama3Config {
                 )));
             }
         }
-        if v.num_attention_heads == 0 || v.hidden_size % v.num_attention_heads != 0 {
+        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return Err(invalid(
                 "vision_config: hidden_size must be a multiple of num_attention_heads",
             ));
         }
-        if (v.hidden_size / v.num_attention_heads) % 4 != 0 {
+        if !(v.hidden_size / v.num_attention_heads).is_multiple_of(4) {
             return Err(invalid(
                 "vision_config: head dim must be a multiple of 4 for axial 2-D RoPE",
             ));

@@ -412,7 +412,7 @@ impl ChunkedBias {
         let chunk = self
             .chunks
             .get(start / self.rows)
-            .filter(|_| start % self.rows == 0);
+            .filter(|_| start.is_multiple_of(self.rows));
         match chunk {
             Some(c) if c.dim(2)? == len => Ok(c.clone()),
             _ => candle_core::bail!(
@@ -421,6 +421,17 @@ impl ChunkedBias {
             ),
         }
     }
+}
+
+/// Qwen2's `apply_rotary_pos_emb`: `x·cos + rotate_half(x)·sin` in the model dtype, with
+/// `cos`/`sin` already cast to it — each product and the sum rounded to that dtype, as
+/// transformers computes it (the vision tower's rotary, unlike this one, runs in f32).
+fn apply_rotary_in_dtype(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
 
 #[cfg(test)]
@@ -472,15 +483,4 @@ mod tests {
         assert!(same(&ok, &k));
         assert_eq!(a.layers[0].as_ref().unwrap().len, 4);
     }
-}
-
-/// Qwen2's `apply_rotary_pos_emb`: `x·cos + rotate_half(x)·sin` in the model dtype, with
-/// `cos`/`sin` already cast to it — each product and the sum rounded to that dtype, as
-/// transformers computes it (the vision tower's rotary, unlike this one, runs in f32).
-fn apply_rotary_in_dtype(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }

@@ -241,7 +241,7 @@ pub(crate) fn patchify_frames(
     temporal: usize,
     out: &mut Vec<f32>,
 ) -> Result<(usize, usize), ProcessorError> {
-    if patch == 0 || merge == 0 || temporal == 0 || height % (patch * merge) != 0 || width % (patch * merge) != 0 {
+    if patch == 0 || merge == 0 || temporal == 0 || !height.is_multiple_of(patch * merge) || !width.is_multiple_of(patch * merge) {
         return Err(ProcessorError::Input(format!(
             "image of {height}x{width} cannot be cut into {patch}px patches merged {merge}x{merge} \
              (enable do_resize or pass sizes that are multiples of {})",

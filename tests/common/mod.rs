@@ -283,7 +283,7 @@ impl Drop for KillOnDrop {
 pub fn answer(stream: &str, prompt: &str, kind: &str, seq: u64) -> Answer {
     let (answer, value, parse_error) = match kind {
         "alert" => ("Yes, a person is at the door.".to_string(), serde_json::json!(seq % 2 == 1), None),
-        "json" if seq % 2 == 0 => ("{\"cars\": 2}".to_string(), serde_json::json!({"cars": 2}), None),
+        "json" if seq.is_multiple_of(2) => ("{\"cars\": 2}".to_string(), serde_json::json!({"cars": 2}), None),
         "json" => ("two cars".to_string(), serde_json::Value::Null, Some("no JSON object in the answer".to_string())),
         _ => (format!("Answer number {seq}: a quiet street."), serde_json::Value::Null, None),
     };

@@ -664,7 +664,7 @@ impl VigilVlm {
     fn queue_window(&self, st: &mut State, mut w: Window) {
         w.seq = st.next_seq;
         st.next_seq += 1;
-        let prompts: Vec<PromptConfig> = lock(&self.settings).questions().into_iter().filter(|p| w.seq % p.every.max(1) == 0).collect();
+        let prompts: Vec<PromptConfig> = lock(&self.settings).questions().into_iter().filter(|p| w.seq.is_multiple_of(p.every.max(1))).collect();
         if prompts.is_empty() || w.frames.is_empty() {
             return;
         }
