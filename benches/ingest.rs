@@ -81,11 +81,21 @@ fn main() {
     // Real time, looping: the steady-state cost of N cameras.
     println!("{:>7} {:>12} {:>16} {:>14} {:>10}", "streams", "cpu % total", "cpu %/stream", "frames/s", "rss MiB");
     for &n in &counts {
-        let (mut mgr, _events) = SourceManager::new(SourceOptions { queue_capacity: 2, ..SourceOptions::default() }).unwrap();
-        let s = StreamDefaults { fps: 1.0, window_seconds: 1.0, stride_seconds: 1.0, realtime: true, loop_: true, ..StreamDefaults::default() };
+        let (mut mgr, _events) =
+            SourceManager::new(SourceOptions { queue_capacity: 2, ..SourceOptions::default() }).unwrap();
+        let s = StreamDefaults {
+            fps: 1.0,
+            window_seconds: 1.0,
+            stride_seconds: 1.0,
+            realtime: true,
+            loop_: true,
+            ..StreamDefaults::default()
+        };
         let mut rxs = Vec::new();
         for i in 0..n {
-            rxs.push(mgr.add(SourceSpec::from_uri(&format!("s{i}"), &clip.to_string_lossy(), s.clone()).unwrap()).unwrap());
+            rxs.push(
+                mgr.add(SourceSpec::from_uri(&format!("s{i}"), &clip.to_string_lossy(), s.clone()).unwrap()).unwrap(),
+            );
         }
         // Warm up (pipeline start, first decode), then measure.
         std::thread::sleep(Duration::from_secs(2));
@@ -101,18 +111,20 @@ fn main() {
         let (c1, wall) = (cpu_seconds(), t0.elapsed().as_secs_f64());
         let f1: u64 = (0..n).map(|i| mgr.stats(&format!("s{i}")).unwrap().frames).sum();
         let cpu = 100.0 * (c1 - c0) / wall;
-        println!(
-            "{n:>7} {cpu:>12.1} {:>16.1} {:>14.2} {:>10.0}",
-            cpu / n as f64,
-            (f1 - f0) as f64 / wall,
-            rss_mib()
-        );
+        println!("{n:>7} {cpu:>12.1} {:>16.1} {:>14.2} {:>10.0}", cpu / n as f64, (f1 - f0) as f64 / wall, rss_mib());
         mgr.shutdown(Duration::from_secs(10));
     }
 
     // As fast as possible: how many seconds of 1080p30 video one stream ingests per second.
-    let (mut mgr, _events) = SourceManager::new(SourceOptions { queue_capacity: 64, ..SourceOptions::default() }).unwrap();
-    let s = StreamDefaults { fps: 1.0, window_seconds: 1.0, stride_seconds: 1.0, realtime: false, ..StreamDefaults::default() };
+    let (mut mgr, _events) =
+        SourceManager::new(SourceOptions { queue_capacity: 64, ..SourceOptions::default() }).unwrap();
+    let s = StreamDefaults {
+        fps: 1.0,
+        window_seconds: 1.0,
+        stride_seconds: 1.0,
+        realtime: false,
+        ..StreamDefaults::default()
+    };
     let (c0, t0) = (cpu_seconds(), Instant::now());
     let rx = mgr.add(SourceSpec::from_uri("batch", &clip.to_string_lossy(), s).unwrap()).unwrap();
     let mut windows = 0;

@@ -27,12 +27,12 @@ use crate::config::{Config, PromptConfig, StreamConfig};
 use crate::engine::{Engine, Job, JobOutput, PromptResult};
 use crate::lock::lock;
 use crate::metrics::{MetricsServer, Probe};
+use crate::processor::video::{FrameChanges, Video};
 use crate::publish::{
     rfc3339, Answer, Command, Component, Latency, LoopHealth, PublishOptions, Publisher, SetTarget, StatusPayload,
     StreamState as PubState, TokenCounts, VisualTokens, WindowInfo,
 };
 use crate::source::{EventKind, SourceEvent, SourceManager, SourceOptions, SourceSpec, StreamState};
-use crate::processor::video::{FrameChanges, Video};
 use crate::window::{Window, WindowReceiver};
 use metrics::{collect_stats, install_scrape_hook, Metrics};
 use notify::Notifier;
@@ -171,9 +171,7 @@ pub async fn run(config_path: &Path, mut controls: mpsc::Receiver<Control>) -> R
     let engine = loaded.map_err(DaemonError::LoadTask)?.map_err(DaemonError::Engine)?;
     info!("model {} loaded in {:.1} s", cfg.model.model_id(), load_started.elapsed().as_secs_f64());
 
-
-    let (sources, mut events) =
-        SourceManager::new(SourceOptions::default()).map_err(DaemonError::Source)?;
+    let (sources, mut events) = SourceManager::new(SourceOptions::default()).map_err(DaemonError::Source)?;
     let (answers_tx, mut answers_rx) = mpsc::unbounded_channel();
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let state = Arc::new(State {
@@ -416,7 +414,13 @@ fn stop_stream(state: &Arc<State>, name: &str) {
 
 /// Windows → jobs with the prompts due for them, until the window channel closes or the
 /// stream's `readers` entry is dropped (`stop`). Holds `_done` while it runs.
-async fn read_windows(state: Arc<State>, stream: String, rx: WindowReceiver, mut stop: oneshot::Receiver<()>, _done: mpsc::Sender<()>) {
+async fn read_windows(
+    state: Arc<State>,
+    stream: String,
+    rx: WindowReceiver,
+    mut stop: oneshot::Receiver<()>,
+    _done: mpsc::Sender<()>,
+) {
     loop {
         let w = tokio::select! {
             biased;
@@ -450,14 +454,20 @@ async fn read_windows(state: Arc<State>, stream: String, rx: WindowReceiver, mut
             continue;
         }
         let key_frame = snapshots.then(|| {
-            let by_measure = changes.as_ref().and_then(|c| crate::snapshot::key_frame_by_changes(&c.per_frame)).and_then(|i| w.frames.get(i));
+            let by_measure = changes
+                .as_ref()
+                .and_then(|c| crate::snapshot::key_frame_by_changes(&c.per_frame))
+                .and_then(|i| w.frames.get(i));
             by_measure.cloned().or_else(|| crate::snapshot::key_frame(&w.frames).map(|f| Arc::new(f.clone())))
         });
         // Stopped while measuring: the stream is gone, its window with it.
         if !matches!(stop.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
             return;
         }
-        lock(&state.pending).insert((stream.clone(), w.seq), Pending { info, closed_at, remaining: prompts.len(), key_frame: key_frame.flatten() });
+        lock(&state.pending).insert(
+            (stream.clone(), w.seq),
+            Pending { info, closed_at, remaining: prompts.len(), key_frame: key_frame.flatten() },
+        );
         let job = Job { stream: stream.clone(), window: w, prompts, fps, closed_at, reply: state.answers_tx.clone() };
         state.metrics.jobs_queued.with(&[&stream]).inc();
         if let Err(e) = state.engine.submit(job) {
@@ -474,9 +484,9 @@ async fn measure_changes(state: &Arc<State>, w: &Arc<Window>, fps: f64) -> Optio
     let pruning = lock(&state.cfg).pruning.clone();
     let window = w.clone();
     tokio::task::spawn_blocking(move || gate.changes_of(Video::from_window(&window, fps).ok()?, &pruning).ok())
-    .await
-    .ok()
-    .flatten()
+        .await
+        .ok()
+        .flatten()
 }
 
 /// With `skip_static`: whether less than `min_changed_fraction` of the window's video tokens
@@ -502,7 +512,8 @@ fn has_last_answers(state: &State, stream: &str, prompts: &[PromptConfig]) -> bo
 /// `"skipped": "static"` (unless `skip_publish`); alert prompts keep their state (an open event
 /// stays open).
 fn republish_static(state: &Arc<State>, stream: &str, prompts: &[PromptConfig], window: &WindowInfo) {
-    let skip_publish = lock(&state.cfg).streams.iter().find(|s| s.name == stream).is_some_and(|s| s.settings.skip_publish);
+    let skip_publish =
+        lock(&state.cfg).streams.iter().find(|s| s.name == stream).is_some_and(|s| s.settings.skip_publish);
     if skip_publish {
         return;
     }
@@ -570,7 +581,11 @@ fn on_output(state: &Arc<State>, out: JobOutput) {
         JobOutput::Failed { stream, window_seq, prompt, error } => {
             state.metrics.answer_errors.with(&[&stream]).inc();
             error!("stream {stream}: window {window_seq} prompt {prompt}: {error}");
-            state.publisher.error(Component::Engine, Some(&stream), &format!("window {window_seq} prompt {prompt}: {error}"));
+            state.publisher.error(
+                Component::Engine,
+                Some(&stream),
+                &format!("window {window_seq} prompt {prompt}: {error}"),
+            );
             settle(state, &stream, window_seq);
         }
     }
@@ -597,7 +612,9 @@ fn publish_answer(state: &Arc<State>, r: PromptResult) {
     let total = closed_at.elapsed();
     let m = &state.metrics;
     m.answers.with(&[&r.stream, &r.prompt]).inc();
-    for (stage, d) in [("queue", r.queue), ("vision", r.vision), ("prefill", r.prefill), ("decode", r.decode), ("total", total)] {
+    for (stage, d) in
+        [("queue", r.queue), ("vision", r.vision), ("prefill", r.prefill), ("decode", r.decode), ("total", total)]
+    {
         m.stage.with(&[stage]).observe(d.as_secs_f64());
     }
     m.tokens_generated.inc_by(r.generated_tokens as f64);
@@ -622,7 +639,13 @@ fn publish_answer(state: &Arc<State>, r: PromptResult) {
 
 /// For a prompt with `snapshot = true`: a JPEG of the window's key frame, published (and saved
 /// to `snapshot_dir`). Encoded on this task's thread, not the engine's.
-fn snapshot(state: &Arc<State>, stream: &str, prompt: &str, id: &str, frame: &crate::window::Frame) -> Option<crate::publish::SnapshotInfo> {
+fn snapshot(
+    state: &Arc<State>,
+    stream: &str,
+    prompt: &str,
+    id: &str,
+    frame: &crate::window::Frame,
+) -> Option<crate::publish::SnapshotInfo> {
     let (s, base) = {
         let cfg = lock(&state.cfg);
         if !cfg.prompt(prompt).is_some_and(|p| p.snapshot) {
@@ -630,7 +653,8 @@ fn snapshot(state: &Arc<State>, stream: &str, prompt: &str, id: &str, frame: &cr
         }
         (cfg.streams.iter().find(|s| s.name == stream)?.settings.clone(), cfg.base_dir.clone())
     };
-    let encoded = tokio::task::block_in_place(|| crate::snapshot::encode_jpeg(frame, s.snapshot_quality, s.snapshot_max_pixels));
+    let encoded =
+        tokio::task::block_in_place(|| crate::snapshot::encode_jpeg(frame, s.snapshot_quality, s.snapshot_max_pixels));
     let (jpeg, width, height) = match encoded {
         Ok(e) => e,
         Err(e) => {
@@ -701,7 +725,10 @@ fn check_frame_shape(state: &Arc<State>, stream: &str, c: &crate::source::Native
     stop_stream(state, stream);
     state.publisher.error(Component::Source, Some(stream), &error);
     let failed = StreamState::Failed { error: error.clone() };
-    state.publisher.status(stream, &StatusPayload { state: pub_state(&failed), since: rfc3339(SystemTime::now()), error: Some(error) });
+    state.publisher.status(
+        stream,
+        &StatusPayload { state: pub_state(&failed), since: rfc3339(SystemTime::now()), error: Some(error) },
+    );
     lock(&state.states).insert(stream.to_string(), failed);
     update_status_line(state);
 }
@@ -710,10 +737,9 @@ fn update_status_line(state: &State) {
     let states = lock(&state.states);
     let streaming = states.values().filter(|s| **s == StreamState::Streaming).count();
     let configured = lock(&state.cfg).streams.len();
-    let _ = state.notifier.status(&format!(
-        "{streaming}/{configured} streams streaming, {} jobs queued",
-        state.engine.queue_len()
-    ));
+    let _ = state
+        .notifier
+        .status(&format!("{streaming}/{configured} streams streaming, {} jobs queued", state.engine.queue_len()));
 }
 
 fn on_command(state: &Arc<State>, cmd: Command) {
@@ -730,7 +756,10 @@ fn on_command(state: &Arc<State>, cmd: Command) {
                 lock(&state.disabled_streams).insert(stream.clone());
                 stop_stream(state, &stream);
                 state.publisher.close_events(&stream, None, "disabled");
-                state.publisher.status(&stream, &StatusPayload { state: PubState::Disabled, since: rfc3339(SystemTime::now()), error: None });
+                state.publisher.status(
+                    &stream,
+                    &StatusPayload { state: PubState::Disabled, since: rfc3339(SystemTime::now()), error: None },
+                );
             }
             info!("stream {stream}: {}", if enabled { "enabled" } else { "disabled" });
             state.publisher.enabled(&SetTarget::Stream(stream), enabled);
@@ -828,7 +857,11 @@ fn reload(state: &Arc<State>) {
             removed += 1;
         }
     }
-    info!("reloaded {}: {added} stream(s) added, {changed} changed, {removed} removed; {} prompts", state.config_path.display(), new.prompts.len());
+    info!(
+        "reloaded {}: {added} stream(s) added, {changed} changed, {removed} removed; {} prompts",
+        state.config_path.display(),
+        new.prompts.len()
+    );
     let _ = state.notifier.ready();
     update_status_line(state);
 }

@@ -21,10 +21,12 @@ fn parse(spec: &str) -> Faults {
     let mut f = Faults::default();
     for item in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         match item.split_once('@') {
-            Some(("publisher-stall", s)) => match s.parse::<f64>().ok().and_then(|s| Duration::try_from_secs_f64(s).ok()) {
-                Some(d) => f.publisher_stall = Some(d),
-                None => tracing::warn!("{VAR}: {item:?}: expected publisher-stall@<seconds>"),
-            },
+            Some(("publisher-stall", s)) => {
+                match s.parse::<f64>().ok().and_then(|s| Duration::try_from_secs_f64(s).ok()) {
+                    Some(d) => f.publisher_stall = Some(d),
+                    None => tracing::warn!("{VAR}: {item:?}: expected publisher-stall@<seconds>"),
+                }
+            }
             _ => tracing::warn!("{VAR}: unknown fault {item:?}"),
         }
     }

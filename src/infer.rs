@@ -49,11 +49,7 @@ pub enum InferError {
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error("{}:{line}: {msg}", path.display())]
-    Batch {
-        path: PathBuf,
-        line: usize,
-        msg: String,
-    },
+    Batch { path: PathBuf, line: usize, msg: String },
     #[error("{0}")]
     Input(String),
 }
@@ -68,10 +64,7 @@ pub struct InferOptions {
 
 impl Default for InferOptions {
     fn default() -> Self {
-        Self {
-            generation: GenerationParams::greedy(128),
-            pruning: PruningConfig::default(),
-        }
+        Self { generation: GenerationParams::greedy(128), pruning: PruningConfig::default() }
     }
 }
 
@@ -113,10 +106,7 @@ pub fn prepare(
     requests: &[PromptRequest],
     pruning: &PruningConfig,
 ) -> Result<(BatchInputs, Vec<usize>), InferError> {
-    let loaded = requests
-        .iter()
-        .map(|r| r.load_media(processor))
-        .collect::<Result<Vec<_>, _>>()?;
+    let loaded = requests.iter().map(|r| r.load_media(processor)).collect::<Result<Vec<_>, _>>()?;
     prepare_loaded(processor, &loaded, pruning)
 }
 
@@ -136,10 +126,7 @@ pub fn prepare_loaded(
         images.extend(r.images.iter().cloned());
         videos.extend(r.videos.iter().cloned());
     }
-    let opts = CallOptions {
-        padding_side: PaddingSide::Left,
-        pruning: pruning.clone(),
-    };
+    let opts = CallOptions { padding_side: PaddingSide::Left, pruning: pruning.clone() };
     let batch = processor.call(&texts, &images, &videos, &opts)?;
     let mut totals = vec![0; requests.len()];
     for (i, &row) in batch.video_sample.iter().enumerate() {
@@ -158,10 +145,7 @@ pub fn infer(
     on_text: &mut dyn FnMut(usize, &str),
 ) -> Result<InferOutput, InferError> {
     let t0 = Instant::now();
-    let loaded = requests
-        .iter()
-        .map(|r| r.load_media(processor))
-        .collect::<Result<Vec<_>, _>>()?;
+    let loaded = requests.iter().map(|r| r.load_media(processor)).collect::<Result<Vec<_>, _>>()?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let mut out = infer_loaded(model, processor, &loaded, opts, on_text)?;
     out.preprocess_ms += load_ms;
@@ -180,9 +164,8 @@ pub fn infer_loaded(
     let (batch, video_totals) = prepare_loaded(processor, requests, &opts.pruning)?;
     let preprocess_ms = t0.elapsed().as_secs_f64() * 1e3;
     let inputs = MultimodalInputs::from_batch(&batch, model.device())?;
-    let mut streamers: Vec<_> = (0..requests.len())
-        .map(|_| TextStreamer::new(|ids: &[u32]| processor.decode(ids, true)))
-        .collect();
+    let mut streamers: Vec<_> =
+        (0..requests.len()).map(|_| TextStreamer::new(|ids: &[u32]| processor.decode(ids, true))).collect();
     let mut on_token = |ev: &crate::model::TokenEvent| {
         // A decode error only costs the live preview; the final text is decoded again below.
         if let Some(s) = streamers.get_mut(ev.row) {
@@ -210,10 +193,7 @@ pub fn infer_loaded(
             token_ids: tokens.clone(),
             prompt_tokens: input_ids.len(),
             video_tokens_total: video_totals[row],
-            video_tokens_kept: input_ids
-                .iter()
-                .filter(|&&t| t == batch.video_token_id)
-                .count(),
+            video_tokens_kept: input_ids.iter().filter(|&&t| t == batch.video_token_id).count(),
             input_ids,
             stopped_on_eos: out.stopped_on_eos[row],
         });
@@ -225,11 +205,7 @@ pub fn infer_loaded(
         vision_ms: out.vision_ms,
         prefill_ms: out.prefill_ms,
         decode_ms: out.decode_ms,
-        tokens_per_s: if out.decode_ms > 0.0 {
-            generated as f64 / (out.decode_ms / 1e3)
-        } else {
-            0.0
-        },
+        tokens_per_s: if out.decode_ms > 0.0 { generated as f64 / (out.decode_ms / 1e3) } else { 0.0 },
     })
 }
 
@@ -266,11 +242,7 @@ pub fn read_batch(path: &Path, model: &Path) -> Result<Vec<PromptRequest>, Infer
         if line.trim().is_empty() {
             continue;
         }
-        let err = |msg: String| InferError::Batch {
-            path: path.to_path_buf(),
-            line: i + 1,
-            msg,
-        };
+        let err = |msg: String| InferError::Batch { path: path.to_path_buf(), line: i + 1, msg };
         let l: BatchLine = serde_json::from_str(line).map_err(|e| err(e.to_string()))?;
         if l.max_frames.is_some() && l.video.is_none() {
             return Err(err("max_frames needs a video".into()));
@@ -287,11 +259,7 @@ pub fn read_batch(path: &Path, model: &Path) -> Result<Vec<PromptRequest>, Infer
         });
     }
     if out.is_empty() {
-        return Err(InferError::Batch {
-            path: path.to_path_buf(),
-            line: 0,
-            msg: "no requests in the file".into(),
-        });
+        return Err(InferError::Batch { path: path.to_path_buf(), line: 0, msg: "no requests in the file".into() });
     }
     Ok(out)
 }

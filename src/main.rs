@@ -10,7 +10,11 @@ use clap::{ArgAction, Parser, Subcommand};
 use vigil::config::{Config, ConfigError, DType, Device};
 
 #[derive(Parser)]
-#[command(name = "vigil", version, about = "Watches camera streams and answers questions about them (VideoLLaMA3 → MQTT)")]
+#[command(
+    name = "vigil",
+    version,
+    about = "Watches camera streams and answers questions about them (VideoLLaMA3 → MQTT)"
+)]
 struct Cli {
     /// More log output (-v debug, -vv trace). Logs go to stderr.
     #[arg(short, long, action = ArgAction::Count, global = true)]
@@ -198,7 +202,9 @@ impl From<BenchShapeArgs> for vigil::bench::shapes::ShapeOptions {
 
 fn parse_size(s: &str) -> Result<(u32, u32), String> {
     let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| format!("{s:?}: expected WIDTHxHEIGHT"))?;
-    let n = |v: &str| v.trim().parse::<u32>().ok().filter(|&n| n >= 28).ok_or_else(|| format!("{s:?}: sizes are whole numbers >= 28"));
+    let n = |v: &str| {
+        v.trim().parse::<u32>().ok().filter(|&n| n >= 28).ok_or_else(|| format!("{s:?}: sizes are whole numbers >= 28"))
+    };
     Ok((n(w)?, n(h)?))
 }
 
@@ -343,7 +349,6 @@ struct InferArgs {
     #[arg(long)]
     json: bool,
 }
-
 
 /// Why a command failed: its exit status and what it says on stderr.
 struct Failure {
@@ -494,7 +499,11 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
     let device = vigil::infer::open_device(a.device)?;
     let t0 = std::time::Instant::now();
     let processor = vigil::processor::Processor::from_pretrained(&a.model)?;
-    let model = vigil::model::VideoLlama3ForConditionalGeneration::from_pretrained(&a.model, vigil::model::load::candle_dtype(a.dtype), &device)?;
+    let model = vigil::model::VideoLlama3ForConditionalGeneration::from_pretrained(
+        &a.model,
+        vigil::model::load::candle_dtype(a.dtype),
+        &device,
+    )?;
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let max_new_tokens = a.max_new_tokens.or(model.generation_defaults().max_new_tokens).unwrap_or(128);
     let mut generation = GenerationParams::greedy(max_new_tokens);
@@ -525,7 +534,14 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
         if batch_mode {
             obj.insert("index".into(), i.into());
         }
-        for (k, x) in [("load_ms", load_ms), ("preprocess_ms", out.preprocess_ms), ("vision_ms", out.vision_ms), ("prefill_ms", out.prefill_ms), ("decode_ms", out.decode_ms), ("tokens_per_s", out.tokens_per_s)] {
+        for (k, x) in [
+            ("load_ms", load_ms),
+            ("preprocess_ms", out.preprocess_ms),
+            ("vision_ms", out.vision_ms),
+            ("prefill_ms", out.prefill_ms),
+            ("decode_ms", out.decode_ms),
+            ("tokens_per_s", out.tokens_per_s),
+        ] {
             obj.insert(k.into(), x.into());
         }
         println!("{}", serde_json::to_string(&v)?);
@@ -574,7 +590,12 @@ fn load(path: &std::path::Path) -> Result<Config, Failure> {
         e @ ConfigError::Read { .. } => Failure::invalid(format!("error: {e}")),
         e => {
             let n = e.problems().len();
-            Failure::invalid(format!("{e}\nerror: {} problem{} in {}", n, if n == 1 { "" } else { "s" }, path.display()))
+            Failure::invalid(format!(
+                "{e}\nerror: {} problem{} in {}",
+                n,
+                if n == 1 { "" } else { "s" },
+                path.display()
+            ))
         }
     })
 }
@@ -601,12 +622,17 @@ fn check(path: &std::path::Path, with_model: bool) -> Result<(), Failure> {
         }
         // A Hub model not downloaded yet: `run` fetches it, so there is nothing to check.
         Err(e) if cfg!(feature = "hub") && cfg.model.repo.is_some() && matches!(e[..], [PreflightError::Dir(_)]) => {
-            eprintln!("warning: model.repo {:?} is not in the Hugging Face cache yet; `run` downloads it (not checked)", cfg.model.repo.as_deref().unwrap_or(""));
+            eprintln!(
+                "warning: model.repo {:?} is not in the Hugging Face cache yet; `run` downloads it (not checked)",
+                cfg.model.repo.as_deref().unwrap_or("")
+            );
             Ok(())
         }
         Err(problems) => {
-            let mut lines: Vec<String> =
-                problems.iter().map(|p| format!("{}: model: {}", path.display(), vigil::config::redact_uri(&p.to_string()))).collect();
+            let mut lines: Vec<String> = problems
+                .iter()
+                .map(|p| format!("{}: model: {}", path.display(), vigil::config::redact_uri(&p.to_string())))
+                .collect();
             lines.push(format!(
                 "error: the model cannot run ({} problem{}); `--no-model` skips this check",
                 problems.len(),

@@ -32,7 +32,6 @@ pub struct Registry {
     hooks: Arc<Mutex<Vec<Hook>>>,
 }
 
-
 /// OpenMetrics names a counter family without its `_total` suffix (and adds it to samples).
 fn family_name<'a>(name: &'a str, kind: &str) -> &'a str {
     if kind == "counter" {
@@ -70,8 +69,10 @@ impl Registry {
 
     pub fn histogram(&self, name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
         let buckets = buckets.to_vec();
-        let make: Box<dyn Fn() -> PcHistogram + Send + Sync> = Box::new(move || PcHistogram::new(buckets.iter().copied()));
-        let h = HistogramVec(labels.iter().map(|l| l.to_string()).collect(), Arc::new(Family::new_with_constructor(make)));
+        let make: Box<dyn Fn() -> PcHistogram + Send + Sync> =
+            Box::new(move || PcHistogram::new(buckets.iter().copied()));
+        let h =
+            HistogramVec(labels.iter().map(|l| l.to_string()).collect(), Arc::new(Family::new_with_constructor(make)));
         self.register(name, help, "histogram", SharedHistograms(h.1.clone()));
         h
     }
@@ -443,8 +444,14 @@ vigil_vision_seconds_bucket{le=\"+Inf\"} 3
         assert!(body.contains("vigil_jobs_dropped_total 2.0\n"), "{body}");
         assert_eq!(get(srv.local_addr(), "/healthz").0, "HTTP/1.1 200 OK");
         healthy.store(false, Ordering::Relaxed);
-        assert_eq!(get(srv.local_addr(), "/healthz"), ("HTTP/1.1 503 Service Unavailable".into(), "engine heartbeat is stale\n".into()));
-        assert_eq!(get(srv.local_addr(), "/readyz"), ("HTTP/1.1 503 Service Unavailable".into(), "broker disconnected\n".into()));
+        assert_eq!(
+            get(srv.local_addr(), "/healthz"),
+            ("HTTP/1.1 503 Service Unavailable".into(), "engine heartbeat is stale\n".into())
+        );
+        assert_eq!(
+            get(srv.local_addr(), "/readyz"),
+            ("HTTP/1.1 503 Service Unavailable".into(), "broker disconnected\n".into())
+        );
         assert_eq!(get(srv.local_addr(), "/nope").0, "HTTP/1.1 404 Not Found");
     }
 

@@ -20,7 +20,10 @@ impl WeekTime {
     pub fn now_local() -> WeekTime {
         use chrono::{Datelike, Timelike};
         let now = chrono::Local::now();
-        WeekTime { weekday: now.weekday().num_days_from_monday() as u8, minute: (now.hour() * 60 + now.minute()) as u16 }
+        WeekTime {
+            weekday: now.weekday().num_days_from_monday() as u8,
+            minute: (now.hour() * 60 + now.minute()) as u16,
+        }
     }
 
     fn minute_of_week(&self) -> u32 {
@@ -94,9 +97,7 @@ impl Schedule {
     pub fn next_change(&self, t: WeekTime) -> Option<WeekTime> {
         let now = self.is_active(t);
         let m0 = t.minute_of_week();
-        (1..=7 * MINUTES_PER_DAY)
-            .map(|d| WeekTime::from_minute_of_week(m0 + d))
-            .find(|&u| self.is_active(u) != now)
+        (1..=7 * MINUTES_PER_DAY).map(|d| WeekTime::from_minute_of_week(m0 + d)).find(|&u| self.is_active(u) != now)
     }
 
     /// Minutes from `a` to `b` going forward (0 … one week).

@@ -14,7 +14,8 @@ use crate::window::Frame;
 /// The index of the frame with the most changed tokens (`changes`, per frame), else the last.
 pub fn key_frame_by_changes(changes: &[usize]) -> Option<usize> {
     let last = changes.len().checked_sub(1)?;
-    let (best, most) = changes.iter().enumerate().fold((last, 0), |(bi, bc), (i, &c)| if c > bc { (i, c) } else { (bi, bc) });
+    let (best, most) =
+        changes.iter().enumerate().fold((last, 0), |(bi, bc), (i, &c)| if c > bc { (i, c) } else { (bi, bc) });
     Some(if most > 0 { best } else { last })
 }
 
@@ -41,7 +42,14 @@ pub fn encode_jpeg(frame: &Frame, quality: u8, max_pixels: Option<u64>) -> Resul
     let (mut w, mut h, mut data) = (frame.width, frame.height, std::borrow::Cow::Borrowed(&frame.data));
     if let Some(max) = max_pixels.filter(|m| (w as u64) * (h as u64) > *m) {
         let (tw, th) = crate::source::fit_size(w, h, (1, 1), max);
-        let scaled = crate::processor::resize::resize_torchvision_bicubic_u8(&data, h as usize, w as usize, 3, th as usize, tw as usize);
+        let scaled = crate::processor::resize::resize_torchvision_bicubic_u8(
+            &data,
+            h as usize,
+            w as usize,
+            3,
+            th as usize,
+            tw as usize,
+        );
         (w, h, data) = (tw, th, std::borrow::Cow::Owned(scaled));
     }
     let mut out = Vec::new();
@@ -122,8 +130,10 @@ mod tests {
             save(dir.path(), &format!("cam:{i}:person"), b"jpeg", 2).unwrap();
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        let mut names: Vec<String> =
-            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
         names.sort();
         assert_eq!(names, ["cam:3:person.jpg", "cam:4:person.jpg"]);
     }

@@ -133,7 +133,8 @@ impl WindowSpec {
     /// The first window `k` whose end lies past `slot` (the earliest window that can still
     /// receive a frame at `slot`).
     fn first_open_window(&self, slot: u64) -> u64 {
-        let guess = (((slot as f64 + 1.0) / self.fps - self.window_seconds) / self.stride_seconds).floor().max(0.0) as u64;
+        let guess =
+            (((slot as f64 + 1.0) / self.fps - self.window_seconds) / self.stride_seconds).floor().max(0.0) as u64;
         let mut k = guess;
         while k > 0 && self.end_slot(k - 1) > slot {
             k -= 1;
@@ -519,7 +520,9 @@ mod tests {
             assert_eq!(win.seq, i as u64, "sequence numbers are dense");
         }
         (
-            out.into_iter().map(|w| (w.index, w.frames.iter().map(|f| f.slot).collect(), w.partial, w.missing)).collect(),
+            out.into_iter()
+                .map(|w| (w.index, w.frames.iter().map(|f| f.slot).collect(), w.partial, w.missing))
+                .collect(),
             w.stats(),
         )
     }
@@ -532,10 +535,7 @@ mod tests {
     fn tumbling_windows_exact() {
         // 1 fps, 4 s windows every 4 s, 10 frames: [0..4) [4..8) and a partial [8..10).
         let (w, _) = run(spec(1.0, 4.0, 4.0), 0..10);
-        assert_eq!(
-            w,
-            vec![(0, vec![0, 1, 2, 3], false, 0), (1, vec![4, 5, 6, 7], false, 0), (2, vec![8, 9], true, 0)]
-        );
+        assert_eq!(w, vec![(0, vec![0, 1, 2, 3], false, 0), (1, vec![4, 5, 6, 7], false, 0), (2, vec![8, 9], true, 0)]);
     }
 
     #[test]
@@ -572,10 +572,7 @@ mod tests {
     fn stride_longer_than_window_skips_frames() {
         // 1 fps, W=2, S=5: [0,2) [5,7) [10,12)...
         let (w, _) = run(spec(1.0, 2.0, 5.0), 0..12);
-        assert_eq!(
-            w,
-            vec![(0, vec![0, 1], false, 0), (1, vec![5, 6], false, 0), (2, vec![10, 11], false, 0)]
-        );
+        assert_eq!(w, vec![(0, vec![0, 1], false, 0), (1, vec![5, 6], false, 0), (2, vec![10, 11], false, 0)]);
     }
 
     #[test]

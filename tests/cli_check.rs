@@ -24,7 +24,8 @@ fn every_bad_config_is_rejected_with_location_and_key() {
     assert!(files.len() >= 20, "the corpus should cover every error kind");
     for f in files {
         let src = std::fs::read_to_string(&f).unwrap();
-        let header = src.lines().next().unwrap().strip_prefix("# expect: ").unwrap_or_else(|| panic!("{f:?} lacks '# expect:'"));
+        let header =
+            src.lines().next().unwrap().strip_prefix("# expect: ").unwrap_or_else(|| panic!("{f:?} lacks '# expect:'"));
         let (mut line, mut key, mut msg, mut secret) = ("", "", "", None);
         let mut rest = header;
         // msg= runs to ` secret=` or the end of the line.
@@ -117,7 +118,11 @@ prompts = ["caption"]
         }
     }
     // Same with an error in the file, whose message quotes the URI.
-    std::fs::write(dir.path().join("bad.toml"), "[model]\npath = \"m\"\n[mqtt]\nbroker = \"http://vigil:brokerPw9@b\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        "[model]\npath = \"m\"\n[mqtt]\nbroker = \"http://vigil:brokerPw9@b\"\n",
+    )
+    .unwrap();
     let out = vigil(&["check", "--config", dir.path().join("bad.toml").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(!text(&out.stderr).contains("brokerPw9"), "{}", text(&out.stderr));
@@ -146,28 +151,64 @@ fn check_catches_what_run_would_hit_in_the_model() {
     }
     let cases: Vec<(&str, Break, &str)> = vec![
         ("missing directory", |d| std::fs::remove_dir_all(d).unwrap(), "config.json"),
-        ("corrupt config.json", |d| std::fs::write(d.join("config.json"), "{\"model_type\": ").unwrap(), "not valid JSON"),
-        ("incomplete config.json", |d| edit_json(&d.join("config.json"), |v| {
-            v["text_config"].as_object_mut().unwrap().remove("hidden_size");
-        }), "hidden_size"),
-        ("vision patch size 0", |d| edit_json(&d.join("config.json"), |v| v["vision_config"]["patch_size"] = 0.into()), "patch_size"),
-        ("truncated safetensors", |d| {
-            let p = d.join("model.safetensors");
-            let n = std::fs::metadata(&p).unwrap().len();
-            truncate(&p, n / 2)
-        }, "model.safetensors"),
-        ("bad safetensors header", |d| {
-            let p = d.join("model.safetensors");
-            let mut b = std::fs::read(&p).unwrap();
-            b[8..16].copy_from_slice(b"{garbage");
-            std::fs::write(&p, b).unwrap()
-        }, "model.safetensors"),
-        ("garbage tokenizer.json", |d| std::fs::write(d.join("tokenizer.json"), "not a tokenizer").unwrap(), "tokenizer.json"),
+        (
+            "corrupt config.json",
+            |d| std::fs::write(d.join("config.json"), "{\"model_type\": ").unwrap(),
+            "not valid JSON",
+        ),
+        (
+            "incomplete config.json",
+            |d| {
+                edit_json(&d.join("config.json"), |v| {
+                    v["text_config"].as_object_mut().unwrap().remove("hidden_size");
+                })
+            },
+            "hidden_size",
+        ),
+        (
+            "vision patch size 0",
+            |d| edit_json(&d.join("config.json"), |v| v["vision_config"]["patch_size"] = 0.into()),
+            "patch_size",
+        ),
+        (
+            "truncated safetensors",
+            |d| {
+                let p = d.join("model.safetensors");
+                let n = std::fs::metadata(&p).unwrap().len();
+                truncate(&p, n / 2)
+            },
+            "model.safetensors",
+        ),
+        (
+            "bad safetensors header",
+            |d| {
+                let p = d.join("model.safetensors");
+                let mut b = std::fs::read(&p).unwrap();
+                b[8..16].copy_from_slice(b"{garbage");
+                std::fs::write(&p, b).unwrap()
+            },
+            "model.safetensors",
+        ),
+        (
+            "garbage tokenizer.json",
+            |d| std::fs::write(d.join("tokenizer.json"), "not a tokenizer").unwrap(),
+            "tokenizer.json",
+        ),
         ("missing tokenizer.json", |d| std::fs::remove_file(d.join("tokenizer.json")).unwrap(), "tokenizer.json"),
-        ("broken chat template", |d| std::fs::write(d.join("chat_template.jinja"), "{% for m in messages %}{{ m.content ").unwrap(), "template"),
-        ("processor patch size 0", |d| edit_json(&d.join("processor_config.json"), |v| {
-            v["video_processor"]["patch_size"] = 0.into();
-        }), "patch_size"),
+        (
+            "broken chat template",
+            |d| std::fs::write(d.join("chat_template.jinja"), "{% for m in messages %}{{ m.content ").unwrap(),
+            "template",
+        ),
+        (
+            "processor patch size 0",
+            |d| {
+                edit_json(&d.join("processor_config.json"), |v| {
+                    v["video_processor"]["patch_size"] = 0.into();
+                })
+            },
+            "patch_size",
+        ),
     ];
     for (what, break_it, expect) in cases {
         let dir = tempfile::tempdir().unwrap();

@@ -194,7 +194,11 @@ async fn two_outages(crash: bool) {
             broker.stop();
         }
         // Down long enough for answers to pile up in the outbox and reconnects to fail.
-        vigil.wait_until("answers are produced during the outage", Duration::from_secs(60), |d| d.produced() >= before + 3).await;
+        vigil
+            .wait_until("answers are produced during the outage", Duration::from_secs(60), |d| {
+                d.produced() >= before + 3
+            })
+            .await;
         broker.spawn();
         vigil.redelivered(connects, &mut sub, &mut got).await;
         eprintln!("outage {outage}: {} answers received so far", got.count.len());
@@ -255,8 +259,9 @@ async fn outage_beyond_the_outbox_drops_exactly_the_oldest() {
     let mut got = Received::default();
     got.until(&mut sub, 2, Duration::from_secs(90)).await;
     broker.stop();
-    let dropped =
-        |d: &Daemon| d.get("/metrics").lines().find_map(|l| l.strip_prefix("vigil_answers_dropped_total ")?.parse::<f64>().ok());
+    let dropped = |d: &Daemon| {
+        d.get("/metrics").lines().find_map(|l| l.strip_prefix("vigil_answers_dropped_total ")?.parse::<f64>().ok())
+    };
     vigil.wait_until("answers are dropped", Duration::from_secs(90), |d| dropped(d).unwrap_or(0.0) >= 3.0).await;
     let connects = vigil.connects();
     broker.spawn();
@@ -329,7 +334,9 @@ async fn a_wedged_publisher_fails_healthz_and_starves_the_watchdog() {
                 unhealthy_at = Some(Instant::now());
             }
             // Watch a few ping periods past the verdict.
-            if unhealthy_at.is_some_and(|u| u.elapsed() > Duration::from_secs(4)) || w.elapsed() > Duration::from_secs(30) {
+            if unhealthy_at.is_some_and(|u| u.elapsed() > Duration::from_secs(4))
+                || w.elapsed() > Duration::from_secs(30)
+            {
                 break;
             }
         }
@@ -353,7 +360,8 @@ async fn a_wedged_publisher_fails_healthz_and_starves_the_watchdog() {
 async fn embedded_broker_connection_taken_over_recovers_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let mqtt = format!("broker = \"embedded\"\nembedded_port = {port}\nclient_id = \"vigil-embedded\"\nkeepalive_s = 5");
+    let mqtt =
+        format!("broker = \"embedded\"\nembedded_port = {port}\nclient_id = \"vigil-embedded\"\nkeepalive_s = 5");
     let vigil = Daemon::start(dir.path(), &mqtt, &[]);
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {

@@ -29,7 +29,11 @@ fn workload() -> Vec<(Arc<Window>, Vec<&'static str>)> {
 }
 
 fn fps(stream: &str) -> f64 {
-    if stream == "a" { 2.0 } else { 1.0 }
+    if stream == "a" {
+        2.0
+    } else {
+        1.0
+    }
 }
 
 fn run_engine(cfg: &Config, work: &[(Arc<Window>, Vec<&str>)]) -> (Vec<PromptResult>, vigil::engine::EngineCounters) {

@@ -18,7 +18,8 @@ fn the_gpu_check_runs_on_the_cpu_and_writes_its_summary() {
         .unwrap();
     let text = format!("{}\n{}", String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
     assert!(run.status.success(), "{text}");
-    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(out.path().join("summary.json")).unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.path().join("summary.json")).unwrap()).unwrap();
     let p = &summary["parity"];
     assert_eq!(p["cases"], 10, "{summary:#}");
     assert_eq!(p["f32_equal"], 10, "f32 tokens differ from transformers: {summary:#}");

@@ -23,7 +23,9 @@ fn status_kb(key: &str) -> u64 {
 fn loading_holds_one_copy_of_the_weights() {
     let dir = tempfile::tempdir().unwrap();
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut cfg = vigil::bench::random::bench_config(root.join("tests/fixtures/infer/ckpt_tf5/config.json").to_str().unwrap()).unwrap();
+    let mut cfg =
+        vigil::bench::random::bench_config(root.join("tests/fixtures/infer/ckpt_tf5/config.json").to_str().unwrap())
+            .unwrap();
     // Big enough that the weights dwarf the allocator's noise (~80 MB in f32).
     let t = &mut cfg["text_config"];
     t["hidden_size"] = 256.into();

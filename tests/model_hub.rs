@@ -47,11 +47,7 @@ fn serve(repos: Vec<(String, PathBuf)>, max_requests: usize) -> String {
                     range_end = b.parse().ok();
                 }
             }
-            let path = request_line
-                .split_whitespace()
-                .nth(1)
-                .unwrap_or("/")
-                .to_string();
+            let path = request_line.split_whitespace().nth(1).unwrap_or("/").to_string();
             let file = repos.iter().find_map(|(repo, dir)| {
                 let rest = path.strip_prefix(&format!("/{repo}/resolve/main/"))?;
                 let p = dir.join(rest);
@@ -60,9 +56,7 @@ fn serve(repos: Vec<(String, PathBuf)>, max_requests: usize) -> String {
             let response = match file {
                 Some((name, p)) => {
                     let data = std::fs::read(p).unwrap();
-                    let end = range_end
-                        .unwrap_or(data.len().saturating_sub(1))
-                        .min(data.len() - 1);
+                    let end = range_end.unwrap_or(data.len().saturating_sub(1)).min(data.len() - 1);
                     let body = &data[range_start.min(data.len())..=end];
                     let mut head = format!(
                         "HTTP/1.1 206 Partial Content\r\nETag: \"etag-{}-{}\"\r\nX-Repo-Commit: {COMMIT}\r\n\
@@ -76,8 +70,7 @@ fn serve(repos: Vec<(String, PathBuf)>, max_requests: usize) -> String {
                     head.extend_from_slice(body);
                     head
                 }
-                None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    .to_vec(),
+                None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
             };
             let _ = stream.write_all(&response);
         }
@@ -88,60 +81,36 @@ fn serve(repos: Vec<(String, PathBuf)>, max_requests: usize) -> String {
 #[test]
 fn repo_download_then_offline_lookup_and_inference() {
     let endpoint = serve(
-        vec![
-            ("test/tiny-a".into(), fixtures().join("tiny_a")),
-            ("test/tiny-b".into(), fixtures().join("tiny_b")),
-        ],
+        vec![("test/tiny-a".into(), fixtures().join("tiny_a")), ("test/tiny-b".into(), fixtures().join("tiny_b"))],
         200,
     );
     let cache = tempfile::tempdir().unwrap();
     // Single-file checkpoint.
-    let dir_a =
-        download_snapshot_from(Some(&endpoint), Some(cache.path()), "test/tiny-a", None).unwrap();
+    let dir_a = download_snapshot_from(Some(&endpoint), Some(cache.path()), "test/tiny-a", None).unwrap();
     assert!(dir_a.join("model.safetensors").is_file());
     assert!(dir_a.join("generation_config.json").is_file());
     // Sharded checkpoint: every shard named by the index comes down.
-    let dir_b =
-        download_snapshot_from(Some(&endpoint), Some(cache.path()), "test/tiny-b", None).unwrap();
+    let dir_b = download_snapshot_from(Some(&endpoint), Some(cache.path()), "test/tiny-b", None).unwrap();
     assert_eq!(
         std::fs::read_dir(&dir_b)
             .unwrap()
-            .filter(|e| e
-                .as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .starts_with("model-0000"))
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("model-0000"))
             .count(),
         6
     );
     // The cache now resolves offline, to the same snapshot.
-    assert_eq!(
-        cached_snapshot(cache.path(), "test/tiny-b", None).unwrap(),
-        dir_b
-    );
+    assert_eq!(cached_snapshot(cache.path(), "test/tiny-b", None).unwrap(), dir_b);
 
     // And the downloaded weights are the committed ones: same greedy tokens as transformers.
-    let model =
-        VideoLlama3ForConditionalGeneration::from_pretrained(&dir_b, DType::F32, &Device::Cpu)
-            .unwrap();
-    let cases =
-        candle_core::safetensors::load(fixtures().join("tiny_b.cases.safetensors"), &Device::Cpu)
-            .unwrap();
+    let model = VideoLlama3ForConditionalGeneration::from_pretrained(&dir_b, DType::F32, &Device::Cpu).unwrap();
+    let cases = candle_core::safetensors::load(fixtures().join("tiny_b.cases.safetensors"), &Device::Cpu).unwrap();
     let ids = cases["text.input_ids"].to_dtype(DType::U32).unwrap();
     let expected: Vec<Vec<i64>> = cases["text.greedy_tokens"].to_vec2().unwrap();
-    let out = model
-        .generate(
-            &MultimodalInputs::text(ids),
-            &GenerationParams::greedy(16),
-            &mut |_| {},
-        )
-        .unwrap();
+    let out = model.generate(&MultimodalInputs::text(ids), &GenerationParams::greedy(16), &mut |_| {}).unwrap();
     let expected: Vec<u32> = expected[0].iter().map(|&t| t as u32).collect();
     assert_eq!(out.tokens[0], expected);
 
     // A repo the endpoint does not have is a clear error naming it.
-    let err = download_snapshot_from(Some(&endpoint), Some(cache.path()), "test/missing", None)
-        .unwrap_err();
+    let err = download_snapshot_from(Some(&endpoint), Some(cache.path()), "test/missing", None).unwrap_err();
     assert!(err.to_string().contains("test/missing"), "{err}");
 }

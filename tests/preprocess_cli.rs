@@ -25,7 +25,14 @@ fn json_matches_transformers_in_both_layouts() {
         let out = vigil(&a);
         assert!(out.status.success(), "{ckpt}: {}", String::from_utf8_lossy(&out.stderr));
         let got: Value = serde_json::from_slice(&out.stdout).unwrap();
-        for key in ["input_ids", "prompt_tokens", "image_grid_thw", "video_grid_thw", "video_tokens_total", "video_tokens_kept"] {
+        for key in [
+            "input_ids",
+            "prompt_tokens",
+            "image_grid_thw",
+            "video_grid_thw",
+            "video_tokens_total",
+            "video_tokens_kept",
+        ] {
             assert_eq!(got[key], cli[key], "{ckpt}: {key}");
         }
         let (g, w) = (got["pixel_values_sum"].as_f64().unwrap(), cli["pixel_values_sum"].as_f64().unwrap());
@@ -35,14 +42,35 @@ fn json_matches_transformers_in_both_layouts() {
 
 #[test]
 fn human_output_and_pruning_switch() {
-    let on = vigil(&["preprocess", "--model", "ckpt_tf5", "--frames", "media/clip_static_0.png", "media/clip_static_1.png",
-        "media/clip_static_2.png", "media/clip_static_3.png", "--fps", "2", "--prompt", "Anything new?"]);
+    let on = vigil(&[
+        "preprocess",
+        "--model",
+        "ckpt_tf5",
+        "--frames",
+        "media/clip_static_0.png",
+        "media/clip_static_1.png",
+        "media/clip_static_2.png",
+        "media/clip_static_3.png",
+        "--fps",
+        "2",
+        "--prompt",
+        "Anything new?",
+    ]);
     assert!(on.status.success(), "{}", String::from_utf8_lossy(&on.stderr));
     let text = String::from_utf8(on.stdout).unwrap();
-    assert!(text.contains("prompt tokens:") && text.contains("before pruning") && text.contains("grid 4x2x4"), "{text}");
+    assert!(
+        text.contains("prompt tokens:") && text.contains("before pruning") && text.contains("grid 4x2x4"),
+        "{text}"
+    );
     let json = |extra: &[&str]| -> Value {
-        let mut a = vec!["preprocess", "--model", "ckpt_tf5", "--json", "--fps", "2", "--prompt", "Anything new?", "--frames"];
-        a.extend(["media/clip_static_0.png", "media/clip_static_1.png", "media/clip_static_2.png", "media/clip_static_3.png"]);
+        let mut a =
+            vec!["preprocess", "--model", "ckpt_tf5", "--json", "--fps", "2", "--prompt", "Anything new?", "--frames"];
+        a.extend([
+            "media/clip_static_0.png",
+            "media/clip_static_1.png",
+            "media/clip_static_2.png",
+            "media/clip_static_3.png",
+        ]);
         a.extend(extra);
         serde_json::from_slice(&vigil(&a).stdout).unwrap()
     };

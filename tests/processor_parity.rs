@@ -23,10 +23,14 @@ fn read_f32(entry: &Value) -> (Vec<f32>, Vec<usize>) {
 }
 
 fn grids(v: &Value) -> Vec<[usize; 3]> {
-    v.as_array().unwrap().iter().map(|g| {
-        let g: Vec<usize> = g.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
-        [g[0], g[1], g[2]]
-    }).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            let g: Vec<usize> = g.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+            [g[0], g[1], g[2]]
+        })
+        .collect()
 }
 
 fn bools(v: &Value) -> Vec<bool> {
@@ -88,7 +92,8 @@ fn videos_match_transformers_with_and_without_pruning() {
     let exp = expected();
     let proc = VideoProcessor::from_pretrained(&root().join("ckpt_tf5")).unwrap();
     for (name, case) in exp["videos"].as_object().unwrap() {
-        let frames: Vec<RgbImage> = case["frames"].as_array().unwrap().iter().map(|p| open(p.as_str().unwrap())).collect();
+        let frames: Vec<RgbImage> =
+            case["frames"].as_array().unwrap().iter().map(|p| open(p.as_str().unwrap())).collect();
         let video = Video::from_frames(frames, case["fps"].as_f64()).unwrap();
         let on = proc.preprocess(std::slice::from_ref(&video), &PruningConfig::default()).unwrap();
         let (want, _) = read_f32(&case["pixel_values_videos"]);
@@ -102,7 +107,10 @@ fn videos_match_transformers_with_and_without_pruning() {
     }
     // The moving clip must actually prune something and the static one more, or the test proves little.
     let kept = |k: &str| bools(&exp["videos"][k]["compression_mask_pruned"]).iter().filter(|b| **b).count();
-    assert!(kept("static") < kept("moving") && kept("moving") < bools(&exp["videos"]["moving"]["compression_mask_pruned"]).len());
+    assert!(
+        kept("static") < kept("moving")
+            && kept("moving") < bools(&exp["videos"]["moving"]["compression_mask_pruned"]).len()
+    );
 }
 
 #[test]
@@ -115,9 +123,14 @@ fn file_sampling_matches_transformers() {
     assert_eq!(decoded.fps, 6.0);
     for (tag, case) in exp["sampling"].as_object().unwrap() {
         let kw = &case["kwargs"];
-        let sampling = Sampling { fps: kw["fps"].as_f64(), num_frames: kw["num_frames"].as_u64().map(|n| n as usize), ..Default::default() };
+        let sampling = Sampling {
+            fps: kw["fps"].as_f64(),
+            num_frames: kw["num_frames"].as_u64().map(|n| n as usize),
+            ..Default::default()
+        };
         let video = Video::from_file(&file, &sampling, &proc.config).unwrap();
-        let idx: Vec<usize> = case["indices"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+        let idx: Vec<usize> =
+            case["indices"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
         assert_eq!(video.frame_indices, idx, "{tag}: indices");
         let ts: Vec<f64> = case["timestamps"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
         assert_eq!(video.timestamps, ts, "{tag}: timestamps");
@@ -150,17 +163,29 @@ fn conversations_match_transformers_in_both_layouts() {
     let mut checked = 0;
     for (key, case) in exp["conversations"].as_object().unwrap() {
         let layout = key.split('/').next().unwrap();
-        let p = procs.entry(layout.to_string()).or_insert_with(|| Processor::from_pretrained(&root().join(format!("ckpt_{layout}"))).unwrap());
+        let p = procs
+            .entry(layout.to_string())
+            .or_insert_with(|| Processor::from_pretrained(&root().join(format!("ckpt_{layout}"))).unwrap());
         let convs: Vec<Conversation> = serde_json::from_value(case["conversations"].clone()).unwrap();
         let prompts = p.apply_chat_template(&convs, true).unwrap();
         let want_prompts: Vec<String> = serde_json::from_value(case["prompts"].clone()).unwrap();
         assert_eq!(prompts, want_prompts, "{key}: prompts");
-        let images: Vec<RgbImage> = case["images"].as_array().unwrap().iter().map(|k| open(&format!("media/{}.png", k.as_str().unwrap()))).collect();
-        let videos: Vec<Video> = case["videos"].as_array().unwrap().iter().map(|k| {
-            let c = &exp["videos"][k.as_str().unwrap()];
-            let frames = c["frames"].as_array().unwrap().iter().map(|p| open(p.as_str().unwrap())).collect();
-            Video::from_frames(frames, c["fps"].as_f64()).unwrap()
-        }).collect();
+        let images: Vec<RgbImage> = case["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| open(&format!("media/{}.png", k.as_str().unwrap())))
+            .collect();
+        let videos: Vec<Video> = case["videos"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| {
+                let c = &exp["videos"][k.as_str().unwrap()];
+                let frames = c["frames"].as_array().unwrap().iter().map(|p| open(p.as_str().unwrap())).collect();
+                Video::from_frames(frames, c["fps"].as_f64()).unwrap()
+            })
+            .collect();
         let opts = CallOptions {
             padding_side: if case["padding_side"] == "left" { PaddingSide::Left } else { PaddingSide::Right },
             pruning: PruningConfig { enabled: case["use_token_compression"].as_bool().unwrap(), ..Default::default() },
@@ -186,8 +211,16 @@ fn conversations_match_transformers_in_both_layouts() {
         // Bookkeeping: every placeholder token belongs to the sample its media was assigned to.
         for (row, ids) in out.input_ids.iter().enumerate() {
             let n_img = ids.iter().filter(|&&t| t == out.image_token_id).count();
-            let want_img: usize = out.image_sample.iter().enumerate().filter(|(_, &r)| r == row)
-                .map(|(i, _)| { let g = out.images.image_grid_thw[i]; g[0] * g[1] * g[2] }).sum();
+            let want_img: usize = out
+                .image_sample
+                .iter()
+                .enumerate()
+                .filter(|(_, &r)| r == row)
+                .map(|(i, _)| {
+                    let g = out.images.image_grid_thw[i];
+                    g[0] * g[1] * g[2]
+                })
+                .sum();
             assert_eq!(n_img, want_img, "{key}: image tokens of row {row}");
         }
         checked += 1;
@@ -267,7 +300,11 @@ fn pruning_threshold_and_min_tokens_match_transformers() {
         let c = &exp["videos"][case["clip"].as_str().unwrap()];
         let frames = c["frames"].as_array().unwrap().iter().map(|p| open(p.as_str().unwrap())).collect();
         let video = Video::from_frames(frames, c["fps"].as_f64()).unwrap();
-        let cfg = PruningConfig { enabled: true, threshold: case["threshold"].as_f64().unwrap(), min_tokens_per_frame: case["min_tokens"].as_u64().unwrap() as usize };
+        let cfg = PruningConfig {
+            enabled: true,
+            threshold: case["threshold"].as_f64().unwrap(),
+            min_tokens_per_frame: case["min_tokens"].as_u64().unwrap() as usize,
+        };
         let out = proc.preprocess(&[video], &cfg).unwrap();
         let want = bools(&case["mask"]);
         assert_eq!(out.video_compression_mask, want, "{case}");
@@ -279,7 +316,12 @@ fn pruning_threshold_and_min_tokens_match_transformers() {
 #[test]
 fn system_prompt_switch_of_the_real_template() {
     let exp = expected();
-    let case = exp["templates"].as_array().unwrap().iter().find(|c| c["name"] == "real_system" && c["add_generation_prompt"] == true).unwrap();
+    let case = exp["templates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "real_system" && c["add_generation_prompt"] == true)
+        .unwrap();
     let p = Processor::from_pretrained(&root().join("ckpt_tf5")).unwrap();
     let convs: Vec<Conversation> = serde_json::from_value(case["conversations"].clone()).unwrap();
     let mut extra = serde_json::Map::new();

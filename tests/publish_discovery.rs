@@ -14,7 +14,10 @@ const T: Duration = Duration::from_secs(5);
 async fn configs(sub: &mut Sub, n: usize) -> BTreeMap<String, (serde_json::Value, bool)> {
     let mut got = BTreeMap::new();
     while got.len() < n {
-        let g = sub.next(T).await.unwrap_or_else(|| panic!("only {} of {n} discovery configs: {:?}", got.len(), got.keys()));
+        let g = sub
+            .next(T)
+            .await
+            .unwrap_or_else(|| panic!("only {} of {n} discovery configs: {:?}", got.len(), got.keys()));
         if g.topic.ends_with("/config") {
             got.insert(g.topic.clone(), (g.json(), g.retain));
         }
@@ -57,7 +60,10 @@ async fn discovery_configs_appear_and_reappear_on_ha_birth() {
     assert_eq!(sensor["json_attributes_topic"], "vt/cam1/scene");
     assert_eq!(sensor["device"]["identifiers"][0], "vigil-test_cam1");
     let alert = &got["homeassistant/binary_sensor/vigil-test/cam1_person/config"].0;
-    assert_eq!((alert["state_topic"].as_str(), alert["payload_on"].as_str()), (Some("vt/cam1/person/event/state"), Some("ON")));
+    assert_eq!(
+        (alert["state_topic"].as_str(), alert["payload_on"].as_str()),
+        (Some("vt/cam1/person/event/state"), Some("ON"))
+    );
     let switch = &got["homeassistant/switch/vigil-test/yard_2_enabled/config"].0;
     assert_eq!(switch["command_topic"], "vt/yard.2/set");
     assert_eq!(switch["state_topic"], "vt/yard.2/enabled");
@@ -103,10 +109,16 @@ async fn reconfigure_announces_added_streams_and_retracts_removed_ones() {
 
     let got = sub.drain(Duration::from_millis(800)).await;
     let payload_of = |t: &str| got.iter().find(|g| g.topic == t).map(|g| g.payload.clone());
-    for gone in ["homeassistant/binary_sensor/vigil-test/yard_2_person/config", "homeassistant/switch/vigil-test/yard_2_enabled/config"] {
+    for gone in [
+        "homeassistant/binary_sensor/vigil-test/yard_2_person/config",
+        "homeassistant/switch/vigil-test/yard_2_enabled/config",
+    ] {
         assert_eq!(payload_of(gone), Some(Vec::new()), "{gone} must be retracted with an empty config");
     }
-    for added in ["homeassistant/binary_sensor/vigil-test/cam3_person/config", "homeassistant/switch/vigil-test/cam3_enabled/config"] {
+    for added in [
+        "homeassistant/binary_sensor/vigil-test/cam3_person/config",
+        "homeassistant/switch/vigil-test/cam3_enabled/config",
+    ] {
         assert!(payload_of(added).is_some_and(|p| !p.is_empty()), "{added} must be announced");
     }
     assert_eq!(payload_of("vt/cam3/enabled").as_deref(), Some(&b"ON"[..]));

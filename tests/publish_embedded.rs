@@ -91,11 +91,17 @@ async fn embedded_broker_round_trips_with_vigil_tail() {
 
     let got: Vec<String> = (0..3).map(|_| out.recv_timeout(T).expect("tail line")).collect();
     assert!(wait_exit(&mut human).success());
-    assert!(got[0].contains("cam1/scene") && got[0].contains("[0.0–7.0 s]") && got[0].contains(&scene.answer), "{got:?}");
+    assert!(
+        got[0].contains("cam1/scene") && got[0].contains("[0.0–7.0 s]") && got[0].contains(&scene.answer),
+        "{got:?}"
+    );
     assert!(got[0].starts_with(&scene.window.start[..10]), "window time first: {got:?}");
     let rest = &got[1..];
     assert!(rest.iter().any(|l| l.contains("cam1/person") && l.contains("ALERT: ")), "{got:?}");
-    assert!(rest.iter().any(|l| l.contains("cam1/person") && l.contains("[8.0–15.0 s]") && !l.contains("ALERT")), "{got:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("cam1/person") && l.contains("[8.0–15.0 s]") && !l.contains("ALERT")),
+        "{got:?}"
+    );
 
     let got: Vec<serde_json::Value> =
         (0..3).map(|_| serde_json::from_str(&jout.recv_timeout(T).expect("json line")).unwrap()).collect();
@@ -162,7 +168,9 @@ async fn embedded_broker_with_credentials_refuses_anonymous_clients() {
     async fn refused(o: rumqttc::MqttOptions) -> bool {
         let (_client, mut el) = rumqttc::AsyncClient::new(o, 10);
         match tokio::time::timeout(T, el.poll()).await {
-            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a)))) => a.code != rumqttc::ConnectReturnCode::Success,
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a)))) => {
+                a.code != rumqttc::ConnectReturnCode::Success
+            }
             Ok(Ok(_)) => false,
             Ok(Err(_)) => true,
             Err(_) => panic!("no answer from the embedded broker within {T:?}"),

@@ -96,7 +96,11 @@ async fn roundtrip_every_topic_and_payload_field() {
     assert_eq!(g.text().chars().count(), 255);
 
     // Status (retained), stats, errors.
-    let st = StatusPayload { state: StreamState::Reconnecting, since: now_rfc3339(), error: Some("rtsp://u:***@cam: timeout".into()) };
+    let st = StatusPayload {
+        state: StreamState::Reconnecting,
+        since: now_rfc3339(),
+        error: Some("rtsp://u:***@cam: timeout".into()),
+    };
     p.status("cam1", &st);
     let g = sub.next_on("vt/cam1/status", T).await.unwrap();
     assert_valid(&load("status.schema.json"), &g.json());
@@ -108,7 +112,12 @@ async fn roundtrip_every_topic_and_payload_field() {
         v: 1,
         uptime_s: 61.5,
         streams,
-        inference: InferenceStats { latency_p50_ms: 80.0, latency_p95_ms: 120.0, tokens_per_s: 55.5, pruning_ratio: 0.4 },
+        inference: InferenceStats {
+            latency_p50_ms: 80.0,
+            latency_p95_ms: 120.0,
+            tokens_per_s: 55.5,
+            pruning_ratio: 0.4,
+        },
         outbox: OutboxStats::default(),
         answers: None,
         events: None,
@@ -192,12 +201,14 @@ async fn last_will_offline_when_process_is_killed() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(dir.path(), "");
     let mut sub = Sub::connect(broker.port, "sub-proc", &["vt/available"], false).await;
-    let mut child = KillOnDrop(std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "last_will_offline_when_process_is_killed", "--nocapture"])
-        .env("VIGIL_TEST_CHILD_BROKER", broker.url())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .unwrap());
+    let mut child = KillOnDrop(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "last_will_offline_when_process_is_killed", "--nocapture"])
+            .env("VIGIL_TEST_CHILD_BROKER", broker.url())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let online = sub.next_on("vt/available", T).await;
     assert_eq!(online.map(|g| g.text()).as_deref(), Some("online"));
     child.0.kill().unwrap(); // SIGKILL
@@ -223,7 +234,9 @@ async fn qos_0_1_2_deliver_in_order_and_stats_tick() {
         }
         let mut seqs = Vec::new();
         while seqs.len() < 200 {
-            let g = sub.next_on("vt/cam1/scene", T).await.unwrap_or_else(|| panic!("qos {qos}: {} of 200; {:?} {:?}", seqs.len(), p.outbox_stats(), *p.link().borrow()));
+            let g = sub.next_on("vt/cam1/scene", T).await.unwrap_or_else(|| {
+                panic!("qos {qos}: {} of 200; {:?} {:?}", seqs.len(), p.outbox_stats(), *p.link().borrow())
+            });
             seqs.push(g.json()["window"]["seq"].as_u64().unwrap());
         }
         assert_eq!(seqs, (0..200).collect::<Vec<_>>(), "qos {qos}");
@@ -300,7 +313,8 @@ async fn alert_events_confirm_update_clear_cool_down_and_end_when_the_stream_goe
     person.clear_windows = Some(1);
     person.cooldown_s = Some(1.0);
     person.event_updates = Some(true);
-    let mut sub = Sub::connect(broker.port, "sub-events", &["vt/cam1/person/event", "vt/cam1/person/event/state"], false).await;
+    let mut sub =
+        Sub::connect(broker.port, "sub-events", &["vt/cam1/person/event", "vt/cam1/person/event/state"], false).await;
     let (p, _c) = Publisher::start(&cfg, fast()).await.unwrap();
     wait_link(&p, T, |l| l.connected).await;
     let alert = |seq: u64, yes: bool| {
@@ -324,9 +338,15 @@ async fn alert_events_confirm_update_clear_cool_down_and_end_when_the_stream_goe
     assert_eq!(events[0]["event_id"], "cam1:person:10", "the event starts at its first window");
     assert_eq!(events[0]["windows"], 2);
     assert_eq!(events[1]["windows"], 3);
-    assert_eq!((events[2]["reason"].as_str(), events[2]["answer"].as_str()), (Some("cleared"), Some("yes, a person (12)")));
+    assert_eq!(
+        (events[2]["reason"].as_str(), events[2]["answer"].as_str()),
+        (Some("cleared"), Some("yes, a person (12)"))
+    );
     assert_eq!(events[2]["end"], serde_json::json!(alert(12, true).window.end));
-    assert!(sub.next_on("vt/cam1/person/event", Duration::from_millis(300)).await.is_none(), "window 14 is in the cooldown");
+    assert!(
+        sub.next_on("vt/cam1/person/event", Duration::from_millis(300)).await.is_none(),
+        "window 14 is in the cooldown"
+    );
     assert_eq!(p.event_counts().suppressed, 1);
 
     // After the cooldown: a new event, kept across a reload, ended by the stream going down.
@@ -336,7 +356,10 @@ async fn alert_events_confirm_update_clear_cool_down_and_end_when_the_stream_goe
     let e = next_event(&mut sub).await;
     assert_eq!((e["type"].as_str(), e["event_id"].as_str()), (Some("start"), Some("cam1:person:15")));
     p.reconfigure(&cfg);
-    assert!(sub.next_on("vt/cam1/person/event", Duration::from_millis(300)).await.is_none(), "a reload keeps the event open");
+    assert!(
+        sub.next_on("vt/cam1/person/event", Duration::from_millis(300)).await.is_none(),
+        "a reload keeps the event open"
+    );
     p.close_events("cam1", None, "stream_down");
     let e = next_event(&mut sub).await;
     assert_valid(&schema, &e);

@@ -35,11 +35,7 @@ fn exact_windows_for_several_rates_windows_and_strides() {
 
         // Overlap: 2 s windows every 1 s at 2 fps; the second reaches the end, so no partial.
         let c = collect(&uri(clip), settings(2.0, 2.0, 1.0), limit);
-        assert_eq!(
-            times(&c.windows),
-            vec![vec![0.0, 0.5, 1.0, 1.5], vec![1.0, 1.5, 2.0, 2.5]],
-            "{clip:?}"
-        );
+        assert_eq!(times(&c.windows), vec![vec![0.0, 0.5, 1.0, 1.5], vec![1.0, 1.5, 2.0, 2.5]], "{clip:?}");
         assert_eq!((c.windows[1].start_s, c.windows[1].end_s), (1.0, 3.0));
         // Overlapping windows share the frame, not a copy.
         assert!(shared_frame_ptr_eq(&c.windows[0], 2, &c.windows[1], 0));
@@ -163,7 +159,8 @@ fn broken_files_fail_cleanly() {
     let cut = dir.path().join("truncated.mp4");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     let garbage = dir.path().join("garbage.mp4");
-    std::fs::write(&garbage, (0..50_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<_>>()).unwrap();
+    std::fs::write(&garbage, (0..50_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<_>>())
+        .unwrap();
     let missing = dir.path().join("does-not-exist.mp4");
     for path in [&cut, &garbage, &missing] {
         let c = collect(&uri(path), settings(1.0, 1.0, 1.0), Duration::from_secs(20));
@@ -209,7 +206,20 @@ fn probe_cli_prints_exact_windows() {
     let dir = tempfile::tempdir().unwrap();
     let (mp4, _) = clips(dir.path());
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .args(["-q", "probe", &uri(&mp4), "--fps", "2", "--window-seconds", "2", "--stride-seconds", "1", "--windows", "5", "--json"])
+        .args([
+            "-q",
+            "probe",
+            &uri(&mp4),
+            "--fps",
+            "2",
+            "--window-seconds",
+            "2",
+            "--stride-seconds",
+            "1",
+            "--windows",
+            "5",
+            "--json",
+        ])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

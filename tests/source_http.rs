@@ -24,7 +24,10 @@ fn serve(body: Vec<u8>, max_conns: usize) -> u16 {
                     Ok(n) => req.extend_from_slice(&buf[..n]),
                 }
             }
-            let head = format!("HTTP/1.1 200 OK\r\nContent-Type: video/webm\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: video/webm\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
             let _ = s.write_all(head.as_bytes());
             let _ = s.write_all(&body);
         }

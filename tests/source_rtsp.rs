@@ -52,7 +52,11 @@ fn reconnects_after_server_restart_while_another_stream_keeps_delivering() {
     let mut server_a = RtspServer::start(port_a);
     let server_b = RtspServer::start(free_port());
     init();
-    let opts = SourceOptions { stall_timeout: Some(Duration::from_secs(2)), start_timeout: Duration::from_secs(8), ..SourceOptions::default() };
+    let opts = SourceOptions {
+        stall_timeout: Some(Duration::from_secs(2)),
+        start_timeout: Duration::from_secs(8),
+        ..SourceOptions::default()
+    };
     let (mut mgr, mut events) = SourceManager::new(opts).unwrap();
     let rx_a = mgr.add(SourceSpec::from_uri("a", &server_a.url(), live(5.0, 0.4, 0.4)).unwrap()).unwrap();
     let rx_b = mgr.add(SourceSpec::from_uri("b", &server_b.url(), live(5.0, 0.4, 0.4)).unwrap()).unwrap();
@@ -105,8 +109,13 @@ fn reconnects_after_server_restart_while_another_stream_keeps_delivering() {
     let stats_a = mgr.stats("a").unwrap();
     assert_eq!(stats_a.state, StreamState::Streaming);
     // B never left `streaming`.
-    assert!(!seen.iter().any(|e| e.stream == "b" && !is_state(e, "b", "streaming") && !is_state(e, "b", "starting")
-        && matches!(e.kind, EventKind::State(_))), "{seen:?}");
+    assert!(
+        !seen.iter().any(|e| e.stream == "b"
+            && !is_state(e, "b", "streaming")
+            && !is_state(e, "b", "starting")
+            && matches!(e.kind, EventKind::State(_))),
+        "{seen:?}"
+    );
     assert!(rx_b.recv_timeout(Duration::from_secs(5)).is_some());
 
     // Run-time removal: stopping A reports `stopped` and closes its queue; B goes on.
@@ -129,7 +138,10 @@ fn unreachable_hosts_reconnect_without_leaking_credentials() {
     let closed = format!("rtsp://admin:s3cr3tpw@127.0.0.1:{}/test", free_port());
     let _rx1 = mgr.add(SourceSpec::from_uri("refused", &closed, live(1.0, 1.0, 1.0)).unwrap()).unwrap();
     let _rx2 = mgr
-        .add(SourceSpec::from_uri("nohost", "rtsp://admin:s3cr3tpw@nonexistent.invalid/stream", live(1.0, 1.0, 1.0)).unwrap())
+        .add(
+            SourceSpec::from_uri("nohost", "rtsp://admin:s3cr3tpw@nonexistent.invalid/stream", live(1.0, 1.0, 1.0))
+                .unwrap(),
+        )
         .unwrap();
     let mut seen = Vec::new();
     for s in ["refused", "nohost"] {
@@ -209,13 +221,29 @@ fn credentials_in_the_uri_work_and_stay_out_of_gstreamer_logs() {
     let server = RtspServer::start_with_auth(free_port(), Some(("viewer", "pa55word")));
     let url = server.url().replace("rtsp://", "rtsp://viewer:pa55word@");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .args(["-q", "probe", &url, "--timeout-s", "10", "--windows", "1", "--window-seconds", "1", "--stride-seconds", "1"])
+        .args([
+            "-q",
+            "probe",
+            &url,
+            "--timeout-s",
+            "10",
+            "--windows",
+            "1",
+            "--window-seconds",
+            "1",
+            "--stride-seconds",
+            "1",
+        ])
         .env("GST_DEBUG", "5")
         .env("GST_DEBUG_NO_COLOR", "1")
         .output()
         .unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "probe with URI credentials failed:\n{}", &stderr[stderr.len().saturating_sub(3000)..]);
+    assert!(
+        out.status.success(),
+        "probe with URI credentials failed:\n{}",
+        &stderr[stderr.len().saturating_sub(3000)..]
+    );
     assert!(stderr.contains("rtspsrc"), "GStreamer's debug log was on");
     assert!(!stderr.contains("pa55word") && !stdout.contains("pa55word"), "the password reached a log");
 }

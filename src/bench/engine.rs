@@ -14,11 +14,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use crate::engine::runner::RunOptions;
 use super::BenchError;
-use crate::config::{DType, Device};
-use crate::engine::{load_runner, Engine, EngineCounters, EngineError, Job, JobOutput};
 use crate::config::Config;
+use crate::config::{DType, Device};
+use crate::engine::runner::RunOptions;
+use crate::engine::{load_runner, Engine, EngineCounters, EngineError, Job, JobOutput};
 use crate::processor::video::Video;
 use crate::window::{Frame, Window};
 
@@ -169,7 +169,14 @@ pub fn run(o: &BenchOptions) -> Result<Vec<BenchRow>, BenchError> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let t0 = Instant::now();
         for w in &windows {
-            engine.submit(Job { stream: w.stream.clone(), window: w.clone(), prompts: prompts.clone(), fps: o.fps, closed_at: Instant::now(), reply: tx.clone() })?;
+            engine.submit(Job {
+                stream: w.stream.clone(),
+                window: w.clone(),
+                prompts: prompts.clone(),
+                fps: o.fps,
+                closed_at: Instant::now(),
+                reply: tx.clone(),
+            })?;
         }
         let mut on_tokens = std::collections::HashMap::new();
         let want = windows.len() * prompts.len();
@@ -234,7 +241,11 @@ pub fn run_gated(o: &BenchOptions, n: usize) -> Result<GateRow, BenchError> {
                 // A frozen scene: every frame is the stream's first.
                 let still = Arc::new(synthetic_frame(s, 0, o.width, o.height, o.fps));
                 for win in &mut w {
-                    let frames = win.frames.iter().map(|f| Arc::new(Frame { slot: f.slot, time_s: f.time_s, ..(*still).clone() })).collect();
+                    let frames = win
+                        .frames
+                        .iter()
+                        .map(|f| Arc::new(Frame { slot: f.slot, time_s: f.time_s, ..(*still).clone() }))
+                        .collect();
                     *win = Arc::new(Window { frames, ..(**win).clone() });
                 }
             }
@@ -257,7 +268,14 @@ pub fn run_gated(o: &BenchOptions, n: usize) -> Result<GateRow, BenchError> {
                     continue;
                 }
             }
-            engine.submit(Job { stream: w.stream.clone(), window: w.clone(), prompts: cfg.prompts.clone(), fps: o.fps, closed_at: Instant::now(), reply: tx.clone() })?;
+            engine.submit(Job {
+                stream: w.stream.clone(),
+                window: w.clone(),
+                prompts: cfg.prompts.clone(),
+                fps: o.fps,
+                closed_at: Instant::now(),
+                reply: tx.clone(),
+            })?;
             submitted += 1;
         }
         for _ in 0..submitted * cfg.prompts.len() {

@@ -97,10 +97,13 @@ pub fn bench_config(shape: &str) -> Result<serde_json::Value, ModelError> {
     let mut v = match preset(shape) {
         Some(v) => v,
         None if !Path::new(shape).is_file() => {
-            return Err(ModelError::InvalidConfig(format!("shape {shape:?}: expected 2b, 7b or the path of a config.json")))
+            return Err(ModelError::InvalidConfig(format!(
+                "shape {shape:?}: expected 2b, 7b or the path of a config.json"
+            )))
         }
         None => {
-            let text = std::fs::read_to_string(shape).map_err(|source| ModelError::Io { path: shape.to_string(), source })?;
+            let text =
+                std::fs::read_to_string(shape).map_err(|source| ModelError::Io { path: shape.to_string(), source })?;
             serde_json::from_str(&text).map_err(|e| ModelError::InvalidConfig(format!("{shape}: {e}")))?
         }
     };
@@ -112,7 +115,9 @@ pub fn bench_config(shape: &str) -> Result<serde_json::Value, ModelError> {
     t["pad_token_id"] = PAD_TOKEN_ID.into();
     let vocab = t["vocab_size"].as_u64().unwrap_or(0);
     if vocab <= VIDEO_TOKEN_ID as u64 {
-        return Err(ModelError::InvalidConfig(format!("{shape}: vocab_size {vocab} is too small for the bench tokenizer")));
+        return Err(ModelError::InvalidConfig(format!(
+            "{shape}: vocab_size {vocab} is too small for the bench tokenizer"
+        )));
     }
     // Validate now, with the file name in the message.
     VideoLlama3Config::from_json(&v.to_string()).map_err(|e| match e {
@@ -269,7 +274,9 @@ pub fn write_random_checkpoint(
     };
     let marker = dir.join("random_checkpoint.json");
     if let Ok(text) = std::fs::read_to_string(&marker) {
-        if serde_json::from_str::<RandomCheckpointInfo>(&text).ok().as_ref() == Some(&info) && dir.join("model.safetensors").is_file() {
+        if serde_json::from_str::<RandomCheckpointInfo>(&text).ok().as_ref() == Some(&info)
+            && dir.join("model.safetensors").is_file()
+        {
             return Ok(info);
         }
     }
@@ -298,10 +305,12 @@ pub fn write_random_checkpoint(
     write(&dir.join("tokenizer.json"), TINY_TOKENIZER)?;
     write(&dir.join("tokenizer_config.json"), TINY_TOKENIZER_CONFIG)?;
     write(&dir.join("chat_template.jinja"), TINY_CHAT_TEMPLATE)?;
-    let mut proc: serde_json::Value =
-        serde_json::from_str(TINY_PROCESSOR).map_err(|e| ModelError::InvalidConfig(format!("bundled processor_config.json: {e}")))?;
-    proc["image_processor"]["size"] = serde_json::json!({"shortest_edge": 14 * 14 * 4, "longest_edge": MAX_VISUAL_TOKENS * 14 * 14});
-    proc["video_processor"]["size"] = serde_json::json!({"shortest_edge": 28 * 28, "longest_edge": MAX_VISUAL_TOKENS * 28 * 28});
+    let mut proc: serde_json::Value = serde_json::from_str(TINY_PROCESSOR)
+        .map_err(|e| ModelError::InvalidConfig(format!("bundled processor_config.json: {e}")))?;
+    proc["image_processor"]["size"] =
+        serde_json::json!({"shortest_edge": 14 * 14 * 4, "longest_edge": MAX_VISUAL_TOKENS * 14 * 14});
+    proc["video_processor"]["size"] =
+        serde_json::json!({"shortest_edge": 28 * 28, "longest_edge": MAX_VISUAL_TOKENS * 28 * 28});
     proc["video_processor"]["max_frames"] = 180.into();
     write(&dir.join("processor_config.json"), &serde_json::to_string_pretty(&proc).unwrap_or_default())?;
     write(&marker, &serde_json::to_string_pretty(&info).unwrap_or_default())?;

@@ -27,11 +27,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::Config;
+use super::random::{bench_config, parameter_count, tensor_shapes, write_random_checkpoint};
 use super::BenchError;
+use crate::config::Config;
 use crate::config::{DType, Device};
 use crate::engine::{load_runner, Engine, EngineCounters, EngineError, Job, JobOutput};
-use super::random::{bench_config, parameter_count, tensor_shapes, write_random_checkpoint};
 use crate::model::VideoLlama3Config;
 use crate::window::{Frame, Window};
 
@@ -181,7 +181,8 @@ pub struct ShapeReport {
 /// Pixel value of the synthetic frame formula (see the module doc).
 pub fn pixel(s: usize, i: usize, y: u32, x: u32, c: u32, static_cols: u32) -> u8 {
     let (x, y, c, s, i) = (x as u64, y as u64, c as u64, s as u64, i as u64);
-    let v = if x < static_cols as u64 { 3 * x + 5 * y + 50 * c + 7 * s } else { 5 * x + 3 * y + 50 * c + 7 * s + 37 * i };
+    let v =
+        if x < static_cols as u64 { 3 * x + 5 * y + 50 * c + 7 * s } else { 5 * x + 3 * y + 50 * c + 7 * s + 37 * i };
     (v % 256) as u8
 }
 
@@ -200,7 +201,14 @@ pub fn frame(s: usize, i: usize, w: &Workload) -> Frame {
             }
         }
     }
-    Frame { width: w.width, height: w.height, data, slot: i as u64, time_s: i as f64 / w.fps, captured_at: SystemTime::now() }
+    Frame {
+        width: w.width,
+        height: w.height,
+        data,
+        slot: i as u64,
+        time_s: i as f64 / w.fps,
+        captured_at: SystemTime::now(),
+    }
 }
 
 /// Window `k` of stream `s` (windows do not overlap: the peer has no feature cache to match).
@@ -252,7 +260,9 @@ fn gpu_used_mib(index: &str) -> Option<u64> {
 fn rss_peak_mib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .map(|kb| kb / 1024)
         .unwrap_or(0)
 }
@@ -276,7 +286,13 @@ impl MemorySampler {
                     std::thread::sleep(Duration::from_millis(100));
                 }
             });
-            return Self { stop, peak_mib: peak, baseline_mib: baseline, thread: Some(thread), source: "nvidia-smi memory.used" };
+            return Self {
+                stop,
+                peak_mib: peak,
+                baseline_mib: baseline,
+                thread: Some(thread),
+                source: "nvidia-smi memory.used",
+            };
         }
         // Reset the process's peak RSS (writing the random checkpoint is not part of the run).
         let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -313,7 +329,10 @@ fn engine_config(dir: &Path, o: &ShapeOptions, dtype: DType, w: &Workload) -> Re
         text.push_str(&format!("\n[[prompt]]\nname = {name:?}\ntext = {q:?}\n"));
     }
     for s in 0..max_streams {
-        text.push_str(&format!("\n[[stream]]\nname = \"cam{s}\"\nuri = \"rtsp://127.0.0.1:8554/cam{s}\"\nprompts = {names:?}\nfps = {}\n", w.fps));
+        text.push_str(&format!(
+            "\n[[stream]]\nname = \"cam{s}\"\nuri = \"rtsp://127.0.0.1:8554/cam{s}\"\nprompts = {names:?}\nfps = {}\n",
+            w.fps
+        ));
     }
     Config::parse(&text, "bench.toml", Path::new(".")).map_err(BenchError::Config)
 }
@@ -321,7 +340,9 @@ fn engine_config(dir: &Path, o: &ShapeOptions, dtype: DType, w: &Workload) -> Re
 /// Run the benchmark.
 pub fn run(o: &ShapeOptions, progress: &mut dyn FnMut(&str)) -> Result<ShapeReport, BenchError> {
     if o.frames == 0 || o.windows == 0 || o.prompts == 0 || o.new_tokens < 2 || o.streams.contains(&0) {
-        return Err(BenchError::Options("frames, windows, prompts and streams must be positive and new tokens at least 2".into()));
+        return Err(BenchError::Options(
+            "frames, windows, prompts and streams must be positive and new tokens at least 2".into(),
+        ));
     }
     let gpu = matches!(o.device, Device::Cuda(_));
     let dtype = o.dtype.unwrap_or(if gpu { DType::Bf16 } else { DType::F32 });
@@ -365,7 +386,13 @@ pub fn run(o: &ShapeOptions, progress: &mut dyn FnMut(&str)) -> Result<ShapeRepo
     Ok(report)
 }
 
-fn measure(o: &ShapeOptions, dir: &Path, shape: &str, dtype: DType, progress: &mut dyn FnMut(&str)) -> Result<ShapeReport, BenchError> {
+fn measure(
+    o: &ShapeOptions,
+    dir: &Path,
+    shape: &str,
+    dtype: DType,
+    progress: &mut dyn FnMut(&str),
+) -> Result<ShapeReport, BenchError> {
     let model_cfg = VideoLlama3Config::from_file(dir)?;
     let shapes = tensor_shapes(&model_cfg)?;
     let elem = dtype.size() as u64;
@@ -373,7 +400,10 @@ fn measure(o: &ShapeOptions, dir: &Path, shape: &str, dtype: DType, progress: &m
     let tied = model_cfg.tie_word_embeddings;
     let text_params: u64 = shapes
         .iter()
-        .filter(|(n, _)| n == "lm_head.weight" || n.starts_with("model.language_model.") && (tied || !n.ends_with("embed_tokens.weight")))
+        .filter(|(n, _)| {
+            n == "lm_head.weight"
+                || n.starts_with("model.language_model.") && (tied || !n.ends_with("embed_tokens.weight"))
+        })
         .map(|(_, s)| s.iter().product::<usize>() as u64)
         .sum();
     let mut w = Workload {
@@ -438,7 +468,10 @@ fn measure(o: &ShapeOptions, dir: &Path, shape: &str, dtype: DType, progress: &m
         total_s,
         tokens: r.tokens.clone(),
     };
-    progress(&format!("batch 1: prefill {:.1} ms, decode {:.2} ms/token", single.prefill_ms, single.decode_ms_per_token));
+    progress(&format!(
+        "batch 1: prefill {:.1} ms, decode {:.2} ms/token",
+        single.prefill_ms, single.decode_ms_per_token
+    ));
     drop(runner);
 
     // 3. The serving path.
@@ -470,7 +503,8 @@ fn measure(o: &ShapeOptions, dir: &Path, shape: &str, dtype: DType, progress: &m
     let mut stream = Vec::new();
     for &n in &w.streams {
         // Frames are built before the clock starts: a camera delivers them for free.
-        let windows: Vec<Arc<Window>> = (0..w.windows).flat_map(|k| (0..n).map(move |s| (s, k))).map(|(s, k)| window(s, k + 1, &w)).collect();
+        let windows: Vec<Arc<Window>> =
+            (0..w.windows).flat_map(|k| (0..n).map(move |s| (s, k))).map(|(s, k)| window(s, k + 1, &w)).collect();
         let before = engine.counters();
         let t0 = Instant::now();
         for win in windows {
@@ -560,7 +594,9 @@ pub fn table(r: &ShapeReport) -> String {
         "one window x one prompt: {} prompt tokens ({} of {} visual kept); preprocess + vision {:.1} ms, prefill {:.1} ms, decode {:.2} ms/token ({:.1} tok/s, {:.0} GB/s of weights); {:.2} s in all\n",
         b.prompt_tokens, b.visual_tokens_kept, b.visual_tokens_total, b.preprocess_and_vision_ms, b.prefill_ms, b.decode_ms_per_token, b.decode_tok_per_s, b.decode_weight_gb_per_s, b.total_s
     ));
-    s.push_str("streams  windows  seconds  windows/s  gen tok/s  mean batch  time split prep/vision/prefill/decode %\n");
+    s.push_str(
+        "streams  windows  seconds  windows/s  gen tok/s  mean batch  time split prep/vision/prefill/decode %\n",
+    );
     for f in &r.stream {
         let busy = (f.preprocess_ms + f.vision_ms + f.prefill_ms + f.decode_ms).max(1) as f64 / 100.0;
         s.push_str(&format!(

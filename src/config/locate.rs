@@ -77,7 +77,6 @@ impl Locator<'_> {
     }
 }
 
-
 /// 1-based line and character column of a byte offset.
 pub(super) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let offset = offset.min(text.len());
@@ -151,10 +150,7 @@ pub(super) fn serde_problem(text: &str, doc: &toml_edit::Document<&str>, e: &tom
     let span = e.span();
     let (line, col) = span.as_ref().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
     let mut message = e.message().trim().to_string();
-    let mut key = span
-        .as_ref()
-        .and_then(|s| key_path_at(doc, s.start))
-        .unwrap_or_else(|| "<root>".into());
+    let mut key = span.as_ref().and_then(|s| key_path_at(doc, s.start)).unwrap_or_else(|| "<root>".into());
 
     // serde: "unknown field `fsp`, expected one of `fps`, `window_seconds`" / "... expected `x`"
     //        "unknown variant `x`, expected one of ..."
@@ -166,12 +162,7 @@ pub(super) fn serde_problem(text: &str, doc: &toml_edit::Document<&str>, e: &tom
                 if what == "unknown field" {
                     // The span covers the table; point at the offending key itself.
                     if let Some((l, c, k)) = find_key_in_span(text, doc, span.clone(), &word) {
-                        return Problem {
-                            line: l,
-                            col: c,
-                            key: k,
-                            message: unknown_key_message(&word, &candidates),
-                        };
+                        return Problem { line: l, col: c, key: k, message: unknown_key_message(&word, &candidates) };
                     }
                     if !key.ends_with(&word) {
                         key = if key == "<root>" { word.clone() } else { format!("{key}.{word}") };
@@ -211,7 +202,13 @@ fn find_key_in_span(
     span: Option<Range<usize>>,
     word: &str,
 ) -> Option<(usize, usize, String)> {
-    fn walk(item: &toml_edit::Item, prefix: &str, word: &str, span: &Option<Range<usize>>, out: &mut Vec<(usize, String)>) {
+    fn walk(
+        item: &toml_edit::Item,
+        prefix: &str,
+        word: &str,
+        span: &Option<Range<usize>>,
+        out: &mut Vec<(usize, String)>,
+    ) {
         let visit_table = |t: &toml_edit::Table, prefix: &str, out: &mut Vec<(usize, String)>| {
             for (k, v) in t.iter() {
                 let path = if prefix.is_empty() { k.to_string() } else { format!("{prefix}.{k}") };

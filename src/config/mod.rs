@@ -716,11 +716,9 @@ impl SourceKind {
             "http" | "https" => SourceKind::Http,
             "file" => SourceKind::File,
             "v4l2" => SourceKind::V4l2,
-            other => {
-                return Err(format!(
-                    "has unsupported scheme {other:?} (expected rtsp://, rtsps://, http(s)://, file://, v4l2:// or a path)"
-                ))
-            }
+            other => return Err(format!(
+                "has unsupported scheme {other:?} (expected rtsp://, rtsps://, http(s)://, file://, v4l2:// or a path)"
+            )),
         };
         match kind {
             SourceKind::Rtsp | SourceKind::Http if parsed.host_str().unwrap_or("").is_empty() => {
@@ -857,8 +855,10 @@ impl Config {
             }
         }
         let secrets = self.mqtt.password_file.iter().map(|p| ("mqtt.password_file".to_string(), p));
-        let stream_secrets =
-            self.streams.iter().filter_map(|s| Some((format!("stream {:?} password_file", s.name), s.password_file.as_ref()?)));
+        let stream_secrets = self
+            .streams
+            .iter()
+            .filter_map(|s| Some((format!("stream {:?} password_file", s.name), s.password_file.as_ref()?)));
         for (what, p) in secrets.chain(stream_secrets) {
             let full = self.resolve_path(p);
             if world_readable(&full) {

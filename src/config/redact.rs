@@ -41,9 +41,7 @@ pub(super) fn secrets_in(text: &str) -> Vec<String> {
     let mut rest = text;
     while let Some(i) = rest.find("://") {
         let tail = &rest[i + 3..];
-        let end = tail
-            .find(|c: char| c == '/' || c.is_whitespace() || c == '"' || c == '\'')
-            .unwrap_or(tail.len());
+        let end = tail.find(|c: char| c == '/' || c.is_whitespace() || c == '"' || c == '\'').unwrap_or(tail.len());
         let authority = &tail[..end];
         if let Some(at) = authority.rfind('@') {
             if let Some(colon) = authority[..at].find(':') {

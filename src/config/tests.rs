@@ -59,7 +59,10 @@ fn defaults_fill_every_section() {
 
 #[test]
 fn stream_overrides_win_over_defaults() {
-    let text = MINIMAL.replace("[[stream]]", "[defaults]\nfps = 2.0\nwindow_seconds = 4.0\n\n[[stream]]\nstride_seconds = 2.0\nloop = true");
+    let text = MINIMAL.replace(
+        "[[stream]]",
+        "[defaults]\nfps = 2.0\nwindow_seconds = 4.0\n\n[[stream]]\nstride_seconds = 2.0\nloop = true",
+    );
     let c = parse(&text).unwrap();
     let s = &c.streams[0].settings;
     assert_eq!((s.fps, s.window_seconds, s.stride_seconds, s.loop_), (2.0, 4.0, 2.0, true));
@@ -125,7 +128,11 @@ fn semantic_rules() {
         ("[[prompt]]", "[engine]\nmax_batch = 0\n\n[[prompt]]", "engine.max_batch"),
         ("[[prompt]]", "[defaults]\nfps = 0.0\n\n[[prompt]]", "defaults.fps"),
         ("prompts = [\"caption\"]", "prompts = [\"caption\"]\nfps = -1.0", "stream[0].fps"),
-        ("prompts = [\"caption\"]", "prompts = [\"caption\"]\nfps = 1.0\nwindow_seconds = 0.5", "stream[0].window_seconds"),
+        (
+            "prompts = [\"caption\"]",
+            "prompts = [\"caption\"]\nfps = 1.0\nwindow_seconds = 0.5",
+            "stream[0].window_seconds",
+        ),
         ("prompts = [\"caption\"]", "prompts = [\"caption\"]\nstride_seconds = 0.0", "stream[0].stride_seconds"),
         ("prompts = [\"caption\"]", "prompts = [\"caption\"]\nreconnect_max_s = 0.5", "stream[0].reconnect_max_s"),
         ("prompts = [\"caption\"]", "prompts = [\"caption\"]\nmax_frame_pixels = 10", "stream[0].max_frame_pixels"),
@@ -139,9 +146,17 @@ fn semantic_rules() {
         ("text = \"Describe.\"", "text = \"Describe.\"\nconfirm_windows = 2", "prompt[0].confirm_windows"),
         ("text = \"Describe.\"", "text = \"Describe.\"\nactive = [\"7-22\"]", "prompt[0].active"),
         ("text = \"Describe.\"", "text = \"Describe.\"\ndays = [\"funday\"]", "prompt[0].days"),
-        ("text = \"Describe.\"", "text = \"Describe.\"\nkind = \"alert\"\nclear_windows = 0", "prompt[0].clear_windows"),
+        (
+            "text = \"Describe.\"",
+            "text = \"Describe.\"\nkind = \"alert\"\nclear_windows = 0",
+            "prompt[0].clear_windows",
+        ),
         ("text = \"Describe.\"", "text = \"Describe.\"\nkind = \"alert\"\ncooldown_s = -1.0", "prompt[0].cooldown_s"),
-        ("prompts = [\"caption\"]", "prompts = [\"caption\"]\npassword_file = \"/nonexistent/pw\"", "stream[0].password_file"),
+        (
+            "prompts = [\"caption\"]",
+            "prompts = [\"caption\"]\npassword_file = \"/nonexistent/pw\"",
+            "stream[0].password_file",
+        ),
     ];
     for (from, to, key) in cases {
         let text = MINIMAL.replacen(from, to, 1);
@@ -174,7 +189,11 @@ fn inputs_beyond_their_caps_are_rejected_where_written() {
         ("prompts = [\"caption\"]".into(), stream("fps = 30.0\nwindow_seconds = 7.0"), "stream[0].window_seconds"),
         ("prompts = [\"caption\"]".into(), stream("max_frame_pixels = 100000000"), "stream[0].max_frame_pixels"),
         // 180 frames of 4096×4096 would be 8.4 GiB of RGB.
-        ("prompts = [\"caption\"]".into(), stream("fps = 30.0\nwindow_seconds = 6.0\nmax_frame_pixels = 16777216"), "stream[0].max_frame_pixels"),
+        (
+            "prompts = [\"caption\"]".into(),
+            stream("fps = 30.0\nwindow_seconds = 6.0\nmax_frame_pixels = 16777216"),
+            "stream[0].max_frame_pixels",
+        ),
         ("prompts = [\"caption\"]".into(), stream("password_file = \"/dev/zero\""), "stream[0].password_file"),
         ("prompts = [\"caption\"]".into(), stream("password_file = \"/\""), "stream[0].password_file"),
         ("[[prompt]]".into(), "[mqtt]\nembedded_listen = \"0.0.0.0\"\n\n[[prompt]]".into(), "mqtt.embedded_listen"),
@@ -199,18 +218,26 @@ fn secret_files_are_read_bounded_and_checked() {
     std::fs::write(&big, vec![b'a'; MAX_SECRET_BYTES as usize + 1]).unwrap();
     let e = read_bounded(&big, MAX_SECRET_BYTES).unwrap_err();
     assert!(e.to_string().contains("larger than"), "{e}");
-    assert!(read_bounded(Path::new("/dev/zero"), MAX_SECRET_BYTES).unwrap_err().to_string().contains("not a regular file"));
+    assert!(read_bounded(Path::new("/dev/zero"), MAX_SECRET_BYTES)
+        .unwrap_err()
+        .to_string()
+        .contains("not a regular file"));
     assert!(read_bounded(dir.path(), 10).unwrap_err().to_string().contains("directory"));
     let empty = dir.path().join("empty");
     std::fs::write(&empty, "\nsecond line").unwrap();
-    let text = MINIMAL.replacen("prompts = [\"caption\"]", &format!("prompts = [\"caption\"]\npassword_file = {:?}", empty), 1);
+    let text = MINIMAL.replacen(
+        "prompts = [\"caption\"]",
+        &format!("prompts = [\"caption\"]\npassword_file = {:?}", empty),
+        1,
+    );
     let p = one_problem(&text);
     assert!(p.message.contains("is empty"), "{p:?}");
 
     use std::os::unix::fs::PermissionsExt;
     let pw = dir.path().join("pw");
     std::fs::write(&pw, "s3cret\n").unwrap();
-    let text = MINIMAL.replacen("prompts = [\"caption\"]", &format!("prompts = [\"caption\"]\npassword_file = {:?}", pw), 1);
+    let text =
+        MINIMAL.replacen("prompts = [\"caption\"]", &format!("prompts = [\"caption\"]\npassword_file = {:?}", pw), 1);
     std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
     let warned = parse(&text).unwrap().warnings();
     assert!(warned.iter().any(|w| w.contains("readable by every user")), "{warned:?}");
@@ -259,7 +286,9 @@ fn syntax_error_is_located() {
 
 #[test]
 fn secrets_never_reach_messages() {
-    let text = MINIMAL.replace("rtsp://cam.local/s", "rtsp://admin:hunter2@cam.local/s").replace("name = \"cam\"", "name = \"c a m\"");
+    let text = MINIMAL
+        .replace("rtsp://cam.local/s", "rtsp://admin:hunter2@cam.local/s")
+        .replace("name = \"cam\"", "name = \"c a m\"");
     let e = parse(&text).unwrap_err();
     assert!(!e.to_string().contains("hunter2"));
     let text = MINIMAL.replace("rtsp://cam.local/s", "gopher://admin:hunter2@cam.local/s");
@@ -310,10 +339,7 @@ fn example_config_is_valid_and_complete() {
     for section in ["model", "pruning", "mqtt", "metrics", "engine", "defaults"] {
         for key in defaults[section].as_object().unwrap().keys() {
             let key = if key == "loop_" { "loop" } else { key.as_str() };
-            assert!(
-                EXAMPLE_CONFIG.contains(&format!("{key} =")),
-                "example config lacks [{section}] {key}"
-            );
+            assert!(EXAMPLE_CONFIG.contains(&format!("{key} =")), "example config lacks [{section}] {key}");
         }
     }
 }
@@ -357,7 +383,10 @@ fn pathdiff(to: &Path, from: &Path) -> PathBuf {
 fn a_gpu_gets_gpu_sized_batches_unless_the_file_sets_them() {
     // MINIMAL runs on the default device, cuda:0.
     let gpu = parse(MINIMAL).unwrap();
-    assert_eq!((gpu.engine.max_batch, gpu.engine.max_batch_tokens), (EngineConfig::GPU_MAX_BATCH, EngineConfig::GPU_MAX_BATCH_TOKENS));
+    assert_eq!(
+        (gpu.engine.max_batch, gpu.engine.max_batch_tokens),
+        (EngineConfig::GPU_MAX_BATCH, EngineConfig::GPU_MAX_BATCH_TOKENS)
+    );
     let cpu = parse(&MINIMAL.replace("path = \"m\"", "path = \"m\"\ndevice = \"cpu\"")).unwrap();
     let d = EngineConfig::default();
     assert_eq!((cpu.engine.max_batch, cpu.engine.max_batch_tokens), (d.max_batch, d.max_batch_tokens));

@@ -7,10 +7,8 @@ use super::*;
 impl Config {
     /// Read, parse and validate a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = read_bounded(path, MAX_CONFIG_BYTES).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = read_bounded(path, MAX_CONFIG_BYTES)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
         // Absolute, so that a path resolved once stays the same if resolved again.
@@ -34,10 +32,7 @@ impl Config {
             Ok(doc) => doc,
             Err(e) => {
                 let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((0, 0));
-                let key = e
-                    .span()
-                    .map(|s| key_path_in_line(text, s.start))
-                    .unwrap_or_else(|| "<syntax>".into());
+                let key = e.span().map(|s| key_path_in_line(text, s.start)).unwrap_or_else(|| "<syntax>".into());
                 return Err(invalid(vec![Problem {
                     line,
                     col,
@@ -117,7 +112,8 @@ impl Config {
         self.validate_mqtt(&mut v);
 
         if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<SocketAddr>().is_err() {
-            v.fail("metrics.listen",
+            v.fail(
+                "metrics.listen",
                 &format!("{:?} is not host:port (e.g. \"127.0.0.1:9464\"; \"\" disables)", self.metrics.listen),
             );
         }
@@ -139,11 +135,8 @@ impl Config {
         }
 
         self.validate_stream_settings(&mut v, "defaults", &self.defaults);
-        let defaults_failed: HashSet<String> = v
-            .problems
-            .iter()
-            .filter_map(|p| p.key.strip_prefix("defaults.").map(String::from))
-            .collect();
+        let defaults_failed: HashSet<String> =
+            v.problems.iter().filter_map(|p| p.key.strip_prefix("defaults.").map(String::from)).collect();
 
         let mut prompt_names = HashSet::new();
         for (i, pr) in self.prompts.iter().enumerate() {
@@ -153,7 +146,10 @@ impl Config {
             } else if RESERVED_PROMPT_NAMES.contains(&pr.name.as_str()) {
                 v.fail(
                     &key("name"),
-                    &format!("{:?} is reserved: it would collide with the topic <prefix>/<stream>/{}", pr.name, pr.name),
+                    &format!(
+                        "{:?} is reserved: it would collide with the topic <prefix>/<stream>/{}",
+                        pr.name, pr.name
+                    ),
                 );
             } else if !prompt_names.insert(pr.name.as_str()) {
                 v.fail(&key("name"), &format!("duplicate prompt name {:?}", pr.name));
@@ -241,18 +237,29 @@ impl Config {
     fn validate_mqtt(&self, v: &mut Validator) {
         let q = &self.mqtt;
         if q.broker != "embedded" && !q.broker.contains("://") {
-            v.fail("mqtt.broker",
+            v.fail(
+                "mqtt.broker",
                 &format!("{:?} is not \"embedded\" or a broker URL like mqtt://host:1883", redact_uri(&q.broker)),
             );
         } else if q.broker != "embedded" {
             match url::Url::parse(&q.broker) {
-                Ok(u) if matches!(u.scheme(), "mqtt" | "mqtts" | "tcp" | "ssl") && u.host_str().is_some_and(|h| !h.is_empty()) => {}
-                Ok(u) if !matches!(u.scheme(), "mqtt" | "mqtts" | "tcp" | "ssl") => v.fail("mqtt.broker",
-                    &format!("unsupported scheme {:?} (expected \"embedded\", mqtt://host:1883 or mqtts://host:8883)", u.scheme()),
+                Ok(u)
+                    if matches!(u.scheme(), "mqtt" | "mqtts" | "tcp" | "ssl")
+                        && u.host_str().is_some_and(|h| !h.is_empty()) => {}
+                Ok(u) if !matches!(u.scheme(), "mqtt" | "mqtts" | "tcp" | "ssl") => v.fail(
+                    "mqtt.broker",
+                    &format!(
+                        "unsupported scheme {:?} (expected \"embedded\", mqtt://host:1883 or mqtts://host:8883)",
+                        u.scheme()
+                    ),
                 ),
                 Ok(_) => v.fail("mqtt.broker", "has no host"),
-                Err(e) => v.fail("mqtt.broker",
-                    &format!("{:?} is not \"embedded\" or a broker URL like mqtt://host:1883 ({e})", redact_uri(&q.broker)),
+                Err(e) => v.fail(
+                    "mqtt.broker",
+                    &format!(
+                        "{:?} is not \"embedded\" or a broker URL like mqtt://host:1883 ({e})",
+                        redact_uri(&q.broker)
+                    ),
                 ),
             }
         }
@@ -264,9 +271,7 @@ impl Config {
             || q.topic_prefix.starts_with('/')
             || q.topic_prefix.ends_with('/')
         {
-            v.fail("mqtt.topic_prefix",
-                "must be non-empty, without MQTT wildcards (+, #) or a leading/trailing '/'",
-            );
+            v.fail("mqtt.topic_prefix", "must be non-empty, without MQTT wildcards (+, #) or a leading/trailing '/'");
         } else if q.topic_prefix.chars().count() > MAX_TOPIC_PREFIX_CHARS {
             v.fail("mqtt.topic_prefix", &format!("is longer than {MAX_TOPIC_PREFIX_CHARS} characters"));
         }
@@ -411,7 +416,6 @@ impl Config {
         }
     }
 }
-
 
 /// Stream and prompt names become MQTT topic levels and metric labels.
 fn check_name(name: &str) -> Result<(), String> {

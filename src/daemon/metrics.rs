@@ -46,7 +46,11 @@ impl Metrics {
     pub(super) fn new() -> Metrics {
         let r = Registry::new();
         Metrics {
-            frames: r.counter("vigil_frames_total", "Frames delivered by the stream's pipeline (after rate limiting).", &["stream"]),
+            frames: r.counter(
+                "vigil_frames_total",
+                "Frames delivered by the stream's pipeline (after rate limiting).",
+                &["stream"],
+            ),
             frames_dropped: r.counter(
                 "vigil_frames_dropped_total",
                 "Frames discarded by the windower (out of order after a reconnect or loop).",
@@ -63,9 +67,17 @@ impl Metrics {
                 "Windows no prompt ran on, by reason (schedule: every prompt out of its active hours).",
                 &["stream", "reason"],
             ),
-            jobs_queued: r.counter("vigil_jobs_queued_total", "Jobs (window x due prompts) submitted to the engine.", &["stream"]),
+            jobs_queued: r.counter(
+                "vigil_jobs_queued_total",
+                "Jobs (window x due prompts) submitted to the engine.",
+                &["stream"],
+            ),
             jobs_dropped: r.counter("vigil_jobs_dropped_total", "Jobs dropped instead of answered late.", &["stream"]),
-            answers: r.counter("vigil_answers_total", "Answers produced (handed to the MQTT outbox).", &["stream", "prompt"]),
+            answers: r.counter(
+                "vigil_answers_total",
+                "Answers produced (handed to the MQTT outbox).",
+                &["stream", "prompt"],
+            ),
             answers_delivered: r.counter(
                 "vigil_mqtt_delivered_total",
                 "Answers the broker acknowledged (PUBACK/PUBCOMP; written, for QoS 0).",
@@ -86,7 +98,11 @@ impl Metrics {
             tokens_generated: r.counter("vigil_tokens_generated_total", "Tokens generated.", &[]),
             visual_total: r.counter("vigil_visual_tokens_total", "Video tokens before pruning.", &[]),
             visual_kept: r.counter("vigil_visual_tokens_kept_total", "Video tokens kept after pruning.", &[]),
-            cache_hits: r.counter("vigil_vision_cache_hits_total", "Frames whose vision features came from the cache.", &[]),
+            cache_hits: r.counter(
+                "vigil_vision_cache_hits_total",
+                "Frames whose vision features came from the cache.",
+                &[],
+            ),
             cache_misses: r.counter("vigil_vision_cache_misses_total", "Frames run through the vision encoder.", &[]),
             prefix_shared: r.counter(
                 "vigil_prefix_shared_total",
@@ -99,7 +115,11 @@ impl Metrics {
                 &[],
             ),
             mqtt_queued: r.gauge("vigil_mqtt_queued", "Messages waiting in the MQTT outbox.", &[]),
-            mqtt_dropped: r.counter("vigil_mqtt_dropped_total", "MQTT messages dropped because the outbox was full.", &[]),
+            mqtt_dropped: r.counter(
+                "vigil_mqtt_dropped_total",
+                "MQTT messages dropped because the outbox was full.",
+                &[],
+            ),
             mqtt_connected: r.gauge("vigil_mqtt_connected", "1 while the MQTT broker connection is up.", &[]),
             commands_rejected: r.counter(
                 "vigil_mqtt_commands_rejected_total",
@@ -108,7 +128,11 @@ impl Metrics {
             ),
             stream_up: r.gauge("vigil_stream_up", "1 while the stream delivers frames.", &["stream"]),
             engine_queue: r.gauge("vigil_engine_queue_depth", "Jobs waiting for the engine.", &[]),
-            heartbeat_age: r.gauge("vigil_engine_heartbeat_age_seconds", "Seconds since the engine thread last showed life.", &[]),
+            heartbeat_age: r.gauge(
+                "vigil_engine_heartbeat_age_seconds",
+                "Seconds since the engine thread last showed life.",
+                &[],
+            ),
             registry: r,
         }
     }

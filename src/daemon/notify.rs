@@ -37,10 +37,7 @@ impl Notifier {
         });
         // The watchdog applies to us only if WATCHDOG_PID is unset or names this process.
         let ours = pid.is_none_or(|p| p.parse::<u32>().ok() == Some(std::process::id()));
-        let watchdog = usec
-            .and_then(|u| u.parse::<u64>().ok())
-            .filter(|u| *u > 0 && ours)
-            .map(Duration::from_micros);
+        let watchdog = usec.and_then(|u| u.parse::<u64>().ok()).filter(|u| *u > 0 && ours).map(Duration::from_micros);
         Notifier { target, watchdog }
     }
 

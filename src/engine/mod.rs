@@ -112,8 +112,18 @@ pub struct Job {
 pub enum JobOutput {
     Answer(PromptResult),
     /// The job left the queue unanswered (too old, evicted, stream removed, shutdown).
-    Dropped { stream: String, window_seq: u64, prompts: Vec<String>, reason: String },
-    Failed { stream: String, window_seq: u64, prompt: String, error: String },
+    Dropped {
+        stream: String,
+        window_seq: u64,
+        prompts: Vec<String>,
+        reason: String,
+    },
+    Failed {
+        stream: String,
+        window_seq: u64,
+        prompt: String,
+        error: String,
+    },
 }
 
 /// One answer with its timing and token accounting.
@@ -278,11 +288,18 @@ impl VideoInput {
     /// The sizing a job's token estimate uses if the checkpoint's is not known. Unreachable in
     /// practice ([`Engine::start`] returns after the load sets it), so a small budget at
     /// VideoLLaMA3's patch and merge sizes: an estimate, never a refusal.
-    pub const FALLBACK: VideoInput = VideoInput { patch: 14, merge: 2, min_pixels: 28 * 28, max_pixels: 112 * 112, do_resize: true };
+    pub const FALLBACK: VideoInput =
+        VideoInput { patch: 14, merge: 2, min_pixels: 28 * 28, max_pixels: 112 * 112, do_resize: true };
 
     /// The sizing of a checkpoint's video processor settings.
     pub fn of(c: &crate::processor::checkpoint::ImageProcessorConfig) -> VideoInput {
-        VideoInput { patch: c.patch_size, merge: c.merge_size, min_pixels: c.min_pixels, max_pixels: c.max_pixels, do_resize: c.do_resize }
+        VideoInput {
+            patch: c.patch_size,
+            merge: c.merge_size,
+            min_pixels: c.min_pixels,
+            max_pixels: c.max_pixels,
+            do_resize: c.do_resize,
+        }
     }
 
     /// The processor's (height, width) for a frame of a clip of `frames` frames, or `None` if
@@ -291,8 +308,14 @@ impl VideoInput {
         if !self.do_resize {
             return Some((height, width));
         }
-        crate::processor::resize::smart_resize(height, width, self.patch * self.merge, self.min_pixels, self.max_pixels / frames.max(1))
-            .ok()
+        crate::processor::resize::smart_resize(
+            height,
+            width,
+            self.patch * self.merge,
+            self.min_pixels,
+            self.max_pixels / frames.max(1),
+        )
+        .ok()
     }
 }
 
@@ -329,12 +352,19 @@ pub fn load_runner(cfg: &Config) -> Result<Runner, EngineError> {
         &cfg.base_dir,
     )
     .map_err(|source| EngineError::Load(LoadError::Model { dir: dir.clone(), source }))?;
-    let processor = Processor::from_pretrained(&dir).map_err(|source| EngineError::Load(LoadError::Processor { dir: dir.clone(), source }))?;
+    let processor = Processor::from_pretrained(&dir)
+        .map_err(|source| EngineError::Load(LoadError::Processor { dir: dir.clone(), source }))?;
     let (too_long, _) = preflight::context_fit(cfg, &processor, model.config().text_config.max_position_embeddings);
     if !too_long.is_empty() {
         return Err(EngineError::Load(LoadError::TooLong(too_long)));
     }
-    Runner::new(model, processor, GenerationParams::from_model_config(&cfg.model), cfg.pruning.clone(), cfg.engine.feature_cache_frames)
+    Runner::new(
+        model,
+        processor,
+        GenerationParams::from_model_config(&cfg.model),
+        cfg.pruning.clone(),
+        cfg.engine.feature_cache_frames,
+    )
 }
 
 /// The checkpoint directory: `path`, the cached `repo`, else (with `hub`) the downloaded one.
@@ -496,7 +526,8 @@ impl Engine {
     pub fn heartbeat_age(&self) -> Duration {
         let now = self.shared.epoch.elapsed().as_millis() as u64;
         // The older of the two threads' signs of life: either one stuck is the engine stuck.
-        let last = self.shared.heartbeat_ms.load(Ordering::Relaxed).min(self.shared.prep_heartbeat_ms.load(Ordering::Relaxed));
+        let last =
+            self.shared.heartbeat_ms.load(Ordering::Relaxed).min(self.shared.prep_heartbeat_ms.load(Ordering::Relaxed));
         Duration::from_millis(now.saturating_sub(last))
     }
 
@@ -577,13 +608,14 @@ struct Ready {
 fn engine_loop(sh: &Arc<Shared>, runner: &mut Runner) {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Ready>(1);
     let (psh, prep) = (sh.clone(), runner.preparer());
-    let prep_thread = match std::thread::Builder::new().name("vigil-prep".into()).spawn(move || prep_loop(&psh, prep, tx)) {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::error!("cannot start the preprocessing thread ({e}); the engine stops");
-            return;
-        }
-    };
+    let prep_thread =
+        match std::thread::Builder::new().name("vigil-prep".into()).spawn(move || prep_loop(&psh, prep, tx)) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!("cannot start the preprocessing thread ({e}); the engine stops");
+                return;
+            }
+        };
     loop {
         sh.beat();
         match rx.recv_timeout(Duration::from_millis(250)) {
@@ -607,7 +639,10 @@ fn prep_loop(sh: &Arc<Shared>, mut prep: Preparer, tx: std::sync::mpsc::SyncSend
             if !old.is_empty() {
                 lock(&sh.counters).dropped(DropReason::TooOld, old.len() as u64);
                 if st.too_old_burst == 0 {
-                    tracing::warn!(jobs = old.len(), "engine is behind: dropping jobs older than max_queue_age_s (logged once per burst)");
+                    tracing::warn!(
+                        jobs = old.len(),
+                        "engine is behind: dropping jobs older than max_queue_age_s (logged once per burst)"
+                    );
                 }
                 st.too_old_burst += old.len() as u64;
                 for q in &old {
@@ -652,10 +687,11 @@ fn prep_loop(sh: &Arc<Shared>, mut prep: Preparer, tx: std::sync::mpsc::SyncSend
                 queue: start.saturating_duration_since(q.job.closed_at),
             })
             .collect();
-        let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| prep.prepare_batch(&work))).unwrap_or_else(|_| {
-            tracing::error!("the engine panicked while preprocessing a batch; its prompts fail");
-            PreparedBatch::failed(work.len(), "engine panic")
-        });
+        let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| prep.prepare_batch(&work)))
+            .unwrap_or_else(|_| {
+                tracing::error!("the engine panicked while preprocessing a batch; its prompts fail");
+                PreparedBatch::failed(work.len(), "engine panic")
+            });
         let mut ready = Ready { batch, work, prepared };
         // Wait for the model to take it, showing life meanwhile.
         loop {
@@ -676,12 +712,17 @@ fn run_ready(sh: &Shared, runner: &mut Runner, ready: Ready) {
     let Ready { batch, work, prepared } = ready;
     let start = Instant::now();
     let alive = || sh.beat();
-    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.compute_batch(&work, prepared, &alive, &sh.abort)));
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runner.compute_batch(&work, prepared, &alive, &sh.abort)
+    }));
     let (outcomes, stats) = match ran {
         Ok(r) => r,
         Err(_) => {
             tracing::error!("the engine panicked while running a batch; its prompts fail");
-            (work.iter().map(|w| w.prompts.iter().map(|_| Err("engine panic".to_string())).collect()).collect(), RunStats::default())
+            (
+                work.iter().map(|w| w.prompts.iter().map(|_| Err("engine panic".to_string())).collect()).collect(),
+                RunStats::default(),
+            )
         }
     };
     // Counters first, so whoever has received every answer also sees them counted.
@@ -697,7 +738,12 @@ fn run_ready(sh: &Shared, runner: &mut Runner, ready: Ready) {
                 Err(error) => {
                     failed += 1;
                     tracing::warn!(stream = %q.job.stream, window = q.job.window.seq, prompt = %p.name, %error, "prompt failed");
-                    JobOutput::Failed { stream: q.job.stream.clone(), window_seq: q.job.window.seq, prompt: p.name.clone(), error }
+                    JobOutput::Failed {
+                        stream: q.job.stream.clone(),
+                        window_seq: q.job.window.seq,
+                        prompt: p.name.clone(),
+                        error,
+                    }
                 }
             };
             msgs.push((&q.job.reply, msg));

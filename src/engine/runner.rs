@@ -32,12 +32,15 @@ use super::{EngineError, PromptResult};
 use crate::config::{PromptConfig, PruningConfig};
 use crate::model::text::DecoderInputs;
 use crate::model::{
-    DecodeRow, Decoding, GenerationParams, KvCache, ModelError, MultimodalInputs, VideoLlama3ForConditionalGeneration, VisualInputs,
+    DecodeRow, Decoding, GenerationParams, KvCache, ModelError, MultimodalInputs, VideoLlama3ForConditionalGeneration,
+    VisualInputs,
 };
 use crate::processor::image::{normalize_planes, patchify_frames};
 use crate::processor::resize::{resize_torchvision_bicubic_u8, smart_resize};
 use crate::processor::video::compression_mask;
-use crate::processor::{py_format_1f, CallOptions, ContentPart, Message, PaddingSide, Processor, RgbImage, Video, VideoInputs};
+use crate::processor::{
+    py_format_1f, CallOptions, ContentPart, Message, PaddingSide, Processor, RgbImage, Video, VideoInputs,
+};
 use crate::window::Window;
 
 /// Which optimisations the batched path uses (all on in the daemon; the bench and tests turn
@@ -199,7 +202,8 @@ impl Runner {
         pruning: PruningConfig,
         feature_cache_frames: usize,
     ) -> Result<Self, EngineError> {
-        let decoding = Decoding::resolve(&params, model.generation_defaults()).map_err(|e| EngineError::checkpoint(e.to_string()))?;
+        let decoding = Decoding::resolve(&params, model.generation_defaults())
+            .map_err(|e| EngineError::checkpoint(e.to_string()))?;
         let cfg = model.config();
         if processor.video_token_id != cfg.video_token_id || processor.image_token_id != cfg.image_token_id {
             return Err(EngineError::checkpoint(format!(
@@ -212,7 +216,12 @@ impl Runner {
         }
         let processor = Arc::new(processor);
         let options = RunOptions::default();
-        let prep = Preparer { processor: processor.clone(), pruning, pixel_cache: LruCache::new(feature_cache_frames), options };
+        let prep = Preparer {
+            processor: processor.clone(),
+            pruning,
+            pixel_cache: LruCache::new(feature_cache_frames),
+            options,
+        };
         Ok(Self { model, processor, params, cache: FeatureCache::new(feature_cache_frames), options, decoding, prep })
     }
 
@@ -268,7 +277,8 @@ impl Runner {
         let v = &inputs.videos;
         let mm = MultimodalInputs {
             videos: Some(VisualInputs {
-                pixel_values: Tensor::from_vec(v.pixel_values_videos.clone(), (v.rows(), v.patch_dim), dev).map_err(perr)?,
+                pixel_values: Tensor::from_vec(v.pixel_values_videos.clone(), (v.rows(), v.patch_dim), dev)
+                    .map_err(perr)?,
                 grid_thw: v.video_grid_thw.clone(),
                 merge_sizes: v.video_merge_sizes.clone(),
             }),
@@ -306,7 +316,8 @@ impl Runner {
         let v = self.processor.call(&[text], &[], &[video], &self.prep.call_options()).map_err(perr)?.videos;
         let dev = self.model.device();
         let vi = VisualInputs {
-            pixel_values: Tensor::from_vec(v.pixel_values_videos.clone(), (v.rows(), v.patch_dim), dev).map_err(perr)?,
+            pixel_values: Tensor::from_vec(v.pixel_values_videos.clone(), (v.rows(), v.patch_dim), dev)
+                .map_err(perr)?,
             grid_thw: v.video_grid_thw.clone(),
             merge_sizes: v.video_merge_sizes.clone(),
         };
@@ -367,7 +378,12 @@ impl Runner {
                     let Some(p) = p else { return Ok(None) };
                     stats.frames_encoded += p.grid[0] as u64;
                     let vi = VisualInputs {
-                        pixel_values: Tensor::from_vec(p.pixels.clone(), (p.pixels.len() / p.patch_dim, p.patch_dim), &dev).map_err(perr)?,
+                        pixel_values: Tensor::from_vec(
+                            p.pixels.clone(),
+                            (p.pixels.len() / p.patch_dim, p.patch_dim),
+                            &dev,
+                        )
+                        .map_err(perr)?,
                         grid_thw: vec![p.grid],
                         merge_sizes: vec![p.merge],
                     };
@@ -455,7 +471,12 @@ impl Runner {
 
     /// Run a batch of windows; one outcome per (window, prompt), in order. `alive` is called
     /// between steps (heartbeat); `abort` stops generation early (shutdown).
-    pub fn run_batch(&mut self, work: &[WindowWork], alive: &dyn Fn(), abort: &AtomicBool) -> (Vec<Vec<PromptOutcome>>, RunStats) {
+    pub fn run_batch(
+        &mut self,
+        work: &[WindowWork],
+        alive: &dyn Fn(),
+        abort: &AtomicBool,
+    ) -> (Vec<Vec<PromptOutcome>>, RunStats) {
         let prepared = self.prep.prepare_batch(work);
         alive();
         self.compute_batch(work, prepared, alive, abort)
@@ -525,7 +546,8 @@ impl Runner {
         let t_prefill = Instant::now();
         let prefix_cache = self.prefill_prefixes(&groups, preps, feats)?;
         alive();
-        let Prefilled { of, mut rows, mut cache, logits } = self.prefill_suffixes(work, preps, prefix_cache, &row_group, of, stats)?;
+        let Prefilled { of, mut rows, mut cache, logits } =
+            self.prefill_suffixes(work, preps, prefix_cache, &row_group, of, stats)?;
         let _ = self.model.device().synchronize();
         let prefill = t_prefill.elapsed();
         stats.prefill = prefill;
@@ -602,7 +624,12 @@ impl Runner {
     }
 
     /// Prefix prefill (video + head), left-padded, all groups of the batch at once.
-    fn prefill_prefixes(&self, groups: &[Group], preps: &[Option<Prepared>], feats: &[Option<Tensor>]) -> Result<KvCache, String> {
+    fn prefill_prefixes(
+        &self,
+        groups: &[Group],
+        preps: &[Option<Prepared>],
+        feats: &[Option<Tensor>],
+    ) -> Result<KvCache, String> {
         let dev = self.model.device().clone();
         let pad_id = self.decoding.pad;
         let lp = groups.iter().map(|g| g.ids.len()).max().unwrap_or(0);
@@ -673,13 +700,20 @@ impl Runner {
         let hidden = lm
             .forward(&DecoderInputs { inputs_embeds: &emb, position_ids: &spos, attention_mask: &smask }, &mut cache)
             .map_err(perr)?;
-        let logits = self.model.lm_head(&hidden.narrow(1, ls - 1, 1).map_err(perr)?).map_err(perr)?.squeeze(1).map_err(perr)?;
+        let logits =
+            self.model.lm_head(&hidden.narrow(1, ls - 1, 1).map_err(perr)?).map_err(perr)?.squeeze(1).map_err(perr)?;
         let vocab = self.model.config().text_config.vocab_size;
         let rows = of
             .iter()
             .map(|o| {
                 let full = &preps[o.job].as_ref().expect("prepared").rows[o.prompt].full_ids;
-                DecodeRow::new(&self.decoding, full, vocab, self.max_new(&work[o.job].prompts[o.prompt]), full.len() as i64)
+                DecodeRow::new(
+                    &self.decoding,
+                    full,
+                    vocab,
+                    self.max_new(&work[o.job].prompts[o.prompt]),
+                    full.len() as i64,
+                )
             })
             .collect();
         Ok(Prefilled { of, rows, cache, logits })
@@ -754,10 +788,13 @@ impl Preparer {
             .mask_of(0)
             .chunks(per.max(1))
             .zip(&v.timestamps[0])
-            .map(|(chunk, t)| format!("Time {}s:{}", py_format_1f(*t), vtok.repeat(chunk.iter().filter(|k| **k).count())))
+            .map(|(chunk, t)| {
+                format!("Time {}s:{}", py_format_1f(*t), vtok.repeat(chunk.iter().filter(|k| **k).count()))
+            })
             .collect();
         let expanded_head = first.replacen(&vtok, &repl.join(","), 1);
-        let prefix_ids = self.processor.tokenizer.encode(expanded_head.as_str(), true).map_err(perr)?.get_ids().to_vec();
+        let prefix_ids =
+            self.processor.tokenizer.encode(expanded_head.as_str(), true).map_err(perr)?.get_ids().to_vec();
         let encode = |s: &str| -> Result<Vec<u32>, String> {
             Ok(self.processor.tokenizer.encode(s, true).map_err(perr)?.get_ids().to_vec())
         };
@@ -817,11 +854,18 @@ impl Preparer {
     /// normalized patch rows cached by content and target size. Same steps and functions as the
     /// processor (per-clip pixel budget, torchvision bicubic, normalize, patchify, pruning mask);
     /// frames are independent until the mask, which is computed over the whole clip.
-    fn video_rows_cached(&mut self, window: &Window, fps: f64, stats: &mut RunStats) -> Result<(VideoInputs, Vec<FrameKey>), String> {
+    fn video_rows_cached(
+        &mut self,
+        window: &Window,
+        fps: f64,
+        stats: &mut RunStats,
+    ) -> Result<(VideoInputs, Vec<FrameKey>), String> {
         let c = self.processor.video_processor.config.base.clone();
         let first = window.frames.first().ok_or("a window without frames")?;
         let (fw, fh) = (first.width as usize, first.height as usize);
-        if let Some((i, f)) = window.frames.iter().enumerate().find(|(_, f)| (f.width, f.height) != (first.width, first.height)) {
+        if let Some((i, f)) =
+            window.frames.iter().enumerate().find(|(_, f)| (f.width, f.height) != (first.width, first.height))
+        {
             return Err(format!(
                 "video 0: frame {i} is {}x{} but frame 0 is {fw}x{fh}; all frames of a video must have the same size",
                 f.width, f.height
@@ -854,10 +898,15 @@ impl Preparer {
                 }
                 None => {
                     stats.pixel_cache_misses += 1;
-                    let data = if (h, w) == (fh, fw) { f.data.clone() } else { resize_torchvision_bicubic_u8(&f.data, fh, fw, 3, h, w) };
+                    let data = if (h, w) == (fh, fw) {
+                        f.data.clone()
+                    } else {
+                        resize_torchvision_bicubic_u8(&f.data, fh, fw, 3, h, w)
+                    };
                     let planes = normalize_planes(&RgbImage { width: w, height: h, data }, &norm);
                     let mut rows = Vec::new();
-                    patchify_frames(&[planes], h, w, c.patch_size, c.merge_size, c.temporal_patch_size, &mut rows).map_err(perr)?;
+                    patchify_frames(&[planes], h, w, c.patch_size, c.merge_size, c.temporal_patch_size, &mut rows)
+                        .map_err(perr)?;
                     let rows = Arc::new(rows);
                     self.pixel_cache.insert(key, rows.clone());
                     rows
@@ -869,7 +918,14 @@ impl Preparer {
         let grid = [n.div_ceil(c.temporal_patch_size), gh, gw];
         let tokens = grid[0] * gh * gw / (c.merge_size * c.merge_size);
         let mask = if self.pruning.enabled {
-            compression_mask(&pixels, grid, c.merge_size, patch_dim, self.pruning.threshold, self.pruning.min_tokens_per_frame)
+            compression_mask(
+                &pixels,
+                grid,
+                c.merge_size,
+                patch_dim,
+                self.pruning.threshold,
+                self.pruning.min_tokens_per_frame,
+            )
         } else {
             vec![true; tokens]
         };
@@ -885,7 +941,6 @@ impl Preparer {
             keys,
         ))
     }
-
 }
 
 fn fill(out: Vec<Vec<Option<PromptOutcome>>>, err: &str) -> Vec<Vec<PromptOutcome>> {

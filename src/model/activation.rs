@@ -49,6 +49,9 @@ mod tests {
         // The tanh form in candle's bf16 arithmetic differs somewhere in this range.
         let native = x.gelu().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
         let ours = gelu_tanh(&x).unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
-        assert!(native.iter().zip(&ours).any(|(a, b)| a != b), "candle's bf16 gelu now matches f32: this module may be unnecessary");
+        assert!(
+            native.iter().zip(&ours).any(|(a, b)| a != b),
+            "candle's bf16 gelu now matches f32: this module may be unnecessary"
+        );
     }
 }

@@ -63,11 +63,7 @@ fn attention_with_budget(
     let mut start = 0;
     while start < l {
         let len = chunk.min(l - start);
-        let qc = if len == l {
-            q.clone()
-        } else {
-            q.narrow(2, start, len)?
-        };
+        let qc = if len == l { q.clone() } else { q.narrow(2, start, len)? };
         // [b, kv·groups, len, d] → [b, kv, groups·len, d]: same memory order, no copy when contiguous.
         let qc = qc.contiguous()?.reshape((b, kv, groups * len, d))?;
         let scores = scaled_scores(&qc, &kt, scale)?;
@@ -75,9 +71,8 @@ fn attention_with_budget(
         if let Some(bias) = bias {
             scores = scores.broadcast_add(&bias(start, len)?)?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?
-            .to_dtype(v.dtype())?
-            .reshape((b, kv, groups * len, s))?;
+        let probs =
+            candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?.reshape((b, kv, groups * len, s))?;
         outs.push(probs.matmul(v)?.reshape((b, h, len, d))?);
         start += len;
     }
@@ -133,20 +128,11 @@ mod tests {
         let v = Tensor::randn(0f32, 1.0, (2, 2, 7, 4), &dev).unwrap();
         let grouped = attention(&q, &k, &v, 0.5, None).unwrap();
         // Reference: repeat each kv head 3 times (transformers' repeat_kv), one head per query head.
-        let rep = |x: &Tensor| {
-            x.unsqueeze(2)
-                .unwrap()
-                .broadcast_as((2, 2, 3, 7, 4))
-                .unwrap()
-                .reshape((2, 6, 7, 4))
-                .unwrap()
-        };
+        let rep =
+            |x: &Tensor| x.unsqueeze(2).unwrap().broadcast_as((2, 2, 3, 7, 4)).unwrap().reshape((2, 6, 7, 4)).unwrap();
         let (k6, v6) = (rep(&k), rep(&v));
         let scores = (q.matmul(&k6.t().unwrap()).unwrap() * 0.5).unwrap();
-        let want = candle_nn::ops::softmax_last_dim(&scores)
-            .unwrap()
-            .matmul(&v6)
-            .unwrap();
+        let want = candle_nn::ops::softmax_last_dim(&scores).unwrap().matmul(&v6).unwrap();
         assert!(max_abs_diff(&grouped, &want) < 1e-6);
     }
 }

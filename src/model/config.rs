@@ -183,19 +183,11 @@ fn invalid(msg: impl Into<String>) -> ModelError {
 impl VideoLlama3Config {
     /// Read `config.json` from a checkpoint directory (or a path to the file itself).
     pub fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let path = if path.is_dir() {
-            path.join("config.json")
-        } else {
-            path.to_path_buf()
-        };
-        let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let path = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| ModelError::Io { path: path.display().to_string(), source })?;
         Self::from_json(&text).map_err(|e| match e {
-            ModelError::InvalidConfig(m) => {
-                ModelError::InvalidConfig(format!("{}: {m}", path.display()))
-            }
+            ModelError::InvalidConfig(m) => ModelError::InvalidConfig(format!("{}: {m}", path.display())),
             other => other,
         })
     }
@@ -205,10 +197,7 @@ impl VideoLlama3Config {
         // Check model_type before the schema so an unsupported checkpoint says so, not "missing field".
         let value: serde_json::Value =
             serde_json::from_str(json).map_err(|e| invalid(format!("not valid JSON: {e}")))?;
-        let model_type = value
-            .get("model_type")
-            .and_then(|v| v.as_str())
-            .unwrap_or("<missing>");
+        let model_type = value.get("model_type").and_then(|v| v.as_str()).unwrap_or("<missing>");
         if model_type != "video_llama_3" {
             return Err(ModelError::UnsupportedModelType(model_type.to_string()));
         }
@@ -221,42 +210,27 @@ impl VideoLlama3Config {
         let t = raw.text_config;
         if let Some(mt) = t.model_type.as_deref() {
             if mt != "qwen2" {
-                return Err(ModelError::UnsupportedModelType(format!(
-                    "text_config.model_type = {mt}"
-                )));
+                return Err(ModelError::UnsupportedModelType(format!("text_config.model_type = {mt}")));
             }
         }
         if t.hidden_act != "silu" {
-            return Err(invalid(format!(
-                "text_config.hidden_act {:?} is not supported (only silu)",
-                t.hidden_act
-            )));
+            return Err(invalid(format!("text_config.hidden_act {:?} is not supported (only silu)", t.hidden_act)));
         }
         if t.use_sliding_window {
-            return Err(invalid(
-                "text_config.use_sliding_window = true is not supported",
-            ));
+            return Err(invalid("text_config.use_sliding_window = true is not supported"));
         }
         if let Some(s) = &t.rope_scaling {
             if !s.is_null() {
-                return Err(invalid(
-                    "text_config.rope_scaling is not supported (default RoPE only)",
-                ));
+                return Err(invalid("text_config.rope_scaling is not supported (default RoPE only)"));
             }
         }
         let text_rope = t.rope_parameters.clone().unwrap_or_default();
         if let Some(rt) = text_rope.rope_type.as_deref() {
             if rt != "default" {
-                return Err(invalid(format!(
-                    "text_config rope_type {rt:?} is not supported (default only)"
-                )));
+                return Err(invalid(format!("text_config rope_type {rt:?} is not supported (default only)")));
             }
         }
-        let rope_theta = text_rope
-            .rope_theta
-            .or(t.rope_theta)
-            .or(raw.rope_theta)
-            .unwrap_or(DEFAULT_TEXT_ROPE_THETA);
+        let rope_theta = text_rope.rope_theta.or(t.rope_theta).or(raw.rope_theta).unwrap_or(DEFAULT_TEXT_ROPE_THETA);
         let num_key_value_heads = t.num_key_value_heads.unwrap_or(t.num_attention_heads);
         if t.num_attention_heads == 0
             || num_key_value_heads == 0
@@ -269,9 +243,7 @@ impl VideoLlama3Config {
         }
         let head_dim = t.head_dim.unwrap_or(t.hidden_size / t.num_attention_heads);
         if !head_dim.is_multiple_of(2) {
-            return Err(invalid(format!(
-                "text_config: head_dim {head_dim} must be even for RoPE"
-            )));
+            return Err(invalid(format!("text_config: head_dim {head_dim} must be even for RoPE")));
         }
         let text_config = VideoLlama3TextConfig {
             vocab_size: t.vocab_size,
@@ -291,9 +263,7 @@ impl VideoLlama3Config {
         let v = raw.vision_config;
         if let Some(mt) = v.model_type.as_deref() {
             if mt != "video_llama_3_vision" {
-                return Err(ModelError::UnsupportedModelType(format!(
-                    "vision_config.model_type = {mt}"
-                )));
+                return Err(ModelError::UnsupportedModelType(format!("vision_config.model_type = {mt}")));
             }
         }
         if v.hidden_act != "gelu_pytorch_tanh" {
@@ -305,28 +275,20 @@ impl VideoLlama3Config {
         let vision_rope = v.rope_parameters.clone().unwrap_or_default();
         if let Some(rt) = vision_rope.rope_type.as_deref() {
             if rt != "axial" {
-                return Err(invalid(format!(
-                    "vision_config rope_type {rt:?} is not supported (axial only)"
-                )));
+                return Err(invalid(format!("vision_config rope_type {rt:?} is not supported (axial only)")));
             }
         }
         if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
-            return Err(invalid(
-                "vision_config: hidden_size must be a multiple of num_attention_heads",
-            ));
+            return Err(invalid("vision_config: hidden_size must be a multiple of num_attention_heads"));
         }
         if !(v.hidden_size / v.num_attention_heads).is_multiple_of(4) {
-            return Err(invalid(
-                "vision_config: head dim must be a multiple of 4 for axial 2-D RoPE",
-            ));
+            return Err(invalid("vision_config: head dim must be a multiple of 4 for axial 2-D RoPE"));
         }
         let patch_size = match &v.patch_size {
             PatchSize::One(p) => *p,
             PatchSize::Pair(p) if p.len() == 2 && p[0] == p[1] => p[0],
             PatchSize::Pair(p) => {
-                return Err(invalid(format!(
-                    "vision_config.patch_size {p:?}: only square patches are supported"
-                )))
+                return Err(invalid(format!("vision_config.patch_size {p:?}: only square patches are supported")))
             }
         };
         if patch_size == 0 {
@@ -340,22 +302,15 @@ impl VideoLlama3Config {
             num_channels: v.num_channels,
             patch_size,
             layer_norm_eps: v.layer_norm_eps,
-            rope_theta: vision_rope
-                .rope_theta
-                .or(v.rope_theta)
-                .unwrap_or(DEFAULT_VISION_ROPE_THETA),
+            rope_theta: vision_rope.rope_theta.or(v.rope_theta).unwrap_or(DEFAULT_VISION_ROPE_THETA),
         };
         for id in [raw.image_token_id, raw.video_token_id] {
             if id as usize >= text_config.vocab_size {
-                return Err(invalid(format!(
-                    "token id {id} is outside the vocabulary ({})",
-                    text_config.vocab_size
-                )));
+                return Err(invalid(format!("token id {id} is outside the vocabulary ({})", text_config.vocab_size)));
             }
         }
         // transformers: top-level flag, OR-ed with text_config's.
-        let tie_word_embeddings =
-            raw.tie_word_embeddings.unwrap_or(false) || t.tie_word_embeddings.unwrap_or(false);
+        let tie_word_embeddings = raw.tie_word_embeddings.unwrap_or(false) || t.tie_word_embeddings.unwrap_or(false);
         Ok(Self {
             text_config,
             vision_config,
@@ -398,12 +353,10 @@ impl GenerationDefaults {
     pub fn load(dir: &Path, config: &VideoLlama3Config) -> Result<Self, ModelError> {
         let path = dir.join("generation_config.json");
         let mut out = if path.is_file() {
-            let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
-                path: path.display().to_string(),
-                source,
-            })?;
-            let raw: RawGeneration = serde_json::from_str(&text)
-                .map_err(|e| invalid(format!("{}: {e}", path.display())))?;
+            let text = std::fs::read_to_string(&path)
+                .map_err(|source| ModelError::Io { path: path.display().to_string(), source })?;
+            let raw: RawGeneration =
+                serde_json::from_str(&text).map_err(|e| invalid(format!("{}: {e}", path.display())))?;
             Self {
                 eos_token_ids: raw.eos_token_id.map(|e| e.ids()).unwrap_or_default(),
                 pad_token_id: raw.pad_token_id.filter(|&p| p >= 0).map(|p| p as u32),
@@ -455,16 +408,11 @@ mod tests {
         assert_eq!(c.text_config.head_dim, 4);
         assert!(!c.tie_word_embeddings);
         let mut v = base();
-        v["text_config"]["rope_parameters"] =
-            serde_json::json!({"rope_type": "default", "rope_theta": 1e6});
-        v["vision_config"]["rope_parameters"] =
-            serde_json::json!({"rope_type": "axial", "rope_theta": 123.0});
+        v["text_config"]["rope_parameters"] = serde_json::json!({"rope_type": "default", "rope_theta": 1e6});
+        v["vision_config"]["rope_parameters"] = serde_json::json!({"rope_type": "axial", "rope_theta": 123.0});
         v["tie_word_embeddings"] = true.into();
         let c = parse(&v).unwrap();
-        assert_eq!(
-            (c.text_config.rope_theta, c.vision_config.rope_theta),
-            (1e6, 123.0)
-        );
+        assert_eq!((c.text_config.rope_theta, c.vision_config.rope_theta), (1e6, 123.0));
         assert!(c.tie_word_embeddings);
         let mut v = base();
         v["text_config"]["rope_theta"] = 5e5.into();
@@ -482,29 +430,19 @@ mod tests {
         v["model_type"] = "qwen2_vl".into();
         assert!(matches!(parse(&v), Err(ModelError::UnsupportedModelType(t)) if t == "qwen2_vl"));
         let mut v = base();
-        v["text_config"]["rope_parameters"] =
-            serde_json::json!({"rope_type": "yarn", "rope_theta": 1e6});
+        v["text_config"]["rope_parameters"] = serde_json::json!({"rope_type": "yarn", "rope_theta": 1e6});
         assert!(parse(&v).unwrap_err().to_string().contains("yarn"));
         let mut v = base();
         v["text_config"]["num_key_value_heads"] = 3.into();
-        assert!(parse(&v)
-            .unwrap_err()
-            .to_string()
-            .contains("num_key_value_heads"));
+        assert!(parse(&v).unwrap_err().to_string().contains("num_key_value_heads"));
         let mut v = base();
         v["image_token_id"] = 99.into();
-        assert!(parse(&v)
-            .unwrap_err()
-            .to_string()
-            .contains("outside the vocabulary"));
+        assert!(parse(&v).unwrap_err().to_string().contains("outside the vocabulary"));
         let mut v = base();
         v["vision_config"]["patch_size"] = serde_json::json!([14, 16]);
         assert!(parse(&v).unwrap_err().to_string().contains("square"));
         let mut v = base();
-        v["text_config"]
-            .as_object_mut()
-            .unwrap()
-            .remove("hidden_size");
+        v["text_config"].as_object_mut().unwrap().remove("hidden_size");
         assert!(parse(&v).unwrap_err().to_string().contains("hidden_size"));
     }
 }

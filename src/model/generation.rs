@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Tensor, D};
 
 use super::text::KvCache;
-use super::video_llama3::{
-    position_ids_from_mask, MultimodalInputs, VideoLlama3ForConditionalGeneration,
-};
+use super::video_llama3::{position_ids_from_mask, MultimodalInputs, VideoLlama3ForConditionalGeneration};
 use super::{GenerationDefaults, ModelError};
 
 /// How the next token is chosen.
@@ -22,12 +20,7 @@ pub enum Sampling {
     /// Arg-max (first index on ties, like `torch.argmax`).
     Greedy,
     /// Multinomial sampling after temperature, top-k and top-p filtering.
-    Sample {
-        temperature: f64,
-        top_k: Option<usize>,
-        top_p: Option<f64>,
-        seed: u64,
-    },
+    Sample { temperature: f64, top_k: Option<usize>, top_p: Option<f64>, seed: u64 },
 }
 
 /// Generation settings for one call.
@@ -100,11 +93,7 @@ where
     F: FnMut(&[u32]) -> Result<String, E>,
 {
     pub fn new(decode: F) -> Self {
-        Self {
-            decode,
-            tokens: Vec::new(),
-            emitted: 0,
-        }
+        Self { decode, tokens: Vec::new(), emitted: 0 }
     }
 
     /// Add a token; returns the newly printable text, if any.
@@ -125,11 +114,8 @@ where
 
     fn take_new(&mut self, text: String) -> Option<String> {
         // A decoder may rewrite earlier text (e.g. cleanup of spaces): only emit past what was sent.
-        let start = if text.is_char_boundary(self.emitted.min(text.len())) {
-            self.emitted.min(text.len())
-        } else {
-            text.len()
-        };
+        let start =
+            if text.is_char_boundary(self.emitted.min(text.len())) { self.emitted.min(text.len()) } else { text.len() };
         let delta = &text[start..];
         self.emitted = text.len().max(self.emitted);
         (!delta.is_empty()).then(|| delta.to_string())
@@ -173,29 +159,16 @@ pub(crate) fn argmax(row: &[f32]) -> u32 {
 
 /// Temperature, then top-k, then top-p (nucleus), then a multinomial draw.
 /// (Also used by the engine, which keeps one RNG per row so a batched row samples as it would alone.)
-pub(crate) fn sample(
-    row: &[f32],
-    temperature: f64,
-    top_k: Option<usize>,
-    top_p: Option<f64>,
-    rng: &mut Rng,
-) -> u32 {
+pub(crate) fn sample(row: &[f32], temperature: f64, top_k: Option<usize>, top_p: Option<f64>, rng: &mut Rng) -> u32 {
     let t = temperature.max(1e-6);
     let mut order: Vec<usize> = (0..row.len()).collect();
-    order.sort_by(|&a, &b| {
-        row[b]
-            .partial_cmp(&row[a])
-            .unwrap_or(std::cmp::Ordering::Equal)
-    });
+    order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap_or(std::cmp::Ordering::Equal));
     let mut keep = order.len();
     if let Some(k) = top_k.filter(|&k| k > 0) {
         keep = keep.min(k);
     }
     let max = row[order[0]] as f64 / t;
-    let weights: Vec<f64> = order[..keep]
-        .iter()
-        .map(|&i| (row[i] as f64 / t - max).exp())
-        .collect();
+    let weights: Vec<f64> = order[..keep].iter().map(|&i| (row[i] as f64 / t - max).exp()).collect();
     let total: f64 = weights.iter().sum();
     if let Some(p) = top_p.filter(|&p| p < 1.0) {
         // Smallest prefix of the sorted distribution whose mass reaches p (at least one token).
@@ -253,7 +226,9 @@ impl Decoding {
             apply_repetition_penalty(logits, &row.seen, p);
         }
         let tok = match (&self.sampling, row.rng.as_mut()) {
-            (Sampling::Sample { temperature, top_k, top_p, .. }, Some(rng)) => sample(logits, *temperature, *top_k, *top_p, rng),
+            (Sampling::Sample { temperature, top_k, top_p, .. }, Some(rng)) => {
+                sample(logits, *temperature, *top_k, *top_p, rng)
+            }
             _ => argmax(logits),
         };
         if let Some(x) = row.seen.get_mut(tok as usize) {
@@ -297,7 +272,16 @@ impl DecodeRow {
             Sampling::Sample { seed, .. } => Some(Rng(*seed)),
             Sampling::Greedy => None,
         };
-        DecodeRow { max_new, position, tokens: Vec::new(), stopped_on_eos: false, done: max_new == 0, decode: Duration::ZERO, seen, rng }
+        DecodeRow {
+            max_new,
+            position,
+            tokens: Vec::new(),
+            stopped_on_eos: false,
+            done: max_new == 0,
+            decode: Duration::ZERO,
+            seen,
+            rng,
+        }
     }
 }
 
@@ -377,10 +361,7 @@ impl VideoLlama3ForConditionalGeneration {
         let d = Decoding::resolve(params, self.generation_defaults())?;
         let (b, l) = inputs.input_ids.dims2()?;
         if b == 0 || l == 0 {
-            return Err(ModelError::InvalidInput(format!(
-                "empty prompt batch {:?}",
-                inputs.input_ids.dims()
-            )));
+            return Err(ModelError::InvalidInput(format!("empty prompt batch {:?}", inputs.input_ids.dims())));
         }
         let mask = match &inputs.attention_mask {
             Some(m) => m.to_device(self.device())?.to_dtype(DType::F32)?,
@@ -445,9 +426,7 @@ mod tests {
         let row = [0.0f32, 5.0, 4.9, 4.8, -1.0];
         let draw = |seed| {
             let mut rng = Rng(seed);
-            (0..50)
-                .map(|_| sample(&row, 1.0, Some(2), None, &mut rng))
-                .collect::<Vec<_>>()
+            (0..50).map(|_| sample(&row, 1.0, Some(2), None, &mut rng)).collect::<Vec<_>>()
         };
         let a = draw(7);
         assert!(a.iter().all(|&t| t == 1 || t == 2), "{a:?}");
@@ -460,10 +439,7 @@ mod tests {
     fn streamer_holds_back_split_characters() {
         // Byte-level "tokenizer": each token is one byte of UTF-8.
         let decode = |t: &[u32]| -> Result<String, ()> {
-            Ok(
-                String::from_utf8_lossy(&t.iter().map(|&b| b as u8).collect::<Vec<_>>())
-                    .into_owned(),
-            )
+            Ok(String::from_utf8_lossy(&t.iter().map(|&b| b as u8).collect::<Vec<_>>()).into_owned())
         };
         let mut s = TextStreamer::new(decode);
         let mut out = String::new();

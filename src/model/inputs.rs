@@ -24,11 +24,7 @@ impl MultimodalInputs {
             None
         } else {
             Some(VisualInputs {
-                pixel_values: Tensor::from_vec(
-                    im.pixel_values.clone(),
-                    (im.rows(), im.patch_dim),
-                    device,
-                )?,
+                pixel_values: Tensor::from_vec(im.pixel_values.clone(), (im.rows(), im.patch_dim), device)?,
                 grid_thw: im.image_grid_thw.clone(),
                 merge_sizes: im.image_merge_sizes.clone(),
             })
@@ -39,11 +35,7 @@ impl MultimodalInputs {
         } else {
             (
                 Some(VisualInputs {
-                    pixel_values: Tensor::from_vec(
-                        vd.pixel_values_videos.clone(),
-                        (vd.rows(), vd.patch_dim),
-                        device,
-                    )?,
+                    pixel_values: Tensor::from_vec(vd.pixel_values_videos.clone(), (vd.rows(), vd.patch_dim), device)?,
                     grid_thw: vd.video_grid_thw.clone(),
                     merge_sizes: vd.video_merge_sizes.clone(),
                 }),

@@ -19,7 +19,9 @@ use crate::config::{self, ModelConfig};
 pub fn candle_device(device: config::Device) -> Result<candle_core::Device, ModelError> {
     match device {
         config::Device::Cpu => Ok(candle_core::Device::Cpu),
-        config::Device::Cuda(n) => candle_core::Device::new_cuda(n).map_err(|source| ModelError::Device { device, source }),
+        config::Device::Cuda(n) => {
+            candle_core::Device::new_cuda(n).map_err(|source| ModelError::Device { device, source })
+        }
     }
 }
 
@@ -44,11 +46,7 @@ pub fn hf_cache_dir() -> Option<PathBuf> {
 
 /// Snapshot directory of `repo` at `revision` (branch, tag or commit; default `main`) inside
 /// the cache at `cache`. Works offline; it does not download.
-pub fn cached_snapshot(
-    cache: &Path,
-    repo: &str,
-    revision: Option<&str>,
-) -> Result<PathBuf, ModelError> {
+pub fn cached_snapshot(cache: &Path, repo: &str, revision: Option<&str>) -> Result<PathBuf, ModelError> {
     let revision = revision.unwrap_or("main");
     let repo_dir = cache.join(format!("models--{}", repo.replace('/', "--")));
     let not_cached = |why: &str| {
@@ -76,20 +74,13 @@ pub fn cached_snapshot(
 /// The checkpoint directory a `[model]` section names (`path` resolved against `base_dir`).
 pub fn model_dir(model: &ModelConfig, base_dir: &Path) -> Result<PathBuf, ModelError> {
     match (&model.path, &model.repo) {
-        (Some(p), _) => Ok(if p.is_absolute() {
-            p.clone()
-        } else {
-            base_dir.join(p)
-        }),
+        (Some(p), _) => Ok(if p.is_absolute() { p.clone() } else { base_dir.join(p) }),
         (None, Some(repo)) => {
-            let cache = hf_cache_dir().ok_or_else(|| {
-                ModelError::NotFound("cannot locate the Hugging Face cache (no HOME)".into())
-            })?;
+            let cache = hf_cache_dir()
+                .ok_or_else(|| ModelError::NotFound("cannot locate the Hugging Face cache (no HOME)".into()))?;
             cached_snapshot(&cache, repo, model.revision.as_deref())
         }
-        (None, None) => Err(ModelError::NotFound(
-            "set model.path or model.repo".into(),
-        )),
+        (None, None) => Err(ModelError::NotFound("set model.path or model.repo".into())),
     }
 }
 
@@ -143,14 +134,8 @@ pub fn download_snapshot_from(
         builder = builder.with_cache_dir(cache_dir.to_path_buf());
     }
     let api = builder.build().map_err(|e| hub_err("(connect)", e))?;
-    let api = api.repo(Repo::with_revision(
-        repo.to_string(),
-        RepoType::Model,
-        revision.unwrap_or("main").to_string(),
-    ));
-    let config = api
-        .get("config.json")
-        .map_err(|e| hub_err("config.json", e))?;
+    let api = api.repo(Repo::with_revision(repo.to_string(), RepoType::Model, revision.unwrap_or("main").to_string()));
+    let config = api.get("config.json").map_err(|e| hub_err("config.json", e))?;
     let dir = config
         .parent()
         .map(Path::to_path_buf)
@@ -165,18 +150,14 @@ pub fn download_snapshot_from(
             }
         }
         Err(_) => {
-            api.get("model.safetensors")
-                .map_err(|e| hub_err("model.safetensors", e))?;
+            api.get("model.safetensors").map_err(|e| hub_err("model.safetensors", e))?;
         }
     }
     Ok(dir)
 }
 
 /// Load the model a `[model]` section describes.
-pub fn load_model(
-    model: &ModelConfig,
-    base_dir: &Path,
-) -> Result<VideoLlama3ForConditionalGeneration, ModelError> {
+pub fn load_model(model: &ModelConfig, base_dir: &Path) -> Result<VideoLlama3ForConditionalGeneration, ModelError> {
     let device = candle_device(model.device)?;
     let dir = model_dir(model, base_dir)?;
     VideoLlama3ForConditionalGeneration::from_pretrained(&dir, candle_dtype(model.dtype), &device)
@@ -194,10 +175,22 @@ pub fn check_pretrained(dir: &Path) -> Result<super::config::VideoLlama3Config, 
     /// Answers each request from the headers with a zero-stride view: no tensor data is read.
     struct Headers(MmapedSafetensors);
     impl SimpleBackend for Headers {
-        fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        fn get(
+            &self,
+            s: Shape,
+            name: &str,
+            _: candle_nn::Init,
+            dtype: DType,
+            dev: &Device,
+        ) -> candle_core::Result<Tensor> {
             let got: Shape = self.0.get(name)?.shape().into();
             if got != s {
-                return Err(candle_core::Error::UnexpectedShape { msg: format!("shape mismatch for {name}"), expected: s, got }.bt());
+                return Err(candle_core::Error::UnexpectedShape {
+                    msg: format!("shape mismatch for {name}"),
+                    expected: s,
+                    got,
+                }
+                .bt());
             }
             Tensor::zeros((), dtype, dev)?.broadcast_as(s)
         }
@@ -255,48 +248,26 @@ mod tests {
         std::fs::create_dir_all(repo.join("refs")).unwrap();
         std::fs::create_dir_all(repo.join("snapshots").join(commit)).unwrap();
         std::fs::write(repo.join("refs/main"), format!("{commit}\n")).unwrap();
-        std::fs::write(
-            repo.join("snapshots").join(commit).join("config.json"),
-            "{}",
-        )
-        .unwrap();
+        std::fs::write(repo.join("snapshots").join(commit).join("config.json"), "{}").unwrap();
         let got = cached_snapshot(cache.path(), "lkhl/VideoLLaMA3-2B-Image-HF", None).unwrap();
         assert_eq!(got, repo.join("snapshots").join(commit));
-        let got =
-            cached_snapshot(cache.path(), "lkhl/VideoLLaMA3-2B-Image-HF", Some(commit)).unwrap();
+        let got = cached_snapshot(cache.path(), "lkhl/VideoLLaMA3-2B-Image-HF", Some(commit)).unwrap();
         assert_eq!(got, repo.join("snapshots").join(commit));
-        let err = cached_snapshot(cache.path(), "lkhl/other", None)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("not in the Hugging Face cache") && err.contains("lkhl/other"),
-            "{err}"
-        );
-        let err =
-            cached_snapshot(cache.path(), "lkhl/VideoLLaMA3-2B-Image-HF", Some("v2")).unwrap_err();
+        let err = cached_snapshot(cache.path(), "lkhl/other", None).unwrap_err().to_string();
+        assert!(err.contains("not in the Hugging Face cache") && err.contains("lkhl/other"), "{err}");
+        let err = cached_snapshot(cache.path(), "lkhl/VideoLLaMA3-2B-Image-HF", Some("v2")).unwrap_err();
         assert!(err.to_string().contains("revision v2"));
     }
 
     #[test]
     fn generation_params_from_toml_settings() {
         let mut m = ModelConfig::default();
-        assert_eq!(
-            GenerationParams::from_model_config(&m).sampling,
-            Sampling::Greedy
-        );
+        assert_eq!(GenerationParams::from_model_config(&m).sampling, Sampling::Greedy);
         m.temperature = 0.7;
         m.top_k = 20;
         m.seed = 3;
         let p = GenerationParams::from_model_config(&m);
-        assert_eq!(
-            p.sampling,
-            Sampling::Sample {
-                temperature: 0.7,
-                top_k: Some(20),
-                top_p: None,
-                seed: 3
-            }
-        );
+        assert_eq!(p.sampling, Sampling::Sample { temperature: 0.7, top_k: Some(20), top_p: None, seed: 3 });
         assert_eq!(p.max_new_tokens, m.max_new_tokens);
     }
 
@@ -305,13 +276,8 @@ mod tests {
         if cfg!(feature = "cuda") {
             return;
         }
-        let err = candle_device(config::Device::Cuda(0))
-            .unwrap_err()
-            .to_string();
+        let err = candle_device(config::Device::Cuda(0)).unwrap_err().to_string();
         assert!(err.contains("--features cuda"), "{err}");
-        assert!(matches!(
-            candle_device(config::Device::Cpu),
-            Ok(candle_core::Device::Cpu)
-        ));
+        assert!(matches!(candle_device(config::Device::Cpu), Ok(candle_core::Device::Cpu)));
     }
 }

@@ -68,14 +68,10 @@ mod weights;
 
 mod video_llama3;
 
-pub use config::{
-    GenerationDefaults, VideoLlama3Config, VideoLlama3TextConfig, VideoLlama3VisionConfig,
-};
+pub use config::{GenerationDefaults, VideoLlama3Config, VideoLlama3TextConfig, VideoLlama3VisionConfig};
 pub use generation::{DecodeRow, Decoding, GenerationOutput, GenerationParams, Sampling, TextStreamer, TokenEvent};
 pub use text::{KvCache, Qwen2Decoder};
-pub use video_llama3::{
-    ModelOutput, MultimodalInputs, VideoLlama3ForConditionalGeneration, VideoLlama3Model,
-};
+pub use video_llama3::{ModelOutput, MultimodalInputs, VideoLlama3ForConditionalGeneration, VideoLlama3Model};
 pub use vision::{VideoLlama3Projector, VideoLlama3VisionModel, VisualInputs};
 
 /// Why loading or running the model failed.
@@ -98,11 +94,7 @@ pub enum ModelError {
     #[error("checkpoint is missing tensor {0:?}")]
     MissingTensor(String),
     #[error("tensor {name:?} has shape {got:?}, expected {expected:?}")]
-    ShapeMismatch {
-        name: String,
-        expected: Vec<usize>,
-        got: Vec<usize>,
-    },
+    ShapeMismatch { name: String, expected: Vec<usize>, got: Vec<usize> },
     #[error("no safetensors weights in {0} (expected model.safetensors or model.safetensors.index.json)")]
     NoWeights(String),
     #[error("generation interrupted")]
@@ -141,19 +133,10 @@ impl ModelError {
                 candle_core::Error::WithBacktrace { inner, .. }
                 | candle_core::Error::Context { inner, .. }
                 | candle_core::Error::WithPath { inner, .. } => cur = inner,
-                candle_core::Error::CannotFindTensor { path } => {
-                    return Self::MissingTensor(path.clone())
-                }
+                candle_core::Error::CannotFindTensor { path } => return Self::MissingTensor(path.clone()),
                 candle_core::Error::UnexpectedShape { msg, expected, got } => {
-                    let name = msg
-                        .strip_prefix("shape mismatch for ")
-                        .unwrap_or(msg)
-                        .to_string();
-                    return Self::ShapeMismatch {
-                        name,
-                        expected: expected.dims().to_vec(),
-                        got: got.dims().to_vec(),
-                    };
+                    let name = msg.strip_prefix("shape mismatch for ").unwrap_or(msg).to_string();
+                    return Self::ShapeMismatch { name, expected: expected.dims().to_vec(), got: got.dims().to_vec() };
                 }
                 _ => return Self::Candle(err),
             }

@@ -85,10 +85,7 @@ impl KvCache {
     }
     /// Tokens cached so far (including padding columns).
     pub fn seq_len(&self) -> usize {
-        self.key_mask
-            .as_ref()
-            .and_then(|m| m.dim(1).ok())
-            .unwrap_or(0)
+        self.key_mask.as_ref().and_then(|m| m.dim(1).ok()).unwrap_or(0)
     }
     pub fn clear(&mut self) {
         *self = Self::default();
@@ -120,10 +117,7 @@ impl KvCache {
                 None => Ok(None),
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(KvCache {
-            layers,
-            key_mask: Some(mask.index_select(&idx, 0)?),
-        })
+        Ok(KvCache { layers, key_mask: Some(mask.index_select(&idx, 0)?) })
     }
 }
 
@@ -131,7 +125,13 @@ impl KvCache {
 /// along the output dimension at load (the checkpoint's names are unchanged). Each output
 /// column is the same dot product as in its own projection; a decode step launches one matmul
 /// instead of several.
-fn stacked_linear(vb: &VarBuilder, names: &[&str], in_dim: usize, out_dims: &[usize], bias: bool) -> candle_core::Result<Linear> {
+fn stacked_linear(
+    vb: &VarBuilder,
+    names: &[&str],
+    in_dim: usize,
+    out_dims: &[usize],
+    bias: bool,
+) -> candle_core::Result<Linear> {
     let mut ws = Vec::with_capacity(names.len());
     let mut bs = Vec::with_capacity(names.len());
     for (name, &out) in names.iter().zip(out_dims) {
@@ -181,8 +181,12 @@ impl Attention {
         let (q_dim, kv_dim) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
         let qkv = self.qkv_proj.forward(xs)?;
         let q = qkv.narrow(D::Minus1, 0, q_dim)?.reshape((b, l, self.num_heads, self.head_dim))?.transpose(1, 2)?;
-        let k = qkv.narrow(D::Minus1, q_dim, kv_dim)?.reshape((b, l, self.num_kv_heads, self.head_dim))?.transpose(1, 2)?;
-        let v = qkv.narrow(D::Minus1, q_dim + kv_dim, kv_dim)?.reshape((b, l, self.num_kv_heads, self.head_dim))?.transpose(1, 2)?;
+        let k =
+            qkv.narrow(D::Minus1, q_dim, kv_dim)?.reshape((b, l, self.num_kv_heads, self.head_dim))?.transpose(1, 2)?;
+        let v = qkv
+            .narrow(D::Minus1, q_dim + kv_dim, kv_dim)?
+            .reshape((b, l, self.num_kv_heads, self.head_dim))?
+            .transpose(1, 2)?;
         let q = apply_rotary_in_dtype(&q, cos, sin)?.contiguous()?;
         let k = apply_rotary_in_dtype(&k, cos, sin)?.contiguous()?;
         let v = v.contiguous()?;
@@ -197,9 +201,7 @@ impl Attention {
         };
         let pick = |start: usize, len: usize| mask.rows_at(start, len);
         let out = attention(&q, &k, &v, self.scale, Some(&pick))?;
-        let out = out
-            .transpose(1, 2)?
-            .reshape((b, l, self.num_heads * self.head_dim))?;
+        let out = out.transpose(1, 2)?.reshape((b, l, self.num_heads * self.head_dim))?;
         self.o_proj.forward(&out)
     }
 }
@@ -243,11 +245,7 @@ impl DecoderLayer {
         Ok(Self {
             input_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
             self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
-            post_attention_layernorm: rms_norm(
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-                vb.pp("post_attention_layernorm"),
-            )?,
+            post_attention_layernorm: rms_norm(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
             mlp: Mlp::new(cfg, vb.pp("mlp"))?,
         })
     }
@@ -260,13 +258,9 @@ impl DecoderLayer {
         mask: &ChunkedBias,
         cache: &mut Option<LayerKv>,
     ) -> candle_core::Result<Tensor> {
-        let h =
-            self.self_attn
-                .forward(&self.input_layernorm.forward(xs)?, cos, sin, mask, cache)?;
+        let h = self.self_attn.forward(&self.input_layernorm.forward(xs)?, cos, sin, mask, cache)?;
         let xs = (xs + h)?;
-        let h = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&xs)?)?;
+        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&xs)?)?;
         xs + h
     }
 }
@@ -294,9 +288,7 @@ pub struct Qwen2Decoder {
 impl Qwen2Decoder {
     /// `vb` points at `model.language_model`.
     pub fn new(cfg: &VideoLlama3TextConfig, vb: VarBuilder) -> candle_core::Result<Self> {
-        let embed_tokens = vb
-            .pp("embed_tokens")
-            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let embed_tokens = vb.pp("embed_tokens").get((cfg.vocab_size, cfg.hidden_size), "weight")?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::new(cfg, vb.pp("layers").pp(i)))
             .collect::<candle_core::Result<Vec<_>>>()?;
@@ -304,13 +296,7 @@ impl Qwen2Decoder {
         let inv = inverse_frequencies(cfg.head_dim, cfg.rope_theta);
         let n = inv.len();
         let inv_freq = Tensor::from_vec(inv, (1, 1, n), vb.device())?;
-        Ok(Self {
-            embed_tokens,
-            layers,
-            norm,
-            inv_freq,
-            cfg: cfg.clone(),
-        })
+        Ok(Self { embed_tokens, layers, norm, inv_freq, cfg: cfg.clone() })
     }
 
     pub fn config(&self) -> &VideoLlama3TextConfig {
@@ -326,17 +312,11 @@ impl Qwen2Decoder {
     pub fn embed(&self, input_ids: &Tensor) -> candle_core::Result<Tensor> {
         let (b, l) = input_ids.dims2()?;
         let flat = input_ids.flatten_all()?.to_dtype(DType::U32)?;
-        self.embed_tokens
-            .index_select(&flat, 0)?
-            .reshape((b, l, self.cfg.hidden_size))
+        self.embed_tokens.index_select(&flat, 0)?.reshape((b, l, self.cfg.hidden_size))
     }
 
     /// Final hidden states `[batch, len, hidden]` (after the last RMSNorm); extends `cache`.
-    pub fn forward(
-        &self,
-        inputs: &DecoderInputs,
-        cache: &mut KvCache,
-    ) -> candle_core::Result<Tensor> {
+    pub fn forward(&self, inputs: &DecoderInputs, cache: &mut KvCache) -> candle_core::Result<Tensor> {
         let xs = inputs.inputs_embeds;
         let (b, l, _) = xs.dims3()?;
         let device = xs.device();
@@ -378,13 +358,7 @@ struct ChunkedBias {
 }
 
 impl ChunkedBias {
-    fn new(
-        key_mask: &Tensor,
-        past: usize,
-        l: usize,
-        rows: usize,
-        device: &Device,
-    ) -> candle_core::Result<Self> {
+    fn new(key_mask: &Tensor, past: usize, l: usize, rows: usize, device: &Device) -> candle_core::Result<Self> {
         // Built on the device from the key mask: no host loops, no copy of the mask back.
         let (b, total) = key_mask.dims2()?;
         let valid = key_mask.ne(0f32)?.unsqueeze(1)?; // [b, 1, total]
@@ -397,7 +371,7 @@ impl ChunkedBias {
             let len = rows.min(l - start);
             let q0 = (past + start) as u32;
             let qpos = Tensor::arange(q0, q0 + len as u32, device)?.unsqueeze(1)?; // [len, 1]
-            // A query sees the valid keys at or before its own position.
+                                                                                   // A query sees the valid keys at or before its own position.
             let allowed = kpos.broadcast_le(&qpos)?.unsqueeze(0)?.broadcast_mul(&valid)?; // [b, len, total]
             let shape = (b, len, total);
             let bias = allowed.where_cond(&zero.broadcast_as(shape)?, &neg.broadcast_as(shape)?)?;
@@ -409,16 +383,10 @@ impl ChunkedBias {
 
     /// The bias for query rows `start..start+len`, which must be one of the chunks built.
     fn rows_at(&self, start: usize, len: usize) -> candle_core::Result<Tensor> {
-        let chunk = self
-            .chunks
-            .get(start / self.rows)
-            .filter(|_| start.is_multiple_of(self.rows));
+        let chunk = self.chunks.get(start / self.rows).filter(|_| start.is_multiple_of(self.rows));
         match chunk {
             Some(c) if c.dim(2)? == len => Ok(c.clone()),
-            _ => candle_core::bail!(
-                "attention chunking mismatch at rows {start}+{len} (chunk {})",
-                self.rows
-            ),
+            _ => candle_core::bail!("attention chunking mismatch at rows {start}+{len} (chunk {})", self.rows),
         }
     }
 }
@@ -444,7 +412,8 @@ mod tests {
     }
 
     fn same(a: &Tensor, b: &Tensor) -> bool {
-        a.dims() == b.dims() && a.flatten_all().unwrap().to_vec1::<f32>().unwrap() == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        a.dims() == b.dims()
+            && a.flatten_all().unwrap().to_vec1::<f32>().unwrap() == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
     }
 
     #[test]

@@ -90,10 +90,7 @@ impl VideoLlama3Model {
     pub fn new(config: &VideoLlama3Config, vb: VarBuilder) -> Result<Self, ModelError> {
         let build = || -> candle_core::Result<Self> {
             Ok(Self {
-                vision_model: VideoLlama3VisionModel::new(
-                    &config.vision_config,
-                    vb.pp("vision_model"),
-                )?,
+                vision_model: VideoLlama3VisionModel::new(&config.vision_config, vb.pp("vision_model"))?,
                 projector: VideoLlama3Projector::new(config, vb.pp("projector"))?,
                 language_model: Qwen2Decoder::new(&config.text_config, vb.pp("language_model"))?,
                 config: config.clone(),
@@ -132,24 +129,16 @@ impl VideoLlama3Model {
     /// Token embeddings with visual embeddings stitched into the placeholder rows.
     pub fn input_embeddings(&self, inputs: &MultimodalInputs) -> Result<Tensor, ModelError> {
         let ids_t = &inputs.input_ids;
-        let (b, l) = ids_t.dims2().map_err(|_| {
-            ModelError::InvalidInput(format!(
-                "input_ids must be [batch, len], got {:?}",
-                ids_t.dims()
-            ))
-        })?;
+        let (b, l) = ids_t
+            .dims2()
+            .map_err(|_| ModelError::InvalidInput(format!("input_ids must be [batch, len], got {:?}", ids_t.dims())))?;
         if b == 0 || l == 0 {
-            return Err(ModelError::InvalidInput(format!(
-                "empty input_ids {:?}",
-                ids_t.dims()
-            )));
+            return Err(ModelError::InvalidInput(format!("empty input_ids {:?}", ids_t.dims())));
         }
         let ids: Vec<u32> = ids_t.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
         let vocab = self.config.text_config.vocab_size;
         if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(ModelError::InvalidInput(format!(
-                "token id {bad} is outside the vocabulary ({vocab})"
-            )));
+            return Err(ModelError::InvalidInput(format!("token id {bad} is outside the vocabulary ({vocab})")));
         }
         let device = self.language_model.embed_weight().device().clone();
         let text = self
@@ -166,14 +155,10 @@ impl VideoLlama3Model {
         let dtype = sources[0].dtype();
 
         if inputs.images.is_some() && inputs.image_embeds.is_some() {
-            return Err(ModelError::InvalidInput(
-                "give images or image_embeds, not both".into(),
-            ));
+            return Err(ModelError::InvalidInput("give images or image_embeds, not both".into()));
         }
         if inputs.videos.is_some() && inputs.video_embeds.is_some() {
-            return Err(ModelError::InvalidInput(
-                "give videos or video_embeds, not both".into(),
-            ));
+            return Err(ModelError::InvalidInput("give videos or video_embeds, not both".into()));
         }
         let image_embeds = match (&inputs.images, &inputs.image_embeds) {
             (Some(images), _) => Some(Tensor::cat(&self.get_image_features(images)?, 0)?),
@@ -186,10 +171,7 @@ impl VideoLlama3Model {
             (None, None) => None,
         };
         let hidden = self.config.text_config.hidden_size;
-        for (what, e) in [
-            ("image_embeds", &image_embeds),
-            ("video_embeds", &video_embeds),
-        ] {
+        for (what, e) in [("image_embeds", &image_embeds), ("video_embeds", &video_embeds)] {
             if let Some(e) = e {
                 if e.rank() != 2 || e.dim(1)? != hidden {
                     return Err(ModelError::InvalidInput(format!(
@@ -232,12 +214,7 @@ impl VideoLlama3Model {
                             emb.dim(0)?
                         )));
                     }
-                    let kept: Vec<u32> = keep
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, &k)| k)
-                        .map(|(i, _)| i as u32)
-                        .collect();
+                    let kept: Vec<u32> = keep.iter().enumerate().filter(|(_, &k)| k).map(|(i, _)| i as u32).collect();
                     let idx = Tensor::from_vec(kept.clone(), kept.len(), emb.device())?;
                     emb = emb.index_select(&idx, 0)?;
                 }
@@ -283,11 +260,7 @@ impl VideoLlama3Model {
 
     /// Final hidden states `[batch, len, hidden]`. Positions come from the padding mask (as in
     /// `generate`); this is a prefill, so `cache` must be empty and is filled.
-    pub fn forward(
-        &self,
-        inputs: &MultimodalInputs,
-        cache: &mut KvCache,
-    ) -> Result<Tensor, ModelError> {
+    pub fn forward(&self, inputs: &MultimodalInputs, cache: &mut KvCache) -> Result<Tensor, ModelError> {
         let embeds = self.input_embeddings(inputs)?;
         self.forward_embeds(&embeds, inputs.attention_mask.as_ref(), cache)
     }
@@ -301,8 +274,7 @@ impl VideoLlama3Model {
     ) -> Result<Tensor, ModelError> {
         if cache.seq_len() != 0 {
             return Err(ModelError::InvalidInput(
-                "forward() runs a prefill on an empty cache; use decode_step for cached decoding"
-                    .into(),
+                "forward() runs a prefill on an empty cache; use decode_step for cached decoding".into(),
             ));
         }
         let (b, l, _) = embeds.dims3()?;
@@ -317,14 +289,9 @@ impl VideoLlama3Model {
             None => Tensor::ones((b, l), DType::F32, embeds.device())?,
         };
         let pos = position_ids_from_mask(&mask)?;
-        Ok(self.language_model.forward(
-            &DecoderInputs {
-                inputs_embeds: embeds,
-                position_ids: &pos,
-                attention_mask: &mask,
-            },
-            cache,
-        )?)
+        Ok(self
+            .language_model
+            .forward(&DecoderInputs { inputs_embeds: embeds, position_ids: &pos, attention_mask: &mask }, cache)?)
     }
 }
 
@@ -410,8 +377,8 @@ pub struct VideoLlama3ForConditionalGeneration {
 pub fn index_shards(index: &Path) -> Result<Vec<String>, ModelError> {
     let text = std::fs::read_to_string(index)
         .map_err(|source| ModelError::Io { path: index.display().to_string(), source })?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| ModelError::InvalidConfig(format!("{}: {e}", index.display())))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| ModelError::InvalidConfig(format!("{}: {e}", index.display())))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
@@ -431,10 +398,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
             if !p.is_file() {
                 return Err(ModelError::Io {
                     path: p.display().to_string(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        "shard listed in the index is missing",
-                    ),
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "shard listed in the index is missing"),
                 });
             }
         }
@@ -461,27 +425,15 @@ impl VideoLlama3ForConditionalGeneration {
     }
 
     /// Build from an already opened `VarBuilder` rooted at the checkpoint's top level.
-    pub fn new(
-        config: &VideoLlama3Config,
-        vb: VarBuilder,
-        generation: GenerationDefaults,
-    ) -> Result<Self, ModelError> {
+    pub fn new(config: &VideoLlama3Config, vb: VarBuilder, generation: GenerationDefaults) -> Result<Self, ModelError> {
         let model = VideoLlama3Model::new(config, vb.pp("model"))?;
         let t = &config.text_config;
         let lm_head = if config.tie_word_embeddings {
             model.language_model.embed_weight().clone()
         } else {
-            vb.pp("lm_head")
-                .get((t.vocab_size, t.hidden_size), "weight")
-                .map_err(ModelError::from_load)?
+            vb.pp("lm_head").get((t.vocab_size, t.hidden_size), "weight").map_err(ModelError::from_load)?
         };
-        Ok(Self {
-            model,
-            lm_head,
-            generation,
-            device: vb.device().clone(),
-            dtype: vb.dtype(),
-        })
+        Ok(Self { model, lm_head, generation, device: vb.device().clone(), dtype: vb.dtype() })
     }
 
     pub fn config(&self) -> &VideoLlama3Config {
@@ -511,23 +463,13 @@ impl VideoLlama3ForConditionalGeneration {
     }
 
     /// Prefill forward over all positions: logits `[batch, len, vocab]`; fills `cache`.
-    pub fn forward(
-        &self,
-        inputs: &MultimodalInputs,
-        cache: &mut KvCache,
-    ) -> Result<ModelOutput, ModelError> {
+    pub fn forward(&self, inputs: &MultimodalInputs, cache: &mut KvCache) -> Result<ModelOutput, ModelError> {
         let hidden = self.model.forward(inputs, cache)?;
-        Ok(ModelOutput {
-            logits: self.lm_head(&hidden)?,
-        })
+        Ok(ModelOutput { logits: self.lm_head(&hidden)? })
     }
 
     /// Prefill returning only the last position's logits `[batch, vocab]` (what generation needs).
-    pub fn prefill_last(
-        &self,
-        inputs: &MultimodalInputs,
-        cache: &mut KvCache,
-    ) -> Result<Tensor, ModelError> {
+    pub fn prefill_last(&self, inputs: &MultimodalInputs, cache: &mut KvCache) -> Result<Tensor, ModelError> {
         let embeds = self.model.input_embeddings(inputs)?;
         self.prefill_last_embeds(&embeds, inputs.attention_mask.as_ref(), cache)
     }
@@ -545,18 +487,11 @@ impl VideoLlama3ForConditionalGeneration {
     }
 
     /// One cached decode step: `tokens` `[batch]` at `positions` `[batch]`; logits `[batch, vocab]`.
-    pub fn decode_step(
-        &self,
-        tokens: &[u32],
-        positions: &[i64],
-        cache: &mut KvCache,
-    ) -> Result<Tensor, ModelError> {
+    pub fn decode_step(&self, tokens: &[u32], positions: &[i64], cache: &mut KvCache) -> Result<Tensor, ModelError> {
         let b = tokens.len();
         let vocab = self.config().text_config.vocab_size;
         if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(ModelError::InvalidInput(format!(
-                "token id {bad} is outside the vocabulary ({vocab})"
-            )));
+            return Err(ModelError::InvalidInput(format!("token id {bad} is outside the vocabulary ({vocab})")));
         }
         if positions.len() != b || cache.seq_len() == 0 {
             return Err(ModelError::InvalidInput(
@@ -567,14 +502,10 @@ impl VideoLlama3ForConditionalGeneration {
         let embeds = self.model.language_model.embed(&ids)?;
         let pos = Tensor::from_vec(positions.to_vec(), (b, 1), &self.device)?;
         let mask = Tensor::ones((b, 1), DType::F32, &self.device)?;
-        let hidden = self.model.language_model.forward(
-            &DecoderInputs {
-                inputs_embeds: &embeds,
-                position_ids: &pos,
-                attention_mask: &mask,
-            },
-            cache,
-        )?;
+        let hidden = self
+            .model
+            .language_model
+            .forward(&DecoderInputs { inputs_embeds: &embeds, position_ids: &pos, attention_mask: &mask }, cache)?;
         Ok(self.lm_head(&hidden)?.squeeze(1)?)
     }
 }

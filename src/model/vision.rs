@@ -42,11 +42,7 @@ impl VisualInputs {
     fn validate(&self, cfg: &VideoLlama3VisionConfig) -> Result<(), ModelError> {
         let bad = |m: String| Err(ModelError::InvalidInput(m));
         if self.grid_thw.len() != self.merge_sizes.len() {
-            return bad(format!(
-                "{} grid_thw entries but {} merge sizes",
-                self.grid_thw.len(),
-                self.merge_sizes.len()
-            ));
+            return bad(format!("{} grid_thw entries but {} merge sizes", self.grid_thw.len(), self.merge_sizes.len()));
         }
         let dims = self.pixel_values.dims();
         if dims.len() != 2 || dims[1] != cfg.patch_dim() {
@@ -59,17 +55,12 @@ impl VisualInputs {
         let mut total = 0;
         for (i, (g, &m)) in self.grid_thw.iter().zip(&self.merge_sizes).enumerate() {
             if m == 0 || g[1] % m != 0 || g[2] % m != 0 || g.contains(&0) {
-                return bad(format!(
-                    "item {i}: grid {g:?} is not divisible by merge size {m}"
-                ));
+                return bad(format!("item {i}: grid {g:?} is not divisible by merge size {m}"));
             }
             total += g[0] * g[1] * g[2];
         }
         if total != dims[0] {
-            return bad(format!(
-                "grid_thw covers {total} patches but pixel_values has {} rows",
-                dims[0]
-            ));
+            return bad(format!("grid_thw covers {total} patches but pixel_values has {} rows", dims[0]));
         }
         Ok(())
     }
@@ -109,12 +100,8 @@ impl VisionAttention {
         // transformers applies the vision rotary in float32 whatever the model dtype.
         let cos = cos.unsqueeze(1)?.unsqueeze(0)?; // [1, hw, 1, hd]
         let sin = sin.unsqueeze(1)?.unsqueeze(0)?;
-        let q = apply_rotary(&q, &cos, &sin)?
-            .transpose(1, 2)?
-            .contiguous()?; // [f, h, n, hd]
-        let k = apply_rotary(&k, &cos, &sin)?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let q = apply_rotary(&q, &cos, &sin)?.transpose(1, 2)?.contiguous()?; // [f, h, n, hd]
+        let k = apply_rotary(&k, &cos, &sin)?.transpose(1, 2)?.contiguous()?;
         let v = v.transpose(1, 2)?.contiguous()?;
         // Whole frames per chunk so no score tensor spans more frames than the budget allows.
         let frames_per_chunk = (SCORE_BUDGET_BYTES / (self.num_heads * n * n * 4).max(1)).max(1);
@@ -122,11 +109,7 @@ impl VisionAttention {
         let mut start = 0;
         while start < f {
             let len = frames_per_chunk.min(f - start);
-            let (qc, kc, vc) = (
-                q.narrow(0, start, len)?,
-                k.narrow(0, start, len)?,
-                v.narrow(0, start, len)?,
-            );
+            let (qc, kc, vc) = (q.narrow(0, start, len)?, k.narrow(0, start, len)?, v.narrow(0, start, len)?);
             outs.push(attention(&qc, &kc, &vc, self.scale, None)?);
             start += len;
         }
@@ -164,10 +147,7 @@ struct VisionEncoderLayer {
 }
 
 fn ln_config(eps: f64) -> LayerNormConfig {
-    LayerNormConfig {
-        eps,
-        ..Default::default()
-    }
+    LayerNormConfig { eps, ..Default::default() }
 }
 
 impl VisionEncoderLayer {
@@ -182,9 +162,7 @@ impl VisionEncoderLayer {
     }
 
     fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-        let h = self
-            .self_attn
-            .forward(&self.layer_norm1.forward(xs)?, cos, sin)?;
+        let h = self.self_attn.forward(&self.layer_norm1.forward(xs)?, cos, sin)?;
         let xs = (xs + h)?;
         let h = self.mlp.forward(&self.layer_norm2.forward(&xs)?)?;
         xs + h
@@ -207,9 +185,7 @@ impl VideoLlama3VisionModel {
         let d = cfg.hidden_size;
         let p = cfg.patch_size;
         let pe = vb.pp("embeddings").pp("patch_embedding");
-        let patch_weight = pe
-            .get((d, cfg.num_channels, p, p), "weight")?
-            .reshape((d, cfg.patch_dim()))?;
+        let patch_weight = pe.get((d, cfg.num_channels, p, p), "weight")?.reshape((d, cfg.patch_dim()))?;
         let patch_bias = pe.get(d, "bias")?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| VisionEncoderLayer::new(cfg, vb.pp("encoder").pp("layers").pp(i)))
@@ -218,14 +194,7 @@ impl VideoLlama3VisionModel {
         // Axial RoPE: head_dim/2 per axis, frequencies over that half (transformers'
         // compute_axial_rope_parameters), computed in f32 like torch.
         let inv_freq = inverse_frequencies(cfg.head_dim() / 2, cfg.rope_theta);
-        Ok(Self {
-            patch_weight,
-            patch_bias,
-            layers,
-            post_layernorm,
-            inv_freq,
-            cfg: cfg.clone(),
-        })
+        Ok(Self { patch_weight, patch_bias, layers, post_layernorm, inv_freq, cfg: cfg.clone() })
     }
 
     pub fn config(&self) -> &VideoLlama3VisionConfig {
@@ -233,13 +202,7 @@ impl VideoLlama3VisionModel {
     }
 
     /// cos/sin `[h·w, head_dim]` for one frame, positions in merge-block order.
-    fn rotary(
-        &self,
-        h: usize,
-        w: usize,
-        m: usize,
-        device: &Device,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
+    fn rotary(&self, h: usize, w: usize, m: usize, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
         let nf = self.inv_freq.len();
         let hd = 4 * nf;
         let mut cos = Vec::with_capacity(h * w * hd);
@@ -261,10 +224,7 @@ impl VideoLlama3VisionModel {
                 }
             }
         }
-        Ok((
-            Tensor::from_vec(cos, (h * w, hd), device)?,
-            Tensor::from_vec(sin, (h * w, hd), device)?,
-        ))
+        Ok((Tensor::from_vec(cos, (h * w, hd), device)?, Tensor::from_vec(sin, (h * w, hd), device)?))
     }
 
     /// Vision features after `pixel_unshuffle`: `[Σ t·(h/m)·(w/m), hidden]`.
@@ -274,9 +234,7 @@ impl VideoLlama3VisionModel {
         let device = self.patch_weight.device().clone();
         let dtype = self.patch_weight.dtype();
         let pixels = inputs.pixel_values.to_device(&device)?.to_dtype(dtype)?;
-        let embeds = pixels
-            .matmul(&self.patch_weight.t()?)?
-            .broadcast_add(&self.patch_bias)?;
+        let embeds = pixels.matmul(&self.patch_weight.t()?)?.broadcast_add(&self.patch_bias)?;
         let d = self.cfg.hidden_size;
         let mut offset = 0;
         let mut outputs = Vec::with_capacity(inputs.grid_thw.len());
@@ -297,43 +255,19 @@ impl VideoLlama3VisionModel {
 
 /// Un-permute merge blocks to raster order, then bilinear-downsample by `m`
 /// (`torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`).
-fn pixel_unshuffle(
-    xs: &Tensor,
-    t: usize,
-    h: usize,
-    w: usize,
-    m: usize,
-) -> candle_core::Result<Tensor> {
+fn pixel_unshuffle(xs: &Tensor, t: usize, h: usize, w: usize, m: usize) -> candle_core::Result<Tensor> {
     let c = xs.dim(D::Minus1)?;
     let (ho, wo) = (h / m, w / m);
-    let raster = xs
-        .reshape((t, ho, wo, m, m, c))?
-        .permute((0, 1, 3, 2, 4, 5))?
-        .contiguous()?
-        .reshape((t, h, w * c))?;
+    let raster = xs.reshape((t, ho, wo, m, m, c))?.permute((0, 1, 3, 2, 4, 5))?.contiguous()?.reshape((t, h, w * c))?;
     let dev = xs.device();
     let dtype = xs.dtype();
     let wh = Tensor::from_vec(bilinear_matrix(h, ho), (ho, h), dev)?.to_dtype(dtype)?;
     let ww = Tensor::from_vec(bilinear_matrix(w, wo), (wo, w), dev)?.to_dtype(dtype)?;
     // Rows: [t, ho, w·c]; then columns on [t·ho, c, w] → [t·ho, c, wo].
-    let rows = wh
-        .unsqueeze(0)?
-        .broadcast_as((t, ho, h))?
-        .contiguous()?
-        .matmul(&raster)?;
-    let rows = rows
-        .reshape((t * ho, w, c))?
-        .transpose(1, 2)?
-        .contiguous()?;
-    let cols = rows.matmul(
-        &ww.t()?
-            .unsqueeze(0)?
-            .broadcast_as((t * ho, w, wo))?
-            .contiguous()?,
-    )?;
-    cols.transpose(1, 2)?
-        .contiguous()?
-        .reshape((t * ho * wo, c))
+    let rows = wh.unsqueeze(0)?.broadcast_as((t, ho, h))?.contiguous()?.matmul(&raster)?;
+    let rows = rows.reshape((t * ho, w, c))?.transpose(1, 2)?.contiguous()?;
+    let cols = rows.matmul(&ww.t()?.unsqueeze(0)?.broadcast_as((t * ho, w, wo))?.contiguous()?)?;
+    cols.transpose(1, 2)?.contiguous()?.reshape((t * ho * wo, c))
 }
 
 /// Row-interpolation matrix `[out, in]` with torch's half-pixel bilinear weights (f32 arithmetic).
@@ -365,10 +299,7 @@ impl VideoLlama3Projector {
         let out = cfg.text_config.hidden_size;
         let vb = vb.pp("readout");
         // nn.Sequential indices: 0 = Linear, 1 = GELU, 2 = Linear.
-        Ok(Self {
-            fc1: linear(vin, out, vb.pp(0))?,
-            fc2: linear(out, out, vb.pp(2))?,
-        })
+        Ok(Self { fc1: linear(vin, out, vb.pp(0))?, fc2: linear(out, out, vb.pp(2))? })
     }
 }
 

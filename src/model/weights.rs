@@ -71,19 +71,28 @@ impl ReadSafetensors {
                 if name == "__metadata__" {
                     continue;
                 }
-                let dtype = v["dtype"].as_str().and_then(dtype_of).ok_or_else(|| bad(path, format!("{name}: dtype {}", v["dtype"])))?;
+                let dtype = v["dtype"]
+                    .as_str()
+                    .and_then(dtype_of)
+                    .ok_or_else(|| bad(path, format!("{name}: dtype {}", v["dtype"])))?;
                 let shape: Vec<usize> = v["shape"]
                     .as_array()
                     .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect())
                     .ok_or_else(|| bad(path, format!("{name}: shape {}", v["shape"])))?;
-                let (a, b) = match v["data_offsets"].as_array().map(|o| (o.first().and_then(|x| x.as_u64()), o.get(1).and_then(|x| x.as_u64()))) {
+                let (a, b) = match v["data_offsets"]
+                    .as_array()
+                    .map(|o| (o.first().and_then(|x| x.as_u64()), o.get(1).and_then(|x| x.as_u64())))
+                {
                     Some((Some(a), Some(b))) if a <= b => (a, b),
                     _ => return Err(bad(path, format!("{name}: data_offsets {}", v["data_offsets"]))),
                 };
                 let (start, end) = (8 + n + a, 8 + n + b);
                 let want = shape.iter().product::<usize>() * dtype.size_in_bytes();
                 if end > size || (end - start) as usize != want {
-                    return Err(bad(path, format!("{name}: {} bytes at {start}..{end}, expected {want} in a file of {size}", end - start)));
+                    return Err(bad(
+                        path,
+                        format!("{name}: {} bytes at {start}..{end}, expected {want} in a file of {size}", end - start),
+                    ));
                 }
                 entries.insert(name, Entry { file: i, dtype, shape, start, end });
             }
@@ -94,7 +103,10 @@ impl ReadSafetensors {
 
     /// One tensor on `dev` in `dtype`; the file bytes are freed before this returns.
     pub fn load(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let e = self.entries.get(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
         let (path, f) = &self.files[e.file];
         let mut bytes = vec![0u8; (e.end - e.start) as usize];
         f.read_exact_at(&mut bytes, e.start).map_err(|err| bad(path, format!("{name}: {err}")))?;
@@ -112,7 +124,12 @@ impl candle_nn::var_builder::SimpleBackend for ReadSafetensors {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let t = self.load(name, dtype, dev)?;
         if t.shape() != &s {
-            return Err(candle_core::Error::UnexpectedShape { msg: format!("shape mismatch for {name}"), expected: s, got: t.shape().clone() }.bt());
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            }
+            .bt());
         }
         Ok(t)
     }

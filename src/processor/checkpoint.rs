@@ -96,8 +96,10 @@ fn read_json(path: &Path) -> Result<Option<Value>, ProcessorError> {
     if !path.exists() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|e| ProcessorError::File { path: path.into(), msg: e.to_string() })?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| ProcessorError::File { path: path.into(), msg: format!("invalid JSON: {e}") })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| ProcessorError::File { path: path.into(), msg: e.to_string() })?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| ProcessorError::File { path: path.into(), msg: format!("invalid JSON: {e}") })?;
     if !v.is_object() {
         return Err(ProcessorError::File { path: path.into(), msg: "expected a JSON object".into() });
     }
@@ -122,7 +124,9 @@ impl Obj<'_> {
         self.get(key).map_or(Ok(default), |v| v.as_bool().ok_or_else(|| self.bad(key, "a boolean")))
     }
     fn usize(&self, key: &str) -> Result<Option<usize>, ProcessorError> {
-        self.get(key).map(|v| v.as_u64().map(|x| x as usize).ok_or_else(|| self.bad(key, "a non-negative integer"))).transpose()
+        self.get(key)
+            .map(|v| v.as_u64().map(|x| x as usize).ok_or_else(|| self.bad(key, "a non-negative integer")))
+            .transpose()
     }
     fn f64(&self, key: &str) -> Result<Option<f64>, ProcessorError> {
         self.get(key).map(|v| v.as_f64().ok_or_else(|| self.bad(key, "a number"))).transpose()
@@ -262,7 +266,9 @@ impl CheckpointFiles {
         };
         let video = match pc_obj.and_then(|o| o.get("video_processor")) {
             Some(Value::Object(m)) => parse_video(m, &pc_path, "video_processor.")?,
-            Some(_) => return Err(ProcessorError::File { path: pc_path, msg: "`video_processor` must be an object".into() }),
+            Some(_) => {
+                return Err(ProcessorError::File { path: pc_path, msg: "`video_processor` must be an object".into() })
+            }
             None => match read_json(&vid_path)? {
                 Some(v) => parse_video(v.as_object().unwrap_or(&empty), &vid_path, "")?,
                 // No video settings at all: the class defaults, like transformers.
@@ -278,7 +284,10 @@ impl CheckpointFiles {
         let mut chat_template = None;
         let mut chat_template_source = None;
         if let Some(t) = pc_obj.and_then(|o| o.get("chat_template")).filter(|v| !v.is_null()) {
-            let s = t.as_str().ok_or_else(|| ProcessorError::File { path: pc_path.clone(), msg: "`chat_template` must be a string".into() })?;
+            let s = t.as_str().ok_or_else(|| ProcessorError::File {
+                path: pc_path.clone(),
+                msg: "`chat_template` must be a string".into(),
+            })?;
             chat_template = Some(s.to_string());
             chat_template_source = Some(pc_path.clone());
         }
@@ -295,7 +304,8 @@ impl CheckpointFiles {
         }
         let ct_jinja = dir.join("chat_template.jinja");
         if chat_template.is_none() && ct_jinja.exists() {
-            let s = std::fs::read_to_string(&ct_jinja).map_err(|e| ProcessorError::File { path: ct_jinja.clone(), msg: e.to_string() })?;
+            let s = std::fs::read_to_string(&ct_jinja)
+                .map_err(|e| ProcessorError::File { path: ct_jinja.clone(), msg: e.to_string() })?;
             chat_template = Some(s);
             chat_template_source = Some(ct_jinja);
         }
@@ -309,10 +319,14 @@ impl CheckpointFiles {
 
         let tokenizer_json = dir.join("tokenizer.json");
         if !tokenizer_json.exists() {
-            return Err(ProcessorError::File { path: tokenizer_json, msg: "missing (vigil needs the fast tokenizer file)".into() });
+            return Err(ProcessorError::File {
+                path: tokenizer_json,
+                msg: "missing (vigil needs the fast tokenizer file)".into(),
+            });
         }
         let extra = tok_obj.and_then(|o| o.get("extra_special_tokens")).and_then(|v| v.as_object());
-        let special = |k: &str| token_str(tok_obj.and_then(|o| o.get(k))).or_else(|| token_str(extra.and_then(|e| e.get(k))));
+        let special =
+            |k: &str| token_str(tok_obj.and_then(|o| o.get(k))).or_else(|| token_str(extra.and_then(|e| e.get(k))));
         Ok(Self {
             dir: dir.into(),
             image,

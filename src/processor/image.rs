@@ -150,7 +150,15 @@ impl ImageProcessor {
         for img in images {
             let resized = self.resize(img)?;
             let planes = normalize_planes(&resized, &c.norm());
-            let (gh, gw) = patchify_frames(&[planes], resized.height, resized.width, c.patch_size, c.merge_size, c.temporal_patch_size, &mut out.pixel_values)?;
+            let (gh, gw) = patchify_frames(
+                &[planes],
+                resized.height,
+                resized.width,
+                c.patch_size,
+                c.merge_size,
+                c.temporal_patch_size,
+                &mut out.pixel_values,
+            )?;
             out.image_grid_thw.push([1, gh, gw]);
             out.image_merge_sizes.push(c.merge_size);
         }
@@ -241,7 +249,12 @@ pub(crate) fn patchify_frames(
     temporal: usize,
     out: &mut Vec<f32>,
 ) -> Result<(usize, usize), ProcessorError> {
-    if patch == 0 || merge == 0 || temporal == 0 || !height.is_multiple_of(patch * merge) || !width.is_multiple_of(patch * merge) {
+    if patch == 0
+        || merge == 0
+        || temporal == 0
+        || !height.is_multiple_of(patch * merge)
+        || !width.is_multiple_of(patch * merge)
+    {
         return Err(ProcessorError::Input(format!(
             "image of {height}x{width} cannot be cut into {patch}px patches merged {merge}x{merge} \
              (enable do_resize or pass sizes that are multiples of {})",

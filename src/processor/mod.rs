@@ -134,7 +134,8 @@ pub struct BatchInputs {
 impl BatchInputs {
     /// f64 sum of all pixel values fed to the model (images then videos).
     pub fn pixel_values_sum(&self) -> f64 {
-        self.images.pixel_values.iter().map(|&v| v as f64).sum::<f64>() + self.videos.pixel_values_videos.iter().map(|&v| v as f64).sum::<f64>()
+        self.images.pixel_values.iter().map(|&v| v as f64).sum::<f64>()
+            + self.videos.pixel_values_videos.iter().map(|&v| v as f64).sum::<f64>()
     }
 }
 
@@ -176,8 +177,10 @@ impl Processor {
     /// Load processor settings, tokenizer and chat template from a checkpoint directory.
     pub fn from_pretrained(dir: &Path) -> Result<Self, ProcessorError> {
         let files = CheckpointFiles::discover(dir)?;
-        let tokenizer = tokenizers::Tokenizer::from_file(&files.tokenizer_json)
-            .map_err(|e| ProcessorError::File { path: files.tokenizer_json.clone(), msg: format!("cannot load tokenizer: {e}") })?;
+        let tokenizer = tokenizers::Tokenizer::from_file(&files.tokenizer_json).map_err(|e| ProcessorError::File {
+            path: files.tokenizer_json.clone(),
+            msg: format!("cannot load tokenizer: {e}"),
+        })?;
         let id = |tok: &str| tokenizer.token_to_id(tok);
         let image_token_id = id(&files.image_token).ok_or_else(|| ProcessorError::File {
             path: files.tokenizer_json.clone(),
@@ -189,15 +192,12 @@ impl Processor {
         })?;
         let pad_token_id = files.pad_token.as_deref().and_then(id);
         let eos_token_id = files.eos_token.as_deref().and_then(id);
-        let template = files
-            .chat_template
-            .clone()
-            .map(ChatTemplate::new)
-            .transpose()
-            .map_err(|e| match &files.chat_template_source {
+        let template = files.chat_template.clone().map(ChatTemplate::new).transpose().map_err(|e| {
+            match &files.chat_template_source {
                 Some(path) => ProcessorError::File { path: path.clone(), msg: e.to_string() },
                 None => e,
-            })?;
+            }
+        })?;
         Ok(Self {
             image_processor: ImageProcessor::new(files.image.clone()),
             video_processor: VideoProcessor::new(files.video.clone()),
@@ -212,7 +212,11 @@ impl Processor {
     }
 
     /// Render each conversation with the checkpoint's chat template.
-    pub fn apply_chat_template(&self, conversations: &[Conversation], add_generation_prompt: bool) -> Result<Vec<String>, ProcessorError> {
+    pub fn apply_chat_template(
+        &self,
+        conversations: &[Conversation],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<String>, ProcessorError> {
         self.apply_chat_template_with(conversations, add_generation_prompt, &serde_json::Map::new())
     }
 
@@ -248,7 +252,10 @@ impl Processor {
             .iter()
             .map(|c| {
                 let mut ctx = base.clone();
-                ctx.insert("messages".into(), serde_json::to_value(c).map_err(|e| ProcessorError::Template(e.to_string()))?);
+                ctx.insert(
+                    "messages".into(),
+                    serde_json::to_value(c).map_err(|e| ProcessorError::Template(e.to_string()))?,
+                );
                 ctx.insert("add_generation_prompt".into(), add_generation_prompt.into());
                 t.render_context(&ctx)
             })
@@ -257,33 +264,52 @@ impl Processor {
 
     /// Turn prompts (with one image / video placeholder per media item) plus the media, in the
     /// order their placeholders appear across the batch, into model inputs.
-    pub fn call(&self, texts: &[String], images: &[RgbImage], videos: &[Video], opts: &CallOptions) -> Result<BatchInputs, ProcessorError> {
+    pub fn call(
+        &self,
+        texts: &[String],
+        images: &[RgbImage],
+        videos: &[Video],
+        opts: &CallOptions,
+    ) -> Result<BatchInputs, ProcessorError> {
         let (itok, vtok) = (self.files.image_token.as_str(), self.files.video_token.as_str());
         let n_img: usize = texts.iter().map(|t| t.matches(itok).count()).sum();
         let n_vid: usize = texts.iter().map(|t| t.matches(vtok).count()).sum();
         if n_img != images.len() {
-            return Err(ProcessorError::Input(format!("the prompts contain {n_img} {itok} placeholders but {} images were passed", images.len())));
+            return Err(ProcessorError::Input(format!(
+                "the prompts contain {n_img} {itok} placeholders but {} images were passed",
+                images.len()
+            )));
         }
         if n_vid != videos.len() {
-            return Err(ProcessorError::Input(format!("the prompts contain {n_vid} {vtok} placeholders but {} videos were passed", videos.len())));
+            return Err(ProcessorError::Input(format!(
+                "the prompts contain {n_vid} {vtok} placeholders but {} videos were passed",
+                videos.len()
+            )));
         }
         let img = self.image_processor.preprocess(images)?;
         let vid = self.video_processor.preprocess(videos, &opts.pruning)?;
 
         // Replacement strings (`replace_image_token` / `replace_video_token`).
         let m = self.image_processor.config.merge_size;
-        let img_repl: Vec<String> = img.image_grid_thw.iter().map(|g| itok.repeat(g[0] * g[1] * g[2] / (m * m))).collect();
+        let img_repl: Vec<String> =
+            img.image_grid_thw.iter().map(|g| itok.repeat(g[0] * g[1] * g[2] / (m * m))).collect();
         let mut vid_repl = Vec::with_capacity(videos.len());
         for (i, ts) in vid.timestamps.iter().enumerate() {
             let mask = vid.mask_of(i);
             if ts.is_empty() || mask.len() % ts.len() != 0 {
-                return Err(ProcessorError::Input(format!("video {i}: {} tokens cannot be split over {} frames", mask.len(), ts.len())));
+                return Err(ProcessorError::Input(format!(
+                    "video {i}: {} tokens cannot be split over {} frames",
+                    mask.len(),
+                    ts.len()
+                )));
             }
             let per = mask.len() / ts.len();
             let parts: Vec<String> = mask
                 .chunks(per)
                 .zip(ts)
-                .map(|(chunk, t)| format!("Time {}s:{}", py_format_1f(*t), vtok.repeat(chunk.iter().filter(|k| **k).count())))
+                .map(|(chunk, t)| {
+                    format!("Time {}s:{}", py_format_1f(*t), vtok.repeat(chunk.iter().filter(|k| **k).count()))
+                })
                 .collect();
             vid_repl.push(parts.join(","));
         }
@@ -300,7 +326,13 @@ impl Processor {
                 let pi = rest.find(itok);
                 let pv = rest.find(vtok);
                 let (pos, is_img) = match (pi, pv) {
-                    (Some(a), Some(b)) => if a <= b { (a, true) } else { (b, false) },
+                    (Some(a), Some(b)) => {
+                        if a <= b {
+                            (a, true)
+                        } else {
+                            (b, false)
+                        }
+                    }
                     (Some(a), None) => (a, true),
                     (None, Some(b)) => (b, false),
                     (None, None) => break,
@@ -332,7 +364,11 @@ impl Processor {
         let pad = match (needs_pad, self.pad_token_id) {
             (false, p) => p.unwrap_or(0),
             (true, Some(p)) => p,
-            (true, None) => return Err(ProcessorError::Tokenizer("batch needs padding but the checkpoint defines no pad_token".into())),
+            (true, None) => {
+                return Err(ProcessorError::Tokenizer(
+                    "batch needs padding but the checkpoint defines no pad_token".into(),
+                ))
+            }
         };
         let mut input_ids = Vec::with_capacity(ids.len());
         let mut attention_mask = Vec::with_capacity(ids.len());

@@ -75,9 +75,14 @@ impl LoadedRequest {
     /// A request from media already in memory (e.g. a window of frames): images first, then the
     /// videos, then the prompt, like `vigil infer`'s flags.
     pub fn new(prompt: &str, images: Vec<RgbImage>, videos: Vec<Video>) -> Self {
-        let mut parts: Vec<ContentPart> = images.iter().map(|_| ContentPart::Image).chain(videos.iter().map(|_| ContentPart::Video)).collect();
+        let mut parts: Vec<ContentPart> =
+            images.iter().map(|_| ContentPart::Image).chain(videos.iter().map(|_| ContentPart::Video)).collect();
         parts.push(ContentPart::Text { text: prompt.to_string() });
-        let sources = images.iter().map(|i| ("image", format!("{}x{} image", i.width, i.height))).chain(videos.iter().map(|v| ("video", format!("{} frames", v.frames.len())))).collect();
+        let sources = images
+            .iter()
+            .map(|i| ("image", format!("{}x{} image", i.width, i.height)))
+            .chain(videos.iter().map(|v| ("video", format!("{} frames", v.frames.len()))))
+            .collect();
         Self { parts, images, videos, sources }
     }
 
@@ -88,7 +93,11 @@ impl LoadedRequest {
 
     /// Original (height, width) of each media item, images first.
     pub fn sizes(&self) -> Vec<[usize; 2]> {
-        self.images.iter().map(|i| [i.height, i.width]).chain(self.videos.iter().map(|v| [v.frames[0].height, v.frames[0].width])).collect()
+        self.images
+            .iter()
+            .map(|i| [i.height, i.width])
+            .chain(self.videos.iter().map(|v| [v.frames[0].height, v.frames[0].width]))
+            .collect()
     }
 }
 
@@ -131,7 +140,11 @@ pub fn preprocess(req: &PromptRequest) -> Result<PreprocessReport, ProcessorErro
     let processor = Processor::from_pretrained(&req.model)?;
     let LoadedRequest { parts, images, videos, sources } = req.load_media(&processor)?;
     let prompts = processor.apply_chat_template(&[vec![Message::user(parts)]], true)?;
-    let sizes: Vec<[usize; 2]> = images.iter().map(|i| [i.height, i.width]).chain(videos.iter().map(|v| [v.frames[0].height, v.frames[0].width])).collect();
+    let sizes: Vec<[usize; 2]> = images
+        .iter()
+        .map(|i| [i.height, i.width])
+        .chain(videos.iter().map(|v| [v.frames[0].height, v.frames[0].width]))
+        .collect();
     let opts = CallOptions { pruning: req.pruning.clone(), ..Default::default() };
     let out = processor.call(&prompts, &images, &videos, &opts)?;
 
@@ -142,7 +155,15 @@ pub fn preprocess(req: &PromptRequest) -> Result<PreprocessReport, ProcessorErro
     let m = processor.image_processor.config.merge_size;
     for (i, g) in out.images.image_grid_thw.iter().enumerate() {
         let n = g[0] * g[1] * g[2] / (m * m);
-        media.push(MediaReport { kind: "image", source: sources[i].1.clone(), size_hw: sizes[i], grid_thw: *g, tokens_total: n, tokens_kept: n, timestamps: vec![] });
+        media.push(MediaReport {
+            kind: "image",
+            source: sources[i].1.clone(),
+            size_hw: sizes[i],
+            grid_thw: *g,
+            tokens_total: n,
+            tokens_kept: n,
+            timestamps: vec![],
+        });
     }
     for (i, g) in out.videos.video_grid_thw.iter().enumerate() {
         let j = images.len() + i;
@@ -188,7 +209,16 @@ impl PreprocessReport {
         for (i, m) in self.media.iter().enumerate() {
             let [t, h, w] = m.grid_thw;
             if m.kind == "image" {
-                let _ = writeln!(s, "  {} {}: {} ({}x{} px) grid {t}x{h}x{w} -> {} tokens", m.kind, i + 1, m.source, m.size_hw[1], m.size_hw[0], m.tokens_total);
+                let _ = writeln!(
+                    s,
+                    "  {} {}: {} ({}x{} px) grid {t}x{h}x{w} -> {} tokens",
+                    m.kind,
+                    i + 1,
+                    m.source,
+                    m.size_hw[1],
+                    m.size_hw[0],
+                    m.tokens_total
+                );
             } else {
                 let span = match (m.timestamps.first(), m.timestamps.last()) {
                     (Some(a), Some(b)) => format!(", {:.1}s..{:.1}s", a, b),
@@ -197,12 +227,20 @@ impl PreprocessReport {
                 let _ = writeln!(
                     s,
                     "  {} {}: {} ({}x{} px, {} frames{span}) grid {t}x{h}x{w} -> {} tokens, {} kept after pruning",
-                    m.kind, i + 1, m.source, m.size_hw[1], m.size_hw[0], m.timestamps.len(), m.tokens_total, m.tokens_kept
+                    m.kind,
+                    i + 1,
+                    m.source,
+                    m.size_hw[1],
+                    m.size_hw[0],
+                    m.timestamps.len(),
+                    m.tokens_total,
+                    m.tokens_kept
                 );
             }
         }
         if self.video_tokens_total > 0 {
-            let pct = 100.0 * (self.video_tokens_total - self.video_tokens_kept) as f64 / self.video_tokens_total as f64;
+            let pct =
+                100.0 * (self.video_tokens_total - self.video_tokens_kept) as f64 / self.video_tokens_total as f64;
             let _ = writeln!(
                 s,
                 "visual tokens: video {} before pruning, {} after ({pct:.0}% pruned; pruning {}, threshold {})",

@@ -71,7 +71,8 @@ fn py_json(v: &Value, indent: Option<usize>, level: usize, out: &mut String) -> 
             } else {
                 let f = f64::try_from(v.clone()).map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
                 // Python prints floats with repr(): always a '.' or an exponent.
-                let s = if f.is_finite() && f.fract() == 0.0 && f.abs() < 1e16 { format!("{f:.1}") } else { f.to_string() };
+                let s =
+                    if f.is_finite() && f.fract() == 0.0 && f.abs() < 1e16 { format!("{f:.1}") } else { f.to_string() };
                 out.push_str(&s);
             }
         }
@@ -154,7 +155,8 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson);
         env.add_function("raise_exception", raise_exception);
-        env.add_template_owned("chat", source).map_err(|e| ProcessorError::Template(format!("cannot compile the chat template: {e:#}")))?;
+        env.add_template_owned("chat", source)
+            .map_err(|e| ProcessorError::Template(format!("cannot compile the chat template: {e:#}")))?;
         Ok(Self { env })
     }
 
@@ -162,11 +164,17 @@ impl ChatTemplate {
     /// "add_generation_prompt": true}`), like `render_jinja_template(**kwargs)`.
     pub fn render_context<S: Serialize>(&self, ctx: &S) -> Result<String, ProcessorError> {
         let tmpl = self.env.get_template("chat").map_err(|e| ProcessorError::Template(e.to_string()))?;
-        tmpl.render(Value::from_serialize(ctx)).map_err(|e| ProcessorError::Template(format!("rendering the chat template failed: {e:#}")))
+        tmpl.render(Value::from_serialize(ctx))
+            .map_err(|e| ProcessorError::Template(format!("rendering the chat template failed: {e:#}")))
     }
 
     /// Render one conversation. `special_tokens` are passed as template variables.
-    pub fn render(&self, messages: &[Message], add_generation_prompt: bool, special_tokens: &[(&str, Option<&str>)]) -> Result<String, ProcessorError> {
+    pub fn render(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+        special_tokens: &[(&str, Option<&str>)],
+    ) -> Result<String, ProcessorError> {
         let tmpl = self.env.get_template("chat").map_err(|e| ProcessorError::Template(e.to_string()))?;
         let mut ctx = std::collections::BTreeMap::<String, Value>::new();
         for (k, v) in special_tokens {

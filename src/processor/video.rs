@@ -48,7 +48,10 @@ impl Video {
         let mut by_index: Vec<Option<RgbImage>> = all_frames.into_iter().map(Some).collect();
         for &i in indices {
             let f = by_index.get_mut(i).and_then(|f| f.as_ref().cloned()).ok_or_else(|| {
-                ProcessorError::Input(format!("frame index {i} is past the end of the clip ({} frames)", by_index.len()))
+                ProcessorError::Input(format!(
+                    "frame index {i} is past the end of the clip ({} frames)",
+                    by_index.len()
+                ))
             })?;
             frames.push(f);
         }
@@ -57,7 +60,11 @@ impl Video {
     }
 
     /// Decode a video file with GStreamer and sample it like transformers (`sample_frames`).
-    pub fn from_file(path: &Path, sampling: &FrameSampling, cfg: &VideoProcessorConfig) -> Result<Self, ProcessorError> {
+    pub fn from_file(
+        path: &Path,
+        sampling: &FrameSampling,
+        cfg: &VideoProcessorConfig,
+    ) -> Result<Self, ProcessorError> {
         let decoded = super::video_file::decode_video_file(path)?;
         let total = decoded.frames.len();
         if total == 0 {
@@ -119,7 +126,8 @@ pub fn sample_frame_indices(
     let n: Option<usize> = if let Some(n) = num_frames {
         Some(((n as f64 / tps).round_ties_even() * tps) as usize)
     } else if let Some(fps) = fps {
-        let vfps = video_fps.ok_or_else(|| ProcessorError::Input("sampling at an fps needs the video's own fps".into()))?;
+        let vfps =
+            video_fps.ok_or_else(|| ProcessorError::Input("sampling at an fps needs the video's own fps".into()))?;
         let max_frames = ((max_frames.min(total_num_frames) as f64 / tps).floor() * tps) as usize;
         let n = total_num_frames as f64 / vfps * fps;
         let n = n.max(min_frames as f64).min(max_frames as f64).min(total_num_frames as f64);
@@ -208,8 +216,11 @@ impl VideoProcessor {
         let patch_dim = 3 * c.temporal_patch_size * c.patch_size * c.patch_size;
         let mut out = VideoInputs { patch_dim, ..Default::default() };
         for (vi, video) in videos.iter().enumerate() {
-            let first = video.frames.first().ok_or_else(|| ProcessorError::Input(format!("video {vi} has no frames")))?;
-            if let Some((fi, f)) = video.frames.iter().enumerate().find(|(_, f)| (f.width, f.height) != (first.width, first.height)) {
+            let first =
+                video.frames.first().ok_or_else(|| ProcessorError::Input(format!("video {vi} has no frames")))?;
+            if let Some((fi, f)) =
+                video.frames.iter().enumerate().find(|(_, f)| (f.width, f.height) != (first.width, first.height))
+            {
                 return Err(ProcessorError::Input(format!(
                     "video {vi}: frame {fi} is {}x{} but frame 0 is {}x{}; all frames of a video must have the same size",
                     f.width, f.height, first.width, first.height
@@ -217,7 +228,13 @@ impl VideoProcessor {
             }
             let (h, w) = if c.do_resize {
                 // The clip's pixel budget is shared by its frames ("diff from Qwen" upstream).
-                smart_resize(first.height, first.width, c.patch_size * c.merge_size, c.min_pixels, c.max_pixels / video.frames.len())?
+                smart_resize(
+                    first.height,
+                    first.width,
+                    c.patch_size * c.merge_size,
+                    c.min_pixels,
+                    c.max_pixels / video.frames.len(),
+                )?
             } else {
                 (first.height, first.width)
             };
@@ -236,12 +253,27 @@ impl VideoProcessor {
                 })
                 .collect();
             let start = out.pixel_values_videos.len();
-            let (gh, gw) = patchify_frames(&planes, h, w, c.patch_size, c.merge_size, c.temporal_patch_size, &mut out.pixel_values_videos)?;
+            let (gh, gw) = patchify_frames(
+                &planes,
+                h,
+                w,
+                c.patch_size,
+                c.merge_size,
+                c.temporal_patch_size,
+                &mut out.pixel_values_videos,
+            )?;
             let gt = video.frames.len().div_ceil(c.temporal_patch_size);
             let tokens = gt * gh * gw / (c.merge_size * c.merge_size);
             if pruning.enabled {
                 let rows = &out.pixel_values_videos[start..];
-                out.video_compression_mask.extend(compression_mask(rows, [gt, gh, gw], c.merge_size, patch_dim, pruning.threshold, pruning.min_tokens_per_frame));
+                out.video_compression_mask.extend(compression_mask(
+                    rows,
+                    [gt, gh, gw],
+                    c.merge_size,
+                    patch_dim,
+                    pruning.threshold,
+                    pruning.min_tokens_per_frame,
+                ));
             } else {
                 out.video_compression_mask.extend(std::iter::repeat_n(true, tokens));
             }
@@ -257,7 +289,14 @@ impl VideoProcessor {
 /// difference of its pixels (normalized values x 255) to the same token in the previous frame
 /// exceeds `threshold`; the first frame is always kept; a frame with fewer than `min_tokens`
 /// kept tokens keeps its first `min_tokens`.
-pub fn compression_mask(rows: &[f32], grid: [usize; 3], merge: usize, patch_dim: usize, threshold: f64, min_tokens: usize) -> Vec<bool> {
+pub fn compression_mask(
+    rows: &[f32],
+    grid: [usize; 3],
+    merge: usize,
+    patch_dim: usize,
+    threshold: f64,
+    min_tokens: usize,
+) -> Vec<bool> {
     let [t, h, w] = grid;
     let per_frame = h * w / (merge * merge);
     if t == 1 {
@@ -348,7 +387,8 @@ mod tests {
     #[test]
     fn changed_fraction_counts_what_moved_beyond_each_frames_minimum() {
         // 3 frames of 4 tokens; the first is always kept.
-        let changes = |mask: &[bool], frames| FrameChanges { per_frame: changes_per_frame(mask, frames, 1), total: mask.len() };
+        let changes =
+            |mask: &[bool], frames| FrameChanges { per_frame: changes_per_frame(mask, frames, 1), total: mask.len() };
         let frozen = [true, true, true, true, true, false, false, false, true, false, false, false];
         assert_eq!(changes(&frozen, 3).per_frame, [0, 0, 0]);
         assert_eq!(changes(&frozen, 3).fraction(), 0.0);

@@ -23,7 +23,8 @@ pub struct DecodedVideo {
 
 /// Decode every frame of `path` (a file, or an `http(s)://`, `rtsp://`, ... URL) to RGB.
 pub fn decode_video_file(path: &Path) -> Result<DecodedVideo, ProcessorError> {
-    let err = |msg: String| ProcessorError::Media { path: crate::config::redact_uri(&path.to_string_lossy()).into(), msg };
+    let err =
+        |msg: String| ProcessorError::Media { path: crate::config::redact_uri(&path.to_string_lossy()).into(), msg };
     let text = path.to_string_lossy();
     let url = text.contains("://").then(|| url::Url::parse(&text).ok()).flatten().filter(|u| u.scheme() != "file");
     if url.is_none() && !path.is_file() {
@@ -56,7 +57,8 @@ pub fn decode_video_file(path: &Path) -> Result<DecodedVideo, ProcessorError> {
     let convert_weak = convert.downgrade();
     decode.connect_pad_added(move |_, pad| {
         let Some(convert) = convert_weak.upgrade() else { return };
-        let is_video = pad.current_caps().and_then(|c| c.structure(0).map(|s| s.name().starts_with("video/"))).unwrap_or(false);
+        let is_video =
+            pad.current_caps().and_then(|c| c.structure(0).map(|s| s.name().starts_with("video/"))).unwrap_or(false);
         let sinkpad = convert.static_pad("sink").expect("videoconvert has a sink pad");
         if is_video && !sinkpad.is_linked() {
             let _ = pad.link(&sinkpad);
@@ -97,7 +99,11 @@ pub fn decode_video_file(path: &Path) -> Result<DecodedVideo, ProcessorError> {
             continue;
         };
         last_progress = std::time::Instant::now();
-        let info = match sample.caps().ok_or_else(|| err("sample without caps".into())).and_then(|c| gst_video::VideoInfo::from_caps(c).map_err(|e| err(e.to_string()))) {
+        let info = match sample
+            .caps()
+            .ok_or_else(|| err("sample without caps".into()))
+            .and_then(|c| gst_video::VideoInfo::from_caps(c).map_err(|e| err(e.to_string())))
+        {
             Ok(i) => i,
             Err(e) => break Err(e),
         };

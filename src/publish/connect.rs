@@ -111,10 +111,8 @@ pub fn mqtt_options(
     }
     // Credentials: `username` + `password_file`; a URL's userinfo is a fallback.
     let url_user = (!m.is_embedded()).then(|| url::Url::parse(&m.broker).ok()).flatten();
-    let username = m
-        .username
-        .clone()
-        .or_else(|| url_user.as_ref().map(|u| u.username().to_string()).filter(|u| !u.is_empty()));
+    let username =
+        m.username.clone().or_else(|| url_user.as_ref().map(|u| u.username().to_string()).filter(|u| !u.is_empty()));
     if let Some(user) = username {
         let password = match &m.password_file {
             Some(pf) => read_password(&resolve(pf))?,
@@ -164,9 +162,8 @@ fn tls_config(m: &MqttConfig, resolve: &dyn Fn(&Path) -> PathBuf) -> Result<rust
             let cert = resolve(cert);
             let key = resolve(key);
             let chain = read_certs(&cert, "mqtt.cert_file")?;
-            let key = PrivateKeyDer::from_pem_file(&key).map_err(|e| {
-                PublishError::Tls(format!("mqtt.key_file {}: no private key: {e}", key.display()))
-            })?;
+            let key = PrivateKeyDer::from_pem_file(&key)
+                .map_err(|e| PublishError::Tls(format!("mqtt.key_file {}: no private key: {e}", key.display())))?;
             builder
                 .with_client_auth_cert(chain, key)
                 .map_err(|e| PublishError::Tls(format!("client certificate/key: {e}")))

@@ -75,7 +75,10 @@ pub fn configs(cfg: &Config, topics: &Topics) -> Vec<DiscoveryConfig> {
             };
             // `platform` is only needed in device-based discovery; drop it for component topics.
             payload.as_object_mut().map(|o| o.remove("platform"));
-            out.push(DiscoveryConfig { topic: format!("{}/{component}/{node}/{object}/config", m.discovery_prefix), payload });
+            out.push(DiscoveryConfig {
+                topic: format!("{}/{component}/{node}/{object}/config", m.discovery_prefix),
+                payload,
+            });
             if p.snapshot {
                 out.push(DiscoveryConfig {
                     topic: format!("{}/image/{node}/{object}_snapshot/config", m.discovery_prefix),

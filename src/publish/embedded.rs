@@ -52,7 +52,11 @@ impl EmbeddedBroker {
                 }
             })
             .map_err(|e| PublishError::Embedded(format!("cannot start broker thread: {e}")))?;
-        let probe = if addr.ip().is_unspecified() { SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port()) } else { addr };
+        let probe = if addr.ip().is_unspecified() {
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), addr.port())
+        } else {
+            addr
+        };
         let deadline = Instant::now() + Duration::from_secs(5);
         while TcpStream::connect_timeout(&probe, Duration::from_millis(200)).is_err() {
             if Instant::now() > deadline {
@@ -98,10 +102,5 @@ fn broker_config(addr: SocketAddr, login: Option<(String, String)>) -> rumqttd::
         initialized_filters: None,
         shared_subscriptions_strategy: Default::default(),
     };
-    rumqttd::Config {
-        id: 0,
-        router,
-        v4: Some(HashMap::from([("1".to_string(), server)])),
-        ..Default::default()
-    }
+    rumqttd::Config { id: 0, router, v4: Some(HashMap::from([("1".to_string(), server)])), ..Default::default() }
 }

@@ -271,7 +271,10 @@ mod tests {
         assert_eq!((upd.kind, upd.windows, upd.answer.as_str()), (EventType::Update, 3, "yes 7"));
         let end = t.on_answer(&answer(8, false), &p, 0.0).unwrap();
         assert_eq!((end.kind, end.end.as_deref(), end.windows), (EventType::End, Some("t7e"), 3));
-        assert_eq!((end.reason.as_deref(), end.answer.as_str(), end.event_id.as_str()), (Some("cleared"), "yes 7", "cam:person:5"));
+        assert_eq!(
+            (end.reason.as_deref(), end.answer.as_str(), end.event_id.as_str()),
+            (Some("cleared"), "yes 7", "cam:person:5")
+        );
     }
 
     #[test]

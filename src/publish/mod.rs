@@ -106,7 +106,11 @@ pub struct PublishOptions {
 
 impl Default for PublishOptions {
     fn default() -> Self {
-        PublishOptions { reconnect_min: Duration::from_millis(500), reconnect_max: Duration::from_secs(30), max_inflight: 16 }
+        PublishOptions {
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
+            max_inflight: 16,
+        }
     }
 }
 
@@ -296,7 +300,10 @@ pub struct Publisher {
 impl Publisher {
     /// Connect (in the background) and start publishing. Returns the publisher and the channel
     /// on which `set` commands arrive. Must be called inside a tokio runtime.
-    pub async fn start(cfg: &Config, opts: PublishOptions) -> Result<(Publisher, mpsc::Receiver<Command>), PublishError> {
+    pub async fn start(
+        cfg: &Config,
+        opts: PublishOptions,
+    ) -> Result<(Publisher, mpsc::Receiver<Command>), PublishError> {
         let m = &cfg.mqtt;
         // `<prefix>/<stream>/<prompt>` shares its level with these per-stream topics.
         if let Some(p) = cfg.prompts.iter().find(|p| RESERVED_PROMPT_NAMES.contains(&p.name.as_str())) {
@@ -312,9 +319,11 @@ impl Publisher {
                 (Some(user), Some(pf)) => Some((user.clone(), connect::read_password(&cfg.resolve_path(pf))?)),
                 _ => None,
             };
-            Some(tokio::task::spawn_blocking(move || embedded::EmbeddedBroker::start(addr, login)).await.map_err(
-                |e| PublishError::Embedded(format!("start-up task failed: {e}")),
-            )??)
+            Some(
+                tokio::task::spawn_blocking(move || embedded::EmbeddedBroker::start(addr, login))
+                    .await
+                    .map_err(|e| PublishError::Embedded(format!("start-up task failed: {e}")))??,
+            )
         } else {
             None
         };
@@ -392,7 +401,13 @@ impl Publisher {
     pub fn answer(&self, a: &Answer) {
         let t = &self.shared.topics;
         let sh = &self.shared;
-        sh.enqueue(Msg { topic: t.answer(&a.stream, &a.prompt), payload: to_json(a), qos: sh.qos, retain: false, class: Class::Answer });
+        sh.enqueue(Msg {
+            topic: t.answer(&a.stream, &a.prompt),
+            payload: to_json(a),
+            qos: sh.qos,
+            retain: false,
+            class: Class::Answer,
+        });
         if a.kind == PromptKind::Alert {
             let now = a.is_positive();
             let before = self.shared.lock().alerts.insert((a.stream.clone(), a.prompt.clone()), now).unwrap_or(false);
@@ -400,10 +415,11 @@ impl Publisher {
                 self.shared.event(t.alert(&a.stream, &a.prompt), to_json(&AlertPayload::from_answer(a)));
             }
             let policy = lock(&sh.policies).get(&a.prompt).copied().unwrap_or_default();
-            let event = lock(&sh.events)
-                .entry((a.stream.clone(), a.prompt.clone()))
-                .or_default()
-                .on_answer(a, &policy, unix_now());
+            let event = lock(&sh.events).entry((a.stream.clone(), a.prompt.clone())).or_default().on_answer(
+                a,
+                &policy,
+                unix_now(),
+            );
             if let Some(e) = event {
                 sh.publish_event(&e);
             }
@@ -416,7 +432,10 @@ impl Publisher {
     pub fn snapshot(&self, stream: &str, prompt: &str, jpeg: Vec<u8>, width: u32, height: u32) -> Option<SnapshotInfo> {
         let topic = self.shared.topics.snapshot(stream, prompt);
         if jpeg.len() + topic.len() > MAX_MESSAGE_BYTES {
-            tracing::warn!("snapshot of {stream}/{prompt} is {} bytes, over the message limit: not published", jpeg.len());
+            tracing::warn!(
+                "snapshot of {stream}/{prompt} is {} bytes, over the message limit: not published",
+                jpeg.len()
+            );
             return None;
         }
         let info = SnapshotInfo { topic: topic.clone(), width, height, bytes: jpeg.len() as u64 };
@@ -436,7 +455,11 @@ impl Publisher {
 
     /// Publish `collect()` on `<prefix>/stats` every `every` (the daemon uses 60 s), the first
     /// time after one period, until the publisher shuts down or the task is aborted.
-    pub fn stats_every(&self, every: Duration, mut collect: impl FnMut() -> StatsPayload + Send + 'static) -> JoinHandle<()> {
+    pub fn stats_every(
+        &self,
+        every: Duration,
+        mut collect: impl FnMut() -> StatsPayload + Send + 'static,
+    ) -> JoinHandle<()> {
         let shared = self.shared.clone();
         tokio::spawn(async move {
             let start = tokio::time::Instant::now() + every;
@@ -595,7 +618,11 @@ impl Drop for Publisher {
 }
 
 fn on_off(b: bool) -> Vec<u8> {
-    if b { b"ON".to_vec() } else { b"OFF".to_vec() }
+    if b {
+        b"ON".to_vec()
+    } else {
+        b"OFF".to_vec()
+    }
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Vec<u8> {

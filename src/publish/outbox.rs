@@ -71,7 +71,9 @@ pub enum Pushed {
     Queued,
     /// The oldest event was dropped; `first_in_burst` is true only for the first drop since the
     /// outbox last emptied (so the caller warns once per burst).
-    DroppedOldest { first_in_burst: bool },
+    DroppedOldest {
+        first_in_burst: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -317,10 +319,22 @@ mod tests {
     use super::*;
 
     fn ev(i: u32) -> Msg {
-        Msg { topic: "p/s/q".into(), payload: i.to_string().into_bytes(), qos: QoS::AtLeastOnce, retain: false, class: Class::Answer }
+        Msg {
+            topic: "p/s/q".into(),
+            payload: i.to_string().into_bytes(),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            class: Class::Answer,
+        }
     }
     fn ret(topic: &str, v: &str) -> Msg {
-        Msg { topic: topic.into(), payload: v.as_bytes().to_vec(), qos: QoS::AtLeastOnce, retain: true, class: Class::Event }
+        Msg {
+            topic: topic.into(),
+            payload: v.as_bytes().to_vec(),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            class: Class::Event,
+        }
     }
     fn num(m: &Msg) -> u32 {
         String::from_utf8(m.payload.clone()).unwrap().parse().unwrap()

@@ -77,7 +77,13 @@ impl Answer {
             window,
             tokens: TokenCounts { prompt: r.prompt_tokens, generated: r.generated_tokens },
             visual_tokens: VisualTokens { total: r.visual_total, kept: r.visual_kept },
-            latency_ms: Latency { queue: ms(r.queue), vision: ms(r.vision), prefill: ms(r.prefill), decode: ms(r.decode), total: ms(total) },
+            latency_ms: Latency {
+                queue: ms(r.queue),
+                vision: ms(r.vision),
+                prefill: ms(r.prefill),
+                decode: ms(r.decode),
+                total: ms(total),
+            },
             model,
             timestamp: rfc3339(SystemTime::now()),
         }
@@ -290,13 +296,7 @@ pub fn rfc3339(t: SystemTime) -> String {
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, day) = civil_from_days(days as i64);
-    format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    format!("{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z", rem / 3600, rem % 3600 / 60, rem % 60, d.subsec_millis())
 }
 
 /// Now, as [`rfc3339`].

@@ -117,10 +117,8 @@ impl SourceSpec {
         let password = match &cfg.password_file {
             Some(p) => {
                 let path = if p.is_absolute() { p.clone() } else { base_dir.join(p) };
-                let text = crate::config::read_bounded(&path, crate::config::MAX_SECRET_BYTES).map_err(|source| SourceError::PasswordFile {
-                    stream: cfg.name.clone(),
-                    path: path.clone(),
-                    source,
+                let text = crate::config::read_bounded(&path, crate::config::MAX_SECRET_BYTES).map_err(|source| {
+                    SourceError::PasswordFile { stream: cfg.name.clone(), path: path.clone(), source }
                 })?;
                 Some(text.trim_end_matches(['\n', '\r']).to_string())
             }
@@ -132,7 +130,15 @@ impl SourceSpec {
             (None, None) => (uri_user, uri_pass),
             (user, pass) => (user.or(uri_user), pass.or(uri_pass)),
         };
-        Ok(SourceSpec { name: cfg.name.clone(), uri, kind, username, password, settings: cfg.settings.clone(), model_size: None })
+        Ok(SourceSpec {
+            name: cfg.name.clone(),
+            uri,
+            kind,
+            username,
+            password,
+            settings: cfg.settings.clone(),
+            model_size: None,
+        })
     }
 
     /// A spec for a bare URI with the given settings (used by `vigil probe` and tests).
@@ -275,7 +281,13 @@ pub struct SourceEvent {
 /// processor's own resize (the one transformers' video processor uses), so the buffered frame is
 /// the model input. `None` (a frame the model cannot take; the caller reports it) scales it to
 /// `max_frame_pixels` instead, which keeps it bounded.
-pub fn to_model_size(data: Vec<u8>, w: usize, h: usize, target: Option<(usize, usize)>, max_frame_pixels: u64) -> (Vec<u8>, usize, usize) {
+pub fn to_model_size(
+    data: Vec<u8>,
+    w: usize,
+    h: usize,
+    target: Option<(usize, usize)>,
+    max_frame_pixels: u64,
+) -> (Vec<u8>, usize, usize) {
     let (th, tw) = target.unwrap_or_else(|| {
         let (fw, fh) = fit_size(w as u32, h as u32, (1, 1), max_frame_pixels);
         (fh as usize, fw as usize)
@@ -378,7 +390,8 @@ mod tests {
 
     #[test]
     fn debug_and_scrub_hide_passwords() {
-        let mut spec = SourceSpec::from_uri("cam", "rtsp://admin:hunter22@10.0.0.1/live", StreamDefaults::default()).unwrap();
+        let mut spec =
+            SourceSpec::from_uri("cam", "rtsp://admin:hunter22@10.0.0.1/live", StreamDefaults::default()).unwrap();
         let dbg = format!("{spec:?}");
         assert!(!dbg.contains("hunter22"), "{dbg}");
         let m = spec.scrub("could not open rtsp://admin:hunter22@10.0.0.1/live (pw hunter22)");

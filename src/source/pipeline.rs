@@ -47,10 +47,9 @@ pub fn gst_uri(spec: &SourceSpec) -> Result<String, String> {
 }
 
 fn make(factory: &str, name: &str) -> Result<gst::Element, String> {
-    gst::ElementFactory::make(factory)
-        .name(name)
-        .build()
-        .map_err(|_| format!("GStreamer element {factory:?} is missing (install the GStreamer plugin that provides it)"))
+    gst::ElementFactory::make(factory).name(name).build().map_err(|_| {
+        format!("GStreamer element {factory:?} is missing (install the GStreamer plugin that provides it)")
+    })
 }
 
 /// Build (not start) the pipeline for one attempt.
@@ -115,9 +114,7 @@ pub fn build(spec: &SourceSpec) -> Result<Built, String> {
         .build();
     appsink.set_property("enable-last-sample", false);
 
-    pipeline
-        .add_many([&dec, &rate, &convert, &scale, &filter, appsink.upcast_ref()])
-        .map_err(|e| e.to_string())?;
+    pipeline.add_many([&dec, &rate, &convert, &scale, &filter, appsink.upcast_ref()]).map_err(|e| e.to_string())?;
     gst::Element::link_many([&rate, &convert, &scale, &filter, appsink.upcast_ref()]).map_err(|e| e.to_string())?;
     if let Some(src) = &local_src {
         pipeline.add(src).map_err(|e| e.to_string())?;
@@ -175,7 +172,8 @@ pub fn build(spec: &SourceSpec) -> Result<Built, String> {
             });
             (w as u32, h as u32)
         });
-        let (w, h) = model.unwrap_or_else(|| fit_size(vinfo.width(), vinfo.height(), (par.numer(), par.denom()), max_pixels));
+        let (w, h) =
+            model.unwrap_or_else(|| fit_size(vinfo.width(), vinfo.height(), (par.numer(), par.denom()), max_pixels));
         let (cw, ch, cpar) = match model {
             Some(_) => (vinfo.width(), vinfo.height(), par),
             None => (w, h, gst::Fraction::new(1, 1)),
@@ -217,7 +215,10 @@ pub fn build(spec: &SourceSpec) -> Result<Built, String> {
         // stream type (`video_0`), and carry a `gst::Stream` once known.
         let is_video = pad.name().starts_with("video")
             || pad.stream().is_some_and(|st| st.stream_type().contains(gst::StreamType::VIDEO))
-            || pad.current_caps().and_then(|c| c.structure(0).map(|st| st.name().starts_with("video/"))).unwrap_or(false);
+            || pad
+                .current_caps()
+                .and_then(|c| c.structure(0).map(|st| st.name().starts_with("video/")))
+                .unwrap_or(false);
         let (Some(rate), Some(pipeline)) = (rate_weak.upgrade(), pipeline_weak.upgrade()) else {
             return;
         };
@@ -281,13 +282,17 @@ fn trim_extrapolated_tail(rate: &gst::Element) -> Result<(), String> {
                     e.fetch_max(stop.nseconds().max(pts.nseconds() + 1), Ordering::Relaxed);
                 }
             }
-            Some(gst::PadProbeData::Event(ev)) if ev.type_() == gst::EventType::FlushStop => e.store(0, Ordering::Relaxed),
+            Some(gst::PadProbeData::Event(ev)) if ev.type_() == gst::EventType::FlushStop => {
+                e.store(0, Ordering::Relaxed)
+            }
             _ => {}
         }
         gst::PadProbeReturn::Ok
     });
     src.add_probe(gst::PadProbeType::BUFFER, move |_pad, info| match &info.data {
-        Some(gst::PadProbeData::Buffer(b)) if b.pts().is_some_and(|p| p.nseconds() + TOLERANCE_NS >= end.load(Ordering::Relaxed)) => {
+        Some(gst::PadProbeData::Buffer(b))
+            if b.pts().is_some_and(|p| p.nseconds() + TOLERANCE_NS >= end.load(Ordering::Relaxed)) =>
+        {
             gst::PadProbeReturn::Drop
         }
         _ => gst::PadProbeReturn::Ok,
@@ -297,7 +302,8 @@ fn trim_extrapolated_tail(rate: &gst::Element) -> Result<(), String> {
 
 /// Send a pad we do not use into a fakesink, so it never returns not-linked upstream.
 fn discard_pad(pipeline: &gst::Pipeline, pad: &gst::Pad) {
-    let Ok(sink) = gst::ElementFactory::make("fakesink").property("sync", false).property("async", false).build() else {
+    let Ok(sink) = gst::ElementFactory::make("fakesink").property("sync", false).property("async", false).build()
+    else {
         return;
     };
     if pipeline.add(&sink).is_err() {

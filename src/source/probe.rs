@@ -105,7 +105,8 @@ pub fn probe(uri: &str, opts: &ProbeOptions, mut on: impl FnMut(ProbeEvent<'_>))
                 EventKind::State(StreamState::Streaming) => {
                     opened.get_or_insert_with(Instant::now);
                 }
-                EventKind::State(StreamState::Failed { error }) | EventKind::State(StreamState::Reconnecting { error, .. }) => {
+                EventKind::State(StreamState::Failed { error })
+                | EventKind::State(StreamState::Reconnecting { error, .. }) => {
                     ended = true;
                     // Failed after opening: the windows already made are still reported first.
                     late_error = Some(error);
@@ -177,7 +178,12 @@ pub fn caps_line(c: &NativeCaps, fps: f64, json: bool) -> String {
         .to_string()
     } else {
         let rate = if c.framerate_num > 0 {
-            format!("{:.3} fps ({}/{})", c.framerate_num as f64 / c.framerate_den.max(1) as f64, c.framerate_num, c.framerate_den)
+            format!(
+                "{:.3} fps ({}/{})",
+                c.framerate_num as f64 / c.framerate_den.max(1) as f64,
+                c.framerate_num,
+                c.framerate_den
+            )
         } else {
             "variable frame rate".into()
         };

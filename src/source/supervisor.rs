@@ -171,9 +171,7 @@ impl Shared {
     }
 
     fn stall_timeout(&self) -> Duration {
-        self.opts
-            .stall_timeout
-            .unwrap_or_else(|| Duration::from_secs_f64((3.0 / self.spec.settings.fps).max(10.0)))
+        self.opts.stall_timeout.unwrap_or_else(|| Duration::from_secs_f64((3.0 / self.spec.settings.fps).max(10.0)))
     }
 
     /// Emit the final windows of a finite stream.
@@ -349,7 +347,10 @@ fn watch(
                 gst::MessageView::Eos(_) => {
                     if !live && spec.settings.loop_ {
                         lock(&shared.timeline).new_run(Rebase::Continue);
-                        if pipeline.seek_simple(gst::SeekFlags::FLUSH | gst::SeekFlags::KEY_UNIT, gst::ClockTime::ZERO).is_err() {
+                        if pipeline
+                            .seek_simple(gst::SeekFlags::FLUSH | gst::SeekFlags::KEY_UNIT, gst::ClockTime::ZERO)
+                            .is_err()
+                        {
                             return Outcome::Error("cannot loop: seeking back to the start failed".into());
                         }
                         debug!(stream = %spec.name, "end of file: looping");
@@ -370,7 +371,8 @@ fn watch(
         let n = shared.run_frames.load(Ordering::Relaxed);
         report(&mut reported);
         // Also for files: a pipeline that never produces a frame must not hang the stream.
-        let start_timeout = if live { shared.opts.start_timeout } else { shared.opts.start_timeout.min(FILE_START_TIMEOUT) };
+        let start_timeout =
+            if live { shared.opts.start_timeout } else { shared.opts.start_timeout.min(FILE_START_TIMEOUT) };
         if n == 0 && start.elapsed() > start_timeout {
             let secs = start_timeout.as_secs_f64();
             return Outcome::NoStart(if lock(native_caps).is_some() {
@@ -497,8 +499,10 @@ impl SourceManager {
         let s = &spec.settings;
         let wspec = WindowSpec::new(s.fps, s.window_seconds, s.stride_seconds, s.gap_policy)
             .map_err(|e| SourceError::Spec { stream: spec.name.clone(), message: e.to_string() })?;
-        gst::Fraction::approximate_f64(s.fps)
-            .ok_or_else(|| SourceError::Spec { stream: spec.name.clone(), message: format!("fps {} is not representable", s.fps) })?;
+        gst::Fraction::approximate_f64(s.fps).ok_or_else(|| SourceError::Spec {
+            stream: spec.name.clone(),
+            message: format!("fps {} is not representable", s.fps),
+        })?;
         let (tx, rx) = window_queue(self.opts.queue_capacity);
         let shared = Arc::new(Shared {
             windower: Mutex::new(Windower::new(spec.name.clone(), wspec)),

@@ -139,7 +139,8 @@ impl Got {
         String::from_utf8_lossy(&self.payload).into_owned()
     }
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.payload).unwrap_or_else(|e| panic!("{}: not JSON ({e}): {}", self.topic, self.text()))
+        serde_json::from_slice(&self.payload)
+            .unwrap_or_else(|e| panic!("{}: not JSON ({e}): {}", self.topic, self.text()))
     }
 }
 
@@ -319,7 +320,11 @@ pub fn answer(stream: &str, prompt: &str, kind: &str, seq: u64) -> Answer {
 
 /// Fast reconnects for tests.
 pub fn fast() -> PublishOptions {
-    PublishOptions { reconnect_min: Duration::from_millis(100), reconnect_max: Duration::from_millis(500), ..Default::default() }
+    PublishOptions {
+        reconnect_min: Duration::from_millis(100),
+        reconnect_max: Duration::from_millis(500),
+        ..Default::default()
+    }
 }
 
 /// Wait until the publisher's link matches `pred` (at most `t`).

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vigil::config::Config;
 use vigil::bench::engine::synthetic_frame;
+use vigil::config::Config;
 use vigil::engine::{Engine, Job, JobOutput, PromptResult};
 use vigil::window::{Frame, Window};
 
@@ -65,7 +65,12 @@ pub fn window(stream: &str, seq: u64, frames: &[Arc<Frame>], start: usize, len: 
     })
 }
 
-pub fn job(w: &Arc<Window>, cfg: &Config, names: &[&str], reply: &tokio::sync::mpsc::UnboundedSender<JobOutput>) -> Job {
+pub fn job(
+    w: &Arc<Window>,
+    cfg: &Config,
+    names: &[&str],
+    reply: &tokio::sync::mpsc::UnboundedSender<JobOutput>,
+) -> Job {
     Job {
         stream: w.stream.clone(),
         window: w.clone(),

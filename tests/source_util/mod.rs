@@ -85,7 +85,10 @@ pub fn mjpeg_at(dir: &Path, name: &str, pts: &[f64]) -> PathBuf {
         src.push_buffer(buf).unwrap();
     }
     src.end_of_stream().unwrap();
-    let msg = p.bus().unwrap().timed_pop_filtered(gst::ClockTime::from_seconds(30), &[gst::MessageType::Eos, gst::MessageType::Error]);
+    let msg = p
+        .bus()
+        .unwrap()
+        .timed_pop_filtered(gst::ClockTime::from_seconds(30), &[gst::MessageType::Eos, gst::MessageType::Error]);
     assert!(matches!(msg.as_ref().map(|m| m.view()), Some(gst::MessageView::Eos(_))), "clip not written: {msg:?}");
     p.set_state(gst::State::Null).unwrap();
     path

@@ -92,7 +92,11 @@ fn vigil_bin() -> PathBuf {
     let bin = target_dir().join("vigil");
     if !bin.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let ok = Command::new(cargo).current_dir(repo()).args(["build", "--locked", "-p", "vigil", "--bin", "vigil"]).status().unwrap();
+        let ok = Command::new(cargo)
+            .current_dir(repo())
+            .args(["build", "--locked", "-p", "vigil", "--bin", "vigil"])
+            .status()
+            .unwrap();
         assert!(ok.success(), "cannot build the vigil binary");
     }
     bin
@@ -132,7 +136,10 @@ fn gst_inspect_lists_the_element_and_its_properties() {
         "queue-size",
         "text-timestamps",
     ] {
-        assert!(text.lines().any(|l| l.trim_start().starts_with(&format!("{prop} "))), "property {prop} not listed:\n{text}");
+        assert!(
+            text.lines().any(|l| l.trim_start().starts_with(&format!("{prop} "))),
+            "property {prop} not listed:\n{text}"
+        );
     }
     assert!(text.contains("SRC template: 'text'"), "{text}");
 }
@@ -151,7 +158,10 @@ fn answers_equal_vigil_infer_on_the_same_frames() {
     assert!(run_to_eos(&png, Duration::from_secs(30)).eos);
 
     let prompts = r#"[{"name":"what","text":"What happens in the video?"},{"name":"moving","text":"Is the ball moving?","kind":"alert"}]"#;
-    let desc = format!("{src} ! {} ! fakesink v.text ! appsink name=texts sync=false", vlm("v", "fps=2 window-seconds=2 stride-seconds=2"));
+    let desc = format!(
+        "{src} ! {} ! fakesink v.text ! appsink name=texts sync=false",
+        vlm("v", "fps=2 window-seconds=2 stride-seconds=2")
+    );
     let pipeline = launch(&desc);
     pipeline.by_name("v").unwrap().set_property("prompts", prompts);
     let texts = pipeline.by_name("texts").unwrap().downcast::<gstreamer_app::AppSink>().unwrap();
@@ -188,8 +198,9 @@ fn answers_equal_vigil_infer_on_the_same_frames() {
         assert_eq!(json["window"]["start_s"], start);
 
         let question = a.get::<String>("question").unwrap();
-        let frames: Vec<String> =
-            (0..4).map(|i| dir.path().join(format!("f{:02}.png", 4 * seq + i)).to_string_lossy().into_owned()).collect();
+        let frames: Vec<String> = (0..4)
+            .map(|i| dir.path().join(format!("f{:02}.png", 4 * seq + i)).to_string_lossy().into_owned())
+            .collect();
         let mut args = vec!["-q", "infer", "--model", &model, "--fps", "2", "--prompt", &question];
         args.extend(["--max-new-tokens", "6", "--json", "--frames"]);
         args.extend(frames.iter().map(String::as_str));
@@ -198,7 +209,11 @@ fn answers_equal_vigil_infer_on_the_same_frames() {
         let want: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(json["answer"], want["text"], "element {json}\ninfer {want}");
         assert_eq!(json["tokens"]["prompt"], want["prompt_tokens"], "element {json}\ninfer {want}");
-        assert_eq!(json["tokens"]["generated"], want["token_ids"].as_array().unwrap().len(), "element {json}\ninfer {want}");
+        assert_eq!(
+            json["tokens"]["generated"],
+            want["token_ids"].as_array().unwrap().len(),
+            "element {json}\ninfer {want}"
+        );
         assert_eq!(json["visual_tokens"]["total"], want["video_tokens_total"], "element {json}\ninfer {want}");
         assert_eq!(json["visual_tokens"]["kept"], want["video_tokens_kept"], "element {json}\ninfer {want}");
     }
@@ -243,12 +258,14 @@ fn textoverlay_runs_to_eos() {
 fn a_bad_model_fails_the_state_change_with_the_path() {
     let _g = serial();
     init();
-    let desc = "videotestsrc num-buffers=5 ! vigilvlm name=v model=/nonexistent/ckpt-dir device=cpu dtype=f32 ! fakesink";
+    let desc =
+        "videotestsrc num-buffers=5 ! vigilvlm name=v model=/nonexistent/ckpt-dir device=cpu dtype=f32 ! fakesink";
     let pipeline = launch(desc);
     let res = pipeline.set_state(gst::State::Paused);
     assert!(res.is_err(), "{res:?}");
     let bus = pipeline.bus().unwrap();
-    let msg = bus.timed_pop_filtered(gst::ClockTime::from_seconds(5), &[gst::MessageType::Error]).expect("an error message");
+    let msg =
+        bus.timed_pop_filtered(gst::ClockTime::from_seconds(5), &[gst::MessageType::Error]).expect("an error message");
     let gst::MessageView::Error(e) = msg.view() else { unreachable!() };
     let text = format!("{} {:?}", e.error(), e.debug());
     assert!(text.contains("/nonexistent/ckpt-dir"), "{text}");
@@ -258,7 +275,11 @@ fn a_bad_model_fails_the_state_change_with_the_path() {
     let pipeline = launch(&format!("videotestsrc num-buffers=5 ! {} ! fakesink", vlm("v", "")));
     pipeline.by_name("v").unwrap().set_property("prompts", r#"[{"name":"x"}]"#);
     assert!(pipeline.set_state(gst::State::Paused).is_err());
-    let msg = pipeline.bus().unwrap().timed_pop_filtered(gst::ClockTime::from_seconds(5), &[gst::MessageType::Error]).unwrap();
+    let msg = pipeline
+        .bus()
+        .unwrap()
+        .timed_pop_filtered(gst::ClockTime::from_seconds(5), &[gst::MessageType::Error])
+        .unwrap();
     let gst::MessageView::Error(e) = msg.view() else { unreachable!() };
     assert!(e.error().to_string().contains("prompts"), "{}", e.error());
     pipeline.set_state(gst::State::Null).unwrap();
@@ -389,7 +410,8 @@ fn the_prompt_changes_while_playing() {
     }
     pipeline.set_state(gst::State::Null).unwrap();
     assert_eq!(questions.first().map(String::as_str), Some("What color is the ball?"), "{questions:?}");
-    let first_new = questions.iter().position(|q| q == "Is the ball moving?").unwrap_or_else(|| panic!("{questions:?}"));
+    let first_new =
+        questions.iter().position(|q| q == "Is the ball moving?").unwrap_or_else(|| panic!("{questions:?}"));
     assert!(questions[first_new..].iter().all(|q| q == "Is the ball moving?"), "{questions:?}");
 }
 
@@ -433,5 +455,9 @@ fn a_full_queue_drops_the_oldest_windows_and_counts_them() {
     assert!(!dropped.is_empty(), "nothing dropped with queue-size=1 and a source faster than the model");
     assert!(dropped.iter().all(|r| r == "queue_full"), "{dropped:?}");
     assert_eq!(counted, dropped.len() as u64);
-    assert_eq!(answers + counted, windows, "every window is answered or dropped: {answers} answered, {counted} dropped");
+    assert_eq!(
+        answers + counted,
+        windows,
+        "every window is answered or dropped: {answers} answered, {counted} dropped"
+    );
 }

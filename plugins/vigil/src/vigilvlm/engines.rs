@@ -86,7 +86,11 @@ pub fn engine_config(key: &EngineKey, dtype: DType, defaults: StreamDefaults) ->
     let device: vigil::config::Device = key.device.parse()?;
     Ok(Config {
         model: ModelConfig { path: Some(key.model.clone()), device, dtype, ..ModelConfig::default() },
-        pruning: PruningConfig { enabled: key.pruning, threshold: f64::from_bits(key.threshold_bits), ..PruningConfig::default() },
+        pruning: PruningConfig {
+            enabled: key.pruning,
+            threshold: f64::from_bits(key.threshold_bits),
+            ..PruningConfig::default()
+        },
         mqtt: Default::default(),
         metrics: Default::default(),
         engine: EngineConfig::default(),

@@ -28,8 +28,9 @@ use super::sampler::Sampler;
 use super::text::TextOut;
 use super::worker::{self, Outlet, Pending, Shared, TextTimestamps};
 
-pub static CAT: LazyLock<gst::DebugCategory> =
-    LazyLock::new(|| gst::DebugCategory::new("vigilvlm", gst::DebugColorFlags::empty(), Some("VideoLLaMA3 answers about video windows")));
+pub static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
+    gst::DebugCategory::new("vigilvlm", gst::DebugColorFlags::empty(), Some("VideoLLaMA3 answers about video windows"))
+});
 
 const DEFAULT_PROMPT: &str = "Describe what happens in the video.";
 /// The most prompts one element asks per window.
@@ -122,10 +123,18 @@ fn parse_prompts(s: &str) -> Result<Vec<PromptConfig>, String> {
     for p in &list {
         let chars = p.name.chars().count();
         if chars == 0 || chars > vigil::config::MAX_NAME_CHARS {
-            return Err(format!("prompts: name {:?} must have 1 to {} characters", p.name, vigil::config::MAX_NAME_CHARS));
+            return Err(format!(
+                "prompts: name {:?} must have 1 to {} characters",
+                p.name,
+                vigil::config::MAX_NAME_CHARS
+            ));
         }
         if p.text.trim().is_empty() || p.text.chars().count() > vigil::config::MAX_PROMPT_CHARS {
-            return Err(format!("prompts: {}: text must have 1 to {} characters", p.name, vigil::config::MAX_PROMPT_CHARS));
+            return Err(format!(
+                "prompts: {}: text must have 1 to {} characters",
+                p.name,
+                vigil::config::MAX_PROMPT_CHARS
+            ));
         }
         if p.every == 0 {
             return Err(format!("prompts: {}: every must be at least 1", p.name));
@@ -377,9 +386,7 @@ impl ObjectImpl for VigilVlm {
             "windows" => counter(|sh| &sh.counters.windows).to_value(),
             "windows-dropped" => counter(|sh| &sh.counters.windows_dropped).to_value(),
             "answers" => counter(|sh| &sh.counters.answers).to_value(),
-            "engine-users" => {
-                lock(&self.state).as_ref().map(|st| st.engine.users() as u32).unwrap_or(0).to_value()
-            }
+            "engine-users" => lock(&self.state).as_ref().map(|st| st.engine.users() as u32).unwrap_or(0).to_value(),
             other => unreachable!("no property {other}"),
         }
     }
@@ -423,9 +430,12 @@ impl ElementImpl for VigilVlm {
                 .build();
             let text = gst::Caps::builder("text/x-raw").field("format", "utf8").build();
             vec![
-                gst::PadTemplate::new("sink", gst::PadDirection::Sink, gst::PadPresence::Always, &video).expect("valid template"),
-                gst::PadTemplate::new("src", gst::PadDirection::Src, gst::PadPresence::Always, &video).expect("valid template"),
-                gst::PadTemplate::new("text", gst::PadDirection::Src, gst::PadPresence::Always, &text).expect("valid template"),
+                gst::PadTemplate::new("sink", gst::PadDirection::Sink, gst::PadPresence::Always, &video)
+                    .expect("valid template"),
+                gst::PadTemplate::new("src", gst::PadDirection::Src, gst::PadPresence::Always, &video)
+                    .expect("valid template"),
+                gst::PadTemplate::new("text", gst::PadDirection::Src, gst::PadPresence::Always, &text)
+                    .expect("valid template"),
             ]
         });
         TEMPLATES.as_ref()
@@ -440,14 +450,18 @@ impl BaseTransformImpl for VigilVlm {
     fn start(&self) -> Result<(), gst::ErrorMessage> {
         let s = lock(&self.settings).clone();
         let Some(model) = s.model.clone() else {
-            return Err(gst::error_msg!(gst::ResourceError::NotFound, ("vigilvlm: the model property is not set (a checkpoint directory)")));
+            return Err(gst::error_msg!(
+                gst::ResourceError::NotFound,
+                ("vigilvlm: the model property is not set (a checkpoint directory)")
+            ));
         };
         if let Some(e) = &s.prompts_error {
             return Err(gst::error_msg!(gst::ResourceError::Settings, ("vigilvlm: {}", e)));
         }
         let bad = |msg: String| gst::error_msg!(gst::ResourceError::Settings, ("vigilvlm: {}", msg));
         let dtype = dtype_of(&s.dtype).map_err(bad)?;
-        let spec = WindowSpec::new(s.fps, s.window_seconds, s.stride_seconds, GapPolicy::Emit).map_err(|e| bad(e.to_string()))?;
+        let spec = WindowSpec::new(s.fps, s.window_seconds, s.stride_seconds, GapPolicy::Emit)
+            .map_err(|e| bad(e.to_string()))?;
         let frames_per_window = (s.fps * s.window_seconds + 1e-9).floor().max(1.0);
         if frames_per_window > MAX_WINDOW_FRAMES {
             return Err(bad(format!(
@@ -471,9 +485,13 @@ impl BaseTransformImpl for VigilVlm {
         };
         let cfg = engines::engine_config(&key, dtype, defaults).map_err(bad)?;
         let engine = engines::acquire(&key, &cfg).map_err(|e| {
-            gst::error_msg!(gst::ResourceError::OpenRead, ("vigilvlm: cannot load the model {}: {}", model.display(), e))
+            gst::error_msg!(
+                gst::ResourceError::OpenRead,
+                ("vigilvlm: cannot load the model {}: {}", model.display(), e)
+            )
         })?;
-        let video = engine.engine.video_input().ok_or_else(|| bad("the engine did not report its video input".into()))?;
+        let video =
+            engine.engine.video_input().ok_or_else(|| bad("the engine did not report its video input".into()))?;
         let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let obj = self.obj();
         let stream = obj.name().to_string();
@@ -495,7 +513,15 @@ impl BaseTransformImpl for VigilVlm {
             .name(format!("vigilvlm-{id}"))
             .spawn(move || worker::run(sh, en, outlet))
             .map_err(|e| gst::error_msg!(gst::CoreError::Failed, ("vigilvlm: cannot start a thread: {}", e)))?;
-        gst::info!(CAT, imp = self, "model {} on {} ({}); {} frames per window", model.display(), s.device, s.dtype, frames_per_window);
+        gst::info!(
+            CAT,
+            imp = self,
+            "model {} on {} ({}); {} frames per window",
+            model.display(),
+            s.device,
+            s.dtype,
+            frames_per_window
+        );
         *lock(&self.state) = Some(State {
             engine,
             video,
@@ -537,7 +563,8 @@ impl BaseTransformImpl for VigilVlm {
     }
 
     fn set_caps(&self, incaps: &gst::Caps, _outcaps: &gst::Caps) -> Result<(), gst::LoggableError> {
-        let info = gst_video::VideoInfo::from_caps(incaps).map_err(|_| gst::loggable_error!(CAT, "not raw video: {}", incaps))?;
+        let info = gst_video::VideoInfo::from_caps(incaps)
+            .map_err(|_| gst::loggable_error!(CAT, "not raw video: {}", incaps))?;
         let mut guard = lock(&self.state);
         let Some(st) = guard.as_mut() else { return Err(gst::loggable_error!(CAT, "caps before start")) };
         let (w, h) = (info.width() as usize, info.height() as usize);
@@ -545,7 +572,11 @@ impl BaseTransformImpl for VigilVlm {
             Some(t) => t,
             None => {
                 let (fw, fh) = vigil::source::fit_size(w as u32, h as u32, (1, 1), st.max_frame_pixels);
-                gst::warning!(CAT, imp = self, "the model cannot take {w}x{h} frames as they are; they are scaled to {fw}x{fh}");
+                gst::warning!(
+                    CAT,
+                    imp = self,
+                    "the model cannot take {w}x{h} frames as they are; they are scaled to {fw}x{fh}"
+                );
                 (fh as usize, fw as usize)
             }
         };
@@ -557,7 +588,8 @@ impl BaseTransformImpl for VigilVlm {
                 .interlace_mode(info.interlace_mode())
                 .build()
                 .map_err(|e| gst::loggable_error!(CAT, "RGB video info: {}", e))?;
-            let conv = gst_video::VideoConverter::new(&info, &out, None).map_err(|e| gst::loggable_error!(CAT, "converter to RGB: {}", e))?;
+            let conv = gst_video::VideoConverter::new(&info, &out, None)
+                .map_err(|e| gst::loggable_error!(CAT, "converter to RGB: {}", e))?;
             Some((conv, out))
         };
         st.input = Some(Input { info, rgb, target });
@@ -572,7 +604,9 @@ impl BaseTransformImpl for VigilVlm {
                     let id = format!("{}/vigilvlm-text", s.stream_id());
                     let group = s.group_id().unwrap_or_else(gst::GroupId::next);
                     text.event(gst::event::StreamStart::builder(&id).group_id(group).build());
-                    text.event(gst::event::Caps::new(&gst::Caps::builder("text/x-raw").field("format", "utf8").build()));
+                    text.event(gst::event::Caps::new(
+                        &gst::Caps::builder("text/x-raw").field("format", "utf8").build(),
+                    ));
                 }
             }
             gst::EventView::Segment(seg) => {
@@ -652,7 +686,14 @@ impl VigilVlm {
                 }
             };
             let (data, w, h) = vigil::source::to_model_size(data, w, h, Some(input.target), st.max_frame_pixels);
-            let frame = Frame { width: w as u32, height: h as u32, data, slot, time_s: slot as f64 / st.fps, captured_at: SystemTime::now() };
+            let frame = Frame {
+                width: w as u32,
+                height: h as u32,
+                data,
+                slot,
+                time_s: slot as f64 / st.fps,
+                captured_at: SystemTime::now(),
+            };
             let windows = st.windower.push(Arc::new(frame));
             for w in windows {
                 self.queue_window(st, w);
@@ -664,11 +705,14 @@ impl VigilVlm {
     fn queue_window(&self, st: &mut State, mut w: Window) {
         w.seq = st.next_seq;
         st.next_seq += 1;
-        let prompts: Vec<PromptConfig> = lock(&self.settings).questions().into_iter().filter(|p| w.seq.is_multiple_of(p.every.max(1))).collect();
+        let prompts: Vec<PromptConfig> =
+            lock(&self.settings).questions().into_iter().filter(|p| w.seq.is_multiple_of(p.every.max(1))).collect();
         if prompts.is_empty() || w.frames.is_empty() {
             return;
         }
-        let to_pts = |s: f64| st.segment.position_from_stream_time(gst::ClockTime::from_nseconds((s.max(0.0) * 1e9).round() as u64));
+        let to_pts = |s: f64| {
+            st.segment.position_from_stream_time(gst::ClockTime::from_nseconds((s.max(0.0) * 1e9).round() as u64))
+        };
         let pts = to_pts(w.first_time_s());
         let end = to_pts(w.last_time_s() + 1.0 / st.fps);
         let duration = match (pts, end) {
@@ -723,14 +767,20 @@ impl VigilVlm {
         };
         let t0 = Instant::now();
         if !shared.wait_idle(Duration::from_secs_f64(timeout)) {
-            gst::warning!(CAT, imp = self, "EOS: answers still pending after {:.1} s; EOS goes on without them", t0.elapsed().as_secs_f64());
+            gst::warning!(
+                CAT,
+                imp = self,
+                "EOS: answers still pending after {:.1} s; EOS goes on without them",
+                t0.elapsed().as_secs_f64()
+            );
         }
     }
 }
 
 /// Packed RGB bytes of a video buffer (converted when it is not RGB), tightly packed.
 fn rgb_frame(buf: &gst::Buffer, input: &Input) -> Result<(Vec<u8>, usize, usize), String> {
-    let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(buf.as_ref(), &input.info).map_err(|_| "cannot map the frame".to_string())?;
+    let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(buf.as_ref(), &input.info)
+        .map_err(|_| "cannot map the frame".to_string())?;
     let (w, h) = (input.info.width() as usize, input.info.height() as usize);
     let copy = |f: &gst_video::VideoFrameRef<&gst::BufferRef>| -> Result<Vec<u8>, String> {
         let stride = f.plane_stride()[0] as usize;
@@ -748,13 +798,16 @@ fn rgb_frame(buf: &gst::Buffer, input: &Input) -> Result<(Vec<u8>, usize, usize)
     let data = match &input.rgb {
         None => copy(&frame)?,
         Some((conv, out_info)) => {
-            let mut out = gst::Buffer::with_size(out_info.size()).map_err(|_| "cannot allocate an RGB frame".to_string())?;
+            let mut out =
+                gst::Buffer::with_size(out_info.size()).map_err(|_| "cannot allocate an RGB frame".to_string())?;
             {
                 let out_ref = out.get_mut().expect("a new buffer is writable");
-                let mut dest = gst_video::VideoFrameRef::from_buffer_ref_writable(out_ref, out_info).map_err(|_| "cannot map the RGB frame".to_string())?;
+                let mut dest = gst_video::VideoFrameRef::from_buffer_ref_writable(out_ref, out_info)
+                    .map_err(|_| "cannot map the RGB frame".to_string())?;
                 conv.frame_ref(&frame, &mut dest);
             }
-            let rgb = gst_video::VideoFrameRef::from_buffer_ref_readable(out.as_ref(), out_info).map_err(|_| "cannot map the RGB frame".to_string())?;
+            let rgb = gst_video::VideoFrameRef::from_buffer_ref_readable(out.as_ref(), out_info)
+                .map_err(|_| "cannot map the RGB frame".to_string())?;
             copy(&rgb)?
         }
     };

@@ -219,7 +219,14 @@ async fn work(shared: &Shared, engine: &SharedEngine, out: &Outlet) {
                     lock(&shared.queue).outstanding += n;
                     inflight.insert(
                         seq,
-                        InFlight { window: p.window, closed_at: p.closed_at, pts: p.pts, duration: p.duration, remaining: n, prompts: n },
+                        InFlight {
+                            window: p.window,
+                            closed_at: p.closed_at,
+                            pts: p.pts,
+                            duration: p.duration,
+                            remaining: n,
+                            prompts: n,
+                        },
                     );
                 }
                 Err(e) => {
@@ -262,7 +269,11 @@ fn deliver(shared: &Shared, engine: &SharedEngine, out: &Outlet, inflight: &mut 
         JobOutput::Failed { window_seq, prompt, error, .. } => {
             shared.counters.failures.fetch_add(1, Ordering::Relaxed);
             if let Some(el) = out.element.upgrade() {
-                gst::element_warning!(el, gst::LibraryError::Failed, ("window {} prompt {}: {}", window_seq, prompt, error));
+                gst::element_warning!(
+                    el,
+                    gst::LibraryError::Failed,
+                    ("window {} prompt {}: {}", window_seq, prompt, error)
+                );
             }
             (window_seq, 1)
         }
