@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo on a fresh machine: no camera, GPU or broker needed. Builds vigil, runs the daemon on
-# config/demo.toml (tiny random-weight model, bundled clip, embedded broker, CPU) and shows the
+# config/demo.toml (the tiny demo model, bundled clip, embedded broker, CPU) and shows the
 # answers as they arrive with `vigil tail`. Ctrl-C stops both.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -141,8 +141,7 @@ async fn a_slow_model_drops_old_jobs_with_counters() {
     let engine = "max_queue_age_s = 0.5\nqueue_capacity = 4\nmax_batch = 1";
     let s = clip_stream("flood", "window_seconds = 1.0\nstride_seconds = 1.0");
     let cfg = write_config(dir.path(), broker.port, metrics_port, engine, &s);
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("max_new_tokens = 4", "max_new_tokens = 64");
-    std::fs::write(&cfg, text).unwrap();
+    use_endless_model(&cfg, 64);
     let log = dir.path().join("vigil.log");
     let mut vigil = spawn_vigil(&cfg, &log);
 
@@ -347,8 +346,7 @@ async fn sigterm_mid_generation_stops_within_the_shutdown_timeout() {
     let stream = clip_stream("live", "loop = true\nwindow_seconds = 1.0\nstride_seconds = 1.0");
     let cfg = write_config(dir.path(), broker.port, free_port(), "shutdown_timeout_s = 1.0", &stream);
     // Answers of thousands of tokens: a window takes seconds to answer.
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("max_new_tokens = 4", "max_new_tokens = 3000");
-    std::fs::write(&cfg, text).unwrap();
+    use_endless_model(&cfg, 3000);
     let mut sub = Sub::connect(broker.port, "e2e-long", &["vigil/#"], false).await;
     let log = dir.path().join("vigil.log");
     let mut vigil = spawn_vigil(&cfg, &log);

@@ -243,34 +243,41 @@ fn errors_are_clear() {
     assert!(e.contains("bf16"), "{e}");
 }
 
-/// The demo checkpoint shipped for `config/demo.toml` runs on the bundled clip's frames.
+/// The demo checkpoint shipped for `config/demo.toml` answers its two questions about the
+/// bundled clip's three 4-second windows (sampled at 1 fps, as the demo does): a red ball moving,
+/// the same ball frozen, a blue ball moving.
 #[test]
 fn demo_checkpoint_answers_on_the_bundled_clip() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let clip = vigil::processor::decode::decode_video_file(&repo.join("assets/demo.mp4")).unwrap();
+    assert_eq!((clip.fps, clip.frames.len()), (10.0, 120));
+    let mut batch = String::new();
+    for window in 0..3 {
+        let frames: Vec<String> = (0..4)
+            .map(|i| {
+                let f = &clip.frames[window * 40 + i * 10];
+                let p = dir.path().join(format!("w{window}f{i}.png"));
+                image::RgbImage::from_raw(f.width as u32, f.height as u32, f.data.clone()).unwrap().save(&p).unwrap();
+                p.to_string_lossy().into_owned()
+            })
+            .collect();
+        for prompt in ["What color is the ball?", "Is the ball moving?"] {
+            batch += &serde_json::json!({"prompt": prompt, "frames": frames, "fps": 1.0}).to_string();
+            batch.push('\n');
+        }
+    }
+    std::fs::write(dir.path().join("demo.jsonl"), batch).unwrap();
     let out = vigil_in(
         repo,
-        &[
-            "infer",
-            "--model",
-            "models/tiny-videollama3",
-            "--video",
-            "assets/demo.mp4",
-            "--fps",
-            "1",
-            "--max-frames",
-            "4",
-            "--max-new-tokens",
-            "8",
-            "--json",
-            "--prompt",
-            "Describe what is happening in the video.",
-        ],
+        &["-q", "infer", "--model", "models/tiny-videollama3", "--batch", dir.path().join("demo.jsonl").to_str().unwrap(), "--json"],
     );
-    let got = json_lines(&out);
-    let r = &got[0];
-    assert_eq!(r["token_ids"].as_array().unwrap().len(), 8, "{r}");
-    assert!(r["video_tokens_total"].as_u64().unwrap() > 0, "{r}");
-    assert!(r["video_tokens_kept"].as_u64().unwrap() <= r["video_tokens_total"].as_u64().unwrap());
+    let got: Vec<String> = json_lines(&out).iter().map(|r| r["text"].as_str().unwrap().to_string()).collect();
+    assert_eq!(got, ["red", "yes", "red", "no", "blue", "yes"]);
+    for r in json_lines(&out) {
+        assert_eq!(r["stopped_on_eos"], true, "{r}");
+        assert!(r["video_tokens_kept"].as_u64().unwrap() < r["video_tokens_total"].as_u64().unwrap(), "{r}");
+    }
 }
 
 /// The engine's path: media already in memory (`LoadedRequest::new` + `infer_loaded`) gives the

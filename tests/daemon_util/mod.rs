@@ -63,6 +63,37 @@ kind = "alert"
     p
 }
 
+/// A copy of the shipped tiny model without an end-of-sequence id, so that every answer runs to
+/// `max_new_tokens`: a model as slow as a test needs. (The shipped one ends its answers after a
+/// word or two.)
+pub fn endless_model(dir: &Path) -> PathBuf {
+    let out = dir.join("endless-model");
+    std::fs::create_dir_all(&out).unwrap();
+    for f in std::fs::read_dir(repo("models/tiny-videollama3")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, out.join(f.file_name().unwrap())).unwrap();
+    }
+    let edit = |name: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let path = out.join(name);
+        let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        f(&mut v);
+        std::fs::write(&path, v.to_string()).unwrap();
+    };
+    edit("generation_config.json", &|v| v["eos_token_id"] = serde_json::json!([]));
+    edit("config.json", &|v| v["text_config"]["eos_token_id"] = serde_json::Value::Null);
+    out
+}
+
+/// [`write_config`]'s file, pointed at [`endless_model`] with answers of `max_new_tokens`.
+pub fn use_endless_model(config: &Path, max_new_tokens: usize) {
+    let model = endless_model(config.parent().unwrap());
+    let text = std::fs::read_to_string(config)
+        .unwrap()
+        .replace(&repo("models/tiny-videollama3").display().to_string(), &model.display().to_string())
+        .replace("max_new_tokens = 4", &format!("max_new_tokens = {max_new_tokens}"));
+    std::fs::write(config, text).unwrap();
+}
+
 pub fn clip_stream(name: &str, extra: &str) -> String {
     format!(
         "[[stream]]\nname = \"{name}\"\nuri = \"{}\"\nprompts = [\"caption\", \"motion\"]\n{extra}\n",
