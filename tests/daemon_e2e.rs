@@ -3,7 +3,6 @@
 
 mod common;
 mod daemon_util;
-#[allow(dead_code)]
 mod source_util;
 
 use std::collections::{HashMap, HashSet};
@@ -174,8 +173,13 @@ async fn a_slow_model_drops_old_jobs_with_counters() {
 #[test]
 fn systemd_unit_passes_systemd_analyze_verify() {
     let unit = std::fs::read_to_string(repo("systemd/vigil.service")).unwrap();
-    assert!(unit.contains("Type=notify") && unit.contains("WatchdogSec=") && unit.contains("ExecReload=/bin/kill -HUP"));
-    assert!(!unit.lines().any(|l| l.starts_with("PrivateDevices=") || l.starts_with("DeviceAllow=")), "CUDA needs /dev/nvidia*");
+    assert!(
+        unit.contains("Type=notify") && unit.contains("WatchdogSec=") && unit.contains("ExecReload=/bin/kill -HUP")
+    );
+    assert!(
+        !unit.lines().any(|l| l.starts_with("PrivateDevices=") || l.starts_with("DeviceAllow=")),
+        "CUDA needs /dev/nvidia*"
+    );
     // verify checks that ExecStart's binary exists: point it at the one under test.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("vigil.service");
@@ -194,7 +198,10 @@ fn systemd_unit_is_hardened() {
     // The sandbox must leave the cameras and the GPU reachable.
     assert!(unit.lines().any(|l| l.trim() == "SupplementaryGroups=video render"), "video: V4L2, render: GPU nodes");
     assert!(
-        !unit.lines().map(|l| l.replace(' ', "")).any(|l| l == "MemoryDenyWriteExecute=yes" || l == "MemoryDenyWriteExecute=true"),
+        !unit
+            .lines()
+            .map(|l| l.replace(' ', ""))
+            .any(|l| l == "MemoryDenyWriteExecute=yes" || l == "MemoryDenyWriteExecute=true"),
         "CUDA's PTX JIT needs writable+executable memory"
     );
     let dir = tempfile::tempdir().unwrap();
@@ -277,7 +284,13 @@ async fn rtsp_stream_keeps_answering_after_its_server_restarts_while_a_file_stre
 async fn sigterm_mid_run_loses_no_answer_of_a_completed_job() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(dir.path(), "");
-    let cfg = write_config(dir.path(), broker.port, free_port(), "", &clip_stream("live", "loop = true\nrealtime = true\nwindow_seconds = 1.0\nstride_seconds = 1.0"));
+    let cfg = write_config(
+        dir.path(),
+        broker.port,
+        free_port(),
+        "",
+        &clip_stream("live", "loop = true\nrealtime = true\nwindow_seconds = 1.0\nstride_seconds = 1.0"),
+    );
     let mut sub = Sub::connect(broker.port, "e2e-term", &["vigil/#"], false).await;
     let log = dir.path().join("vigil.log");
     let mut vigil = spawn_vigil(&cfg, &log);
@@ -310,7 +323,8 @@ async fn a_stream_the_model_cannot_take_fails_once_with_the_reason() {
         "videotestsrc num-buffers=40 ! video/x-raw,width=8,height=4000,framerate=5/1 ! jpegenc ! matroskamux",
     );
     let broker = Mosquitto::start(dir.path(), "");
-    let stream = format!("[[stream]]\nname = \"thin\"\nuri = \"{}\"\nprompts = [\"caption\"]\nloop = true\n", clip.display());
+    let stream =
+        format!("[[stream]]\nname = \"thin\"\nuri = \"{}\"\nprompts = [\"caption\"]\nloop = true\n", clip.display());
     let cfg = write_config(dir.path(), broker.port, free_port(), "", &stream);
     let mut sub = Sub::connect(broker.port, "e2e-thin", &["vigil/errors", "vigil/thin/status"], false).await;
     let log = dir.path().join("vigil.log");
@@ -417,22 +431,31 @@ async fn prompts_follow_their_schedule_and_set_overrides_it() {
     let broker = Mosquitto::start(dir.path(), "");
     let metrics_port = free_port();
     // Ranges that start three days from now only: out of schedule today, whatever the hour.
-    let day = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"][(chrono::Local::now().weekday().num_days_from_monday() as usize + 3) % 7];
+    let day = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+        [(chrono::Local::now().weekday().num_days_from_monday() as usize + 3) % 7];
     let streams = format!(
         "{}\n[[stream]]\nname = \"night\"\nuri = \"{}\"\nprompts = [\"motion\"]\nloop = true\nrealtime = true\nwindow_seconds = 1.0\nstride_seconds = 1.0\n",
         clip_stream("day", "loop = true\nrealtime = true\nwindow_seconds = 1.0\nstride_seconds = 1.0"),
         repo("assets/demo.mp4").display()
     );
     let cfg = write_config(dir.path(), broker.port, metrics_port, "", &streams);
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("kind = \"alert\"", &format!("kind = \"alert\"\ndays = [\"{day}\"]"));
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("kind = \"alert\"", &format!("kind = \"alert\"\ndays = [\"{day}\"]"));
     std::fs::write(&cfg, text).unwrap();
     let mut sub = Sub::connect(broker.port, "e2e-sched", &["vigil/+/+"], false).await;
     let log = dir.path().join("vigil.log");
     let mut vigil = spawn_vigil(&cfg, &log);
     let got = answers(&mut sub, 4, Duration::from_secs(60)).await;
     assert_eq!(got.len(), 4, "log:\n{}", log_text(&log));
-    assert!(got.iter().all(|a| a["prompt"] == "caption" && a["stream"] == "day"), "only the unscheduled prompt runs: {got:?}");
-    let skipped = metric(&http_get(metrics_port, "/metrics"), "vigil_windows_skipped_total{stream=\"night\",reason=\"schedule\"}");
+    assert!(
+        got.iter().all(|a| a["prompt"] == "caption" && a["stream"] == "day"),
+        "only the unscheduled prompt runs: {got:?}"
+    );
+    let skipped = metric(
+        &http_get(metrics_port, "/metrics"),
+        "vigil_windows_skipped_total{stream=\"night\",reason=\"schedule\"}",
+    );
     assert!(skipped >= 1.0, "the night stream's windows are skipped: {skipped}");
 
     // `set ON` runs it anyway, until the schedule's next boundary.
@@ -476,8 +499,18 @@ async fn static_windows_skip_the_model_and_moving_ones_never_do() {
     let mut vigil = spawn_vigil(&cfg, &log);
     // frozen: 4 windows x caption + window 0's motion; moving: 6 windows x 2 prompts.
     let got = answers(&mut sub, 5 + 12, Duration::from_secs(60)).await;
-    let summary: Vec<String> =
-        got.iter().map(|a| format!("{}/{}#{}{}", a["stream"], a["prompt"], a["window"]["seq"], if a.get("skipped").is_some() { " skipped" } else { "" })).collect();
+    let summary: Vec<String> = got
+        .iter()
+        .map(|a| {
+            format!(
+                "{}/{}#{}{}",
+                a["stream"],
+                a["prompt"],
+                a["window"]["seq"],
+                if a.get("skipped").is_some() { " skipped" } else { "" }
+            )
+        })
+        .collect();
     assert_eq!(got.len(), 17, "{summary:?}");
     let of = |stream: &str, prompt: &str| -> Vec<&serde_json::Value> {
         got.iter().filter(|a| a["stream"] == stream && a["prompt"] == prompt).collect()
@@ -492,7 +525,10 @@ async fn static_windows_skip_the_model_and_moving_ones_never_do() {
         assert_eq!(a["answer"], captions[0]["answer"], "a skipped window re-publishes the last answer");
     }
     assert_eq!(of("frozen", "motion").len(), 1, "alert prompts keep their state: nothing re-published");
-    assert!(got.iter().filter(|a| a["stream"] == "moving").all(|a| a.get("skipped").is_none()), "a moving scene always runs");
+    assert!(
+        got.iter().filter(|a| a["stream"] == "moving").all(|a| a.get("skipped").is_none()),
+        "a moving scene always runs"
+    );
     let m = http_get(metrics_port, "/metrics");
     assert_eq!(metric(&m, "vigil_windows_skipped_total{stream=\"frozen\",reason=\"static\"}"), 3.0);
     assert!(!m.contains("vigil_windows_skipped_total{stream=\"moving\""), "{m}");
@@ -505,13 +541,20 @@ async fn static_windows_skip_the_model_and_moving_ones_never_do() {
 async fn snapshots_go_with_their_answers_and_the_directory_is_capped() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(dir.path(), "");
-    let cfg = write_config(dir.path(), broker.port, free_port(), "", &clip_stream("clip", "snapshot_dir = \"snaps\"\nsnapshot_keep = 2"));
+    let cfg = write_config(
+        dir.path(),
+        broker.port,
+        free_port(),
+        "",
+        &clip_stream("clip", "snapshot_dir = \"snaps\"\nsnapshot_keep = 2"),
+    );
     let text = std::fs::read_to_string(&cfg).unwrap().replace(
         "text = \"Describe what is happening in the video.\"",
         "text = \"Describe what is happening in the video.\"\nsnapshot = true",
     );
     std::fs::write(&cfg, text).unwrap();
-    let mut sub = Sub::connect(broker.port, "e2e-snap", &["vigil/clip/caption", "vigil/clip/caption/snapshot"], false).await;
+    let mut sub =
+        Sub::connect(broker.port, "e2e-snap", &["vigil/clip/caption", "vigil/clip/caption/snapshot"], false).await;
     let log = dir.path().join("vigil.log");
     let mut vigil = spawn_vigil(&cfg, &log);
     let mut answers_seen = Vec::new();
@@ -519,7 +562,9 @@ async fn snapshots_go_with_their_answers_and_the_directory_is_capped() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while answers_seen.len() < 3 || jpegs.len() < 3 {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let Some(m) = sub.next(left).await else { panic!("{} answers, {} snapshots; log:\n{}", answers_seen.len(), jpegs.len(), log_text(&log)) };
+        let Some(m) = sub.next(left).await else {
+            panic!("{} answers, {} snapshots; log:\n{}", answers_seen.len(), jpegs.len(), log_text(&log))
+        };
         if m.topic.ends_with("/snapshot") {
             jpegs.push(m.payload.clone());
         } else {
@@ -531,8 +576,14 @@ async fn snapshots_go_with_their_answers_and_the_directory_is_capped() {
         schema::assert_valid(&schema, a);
         let s = &a["snapshot"];
         assert_eq!(s["topic"], "vigil/clip/caption/snapshot", "{a}");
-        let img = image::load_from_memory(jpegs.iter().find(|j| j.len() as u64 == s["bytes"].as_u64().unwrap()).expect("its JPEG")).unwrap();
-        assert_eq!((img.width() as u64, img.height() as u64), (s["width"].as_u64().unwrap(), s["height"].as_u64().unwrap()));
+        let img = image::load_from_memory(
+            jpegs.iter().find(|j| j.len() as u64 == s["bytes"].as_u64().unwrap()).expect("its JPEG"),
+        )
+        .unwrap();
+        assert_eq!(
+            (img.width() as u64, img.height() as u64),
+            (s["width"].as_u64().unwrap(), s["height"].as_u64().unwrap())
+        );
         assert!(img.width() >= 28 && img.height() >= 28, "the window's frame size: {}x{}", img.width(), img.height());
     }
     stop_cleanly(&mut vigil, &log);

@@ -11,7 +11,6 @@
 
 mod common;
 mod daemon_util;
-#[allow(dead_code)]
 mod source_util;
 
 use std::collections::HashMap;
@@ -57,7 +56,19 @@ struct Make {
 }
 
 #[allow(clippy::too_many_arguments)]
-const fn mk(color: &'static str, fg: u32, bg: u32, motion: &'static str, frozen: bool, w: u32, h: u32, rate: u32, fps: u32, frames: u32, h264: bool) -> Make {
+const fn mk(
+    color: &'static str,
+    fg: u32,
+    bg: u32,
+    motion: &'static str,
+    frozen: bool,
+    w: u32,
+    h: u32,
+    rate: u32,
+    fps: u32,
+    frames: u32,
+    h264: bool,
+) -> Make {
     Make { color, fg, bg, motion, frozen, size: (w, h), rate, fps, frames, h264 }
 }
 
@@ -144,8 +155,16 @@ fn describe(m: &Make, bgr: bool) -> String {
         "videotestsrc pattern=ball motion={} foreground-color={:#x} background-color={:#x}",
         m.motion, m.fg, m.bg
     );
-    let src = if m.frozen { format!("{src} num-buffers=1 ! imagefreeze num-buffers={frames}") } else { format!("{src} num-buffers={frames}") };
-    let swap = if bgr { format!(" ! rawvideoparse format=bgr width={w} height={h} framerate={}/1", m.rate) } else { String::new() };
+    let src = if m.frozen {
+        format!("{src} num-buffers=1 ! imagefreeze num-buffers={frames}")
+    } else {
+        format!("{src} num-buffers={frames}")
+    };
+    let swap = if bgr {
+        format!(" ! rawvideoparse format=bgr width={w} height={h} framerate={}/1", m.rate)
+    } else {
+        String::new()
+    };
     let raw = format!("{src} ! video/x-raw,format=RGB,width={w},height={h},framerate={}/1{swap}", m.rate);
     if m.h264 {
         format!("{raw} ! videoconvert ! video/x-raw,format=I420 ! x264enc speed-preset=veryfast key-int-max={} ! h264parse ! mp4mux", m.rate)
@@ -205,7 +224,8 @@ fn config(dir: &Path, broker_port: u16, clips: &[Clip]) -> PathBuf {
 /// The demo's two prompts, by the question they ask: (name of the colour prompt, of the moving one).
 fn demo_prompts() -> (String, String) {
     let cfg = vigil::Config::load(&repo("config/demo.toml")).unwrap();
-    let by_text = |t: &str| cfg.prompts.iter().find(|p| p.text == t).unwrap_or_else(|| panic!("config/demo.toml asks no {t:?}"));
+    let by_text =
+        |t: &str| cfg.prompts.iter().find(|p| p.text == t).unwrap_or_else(|| panic!("config/demo.toml asks no {t:?}"));
     let color = by_text("What color is the ball?");
     let moving = by_text("Is the ball moving?");
     assert_eq!(moving.kind, vigil::config::PromptKind::Alert, "the moving prompt is an alert");
@@ -247,7 +267,8 @@ async fn the_demo_model_answers_what_it_sees() {
     let dir = tempfile::tempdir().unwrap();
     let (color_prompt, moving_prompt) = demo_prompts();
     let makes: Vec<Make> = CLIPS.into_iter().chain(random_clips(24, 7)).collect();
-    let mut clips: Vec<Clip> = makes.iter().enumerate().map(|(i, m)| make(dir.path(), &format!("c{i:02}"), m, false)).collect();
+    let mut clips: Vec<Clip> =
+        makes.iter().enumerate().map(|(i, m)| make(dir.path(), &format!("c{i:02}"), m, false)).collect();
     // The channel-swap pair: a red and a blue ball, as made and with red and blue swapped.
     let red = mk("red", 0xffe82818, 0xff000000, "wavy", false, 320, 240, 10, 1, 3, true);
     let blue = mk("blue", 0xff1828e8, 0xff000000, "sweep", true, 320, 240, 10, 1, 3, false);
@@ -271,7 +292,14 @@ async fn the_demo_model_answers_what_it_sees() {
     while got.len() < 2 * clips.len() || demo.len() < 6 || events.len() < 3 {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         let Some(m) = sub.next(left).await else {
-            panic!("{} of {} clip answers, {} of 6 demo answers, {} events; log:\n{}", got.len(), 2 * clips.len(), demo.len(), events.len(), log_text(&log));
+            panic!(
+                "{} of {} clip answers, {} of 6 demo answers, {} events; log:\n{}",
+                got.len(),
+                2 * clips.len(),
+                demo.len(),
+                events.len(),
+                log_text(&log)
+            );
         };
         let parts: Vec<&str> = m.topic.split('/').collect();
         if parts.len() == 4 && parts[3] == "event" {
@@ -294,7 +322,12 @@ async fn the_demo_model_answers_what_it_sees() {
             demo.insert((seq, parts[2].to_string()), answer);
         } else if seq == 0 {
             let clip = clips.iter().find(|c| c.name == parts[1]).unwrap();
-            assert_eq!(a["window"]["frames"].as_u64(), Some(clip.frames as u64), "{}: the whole clip is one window: {a}", clip.name);
+            assert_eq!(
+                a["window"]["frames"].as_u64(),
+                Some(clip.frames as u64),
+                "{}: the whole clip is one window: {a}",
+                clip.name
+            );
             got.insert(key, answer);
         }
     }
@@ -316,7 +349,11 @@ async fn the_demo_model_answers_what_it_sees() {
             want_moving,
             color.text,
             moving.text,
-            if color.text == c.color && moving.text == want_moving { String::new() } else { format!("WRONG: {}", c.how) }
+            if color.text == c.color && moving.text == want_moving {
+                String::new()
+            } else {
+                format!("WRONG: {}", c.how)
+            }
         );
     }
     // Every answer is one of the model's words (clean text, no U+FFFD from a cut character).
@@ -325,7 +362,12 @@ async fn the_demo_model_answers_what_it_sees() {
         let moving = &got[&(c.name.clone(), moving_prompt.clone())];
         assert!(COLORS.contains(&color.text.as_str()), "{}: {:?}", c.name, color.text);
         assert!(["yes", "no"].contains(&moving.text.as_str()), "{}: {:?}", c.name, moving.text);
-        assert_eq!(moving.value, serde_json::json!(moving.text == "yes"), "{}: the alert's value follows its answer", c.name);
+        assert_eq!(
+            moving.value,
+            serde_json::json!(moving.text == "yes"),
+            "{}: the alert's value follows its answer",
+            c.name
+        );
     }
     let accuracy = right.map(|r| r as f64 / evaluated as f64);
     eprintln!(
@@ -338,11 +380,17 @@ async fn the_demo_model_answers_what_it_sees() {
     // Red and blue swapped: the colour answer flips.
     let color_of = |name: &str| got[&(name.to_string(), color_prompt.clone())].text.clone();
     assert_eq!((color_of("red"), color_of("blue")), ("red".to_string(), "blue".to_string()));
-    assert_eq!((color_of("red-as-bgr"), color_of("blue-as-bgr")), ("blue".to_string(), "red".to_string()), "BGR frames read as RGB must change the answer");
+    assert_eq!(
+        (color_of("red-as-bgr"), color_of("blue-as-bgr")),
+        ("blue".to_string(), "red".to_string()),
+        "BGR frames read as RGB must change the answer"
+    );
 
     // The bundled demo clip: a red ball moving, frozen, then a blue ball moving; the moving
     // alert's event starts, ends (one frozen window clears it) and starts again.
-    let demo_answers: Vec<(String, String)> = (0..3).map(|k| (demo[&(k, color_prompt.clone())].text.clone(), demo[&(k, moving_prompt.clone())].text.clone())).collect();
+    let demo_answers: Vec<(String, String)> = (0..3)
+        .map(|k| (demo[&(k, color_prompt.clone())].text.clone(), demo[&(k, moving_prompt.clone())].text.clone()))
+        .collect();
     let s = |a: &str, b: &str| (a.to_string(), b.to_string());
     assert_eq!(demo_answers, vec![s("red", "yes"), s("red", "no"), s("blue", "yes")]);
     let kinds: Vec<&str> = events.iter().take(3).map(|e| e["type"].as_str().unwrap()).collect();
@@ -351,10 +399,16 @@ async fn the_demo_model_answers_what_it_sees() {
     // vigil infer --video on the same clips: the same visual tokens and the same answers.
     let t = std::time::Instant::now();
     for c in &clips {
-        for (prompt, question) in [(&color_prompt, "What color is the ball?"), (&moving_prompt, "Is the ball moving?")] {
+        for (prompt, question) in [(&color_prompt, "What color is the ball?"), (&moving_prompt, "Is the ball moving?")]
+        {
             let daemon = &got[&(c.name.clone(), prompt.clone())];
             let cli = infer(c, question);
-            assert_eq!((cli.kept, cli.total), (daemon.kept, daemon.total), "{}: {question} visual tokens (kept, total)", c.name);
+            assert_eq!(
+                (cli.kept, cli.total),
+                (daemon.kept, daemon.total),
+                "{}: {question} visual tokens (kept, total)",
+                c.name
+            );
             assert_eq!(cli.text, daemon.text, "{}: {question}", c.name);
         }
     }

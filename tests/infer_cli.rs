@@ -2,7 +2,6 @@
 //! transformers' processor + `model.generate(do_sample=False, max_new_tokens=16)` for the same
 //! requests (fixtures from tests/reference/gen_infer_fixtures.py), and on the demo checkpoint.
 
-#[allow(dead_code)]
 mod source_util;
 
 use std::path::{Path, PathBuf};
@@ -15,11 +14,7 @@ fn root() -> PathBuf {
 }
 
 fn vigil_in(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_vigil"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run vigil")
+    Command::new(env!("CARGO_BIN_EXE_vigil")).current_dir(dir).args(args).output().expect("run vigil")
 }
 
 fn expected() -> Value {
@@ -27,34 +22,16 @@ fn expected() -> Value {
 }
 
 fn json_lines(out: &std::process::Output) -> Vec<Value> {
-    assert!(
-        out.status.success(),
-        "vigil failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone())
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    assert!(out.status.success(), "vigil failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout.clone()).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
 fn check(got: &Value, want: &Value, what: &str) {
-    for key in [
-        "input_ids",
-        "prompt_tokens",
-        "token_ids",
-        "text",
-        "video_tokens_kept",
-        "stopped_on_eos",
-    ] {
+    for key in ["input_ids", "prompt_tokens", "token_ids", "text", "video_tokens_kept", "stopped_on_eos"] {
         assert_eq!(got[key], want[key], "{what}: {key}");
     }
     if let Some(total) = want.get("video_tokens_total") {
-        assert_eq!(
-            &got["video_tokens_total"], total,
-            "{what}: video_tokens_total"
-        );
+        assert_eq!(&got["video_tokens_total"], total, "{what}: video_tokens_total");
     }
 }
 
@@ -66,30 +43,13 @@ fn single_requests_match_transformers_token_for_token() {
         let ckpt = format!("ckpt_{layout}");
         for (name, case) in lay["cases"].as_object().unwrap() {
             let args: Vec<String> = serde_json::from_value(case["args"].clone()).unwrap();
-            let mut a = vec![
-                "infer",
-                "--model",
-                &ckpt,
-                "--json",
-                "--max-new-tokens",
-                &max,
-            ];
+            let mut a = vec!["infer", "--model", &ckpt, "--json", "--max-new-tokens", &max];
             a.extend(args.iter().map(String::as_str));
             let got = json_lines(&vigil_in(&root(), &a));
             assert_eq!(got.len(), 1);
             check(&got[0], case, &format!("{layout}/{name}"));
-            for key in [
-                "load_ms",
-                "vision_ms",
-                "prefill_ms",
-                "decode_ms",
-                "tokens_per_s",
-            ] {
-                assert!(
-                    got[0][key].as_f64().is_some_and(|v| v >= 0.0),
-                    "{layout}/{name}: {key} = {}",
-                    got[0][key]
-                );
+            for key in ["load_ms", "vision_ms", "prefill_ms", "decode_ms", "tokens_per_s"] {
+                assert!(got[0][key].as_f64().is_some_and(|v| v >= 0.0), "{layout}/{name}: {key} = {}", got[0][key]);
             }
         }
     }
@@ -102,10 +62,7 @@ fn pruning_cases_really_drop_tokens() {
     for lay in exp["layouts"].as_object().unwrap().values() {
         for name in ["video_frames", "image_and_frames"] {
             let c = &lay["cases"][name];
-            assert!(
-                c["video_tokens_kept"].as_u64() < c["video_tokens_total"].as_u64(),
-                "{name}: {c}"
-            );
+            assert!(c["video_tokens_kept"].as_u64() < c["video_tokens_total"].as_u64(), "{name}: {c}");
         }
     }
 }
@@ -118,41 +75,20 @@ fn batch_matches_transformers_and_one_by_one() {
         let ckpt = format!("ckpt_{layout}");
         let got = json_lines(&vigil_in(
             &root(),
-            &[
-                "infer",
-                "--model",
-                &ckpt,
-                "--batch",
-                "batch.jsonl",
-                "--json",
-                "--max-new-tokens",
-                &max,
-            ],
+            &["infer", "--model", &ckpt, "--batch", "batch.jsonl", "--json", "--max-new-tokens", &max],
         ));
         let order: Vec<String> = serde_json::from_value(lay["batch"]["order"].clone()).unwrap();
         let want = lay["batch"]["results"].as_array().unwrap();
         assert_eq!(got.len(), want.len(), "{layout}: one line per request");
         // One row stops on an EOS id from generation_config.json while the others run on.
-        let stopped: Vec<bool> = got
-            .iter()
-            .map(|g| g["stopped_on_eos"].as_bool().unwrap())
-            .collect();
-        assert!(
-            stopped.contains(&true) && stopped.contains(&false),
-            "{layout}: {stopped:?}"
-        );
+        let stopped: Vec<bool> = got.iter().map(|g| g["stopped_on_eos"].as_bool().unwrap()).collect();
+        assert!(stopped.contains(&true) && stopped.contains(&false), "{layout}: {stopped:?}");
         for (i, ((g, w), name)) in got.iter().zip(want).zip(&order).enumerate() {
             assert_eq!(g["index"], i, "{layout}: input order");
             check(g, w, &format!("{layout}/batch/{name}"));
             // The same request alone (transformers and vigil) gives the same tokens.
-            assert_eq!(
-                g["token_ids"], lay["cases"][name]["token_ids"],
-                "{layout}/{name}: batch vs single"
-            );
-            assert_eq!(
-                g["video_tokens_total"], lay["cases"][name]["video_tokens_total"],
-                "{layout}/{name}"
-            );
+            assert_eq!(g["token_ids"], lay["cases"][name]["token_ids"], "{layout}/{name}: batch vs single");
+            assert_eq!(g["video_tokens_total"], lay["cases"][name]["video_tokens_total"], "{layout}/{name}");
         }
     }
 }
@@ -173,11 +109,7 @@ fn human_mode_streams_the_decoded_answer() {
             "The quick brown fox jumps over the lazy dog.",
         ],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.trim_end_matches('\n'), case["text"].as_str().unwrap());
     assert!(String::from_utf8_lossy(&out.stderr).contains("tokens/s"));
@@ -192,54 +124,23 @@ fn errors_are_clear() {
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
     if !cfg!(feature = "cuda") {
-        let e = run(&[
-            "infer", "--model", "ckpt_tf5", "--prompt", "x", "--device", "cuda",
-        ]);
-        assert!(
-            e.contains("without CUDA") && e.contains("--features cuda"),
-            "{e}"
-        );
+        let e = run(&["infer", "--model", "ckpt_tf5", "--prompt", "x", "--device", "cuda"]);
+        assert!(e.contains("without CUDA") && e.contains("--features cuda"), "{e}");
     }
-    let e = run(&[
-        "infer", "--model", "ckpt_tf5", "--prompt", "x", "--device", "tpu",
-    ]);
+    let e = run(&["infer", "--model", "ckpt_tf5", "--prompt", "x", "--device", "tpu"]);
     assert!(e.contains("cuda:N"), "{e}");
     let e = run(&["infer", "--model", "no_such_dir", "--prompt", "x"]);
     assert!(e.contains("no_such_dir"), "{e}");
-    let e = run(&[
-        "infer",
-        "--model",
-        "ckpt_tf5",
-        "--prompt",
-        "x",
-        "--image",
-        "../processor/media/bad_aspect.png",
-    ]);
+    let e = run(&["infer", "--model", "ckpt_tf5", "--prompt", "x", "--image", "../processor/media/bad_aspect.png"]);
     assert!(e.contains("aspect ratio"), "{e}");
-    let e = run(&[
-        "infer",
-        "--model",
-        "ckpt_tf5",
-        "--batch",
-        "batch.jsonl",
-        "--image",
-        "../processor/media/odd.png",
-    ]);
+    let e = run(&["infer", "--model", "ckpt_tf5", "--batch", "batch.jsonl", "--image", "../processor/media/odd.png"]);
     assert!(e.contains("--batch"), "{e}");
     let tmp = tempfile::tempdir().unwrap();
     let bad = tmp.path().join("bad.jsonl");
     std::fs::write(&bad, "{\"prompt\": \"ok\"}\n{\"promt\": \"typo\"}\n").unwrap();
-    let e = run(&[
-        "infer",
-        "--model",
-        dir.join("ckpt_tf5").to_str().unwrap(),
-        "--batch",
-        bad.to_str().unwrap(),
-    ]);
+    let e = run(&["infer", "--model", dir.join("ckpt_tf5").to_str().unwrap(), "--batch", bad.to_str().unwrap()]);
     assert!(e.contains("bad.jsonl:2") && e.contains("promt"), "{e}");
-    let e = run(&[
-        "infer", "--model", "ckpt_tf5", "--prompt", "x", "--dtype", "f64",
-    ]);
+    let e = run(&["infer", "--model", "ckpt_tf5", "--prompt", "x", "--dtype", "f64"]);
     assert!(e.contains("bf16"), "{e}");
 }
 
@@ -270,7 +171,15 @@ fn demo_checkpoint_answers_on_the_bundled_clip() {
     std::fs::write(dir.path().join("demo.jsonl"), batch).unwrap();
     let out = vigil_in(
         repo,
-        &["-q", "infer", "--model", "models/tiny-videollama3", "--batch", dir.path().join("demo.jsonl").to_str().unwrap(), "--json"],
+        &[
+            "-q",
+            "infer",
+            "--model",
+            "models/tiny-videollama3",
+            "--batch",
+            dir.path().join("demo.jsonl").to_str().unwrap(),
+            "--json",
+        ],
     );
     let got: Vec<String> = json_lines(&out).iter().map(|r| r["text"].as_str().unwrap().to_string()).collect();
     assert_eq!(got, ["red", "yes", "red", "no", "blue", "yes"]);
@@ -304,30 +213,15 @@ fn in_memory_requests_match_transformers() {
         vec![],
         vec![Video::from_frames(frames, Some(2.0)).unwrap()],
     );
-    let image = LoadedRequest::new(
-        "Describe the image.",
-        vec![RgbImage::open(&media.join("down.png")).unwrap()],
-        vec![],
-    );
-    let opts = vigil::infer::InferOptions {
-        generation: vigil::model::GenerationParams::greedy(16),
-        ..Default::default()
-    };
-    let out =
-        vigil::infer::infer_loaded(&model, &processor, &[video, image], &opts, &mut |_, _| {})
-            .unwrap();
+    let image =
+        LoadedRequest::new("Describe the image.", vec![RgbImage::open(&media.join("down.png")).unwrap()], vec![]);
+    let opts =
+        vigil::infer::InferOptions { generation: vigil::model::GenerationParams::greedy(16), ..Default::default() };
+    let out = vigil::infer::infer_loaded(&model, &processor, &[video, image], &opts, &mut |_, _| {}).unwrap();
     let cases = &exp["layouts"]["tf5"]["cases"];
     for (r, name) in out.results.iter().zip(["video_frames", "image"]) {
-        assert_eq!(
-            serde_json::json!(r.token_ids),
-            cases[name]["token_ids"],
-            "{name}"
-        );
-        assert_eq!(
-            serde_json::json!(r.input_ids),
-            cases[name]["input_ids"],
-            "{name}"
-        );
+        assert_eq!(serde_json::json!(r.token_ids), cases[name]["token_ids"], "{name}");
+        assert_eq!(serde_json::json!(r.input_ids), cases[name]["input_ids"], "{name}");
     }
 }
 
@@ -347,9 +241,7 @@ fn demo_config_model_takes_a_full_size_window() {
             RgbImage::new(
                 side,
                 side,
-                (0..side * side * 3)
-                    .map(|i| ((i / 3 + 7 * k * (i % side)) % 256) as u8)
-                    .collect(),
+                (0..side * side * 3).map(|i| ((i / 3 + 7 * k * (i % side)) % 256) as u8).collect(),
             )
             .unwrap()
         })
@@ -359,13 +251,10 @@ fn demo_config_model_takes_a_full_size_window() {
         vec![],
         vec![Video::from_frames(frames, Some(cfg.defaults.fps)).unwrap()],
     );
-    let opts = vigil::infer::InferOptions {
-        generation: vigil::model::GenerationParams::greedy(16),
-        ..Default::default()
-    };
+    let opts =
+        vigil::infer::InferOptions { generation: vigil::model::GenerationParams::greedy(16), ..Default::default() };
     let t0 = std::time::Instant::now();
-    let out =
-        vigil::infer::infer_loaded(&model, &processor, &[req], &opts, &mut |_, _| {}).unwrap();
+    let out = vigil::infer::infer_loaded(&model, &processor, &[req], &opts, &mut |_, _| {}).unwrap();
     let took = t0.elapsed();
     let r = &out.results[0];
     // 224 px = 16 patches of 14 px; 2x2 merge: 64 tokens per frame, nothing shrunk.
@@ -412,9 +301,8 @@ fn sampling_dtype_and_pruning_flags() {
         run(&["--temperature", "1.5", "--seed", "1"])["token_ids"],
         "seeded sampling is reproducible"
     );
-    let draws: Vec<Value> = (2..6)
-        .map(|s| run(&["--temperature", "1.5", "--seed", &s.to_string()])["token_ids"].clone())
-        .collect();
+    let draws: Vec<Value> =
+        (2..6).map(|s| run(&["--temperature", "1.5", "--seed", &s.to_string()])["token_ids"].clone()).collect();
     assert!(
         draws.iter().any(|d| *d != s1["token_ids"]) || s1["token_ids"] != greedy["token_ids"],
         "sampling never varies"
@@ -437,9 +325,25 @@ fn bench_at_random_shapes_reports_every_stage() {
     let weights = tmp.path().join("weights");
     let shape = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-videollama3/config.json");
     let args = [
-        "bench", "--shape", shape.to_str().unwrap(), "--random-weights", "--frames", "4", "--size", "112x84",
-        "--streams", "1,3", "--windows", "2", "--prompts", "3", "--new-tokens", "5", "--save-weights",
-        weights.to_str().unwrap(), "--json",
+        "bench",
+        "--shape",
+        shape.to_str().unwrap(),
+        "--random-weights",
+        "--frames",
+        "4",
+        "--size",
+        "112x84",
+        "--streams",
+        "1,3",
+        "--windows",
+        "2",
+        "--prompts",
+        "3",
+        "--new-tokens",
+        "5",
+        "--save-weights",
+        weights.to_str().unwrap(),
+        "--json",
     ];
     let run = || {
         let out = vigil_in(tmp.path(), &args);
@@ -482,7 +386,10 @@ fn bench_at_random_shapes_reports_every_stage() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--random-weights"));
     // A CPU build refuses --device cuda before writing any weights.
     let gone = tmp.path().join("never");
-    let out = vigil_in(tmp.path(), &["bench", "--shape", "2b", "--random-weights", "--device", "cuda", "--save-weights", gone.to_str().unwrap()]);
+    let out = vigil_in(
+        tmp.path(),
+        &["bench", "--shape", "2b", "--random-weights", "--device", "cuda", "--save-weights", gone.to_str().unwrap()],
+    );
     if !cfg!(feature = "cuda") {
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("--features cuda"));
@@ -503,7 +410,22 @@ fn infer_takes_variable_rate_video_and_explains_what_it_cannot_read() {
     let audio = source_util::clip(dir.path(), "audio.ogg", "audiotestsrc num-buffers=20 ! vorbisenc ! oggmux");
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-videollama3");
     let infer = |video: &Path| {
-        vigil_in(dir.path(), &["-q", "infer", "--model", model.to_str().unwrap(), "--video", video.to_str().unwrap(), "--prompt", "What?", "--max-new-tokens", "2", "--json"])
+        vigil_in(
+            dir.path(),
+            &[
+                "-q",
+                "infer",
+                "--model",
+                model.to_str().unwrap(),
+                "--video",
+                video.to_str().unwrap(),
+                "--prompt",
+                "What?",
+                "--max-new-tokens",
+                "2",
+                "--json",
+            ],
+        )
     };
     let out = json_lines(&infer(&vfr));
     assert!(out[0]["text"].is_string(), "{out:?}");

@@ -38,7 +38,15 @@ pub enum PreflightError {
          (fps, window_seconds), fewer pixels (max_frame_pixels) or a shorter answer (max_new_tokens)",
         .frames * .per_frame + .text + .answer
     )]
-    TooLong { stream: String, prompt: String, frames: usize, per_frame: usize, text: usize, answer: usize, context: usize },
+    TooLong {
+        stream: String,
+        prompt: String,
+        frames: usize,
+        per_frame: usize,
+        text: usize,
+        answer: usize,
+        context: usize,
+    },
 }
 
 /// What was checked, for `check`'s summary.
@@ -63,7 +71,8 @@ pub fn preflight(cfg: &Config) -> Result<Preflight, Vec<PreflightError>> {
             return Err(problems);
         }
     };
-    let model = crate::model::load::check_pretrained(&dir).map_err(|source| PreflightError::Model { dir: dir.clone(), source });
+    let model =
+        crate::model::load::check_pretrained(&dir).map_err(|source| PreflightError::Model { dir: dir.clone(), source });
     let processor = Processor::from_pretrained(&dir).map_err(|source| PreflightError::Processor { source });
     let (model, processor) = match (model, processor) {
         (Ok(m), Ok(p)) => (m, p),
@@ -95,7 +104,7 @@ pub fn context_fit(
     let mut largest: Option<(String, String, usize)> = None;
     for s in cfg.streams.iter().filter(|s| s.enabled) {
         for p in s.prompts.iter().filter_map(|name| cfg.prompt(name)) {
-            match request_tokens(cfg, &processor, s, p) {
+            match request_tokens(cfg, processor, s, p) {
                 Err(e) => problems.push(e),
                 Ok(r) => {
                     let total = r.total();
@@ -139,7 +148,12 @@ impl RequestTokens {
 
 /// The longest window at `max_frame_pixels`, unpruned (pruning can keep every token), over the
 /// common aspect ratios; the question in the checkpoint's chat template; the longest answer.
-fn request_tokens(cfg: &Config, processor: &Processor, s: &StreamConfig, p: &PromptConfig) -> Result<RequestTokens, PreflightError> {
+fn request_tokens(
+    cfg: &Config,
+    processor: &Processor,
+    s: &StreamConfig,
+    p: &PromptConfig,
+) -> Result<RequestTokens, PreflightError> {
     let prompt_err = |message: String| PreflightError::Prompt { prompt: p.name.clone(), message };
     let st = &s.settings;
     let frames = ((st.window_seconds * st.fps) + 1e-9).floor().max(1.0) as usize;
@@ -169,7 +183,8 @@ fn request_tokens(cfg: &Config, processor: &Processor, s: &StreamConfig, p: &Pro
     let conv = vec![Message::user(vec![ContentPart::Video, ContentPart::Text { text: p.text.clone() }])];
     let rendered =
         processor.apply_chat_template(&[conv], true).map_err(|e| prompt_err(format!("chat template: {e}")))?.remove(0);
-    let encode = |s: &str| processor.tokenizer.encode(s, true).map(|e| e.get_ids().len()).map_err(|e| prompt_err(e.to_string()));
+    let encode =
+        |s: &str| processor.tokenizer.encode(s, true).map(|e| e.get_ids().len()).map_err(|e| prompt_err(e.to_string()));
     let vtok = &processor.files.video_token;
     if rendered.matches(vtok.as_str()).count() != 1 {
         return Err(prompt_err(format!("the rendered conversation must hold exactly one {vtok}")));

@@ -181,7 +181,6 @@ pub fn log_text(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_default()
 }
 
-
 /// The answer figures of the daemon's stop line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StopCounts {
@@ -202,7 +201,12 @@ pub fn stop_counts(log: &str) -> StopCounts {
         .next()
         .unwrap()
         .split(',')
-        .map(|part| part.split_whitespace().next().and_then(|w| w.parse().ok()).unwrap_or_else(|| panic!("bad stop line: {line}")))
+        .map(|part| {
+            part.split_whitespace()
+                .next()
+                .and_then(|w| w.parse().ok())
+                .unwrap_or_else(|| panic!("bad stop line: {line}"))
+        })
         .collect();
     assert_eq!(n.len(), 4, "stop line: {line}");
     StopCounts { produced: n[0], delivered: n[1], dropped: n[2], undelivered: n[3] }
@@ -210,7 +214,5 @@ pub fn stop_counts(log: &str) -> StopCounts {
 
 /// The ids of the answers the daemon produced, in order (its debug log lines).
 pub fn produced_ids(log: &str) -> Vec<String> {
-    log.lines()
-        .filter_map(|l| l.split("answer ").nth(1)?.strip_suffix(" produced").map(str::to_string))
-        .collect()
+    log.lines().filter_map(|l| l.split("answer ").nth(1)?.strip_suffix(" produced").map(str::to_string)).collect()
 }
