@@ -716,9 +716,11 @@ impl SourceKind {
             "http" | "https" => SourceKind::Http,
             "file" => SourceKind::File,
             "v4l2" => SourceKind::V4l2,
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "has unsupported scheme {other:?} (expected rtsp://, rtsps://, http(s)://, file://, v4l2:// or a path)"
-            )),
+            ))
+            }
         };
         match kind {
             SourceKind::Rtsp | SourceKind::Http if parsed.host_str().unwrap_or("").is_empty() => {
