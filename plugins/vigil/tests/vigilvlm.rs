@@ -112,7 +112,11 @@ fn gst_inspect_lists_the_element_and_its_properties() {
     let lib = target_dir().join("libgstvigil.so");
     if !lib.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let ok = Command::new(cargo).current_dir(repo()).args(["build", "--locked", "-p", "gst-plugin-vigil", "--lib"]).status().unwrap();
+        let ok = Command::new(cargo)
+            .current_dir(repo())
+            .args(["build", "--locked", "-p", "gst-plugin-vigil", "--lib"])
+            .status()
+            .unwrap();
         assert!(ok.success(), "cannot build the plugin library");
     }
     assert!(lib.exists(), "{} is missing after building the plugin", lib.display());
