@@ -23,6 +23,18 @@ while [ $# -gt 0 ]; do
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
+# A packed folder (scripts/pack-gpu.sh) carries the binary and its libraries compressed.
+unpack='import lzma, shutil, sys, tarfile
+if sys.argv[1].endswith(".tar.xz"):
+    tarfile.open(sys.argv[1]).extractall(sys.argv[2])
+else:
+    shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))'
+if [ -f "$root/vigil.xz" ] && [ ! -x "$root/vigil" ]; then
+  "${PYTHON:-python3}" -c "$unpack" "$root/vigil.xz" "$root/vigil" && chmod +x "$root/vigil"
+fi
+if [ -f "$root/lib.tar.xz" ] && [ ! -d "$root/lib" ]; then
+  "${PYTHON:-python3}" -c "$unpack" "$root/lib.tar.xz" "$root"
+fi
 vigil=${VIGIL:-}
 if [ -z "$vigil" ]; then
   for c in "$root/target/release/vigil" "$root/vigil" "$root/target/debug/vigil"; do

@@ -2,7 +2,7 @@
 # Packs what a GPU check needs into one folder to carry to the GPU machine (which has no Rust,
 # no network and perhaps no GStreamer): the stripped binary, the shared libraries it links
 # beyond glibc (GStreamer, GLib and theirs, into lib/), the check scripts, the committed
-# parity fixtures and the transformers peer. Stays well under the 64 MiB carry limit.
+# parity fixtures and the transformers peer, compressed to stay under the 64 MiB carry limit.
 #
 #   scripts/pack-gpu.sh [BINARY] [DIR]     # default: target/release/vigil into .gpu/
 #
@@ -23,4 +23,8 @@ cp scripts/gpu-check.sh scripts/gpu_check.py "$dir/scripts/"
 cp -r tests/fixtures/infer "$dir/tests/fixtures/"
 cp -r tests/fixtures/processor/media "$dir/tests/fixtures/processor/"
 cp tests/reference/bench_transformers.py "$dir/tests/reference/"
+# Compressed to fit the carry limit (a CUDA binary alone is ~63 MB); gpu-check.sh unpacks them
+# with Python's standard library on the GPU machine.
+xz -T2 -6 "$dir/vigil"
+tar -C "$dir" -cJf "$dir/lib.tar.xz" lib && rm -rf "$dir/lib"
 du -sh "$dir"
