@@ -262,6 +262,9 @@ struct Shared {
     /// showed life.
     heartbeat_ms: AtomicU64,
     prep_heartbeat_ms: AtomicU64,
+    /// The preprocessing thread is blocked handing a batch to the model thread: its liveness is
+    /// then the model thread's.
+    prep_waiting: AtomicBool,
     abort: AtomicBool,
     finished: Mutex<bool>,
     finished_cv: Condvar,
@@ -415,6 +418,7 @@ impl Engine {
             epoch: Instant::now(),
             heartbeat_ms: AtomicU64::new(0),
             prep_heartbeat_ms: AtomicU64::new(0),
+            prep_waiting: AtomicBool::new(false),
             abort: AtomicBool::new(false),
             finished: Mutex::new(false),
             finished_cv: Condvar::new(),
@@ -525,9 +529,14 @@ impl Engine {
     /// idle, and between prefill/decode steps while busy).
     pub fn heartbeat_age(&self) -> Duration {
         let now = self.shared.epoch.elapsed().as_millis() as u64;
-        // The older of the two threads' signs of life: either one stuck is the engine stuck.
-        let last =
-            self.shared.heartbeat_ms.load(Ordering::Relaxed).min(self.shared.prep_heartbeat_ms.load(Ordering::Relaxed));
+        // The older of the two threads' signs of life (either one stuck is the engine stuck),
+        // except while preprocessing waits on the model.
+        let model = self.shared.heartbeat_ms.load(Ordering::Relaxed);
+        let last = if self.shared.prep_waiting.load(Ordering::Relaxed) {
+            model
+        } else {
+            model.min(self.shared.prep_heartbeat_ms.load(Ordering::Relaxed))
+        };
         Duration::from_millis(now.saturating_sub(last))
     }
 
@@ -692,18 +701,13 @@ fn prep_loop(sh: &Arc<Shared>, mut prep: Preparer, tx: std::sync::mpsc::SyncSend
                 tracing::error!("the engine panicked while preprocessing a batch; its prompts fail");
                 PreparedBatch::failed(work.len(), "engine panic")
             });
-        let mut ready = Ready { batch, work, prepared };
-        // Wait for the model to take it, showing life meanwhile.
-        loop {
-            match tx.try_send(ready) {
-                Ok(()) => break,
-                Err(std::sync::mpsc::TrySendError::Full(r)) => {
-                    ready = r;
-                    sh.beat_prep();
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return,
-            }
+        // Blocks until the model thread takes it (no polling while the model computes).
+        sh.prep_waiting.store(true, Ordering::Relaxed);
+        let sent = tx.send(Ready { batch, work, prepared });
+        sh.beat_prep();
+        sh.prep_waiting.store(false, Ordering::Relaxed);
+        if sent.is_err() {
+            return;
         }
     }
 }
