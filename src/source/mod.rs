@@ -277,6 +277,20 @@ pub struct SourceEvent {
 
 /// Output size for a `width × height` source with pixel aspect `par`, scaled (aspect kept) so
 /// that it holds at most `max_pixels`; never upscaled, never below 1×1.
+/// The tightly packed RGB bytes (`w × 3` per row) of a plane whose rows are `stride` bytes apart,
+/// or `None` if the plane is too small for `w`x`h`.
+pub fn packed_rgb(plane: &[u8], stride: usize, w: usize, h: usize) -> Option<Vec<u8>> {
+    let row = w * 3;
+    if stride < row || plane.len() < stride * (h.max(1) - 1) + row {
+        return None;
+    }
+    let mut data = Vec::with_capacity(row * h);
+    for y in 0..h {
+        data.extend_from_slice(&plane[y * stride..y * stride + row]);
+    }
+    Some(data)
+}
+
 /// A native RGB frame resized to the model's input `target` (height, width) with the
 /// processor's own resize (the one transformers' video processor uses), so the buffered frame is
 /// the model input. `None` (a frame the model cannot take; the caller reports it) scales it to

@@ -215,15 +215,10 @@ impl Shared {
         let (w, h) = (info.width() as usize, info.height() as usize);
         let stride = vframe.plane_stride()[0] as usize;
         let plane = vframe.plane_data(0).map_err(|_| gst::FlowError::Error)?;
-        let row = w * 3;
-        if stride < row || plane.len() < stride * (h.max(1) - 1) + row {
+        let Some(data) = super::packed_rgb(plane, stride, w, h) else {
             gst::element_error!(sink, gst::StreamError::Failed, ("video plane smaller than {}x{} RGB", w, h));
             return Err(gst::FlowError::Error);
-        }
-        let mut data = Vec::with_capacity(row * h);
-        for y in 0..h {
-            data.extend_from_slice(&plane[y * stride..y * stride + row]);
-        }
+        };
         drop(vframe);
         let (data, w, h) = self.to_model_size(data, w, h);
         let pts = buffer.pts().map(|t| t.nseconds());

@@ -785,15 +785,7 @@ fn rgb_frame(buf: &gst::Buffer, input: &Input) -> Result<(Vec<u8>, usize, usize)
     let copy = |f: &gst_video::VideoFrameRef<&gst::BufferRef>| -> Result<Vec<u8>, String> {
         let stride = f.plane_stride()[0] as usize;
         let plane = f.plane_data(0).map_err(|_| "cannot read the RGB plane".to_string())?;
-        let row = w * 3;
-        if stride < row || plane.len() < stride * (h.max(1) - 1) + row {
-            return Err(format!("plane smaller than {w}x{h} RGB"));
-        }
-        let mut data = Vec::with_capacity(row * h);
-        for y in 0..h {
-            data.extend_from_slice(&plane[y * stride..y * stride + row]);
-        }
-        Ok(data)
+        vigil::source::packed_rgb(plane, stride, w, h).ok_or_else(|| format!("plane smaller than {w}x{h} RGB"))
     };
     let data = match &input.rgb {
         None => copy(&frame)?,
