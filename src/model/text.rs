@@ -13,58 +13,82 @@ use super::attention::{attention, rows_per_chunk};
 use super::config::VideoLlama3TextConfig;
 use super::rotary::inverse_frequencies;
 
-/// One layer's keys and values, `[batch, kv_heads, capacity, head_dim]` buffers of which the
-/// first `len` positions are filled. Appending writes in place (`slice_set`); the buffer is
-/// reallocated only when it is full, with room for [`KV_HEADROOM`] more tokens, so decoding does
-/// not allocate or copy the cache every step.
+/// A tensor that grows along `dim` in place: a buffer of which the first `len` positions along
+/// `dim` are filled. Appending writes with `slice_set`; the buffer is reallocated only when it is
+/// full, with room for [`KV_HEADROOM`] more positions, so decoding does not allocate or copy the
+/// cache every step.
 #[derive(Debug)]
-struct LayerKv {
-    k: Tensor,
-    v: Tensor,
+struct Growing {
+    buf: Tensor,
+    dim: usize,
     len: usize,
 }
 
 /// Positions allocated beyond what a step needs (decoding 256 tokens reallocates once).
 pub const KV_HEADROOM: usize = 256;
 
-impl LayerKv {
-    fn with_capacity(like: &Tensor, cap: usize) -> candle_core::Result<(Tensor, Tensor)> {
-        let (b, h, _, d) = like.dims4()?;
-        let z = || Tensor::zeros((b, h, cap, d), like.dtype(), like.device());
-        Ok((z()?, z()?))
+impl Growing {
+    fn new(x: &Tensor, dim: usize) -> candle_core::Result<Self> {
+        let mut g = Self { buf: Self::alloc(x, dim, x.dim(dim)? + KV_HEADROOM)?, dim, len: 0 };
+        g.append(x)?;
+        Ok(g)
     }
 
-    fn new(k: &Tensor, v: &Tensor) -> candle_core::Result<Self> {
-        let (bk, bv) = Self::with_capacity(k, k.dim(2)? + KV_HEADROOM)?;
-        let mut layer = Self { k: bk, v: bv, len: 0 };
-        layer.append(k, v)?;
-        Ok(layer)
+    fn alloc(like: &Tensor, dim: usize, cap: usize) -> candle_core::Result<Tensor> {
+        let mut shape = like.dims().to_vec();
+        shape[dim] = cap;
+        Tensor::zeros(shape, like.dtype(), like.device())
     }
 
     fn capacity(&self) -> usize {
-        self.k.dim(2).unwrap_or(0)
+        self.buf.dim(self.dim).unwrap_or(0)
+    }
+
+    /// Write `x` after the filled positions; returns a view of everything filled.
+    fn append(&mut self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let l = x.dim(self.dim)?;
+        if self.len + l > self.capacity() {
+            let grown = Self::alloc(x, self.dim, self.len + l + KV_HEADROOM)?;
+            if self.len > 0 {
+                grown.slice_set(&self.view()?.contiguous()?, self.dim, 0)?;
+            }
+            self.buf = grown;
+        }
+        self.buf.slice_set(&x.contiguous()?, self.dim, self.len)?;
+        self.len += l;
+        self.view()
+    }
+
+    fn view(&self) -> candle_core::Result<Tensor> {
+        self.buf.narrow(self.dim, 0, self.len)
+    }
+
+    /// Rows (dim 0) `idx` of the whole buffer (contiguous; the copy keeps the headroom).
+    fn select_rows(&self, idx: &Tensor) -> candle_core::Result<Self> {
+        Ok(Self { buf: self.buf.index_select(idx, 0)?, dim: self.dim, len: self.len })
+    }
+}
+
+/// One layer's keys and values, `[batch, kv_heads, positions, head_dim]`, grown in place.
+#[derive(Debug)]
+struct LayerKv {
+    k: Growing,
+    v: Growing,
+}
+
+impl LayerKv {
+    fn new(k: &Tensor, v: &Tensor) -> candle_core::Result<Self> {
+        Ok(Self { k: Growing::new(k, 2)?, v: Growing::new(v, 2)? })
     }
 
     /// Write `k`/`v` `[batch, kv_heads, l, head_dim]` after the cached positions; returns views
     /// of everything cached.
     fn append(&mut self, k: &Tensor, v: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-        let l = k.dim(2)?;
-        if self.len + l > self.capacity() {
-            let (nk, nv) = Self::with_capacity(k, self.len + l + KV_HEADROOM)?;
-            if self.len > 0 {
-                nk.slice_set(&self.k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-                nv.slice_set(&self.v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
-            }
-            (self.k, self.v) = (nk, nv);
-        }
-        self.k.slice_set(&k.contiguous()?, 2, self.len)?;
-        self.v.slice_set(&v.contiguous()?, 2, self.len)?;
-        self.len += l;
-        self.view()
+        Ok((self.k.append(k)?, self.v.append(v)?))
     }
 
     fn view(&self) -> candle_core::Result<(Tensor, Tensor)> {
-        Ok((self.k.narrow(2, 0, self.len)?, self.v.narrow(2, 0, self.len)?))
+        Ok((self.k.view()?, self.v.view()?))
     }
 }
 
@@ -75,8 +99,8 @@ impl LayerKv {
 #[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
-    /// `[batch, cached_len]`, 1.0 = real token, 0.0 = padding.
-    key_mask: Option<Tensor>,
+    /// `[batch, cached_len]`, 1.0 = real token, 0.0 = padding; grown in place like the keys.
+    key_mask: Option<Growing>,
 }
 
 impl KvCache {
@@ -85,11 +109,25 @@ impl KvCache {
     }
     /// Tokens cached so far (including padding columns).
     pub fn seq_len(&self) -> usize {
-        self.key_mask.as_ref().and_then(|m| m.dim(1).ok()).unwrap_or(0)
+        self.key_mask.as_ref().map_or(0, |m| m.len)
     }
     pub fn clear(&mut self) {
         *self = Self::default();
     }
+
+    /// Append `[batch, l]` mask columns; returns the whole key mask `[batch, cached_len]`.
+    fn append_mask(&mut self, mask: &Tensor) -> candle_core::Result<Tensor> {
+        match &mut self.key_mask {
+            Some(m) => m.append(mask),
+            None => {
+                let m = Growing::new(mask, 1)?;
+                let view = m.view();
+                self.key_mask = Some(m);
+                view
+            }
+        }
+    }
+
     /// A new cache whose row `i` is a copy of row `rows[i]` of this one (rows may repeat): forks
     /// a shared prefix into several continuations, or drops finished rows from a batch. Keys,
     /// values and the key mask are copied unchanged, so continuing from the fork is the same
@@ -98,26 +136,21 @@ impl KvCache {
         let Some(mask) = &self.key_mask else {
             candle_core::bail!("select_rows on an empty cache");
         };
-        let b = mask.dim(0)?;
+        let b = mask.buf.dim(0)?;
         if let Some(bad) = rows.iter().find(|&&r| r >= b) {
             candle_core::bail!("select_rows: row {bad} out of a batch of {b}");
         }
         let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-        let idx = Tensor::from_vec(idx, rows.len(), mask.device())?;
+        let idx = Tensor::from_vec(idx, rows.len(), mask.buf.device())?;
         let layers = self
             .layers
             .iter()
             .map(|l| match l {
-                // Whole buffers (contiguous; the copies keep the headroom).
-                Some(layer) => Ok(Some(LayerKv {
-                    k: layer.k.index_select(&idx, 0)?,
-                    v: layer.v.index_select(&idx, 0)?,
-                    len: layer.len,
-                })),
+                Some(layer) => Ok(Some(LayerKv { k: layer.k.select_rows(&idx)?, v: layer.v.select_rows(&idx)? })),
                 None => Ok(None),
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(KvCache { layers, key_mask: Some(mask.index_select(&idx, 0)?) })
+        Ok(KvCache { layers, key_mask: Some(mask.select_rows(&idx)?) })
     }
 }
 
@@ -180,16 +213,14 @@ impl Attention {
         let (b, l, _) = xs.dims3()?;
         let (q_dim, kv_dim) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
         let qkv = self.qkv_proj.forward(xs)?;
-        let q = qkv.narrow(D::Minus1, 0, q_dim)?.reshape((b, l, self.num_heads, self.head_dim))?.transpose(1, 2)?;
-        let k =
-            qkv.narrow(D::Minus1, q_dim, kv_dim)?.reshape((b, l, self.num_kv_heads, self.head_dim))?.transpose(1, 2)?;
-        let v = qkv
-            .narrow(D::Minus1, q_dim + kv_dim, kv_dim)?
-            .reshape((b, l, self.num_kv_heads, self.head_dim))?
-            .transpose(1, 2)?;
-        let q = apply_rotary_in_dtype(&q, cos, sin)?.contiguous()?;
-        let k = apply_rotary_in_dtype(&k, cos, sin)?.contiguous()?;
-        let v = v.contiguous()?;
+        // `[b, l, heads, d]` rows are what the fused rope kernel takes; the transposes to
+        // `[b, heads, l, d]` are free views when `l == 1` (a decode step).
+        let split = |start: usize, heads: usize| {
+            qkv.narrow(D::Minus1, start, heads * self.head_dim)?.reshape((b, l, heads, self.head_dim))
+        };
+        let q = rope_thd(&split(0, self.num_heads)?, cos, sin)?.transpose(1, 2)?;
+        let k = rope_thd(&split(q_dim, self.num_kv_heads)?, cos, sin)?.transpose(1, 2)?.contiguous()?;
+        let v = split(q_dim + kv_dim, self.num_kv_heads)?.transpose(1, 2)?.contiguous()?;
         let (k, v) = match cache {
             Some(layer) => layer.append(&k, &v)?,
             None => {
@@ -324,21 +355,16 @@ impl Qwen2Decoder {
             cache.layers = (0..self.layers.len()).map(|_| None).collect();
         }
         let past = cache.seq_len();
-        let new_mask = inputs.attention_mask.to_dtype(DType::F32)?;
-        let key_mask = match cache.key_mask.take() {
-            Some(prev) => Tensor::cat(&[&prev, &new_mask], 1)?,
-            None => new_mask,
-        };
-        cache.key_mask = Some(key_mask.clone());
+        let key_mask = cache.append_mask(&inputs.attention_mask.to_dtype(DType::F32)?)?;
         let rows = rows_per_chunk(b, self.cfg.num_attention_heads, past + l);
         let mask = ChunkedBias::new(&key_mask, past, l, rows, device)?;
         // RoPE tables in f32, as transformers computes them (then cast to the model dtype).
         let pos = inputs.position_ids.to_dtype(DType::F32)?.unsqueeze(2)?; // [b, l, 1]
         let freqs = pos.broadcast_mul(&self.inv_freq)?;
-        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?;
         let dtype = xs.dtype();
-        let cos = emb.cos()?.to_dtype(dtype)?.unsqueeze(1)?; // [b, 1, l, hd]
-        let sin = emb.sin()?.to_dtype(dtype)?.unsqueeze(1)?;
+        // `[b, l, hd/2]`: both halves of transformers' `cat(freqs, freqs)` table are equal.
+        let cos = freqs.cos()?.to_dtype(dtype)?;
+        let sin = freqs.sin()?.to_dtype(dtype)?;
         let mut hidden = xs.clone();
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             hidden = layer.forward(&hidden, &cos, &sin, &mask, slot)?;
@@ -391,15 +417,13 @@ impl ChunkedBias {
     }
 }
 
-/// Qwen2's `apply_rotary_pos_emb`: `x·cos + rotate_half(x)·sin` in the model dtype, with
-/// `cos`/`sin` already cast to it — each product and the sum rounded to that dtype, as
-/// transformers computes it (the vision tower's rotary, unlike this one, runs in f32).
-fn apply_rotary_in_dtype(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+/// Qwen2's `apply_rotary_pos_emb` on `[b, l, heads, d]`: `x·cos + rotate_half(x)·sin` in the
+/// model dtype with `cos`/`sin` `[b, l, d/2]` already cast to it, as transformers computes it
+/// (the vision tower's rotary, unlike this one, runs in f32). candle's fused kernel rounds each
+/// product and the sum to the dtype exactly as the unfused expression does (a test checks it
+/// bit for bit), in one launch instead of six.
+fn rope_thd(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    candle_nn::rotary_emb::rope_thd(&x.contiguous()?, cos, sin)
 }
 
 #[cfg(test)]
@@ -420,7 +444,7 @@ mod tests {
     fn appends_equal_concatenation_across_reallocations() {
         let (k0, v0) = (rand((2, 3, 5, 4)), rand((2, 3, 5, 4)));
         let mut layer = LayerKv::new(&k0, &v0).unwrap();
-        assert_eq!(layer.capacity(), 5 + KV_HEADROOM);
+        assert_eq!(layer.k.capacity(), 5 + KV_HEADROOM);
         let (mut want_k, mut want_v) = (k0, v0);
         // Past the headroom, so the buffer is reallocated once on the way.
         for step in 0..KV_HEADROOM + 3 {
@@ -431,7 +455,55 @@ mod tests {
             want_v = Tensor::cat(&[&want_v, &v], 2).unwrap();
             assert!(same(&gk, &want_k) && same(&gv, &want_v), "step {step}");
         }
-        assert!(layer.capacity() >= layer.len && layer.capacity() <= layer.len + 2 * KV_HEADROOM);
+        assert!(layer.k.capacity() >= layer.k.len && layer.k.capacity() <= layer.k.len + 2 * KV_HEADROOM);
+    }
+
+    /// transformers' expression, unfused: `x·cos + rotate_half(x)·sin` on `[b, h, l, d]` with
+    /// `cat(freqs, freqs)` tables.
+    fn rotary_unfused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+        let half = x.dim(D::Minus1).unwrap() / 2;
+        let (x1, x2) = (x.narrow(D::Minus1, 0, half).unwrap(), x.narrow(D::Minus1, half, half).unwrap());
+        let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
+        let full = |t: &Tensor| Tensor::cat(&[t, t], D::Minus1).unwrap().unsqueeze(1).unwrap();
+        (x.broadcast_mul(&full(cos)).unwrap() + rotated.broadcast_mul(&full(sin)).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn fused_rope_equals_the_unfused_expression_bit_for_bit() {
+        let dev = Device::Cpu;
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let x = (rand((2, 5, 3, 8)) * 4.0).unwrap().to_dtype(dtype).unwrap(); // [b, l, h, d]
+            let pos = Tensor::new(&[[0f32, 1., 2., 3., 4.], [7., 8., 9., 10., 1000.]], &dev).unwrap();
+            let inv = Tensor::from_vec(inverse_frequencies(8, 1e6), (1, 1, 4), &dev).unwrap();
+            let freqs = pos.unsqueeze(2).unwrap().broadcast_mul(&inv).unwrap();
+            let (cos, sin) =
+                (freqs.cos().unwrap().to_dtype(dtype).unwrap(), freqs.sin().unwrap().to_dtype(dtype).unwrap());
+            let fused = rope_thd(&x, &cos, &sin).unwrap().transpose(1, 2).unwrap();
+            let want = rotary_unfused(&x.transpose(1, 2).unwrap(), &cos, &sin);
+            let bits = |t: &Tensor| t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(bits(&fused) == bits(&want), "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn key_mask_grows_in_place_like_concatenation() {
+        let mut cache = KvCache::new();
+        let first = Tensor::new(&[[0f32, 1.0, 1.0], [1.0, 1.0, 1.0]], &Device::Cpu).unwrap();
+        let mut want = cache.append_mask(&first).unwrap();
+        let buffer = cache.key_mask.as_ref().unwrap().buf.clone();
+        for step in 0..KV_HEADROOM + 2 {
+            let col = Tensor::new(&[[(step % 2) as f32], [1.0]], &Device::Cpu).unwrap();
+            let got = cache.append_mask(&col).unwrap();
+            want = Tensor::cat(&[&want, &col], 1).unwrap();
+            assert!(got.to_vec2::<f32>().unwrap() == want.to_vec2::<f32>().unwrap(), "step {step}");
+            assert_eq!(cache.seq_len(), 3 + step + 1);
+            if step < KV_HEADROOM {
+                // Within the headroom the columns land in the first buffer (no reallocation): a
+                // handle on it sees them.
+                let seen = buffer.narrow(1, 0, cache.seq_len()).unwrap().to_vec2::<f32>().unwrap();
+                assert!(seen == want.to_vec2::<f32>().unwrap(), "step {step}");
+            }
+        }
     }
 
     #[test]
@@ -439,7 +511,7 @@ mod tests {
         let (k, v) = (rand((2, 1, 3, 2)), rand((2, 1, 3, 2)));
         let cache = KvCache {
             layers: vec![Some(LayerKv::new(&k, &v).unwrap())],
-            key_mask: Some(Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap()),
+            key_mask: Some(Growing::new(&Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap(), 1).unwrap()),
         };
         let mut a = cache.select_rows(&[1, 1]).unwrap();
         let b = cache.select_rows(&[1]).unwrap();
@@ -450,6 +522,6 @@ mod tests {
         assert!(same(&bk, &k.narrow(0, 1, 1).unwrap()));
         let (ok, _) = cache.layers[0].as_ref().unwrap().view().unwrap();
         assert!(same(&ok, &k));
-        assert_eq!(a.layers[0].as_ref().unwrap().len, 4);
+        assert_eq!(a.layers[0].as_ref().unwrap().k.len, 4);
     }
 }
