@@ -702,18 +702,11 @@ impl Runner {
             .map_err(perr)?;
         let logits =
             self.model.lm_head(&hidden.narrow(1, ls - 1, 1).map_err(perr)?).map_err(perr)?.squeeze(1).map_err(perr)?;
-        let vocab = self.model.config().text_config.vocab_size;
         let rows = of
             .iter()
             .map(|o| {
                 let full = &preps[o.job].as_ref().expect("prepared").rows[o.prompt].full_ids;
-                DecodeRow::new(
-                    &self.decoding,
-                    full,
-                    vocab,
-                    self.max_new(&work[o.job].prompts[o.prompt]),
-                    full.len() as i64,
-                )
+                DecodeRow::new(&self.decoding, full, self.max_new(&work[o.job].prompts[o.prompt]), full.len() as i64)
             })
             .collect();
         Ok(Prefilled { of, rows, cache, logits })

@@ -137,13 +137,46 @@ impl Rng {
     }
 }
 
-/// transformers' `RepetitionPenaltyLogitsProcessor`: seen tokens' logits are divided by the
-/// penalty when positive, multiplied when negative.
-pub(crate) fn apply_repetition_penalty(row: &mut [f32], seen: &[bool], penalty: f32) {
-    for (v, &s) in row.iter_mut().zip(seen) {
-        if s {
-            *v = if *v < 0.0 { *v * penalty } else { *v / penalty };
+/// transformers' `RepetitionPenaltyLogitsProcessor` on the device: the logits `[rows, vocab]`
+/// (f32) of ids each row has seen — its prompt, then its outputs — are divided by the penalty
+/// when positive, multiplied when negative. The seen ids are a `[rows, vocab]` u8 mask that
+/// stays on the device: each step marks the chosen ids in place, and nothing but the chosen ids
+/// crosses to the host.
+struct Penalty {
+    seen: Tensor,
+    penalty: Tensor,
+}
+
+impl Penalty {
+    fn new(rows: &[&DecodeRow], vocab: usize, penalty: f32, device: &candle_core::Device) -> candle_core::Result<Self> {
+        let mut seen = vec![0u8; rows.len() * vocab];
+        for (r, row) in rows.iter().enumerate() {
+            for &t in row.prompt.iter().filter(|&&t| (t as usize) < vocab) {
+                seen[r * vocab + t as usize] = 1;
+            }
         }
+        Ok(Self { seen: Tensor::from_vec(seen, (rows.len(), vocab), device)?, penalty: Tensor::new(penalty, device)? })
+    }
+
+    fn apply(&self, logits: &Tensor) -> candle_core::Result<Tensor> {
+        // True division (`Tensor / f64` would multiply by the rounded reciprocal).
+        let penalized = logits
+            .lt(0f32)?
+            .where_cond(&logits.broadcast_mul(&self.penalty)?, &logits.broadcast_div(&self.penalty)?)?;
+        self.seen.where_cond(&penalized, logits)
+    }
+
+    /// Marks `ids` (one per row) as seen.
+    fn see(&self, ids: &Tensor) -> candle_core::Result<()> {
+        let ids = ids.unsqueeze(1)?;
+        let ones = Tensor::ones(ids.shape(), DType::U8, ids.device())?;
+        self.seen.scatter_set(&ids, &ones, 1)
+    }
+
+    fn select_rows(&mut self, keep: &[usize]) -> candle_core::Result<()> {
+        let idx: Vec<u32> = keep.iter().map(|&k| k as u32).collect();
+        self.seen = self.seen.index_select(&Tensor::from_vec(idx, keep.len(), self.seen.device())?, 0)?;
+        Ok(())
     }
 }
 
@@ -157,20 +190,60 @@ pub(crate) fn argmax(row: &[f32]) -> u32 {
     best as u32
 }
 
+/// The `n` largest logits' ids, largest first (ties: lower id first), without sorting the rest
+/// of the vocabulary: a linear-time selection, then a sort of the `n` selected.
+fn top_ids(row: &[f32], n: usize) -> Vec<usize> {
+    let before = |a: &usize, b: &usize| row[*b].total_cmp(&row[*a]).then(a.cmp(b));
+    let mut ids: Vec<usize> = (0..row.len()).collect();
+    if n < ids.len() {
+        ids.select_nth_unstable_by(n, before);
+        ids.truncate(n);
+    }
+    ids.sort_unstable_by(before);
+    ids
+}
+
+/// Candidates taken per round when top-p runs without top-k; rounds grow 4× until the nucleus
+/// fits (a peaked distribution needs one round over a few hundred ids, not a 152k-entry sort).
+const NUCLEUS_ROUND: usize = 256;
+
 /// Temperature, then top-k, then top-p (nucleus), then a multinomial draw.
 /// (Also used by the engine, which keeps one RNG per row so a batched row samples as it would alone.)
 pub(crate) fn sample(row: &[f32], temperature: f64, top_k: Option<usize>, top_p: Option<f64>, rng: &mut Rng) -> u32 {
     let t = temperature.max(1e-6);
-    let mut order: Vec<usize> = (0..row.len()).collect();
-    order.sort_by(|&a, &b| row[b].partial_cmp(&row[a]).unwrap_or(std::cmp::Ordering::Equal));
+    let max = row[argmax(row) as usize] as f64 / t;
+    let weight = |i: usize| (row[i] as f64 / t - max).exp();
+    let top_k = top_k.filter(|&k| k > 0 && k < row.len());
+    let top_p = top_p.filter(|&p| p < 1.0);
+    // The candidates in descending order with their weights; the total mass they are filtered from.
+    let (order, weights, total) = match (top_k, top_p) {
+        (None, None) => {
+            // No filter: every id is a candidate, in id order (any fixed order draws correctly).
+            let weights: Vec<f64> = (0..row.len()).map(weight).collect();
+            let total = weights.iter().sum();
+            ((0..row.len()).collect::<Vec<_>>(), weights, total)
+        }
+        (Some(k), _) => {
+            let order = top_ids(row, k);
+            let weights: Vec<f64> = order.iter().map(|&i| weight(i)).collect();
+            let total = weights.iter().sum();
+            (order, weights, total)
+        }
+        (None, Some(p)) => {
+            let total: f64 = (0..row.len()).map(weight).sum();
+            let mut n = NUCLEUS_ROUND.min(row.len());
+            loop {
+                let order = top_ids(row, n);
+                let weights: Vec<f64> = order.iter().map(|&i| weight(i)).collect();
+                if n == row.len() || weights.iter().sum::<f64>() / total >= p {
+                    break (order, weights, total);
+                }
+                n = (n * 4).min(row.len());
+            }
+        }
+    };
     let mut keep = order.len();
-    if let Some(k) = top_k.filter(|&k| k > 0) {
-        keep = keep.min(k);
-    }
-    let max = row[order[0]] as f64 / t;
-    let weights: Vec<f64> = order[..keep].iter().map(|&i| (row[i] as f64 / t - max).exp()).collect();
-    let total: f64 = weights.iter().sum();
-    if let Some(p) = top_p.filter(|&p| p < 1.0) {
+    if let Some(p) = top_p {
         // Smallest prefix of the sorted distribution whose mass reaches p (at least one token).
         let mut acc = 0.0;
         let mut n = 0;
@@ -220,21 +293,14 @@ impl Decoding {
         Ok(Decoding { sampling: params.sampling.clone(), eos, pad, penalty })
     }
 
-    /// Penalty, then arg-max or a draw from the row's own RNG; records the token as seen.
-    fn choose(&self, row: &mut DecodeRow, logits: &mut [f32]) -> u32 {
-        if let Some(p) = self.penalty {
-            apply_repetition_penalty(logits, &row.seen, p);
-        }
-        let tok = match (&self.sampling, row.rng.as_mut()) {
+    /// A draw from the row's own RNG (the penalty was applied on the device).
+    fn draw(&self, row: &mut DecodeRow, logits: &[f32]) -> u32 {
+        match (&self.sampling, row.rng.as_mut()) {
             (Sampling::Sample { temperature, top_k, top_p, .. }, Some(rng)) => {
                 sample(logits, *temperature, *top_k, *top_p, rng)
             }
             _ => argmax(logits),
-        };
-        if let Some(x) = row.seen.get_mut(tok as usize) {
-            *x = true;
         }
-        tok
     }
 }
 
@@ -251,23 +317,15 @@ pub struct DecodeRow {
     pub done: bool,
     /// Decoding time until this row finished.
     pub decode: Duration,
-    /// Ids the repetition penalty covers (the prompt, then the outputs); empty without one.
-    seen: Vec<bool>,
+    /// The prompt ids the repetition penalty covers (with the outputs); empty without one.
+    prompt: Vec<u32>,
     rng: Option<Rng>,
 }
 
 impl DecodeRow {
     /// `prompt`: the row's prompt ids without padding (what the repetition penalty covers).
-    pub fn new(d: &Decoding, prompt: &[u32], vocab: usize, max_new: usize, position: i64) -> DecodeRow {
-        let mut seen = Vec::new();
-        if d.penalty.is_some() {
-            seen = vec![false; vocab];
-            for &t in prompt {
-                if let Some(x) = seen.get_mut(t as usize) {
-                    *x = true;
-                }
-            }
-        }
+    pub fn new(d: &Decoding, prompt: &[u32], max_new: usize, position: i64) -> DecodeRow {
+        let prompt = if d.penalty.is_some() { prompt.to_vec() } else { Vec::new() };
         let rng = match &d.sampling {
             Sampling::Sample { seed, .. } => Some(Rng(*seed)),
             Sampling::Greedy => None,
@@ -279,7 +337,7 @@ impl DecodeRow {
             stopped_on_eos: false,
             done: max_new == 0,
             decode: Duration::ZERO,
-            seen,
+            prompt,
             rng,
         }
     }
@@ -304,15 +362,34 @@ impl VideoLlama3ForConditionalGeneration {
         let t0 = Instant::now();
         let mut active: Vec<usize> = (0..rows.len()).collect();
         let mut logits = logits;
-        // Greedy without a penalty needs no logits on the host: the device picks, and only one
-        // id per row comes back (not `rows × vocab` floats).
-        let on_device = d.penalty.is_none() && d.sampling == Sampling::Greedy;
+        let vocab = logits.dim(D::Minus1)?;
+        let mut penalty = match d.penalty {
+            Some(p) => Some(Penalty::new(&rows.iter().collect::<Vec<_>>(), vocab, p, logits.device())?),
+            None => None,
+        };
+        // Greedy picks happen on the device: only one id per row comes back (not `rows × vocab`
+        // floats). Sampling draws on the host from the (penalized) logits.
+        let on_device = d.sampling == Sampling::Greedy;
         while !active.is_empty() {
-            let (mut lrows, ids) = if on_device {
-                (Vec::new(), logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+            let mut scores = logits.to_dtype(DType::F32)?;
+            if let Some(p) = &penalty {
+                scores = p.apply(&scores)?;
+            }
+            let (lrows, mut ids) = if on_device {
+                (Vec::new(), scores.argmax(D::Minus1)?.to_vec1::<u32>()?)
             } else {
-                (logits.to_dtype(DType::F32)?.to_vec2::<f32>()?, Vec::new())
+                (scores.to_vec2::<f32>()?, Vec::new())
             };
+            if !on_device {
+                ids = active
+                    .iter()
+                    .zip(&lrows)
+                    .map(|(&ri, l)| if rows[ri].done { d.pad } else { d.draw(&mut rows[ri], l) })
+                    .collect();
+            }
+            if let Some(p) = &penalty {
+                p.see(&Tensor::from_slice(&ids, ids.len(), logits.device())?)?;
+            }
             let mut keep = Vec::with_capacity(active.len());
             let mut chosen = Vec::with_capacity(active.len());
             let mut positions = Vec::with_capacity(active.len());
@@ -321,7 +398,7 @@ impl VideoLlama3ForConditionalGeneration {
                 if r.done {
                     continue;
                 }
-                let tok = if on_device { ids[k] } else { d.choose(r, &mut lrows[k]) };
+                let tok = ids[k];
                 let is_eos = d.eos.contains(&tok);
                 r.tokens.push(tok);
                 on_token(&TokenEvent { row: ri, step: r.tokens.len() - 1, token: tok, is_eos });
@@ -344,6 +421,9 @@ impl VideoLlama3ForConditionalGeneration {
             }
             if keep.len() != active.len() {
                 *cache = cache.select_rows(&keep)?;
+                if let Some(p) = &mut penalty {
+                    p.select_rows(&keep)?;
+                }
                 active = keep.iter().map(|&k| active[k]).collect();
             }
             logits = self.decode_step(&chosen, &positions, cache)?;
@@ -372,7 +452,6 @@ impl VideoLlama3ForConditionalGeneration {
         // Decode positions continue from the last column's position (generate's `position_ids[..., -1:] + 1`).
         let pos = position_ids_from_mask(&mask)?.to_vec2::<i64>()?;
         let ids: Vec<Vec<u32>> = inputs.input_ids.to_dtype(DType::U32)?.to_vec2()?;
-        let vocab = self.config().text_config.vocab_size;
         let mut rows: Vec<DecodeRow> = ids
             .iter()
             .zip(&mask_rows)
@@ -380,7 +459,7 @@ impl VideoLlama3ForConditionalGeneration {
             .map(|((row, m), p)| {
                 // The penalty covers the prompt after its left padding.
                 let first = m.iter().position(|&v| v != 0.0).unwrap_or(0);
-                DecodeRow::new(&d, &row[first..], vocab, params.max_new_tokens, p[l - 1] + 1)
+                DecodeRow::new(&d, &row[first..], params.max_new_tokens, p[l - 1] + 1)
             })
             .collect();
         let mut cache = KvCache::new();
@@ -454,6 +533,102 @@ mod tests {
         assert_eq!(s.push(b'a' as u32).unwrap().as_deref(), Some("a"));
         assert_eq!(s.push(0xC3).unwrap(), None, "half a character is held back");
         assert_eq!(s.push(0xA9).unwrap().as_deref(), Some("é"));
+    }
+
+    /// The previous full-sort sampler, kept as the reference for the selection-based one.
+    fn sample_by_full_sort(row: &[f32], t: f64, top_k: Option<usize>, top_p: Option<f64>, rng: &mut Rng) -> u32 {
+        let mut order: Vec<usize> = (0..row.len()).collect();
+        order.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+        let keep = top_k.filter(|&k| k > 0).map_or(order.len(), |k| k.min(order.len()));
+        let max = row[order[0]] as f64 / t;
+        let weights: Vec<f64> = order[..keep].iter().map(|&i| (row[i] as f64 / t - max).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let mut keep = keep;
+        if let Some(p) = top_p.filter(|&p| p < 1.0) {
+            let (mut acc, mut n) = (0.0, 0);
+            for w in &weights {
+                acc += w / total;
+                n += 1;
+                if acc >= p {
+                    break;
+                }
+            }
+            keep = n.max(1);
+        }
+        let mut r = rng.next_f64() * weights[..keep].iter().sum::<f64>();
+        for (j, w) in weights[..keep].iter().enumerate() {
+            r -= w;
+            if r <= 0.0 {
+                return order[j] as u32;
+            }
+        }
+        order[keep - 1] as u32
+    }
+
+    #[test]
+    fn selection_sampler_draws_what_the_full_sort_drew() {
+        // A vocabulary large enough for several nucleus rounds, with ties.
+        let mut state = Rng(3);
+        let row: Vec<f32> = (0..20_000).map(|_| ((state.next_f64() * 16.0).floor() as f32) * 0.75).collect();
+        for (t, k, p) in
+            [(1.0, Some(5), None), (0.7, Some(40), Some(0.8)), (1.0, None, Some(0.9)), (2.0, None, Some(0.999))]
+        {
+            let (mut a, mut b) = (Rng(11), Rng(11));
+            for i in 0..200 {
+                assert_eq!(
+                    sample(&row, t, k, p, &mut a),
+                    sample_by_full_sort(&row, t, k, p, &mut b),
+                    "{t} {k:?} {p:?} draw {i}"
+                );
+            }
+        }
+        // Without filters every id is a candidate; the draw follows the distribution.
+        let row = [0.0f32, 2.0, 1.0];
+        let mut rng = Rng(5);
+        let mut counts = [0usize; 3];
+        for _ in 0..3000 {
+            counts[sample(&row, 1.0, None, None, &mut rng) as usize] += 1;
+        }
+        let z = 1.0 + 2f64.exp() + 1f64.exp();
+        for (i, c) in counts.iter().enumerate() {
+            let want = [1.0, 2f64.exp(), 1f64.exp()][i] / z * 3000.0;
+            assert!((*c as f64 - want).abs() < 0.1 * 3000.0, "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn penalty_on_the_device_equals_transformers_rule() {
+        let dev = candle_core::Device::Cpu;
+        let d = Decoding { sampling: Sampling::Greedy, eos: vec![], pad: 0, penalty: Some(1.3) };
+        let rows = [DecodeRow::new(&d, &[1, 3, 9], 4, 0), DecodeRow::new(&d, &[0], 4, 0)];
+        let logits = Tensor::new(&[[0.7f32, -1.1, 2.0, -0.3, 5.0], [3.0, 1.0, -2.0, 0.1, 0.0]], &dev).unwrap();
+        let mut p = Penalty::new(&rows.iter().collect::<Vec<_>>(), 5, 1.3, &dev).unwrap();
+        // transformers: seen logits divided by the penalty when positive, multiplied when negative;
+        // ids outside the vocabulary (9) are ignored.
+        let host = |l: &[f32], seen: &[usize]| -> Vec<f32> {
+            l.iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    if !seen.contains(&i) {
+                        v
+                    } else if v < 0.0 {
+                        v * 1.3
+                    } else {
+                        v / 1.3
+                    }
+                })
+                .collect()
+        };
+        let got = p.apply(&logits).unwrap().to_vec2::<f32>().unwrap();
+        let rows_l = logits.to_vec2::<f32>().unwrap();
+        assert_eq!(got, vec![host(&rows_l[0], &[1, 3]), host(&rows_l[1], &[0])]);
+        // Chosen ids become seen; dropping a row keeps the other's mask.
+        p.see(&Tensor::new(&[4u32, 2], &dev).unwrap()).unwrap();
+        let got = p.apply(&logits).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(got, vec![host(&rows_l[0], &[1, 3, 4]), host(&rows_l[1], &[0, 2])]);
+        p.select_rows(&[1]).unwrap();
+        let got = p.apply(&logits.narrow(0, 1, 1).unwrap()).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(got, vec![host(&rows_l[1], &[0, 2])]);
     }
 
     #[test]
