@@ -20,9 +20,50 @@ pub fn candle_device(device: config::Device) -> Result<candle_core::Device, Mode
     match device {
         config::Device::Cpu => Ok(candle_core::Device::Cpu),
         config::Device::Cuda(n) => {
-            candle_core::Device::new_cuda(n).map_err(|source| ModelError::Device { device, source })
+            let dev = candle_core::Device::new_cuda(n).map_err(|source| ModelError::Device { device, source })?;
+            #[cfg(feature = "cuda")]
+            if let candle_core::Device::Cuda(cuda) = &dev {
+                tune_cuda(cuda).map_err(|source| ModelError::Device { device, source })?;
+            }
+            Ok(dev)
         }
     }
+}
+
+/// Allocation settings for a CUDA device, applied when it is opened.
+///
+/// - The stream-ordered memory pool keeps what is freed: its release threshold defaults to 0,
+///   which hands freed memory back to the driver at every synchronisation — and the decode loop
+///   synchronises every step (the chosen ids come back), so each step would map its activations
+///   anew.
+/// - cudarc's per-allocation event tracking is turned off. It orders a buffer's uses across
+///   streams; all of a model's work is issued from its engine's model thread onto candle's one
+///   stream, so the events would only add a record and a wait per kernel. (With candle's
+///   per-thread stream cudarc does not track yet; this keeps it so if candle creates streams.)
+#[cfg(feature = "cuda")]
+fn tune_cuda(dev: &candle_core::CudaDevice) -> candle_core::Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    // SAFETY: vigil issues every kernel of a device from one thread onto one stream (see above).
+    unsafe { dev.disable_event_tracking() };
+    let ordinal = dev.cuda_stream().context().cu_device();
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: plain driver calls on valid out-pointers; the pool is the device's default one.
+    let status = unsafe {
+        match sys::cuDeviceGetDefaultMemPool(&mut pool, ordinal) {
+            sys::CUresult::CUDA_SUCCESS => sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            ),
+            err => err,
+        }
+    };
+    if status != sys::CUresult::CUDA_SUCCESS {
+        candle_core::bail!("setting the CUDA memory pool's release threshold: {status:?}");
+    }
+    tracing::debug!("CUDA device {ordinal}: memory pool keeps freed memory, event tracking off");
+    Ok(())
 }
 
 pub fn candle_dtype(dtype: config::DType) -> DType {
