@@ -385,6 +385,12 @@ impl Failure {
 }
 
 fn main() -> ExitCode {
+    // candle's CPU matmul looks its thread count up on every call, parsing /proc/cpuinfo unless
+    // RAYON_NUM_THREADS is set (hundreds of times per decode step): resolve it once, here,
+    // before any thread starts.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        std::env::set_var("RAYON_NUM_THREADS", candle_core::utils::get_num_threads().to_string());
+    }
     let cli = Cli::parse();
     vigil::logging::init(cli.verbose as i8 - cli.quiet as i8);
     let result = match cli.command {

@@ -176,6 +176,12 @@ pub struct ShapeReport {
     /// Peak device memory over the run above the pre-load baseline (GPU: nvidia-smi; CPU: RSS).
     pub memory_peak_mib: f64,
     pub memory_source: String,
+    /// The peak's split: the weights (parameters × dtype size), the largest KV cache a batch
+    /// held (measured by the engine, headroom included), and the rest — activations, the
+    /// allocator's cache and the runtime (CUDA context, libraries).
+    pub memory_weights_mib: f64,
+    pub memory_kv_cache_mib: f64,
+    pub memory_activations_mib: f64,
 }
 
 /// Pixel value of the synthetic frame formula (see the module doc).
@@ -383,6 +389,7 @@ pub fn run(o: &ShapeOptions, progress: &mut dyn FnMut(&str)) -> Result<ShapeRepo
         report.checkpoint = "(temporary; use --save-weights DIR to keep it for the peer)".into();
     }
     (report.memory_peak_mib, report.memory_source) = (peak, source);
+    report.memory_activations_mib = (peak - report.memory_weights_mib - report.memory_kv_cache_mib).max(0.0);
     Ok(report)
 }
 
@@ -532,7 +539,9 @@ fn measure(
         progress(&format!("{n} streams: {:.2} windows/s", figures.windows_per_s));
         stream.push(figures);
     }
+    let kv_cache_bytes = engine.counters().kv_cache_peak_bytes;
     engine.shutdown(Duration::from_secs(30));
+    let mib = |bytes: u64| bytes as f64 / (1u64 << 20) as f64;
 
     Ok(ShapeReport {
         implementation: "vigil".into(),
@@ -549,6 +558,9 @@ fn measure(
         stream,
         memory_peak_mib: 0.0,
         memory_source: String::new(),
+        memory_weights_mib: mib(parameter_count(&shapes) * elem),
+        memory_kv_cache_mib: mib(kv_cache_bytes),
+        memory_activations_mib: 0.0,
     })
 }
 
@@ -585,6 +597,10 @@ pub fn table(r: &ShapeReport) -> String {
         if w.pruning { "on" } else { "off" }
     );
     s.push_str(&format!("load {:.1} s; memory peak {:.0} MiB ({})\n", r.load_s, r.memory_peak_mib, r.memory_source));
+    s.push_str(&format!(
+        "  of which weights {:.0} MiB, KV cache {:.0} MiB, activations and runtime {:.0} MiB\n",
+        r.memory_weights_mib, r.memory_kv_cache_mib, r.memory_activations_mib
+    ));
     s.push_str(&format!(
         "vision tower + projector, one window: {:.1} ms, {} tokens, {:.2} TFLOP -> {:.1} TFLOP/s\n",
         r.vision.ms, r.vision.visual_tokens, r.vision.tflops, r.vision.tflop_per_s

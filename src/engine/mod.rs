@@ -196,6 +196,8 @@ pub struct EngineCounters {
     pub vision_ms: u64,
     pub prefill_ms: u64,
     pub decode_ms: u64,
+    /// The most KV-cache bytes one batch held at once.
+    pub kv_cache_peak_bytes: u64,
 }
 
 impl EngineCounters {
@@ -218,6 +220,7 @@ impl EngineCounters {
         self.vision_ms += s.vision.as_millis() as u64;
         self.prefill_ms += s.prefill.as_millis() as u64;
         self.decode_ms += s.decode.as_millis() as u64;
+        self.kv_cache_peak_bytes = self.kv_cache_peak_bytes.max(s.kv_cache_bytes);
     }
     fn dropped(&mut self, reason: DropReason, n: u64) {
         *self.jobs_dropped.entry(reason).or_default() += n;

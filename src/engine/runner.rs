@@ -85,6 +85,8 @@ pub struct RunStats {
     pub vision: Duration,
     pub prefill: Duration,
     pub decode: Duration,
+    /// The most KV-cache bytes the batch held at once (the prefix cache and its fork overlap).
+    pub kv_cache_bytes: u64,
 }
 
 /// One window and the prompts due for it.
@@ -673,6 +675,7 @@ impl Runner {
     ) -> Result<Prefilled, String> {
         let dev = self.model.device().clone();
         let mut cache = prefix_cache.select_rows(row_group).map_err(perr)?;
+        stats.kv_cache_bytes = stats.kv_cache_bytes.max((prefix_cache.bytes() + cache.bytes()) as u64);
         drop(prefix_cache);
         let nr = of.len();
         let suffix_of = |o: &RowOf| {
@@ -700,6 +703,7 @@ impl Runner {
         let hidden = lm
             .forward(&DecoderInputs { inputs_embeds: &emb, position_ids: &spos, attention_mask: &smask }, &mut cache)
             .map_err(perr)?;
+        stats.kv_cache_bytes = stats.kv_cache_bytes.max(cache.bytes() as u64);
         let logits =
             self.model.lm_head(&hidden.narrow(1, ls - 1, 1).map_err(perr)?).map_err(perr)?.squeeze(1).map_err(perr)?;
         let rows = of

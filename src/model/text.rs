@@ -67,6 +67,11 @@ impl Growing {
     fn select_rows(&self, idx: &Tensor) -> candle_core::Result<Self> {
         Ok(Self { buf: self.buf.index_select(idx, 0)?, dim: self.dim, len: self.len })
     }
+
+    /// Bytes allocated, headroom included.
+    fn bytes(&self) -> usize {
+        self.buf.elem_count() * self.buf.dtype().size_in_bytes()
+    }
 }
 
 /// One layer's keys and values, `[batch, kv_heads, positions, head_dim]`, grown in place.
@@ -113,6 +118,12 @@ impl KvCache {
     }
     pub fn clear(&mut self) {
         *self = Self::default();
+    }
+
+    /// Device bytes the cache holds (keys, values and key mask, headroom included).
+    pub fn bytes(&self) -> usize {
+        let kv: usize = self.layers.iter().flatten().map(|l| l.k.bytes() + l.v.bytes()).sum();
+        kv + self.key_mask.as_ref().map_or(0, Growing::bytes)
     }
 
     /// Append `[batch, l]` mask columns; returns the whole key mask `[batch, cached_len]`.

@@ -208,6 +208,12 @@ def main():
 
     # 3: serving, one batched generate per round (a window of every stream × every question).
     stream = []
+    # transformers' DynamicCache holds every row's keys and values for the padded prompt plus the
+    # new tokens: its size at the largest batch is the run's KV peak.
+    tc = model.config.text_config
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+    kv_per_token = tc.num_hidden_layers * 2 * tc.num_key_value_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+    kv_peak = 0
     for n in w["streams"]:
         rounds = [[frames_of(s, k + 1, w) for s in range(n)] for k in range(w["windows"])]
         sync(device)
@@ -222,6 +228,8 @@ def main():
             m = batch.get("video_compression_mask")
             total += (int(m.numel()) if m is not None else 0) // len(questions)
             generate(model, batch, T)
+            rows, length = batch["input_ids"].shape
+            kv_peak = max(kv_peak, rows * (length + T) * kv_per_token)
         sync(device)
         secs = time.perf_counter() - t
         nw = n * w["windows"]
@@ -233,12 +241,15 @@ def main():
         print(f"[peer] {n} streams: {nw / secs:.2f} windows/s", flush=True)
 
     peak, source = mem.finish()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    kv = kv_peak / 2**20
     report = {"implementation": f"transformers {__import__('transformers').__version__} / torch {torch.__version__} ({attn})",
               "shape": ours["shape"], "checkpoint": ckpt, "device": dev_name, "dtype": ours["dtype"],
               "parameters": sum(p.numel() for p in model.parameters()),
               "text_weight_bytes": ours["text_weight_bytes"], "workload": w, "load_s": load_s,
               "vision": vision, "single": single, "stream": stream,
-              "memory_peak_mib": peak, "memory_source": source}
+              "memory_peak_mib": peak, "memory_source": source, "memory_weights_mib": weights,
+              "memory_kv_cache_mib": kv, "memory_activations_mib": max(peak - weights - kv, 0.0)}
     if args.json:
         json.dump(report, open(args.json, "w"), indent=2)
     print_comparison(ours, report)
@@ -264,6 +275,8 @@ def print_comparison(ours, peer):
         rows.append((f"{a['streams']} streams: generated tok/s", a["generated_tok_per_s"],
                      b["generated_tok_per_s"], True))
     rows.append(("memory peak MiB", ours["memory_peak_mib"], peer["memory_peak_mib"], False))
+    for key, name in [("weights", "weights"), ("kv_cache", "KV cache"), ("activations", "activations and runtime")]:
+        rows.append((f"  of which {name} MiB", ours.get(f"memory_{key}_mib", 0.0), peer[f"memory_{key}_mib"], False))
     print(f"\n{ours['shape']} on {ours['device']} {ours['dtype']}: vigil vs {peer['implementation']}")
     print(f"{'measure':<48} {'vigil':>10} {'peer':>10}  vigil advantage")
     for name, a, b, higher in rows:
