@@ -35,9 +35,7 @@ use crate::model::{
     DecodeRow, Decoding, GenerationParams, KvCache, ModelError, MultimodalInputs, VideoLlama3ForConditionalGeneration,
     VisualInputs,
 };
-use crate::processor::image::{normalize_planes, patchify_frames};
-use crate::processor::resize::{resize_torchvision_bicubic_u8, smart_resize};
-use crate::processor::video::compression_mask;
+use crate::processor::video::FrameRef;
 use crate::processor::{
     py_format_1f, CallOptions, ContentPart, Message, PaddingSide, Processor, RgbImage, Video, VideoInputs,
 };
@@ -847,96 +845,43 @@ impl Preparer {
         })
     }
 
-    /// `VideoProcessor::preprocess` for one window's frames, with each frame's resized,
-    /// normalized patch rows cached by content and target size. Same steps and functions as the
-    /// processor (per-clip pixel budget, torchvision bicubic, normalize, patchify, pruning mask);
-    /// frames are independent until the mask, which is computed over the whole clip.
+    /// `VideoProcessor::preprocess` for one window's frames (the processor's own clip steps),
+    /// with each frame's resized, normalized patch rows cached by content and target size.
     fn video_rows_cached(
         &mut self,
         window: &Window,
         fps: f64,
         stats: &mut RunStats,
     ) -> Result<(VideoInputs, Vec<FrameKey>), String> {
-        let c = self.processor.video_processor.config.base.clone();
-        let first = window.frames.first().ok_or("a window without frames")?;
-        let (fw, fh) = (first.width as usize, first.height as usize);
-        if let Some((i, f)) =
-            window.frames.iter().enumerate().find(|(_, f)| (f.width, f.height) != (first.width, first.height))
-        {
-            return Err(format!(
-                "video 0: frame {i} is {}x{} but frame 0 is {fw}x{fh}; all frames of a video must have the same size",
-                f.width, f.height
-            ));
-        }
         if !(fps.is_finite() && fps > 0.0) {
             return Err(format!("video fps must be a positive number, got {fps}"));
         }
-        let n = window.frames.len();
-        let (h, w) = if c.do_resize {
-            smart_resize(fh, fw, c.patch_size * c.merge_size, c.min_pixels, c.max_pixels / n).map_err(perr)?
-        } else {
-            (fh, fw)
-        };
-        let norm = c.norm();
-        let patch_dim = 3 * c.temporal_patch_size * c.patch_size * c.patch_size;
-        let mut pixels = Vec::new();
-        let mut keys = Vec::with_capacity(window.frames.len());
-        let (mut gh, mut gw) = (0, 0);
-        for f in &window.frames {
-            if f.data.len() != fw * fh * 3 {
-                return Err(format!("RGB buffer has {} bytes, expected {fw}x{fh}x3 = {}", f.data.len(), fw * fh * 3));
-            }
-            let key = FrameKey::of_rgb(&f.data, fw, fh, h, w);
+        let frames: Vec<FrameRef> = window
+            .frames
+            .iter()
+            .map(|f| FrameRef { width: f.width as usize, height: f.height as usize, data: &f.data })
+            .collect();
+        let vp = &self.processor.video_processor;
+        let c = &vp.config.base;
+        let mut out =
+            VideoInputs { patch_dim: 3 * c.temporal_patch_size * c.patch_size * c.patch_size, ..Default::default() };
+        let mut keys = Vec::with_capacity(frames.len());
+        let timestamps = (0..frames.len()).map(|i| i as f64 / fps).collect();
+        let cache = &mut self.pixel_cache;
+        vp.preprocess_clip(0, &frames, timestamps, &self.pruning, &mut out, &mut |f, (h, w)| {
+            let key = FrameKey::of_rgb(f.data, f.width, f.height, h, w);
             keys.push(key);
-            let rows = match self.pixel_cache.get(&key) {
-                Some(r) => {
-                    stats.pixel_cache_hits += 1;
-                    r
-                }
-                None => {
-                    stats.pixel_cache_misses += 1;
-                    let data = if (h, w) == (fh, fw) {
-                        f.data.clone()
-                    } else {
-                        resize_torchvision_bicubic_u8(&f.data, fh, fw, 3, h, w)
-                    };
-                    let planes = normalize_planes(&RgbImage { width: w, height: h, data }, &norm);
-                    let mut rows = Vec::new();
-                    patchify_frames(&[planes], h, w, c.patch_size, c.merge_size, c.temporal_patch_size, &mut rows)
-                        .map_err(perr)?;
-                    let rows = Arc::new(rows);
-                    self.pixel_cache.insert(key, rows.clone());
-                    rows
-                }
-            };
-            (gh, gw) = (h / c.patch_size, w / c.patch_size);
-            pixels.extend_from_slice(&rows);
-        }
-        let grid = [n.div_ceil(c.temporal_patch_size), gh, gw];
-        let tokens = grid[0] * gh * gw / (c.merge_size * c.merge_size);
-        let mask = if self.pruning.enabled {
-            compression_mask(
-                &pixels,
-                grid,
-                c.merge_size,
-                patch_dim,
-                self.pruning.threshold,
-                self.pruning.min_tokens_per_frame,
-            )
-        } else {
-            vec![true; tokens]
-        };
-        Ok((
-            VideoInputs {
-                pixel_values_videos: pixels,
-                patch_dim,
-                video_grid_thw: vec![grid],
-                video_merge_sizes: vec![c.merge_size],
-                video_compression_mask: mask,
-                timestamps: vec![(0..n).map(|i| i as f64 / fps).collect()],
-            },
-            keys,
-        ))
+            if let Some(rows) = cache.get(&key) {
+                stats.pixel_cache_hits += 1;
+                return Ok(rows);
+            }
+            stats.pixel_cache_misses += 1;
+            let rows = Arc::new(vp.frame_rows(f, (h, w))?);
+            cache.insert(key, rows.clone());
+            Ok(rows)
+        })
+        .map_err(perr)?;
+        Ok((out, keys))
     }
 }
 

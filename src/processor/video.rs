@@ -7,6 +7,7 @@
 //! `video_processing_utils.BaseVideoProcessor._decode_and_sample_videos`.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use super::checkpoint::VideoProcessorConfig;
 use super::image::{normalize_planes, patchify_frames, RgbImage};
@@ -213,47 +214,72 @@ impl VideoProcessor {
     /// (transformers always uses 0.1 / 1, the defaults of `[pruning]`).
     pub fn preprocess(&self, videos: &[Video], pruning: &PruningConfig) -> Result<VideoInputs, ProcessorError> {
         let c = &self.config.base;
-        let patch_dim = 3 * c.temporal_patch_size * c.patch_size * c.patch_size;
-        let mut out = VideoInputs { patch_dim, ..Default::default() };
+        let mut out =
+            VideoInputs { patch_dim: 3 * c.temporal_patch_size * c.patch_size * c.patch_size, ..Default::default() };
         for (vi, video) in videos.iter().enumerate() {
-            let first =
-                video.frames.first().ok_or_else(|| ProcessorError::Input(format!("video {vi} has no frames")))?;
-            if let Some((fi, f)) =
-                video.frames.iter().enumerate().find(|(_, f)| (f.width, f.height) != (first.width, first.height))
-            {
-                return Err(ProcessorError::Input(format!(
-                    "video {vi}: frame {fi} is {}x{} but frame 0 is {}x{}; all frames of a video must have the same size",
-                    f.width, f.height, first.width, first.height
-                )));
+            let frames: Vec<FrameRef> = video.frames.iter().map(FrameRef::of).collect();
+            self.preprocess_clip(vi, &frames, video.timestamps.clone(), pruning, &mut out, &mut |f, size| {
+                Ok(Arc::new(self.frame_rows(f, size)?))
+            })?;
+        }
+        Ok(out)
+    }
+
+    /// One clip of `preprocess`, appended to `out`: the clip's target size, each frame's patch
+    /// rows from `rows_of(frame, (h, w))` — [`Self::frame_rows`], or a cache of it (the
+    /// engine's) — then the grid and the pruning mask over the whole clip. Frames are patchified
+    /// one by one when `temporal_patch_size` is 1 (VideoLLaMA3's); otherwise patches span frames
+    /// and the clip is patchified at once, without `rows_of`.
+    pub fn preprocess_clip(
+        &self,
+        vi: usize,
+        frames: &[FrameRef],
+        timestamps: Vec<f64>,
+        pruning: &PruningConfig,
+        out: &mut VideoInputs,
+        rows_of: &mut FrameRows,
+    ) -> Result<(), ProcessorError> {
+        let c = &self.config.base;
+        let patch_dim = 3 * c.temporal_patch_size * c.patch_size * c.patch_size;
+        let first = frames.first().ok_or_else(|| ProcessorError::Input(format!("video {vi} has no frames")))?;
+        if let Some((fi, f)) =
+            frames.iter().enumerate().find(|(_, f)| (f.width, f.height) != (first.width, first.height))
+        {
+            return Err(ProcessorError::Input(format!(
+                "video {vi}: frame {fi} is {}x{} but frame 0 is {}x{}; all frames of a video must have the same size",
+                f.width, f.height, first.width, first.height
+            )));
+        }
+        if let Some(f) = frames.iter().find(|f| f.data.len() != f.width * f.height * 3) {
+            return Err(ProcessorError::Input(format!(
+                "RGB buffer has {} bytes, expected {}x{}x3 = {}",
+                f.data.len(),
+                f.width,
+                f.height,
+                f.width * f.height * 3
+            )));
+        }
+        let (h, w) = if c.do_resize {
+            // The clip's pixel budget is shared by its frames ("diff from Qwen" upstream).
+            smart_resize(
+                first.height,
+                first.width,
+                c.patch_size * c.merge_size,
+                c.min_pixels,
+                c.max_pixels / frames.len(),
+            )?
+        } else {
+            (first.height, first.width)
+        };
+        let start = out.pixel_values_videos.len();
+        let (gh, gw) = if c.temporal_patch_size == 1 {
+            for f in frames {
+                out.pixel_values_videos.extend_from_slice(&rows_of(*f, (h, w))?);
             }
-            let (h, w) = if c.do_resize {
-                // The clip's pixel budget is shared by its frames ("diff from Qwen" upstream).
-                smart_resize(
-                    first.height,
-                    first.width,
-                    c.patch_size * c.merge_size,
-                    c.min_pixels,
-                    c.max_pixels / video.frames.len(),
-                )?
-            } else {
-                (first.height, first.width)
-            };
-            let norm = c.norm();
-            let planes: Vec<Vec<Vec<f32>>> = video
-                .frames
-                .iter()
-                .map(|f| {
-                    // transformers has no PIL video backend: videos always resize like torchvision.
-                    let data = if (h, w) == (f.height, f.width) {
-                        f.data.clone()
-                    } else {
-                        resize_torchvision_bicubic_u8(&f.data, f.height, f.width, 3, h, w)
-                    };
-                    normalize_planes(&RgbImage { width: w, height: h, data }, &norm)
-                })
-                .collect();
-            let start = out.pixel_values_videos.len();
-            let (gh, gw) = patchify_frames(
+            (h / c.patch_size, w / c.patch_size)
+        } else {
+            let planes: Vec<Vec<Vec<f32>>> = frames.iter().map(|f| self.frame_planes(*f, (h, w))).collect();
+            patchify_frames(
                 &planes,
                 h,
                 w,
@@ -261,27 +287,63 @@ impl VideoProcessor {
                 c.merge_size,
                 c.temporal_patch_size,
                 &mut out.pixel_values_videos,
-            )?;
-            let gt = video.frames.len().div_ceil(c.temporal_patch_size);
-            let tokens = gt * gh * gw / (c.merge_size * c.merge_size);
-            if pruning.enabled {
-                let rows = &out.pixel_values_videos[start..];
-                out.video_compression_mask.extend(compression_mask(
-                    rows,
-                    [gt, gh, gw],
-                    c.merge_size,
-                    patch_dim,
-                    pruning.threshold,
-                    pruning.min_tokens_per_frame,
-                ));
-            } else {
-                out.video_compression_mask.extend(std::iter::repeat_n(true, tokens));
-            }
-            out.video_grid_thw.push([gt, gh, gw]);
-            out.video_merge_sizes.push(c.merge_size);
-            out.timestamps.push(video.timestamps.clone());
+            )?
+        };
+        let gt = frames.len().div_ceil(c.temporal_patch_size);
+        let tokens = gt * gh * gw / (c.merge_size * c.merge_size);
+        if pruning.enabled {
+            out.video_compression_mask.extend(compression_mask(
+                &out.pixel_values_videos[start..],
+                [gt, gh, gw],
+                c.merge_size,
+                patch_dim,
+                pruning.threshold,
+                pruning.min_tokens_per_frame,
+            ));
+        } else {
+            out.video_compression_mask.extend(std::iter::repeat_n(true, tokens));
         }
-        Ok(out)
+        out.video_grid_thw.push([gt, gh, gw]);
+        out.video_merge_sizes.push(c.merge_size);
+        out.timestamps.push(timestamps);
+        Ok(())
+    }
+
+    /// One frame resized to the clip's `(h, w)` and normalized: channel-first planes.
+    fn frame_planes(&self, f: FrameRef, (h, w): (usize, usize)) -> Vec<Vec<f32>> {
+        // transformers has no PIL video backend: videos always resize like torchvision.
+        let data = if (h, w) == (f.height, f.width) {
+            f.data.to_vec()
+        } else {
+            resize_torchvision_bicubic_u8(f.data, f.height, f.width, 3, h, w)
+        };
+        normalize_planes(&RgbImage { width: w, height: h, data }, &self.config.base.norm())
+    }
+
+    /// One frame's patch rows at the clip's `(h, w)` (resize, normalize, patchify), for a
+    /// `temporal_patch_size` of 1.
+    pub fn frame_rows(&self, f: FrameRef, size: (usize, usize)) -> Result<Vec<f32>, ProcessorError> {
+        let c = &self.config.base;
+        let mut rows = Vec::new();
+        patchify_frames(&[self.frame_planes(f, size)], size.0, size.1, c.patch_size, c.merge_size, 1, &mut rows)?;
+        Ok(rows)
+    }
+}
+
+/// Where [`VideoProcessor::preprocess_clip`] gets a frame's patch rows at the clip's size.
+pub type FrameRows<'f> = dyn FnMut(FrameRef, (usize, usize)) -> Result<Arc<Vec<f32>>, ProcessorError> + 'f;
+
+/// A borrowed RGB frame (`width × height × 3` bytes) for the per-frame steps.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameRef<'a> {
+    pub width: usize,
+    pub height: usize,
+    pub data: &'a [u8],
+}
+
+impl<'a> FrameRef<'a> {
+    pub fn of(img: &'a RgbImage) -> Self {
+        Self { width: img.width, height: img.height, data: &img.data }
     }
 }
 
