@@ -52,14 +52,14 @@ import train_demo_model  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 ENGINE_OUT = os.path.join(ROOT, "tests", "fixtures", "engine", "ckpt")
-OUT = os.path.join(ROOT, "tests", "fixtures", "infer")
-MEDIA = "../processor/media"  # relative to OUT (where the tests run `vigil infer`)
+INFER_OUT = os.path.join(ROOT, "tests", "fixtures", "infer")
+MEDIA = "../processor/media"  # relative to INFER_OUT (where the tests run `vigil infer`)
 MAX_NEW_TOKENS = 16
 MIN_GAP = 1e-3
 MODEL_KEYS = ["input_ids", "attention_mask", "pixel_values", "image_grid_thw", "image_merge_sizes",
               "pixel_values_videos", "video_grid_thw", "video_merge_sizes", "video_compression_mask"]
 
-# One request per case, in the jsonl schema of `vigil infer --batch` (paths relative to OUT).
+# One request per case, in the jsonl schema of `vigil infer --batch` (paths relative to INFER_OUT).
 REQUESTS = {
     "image": {"prompt": "Describe the image.", "images": [f"{MEDIA}/down.png"]},
     "video_frames": {"prompt": "What is shown in this video?",
@@ -97,10 +97,10 @@ def media_of(proc, req: dict):
     """(content parts, images, videos, video metadata) as `vigil infer` builds them."""
     parts, images, videos, metas = [], [], [], []
     for p in req.get("images", []):
-        images.append(Image.open(os.path.join(OUT, p)))
+        images.append(Image.open(os.path.join(INFER_OUT, p)))
         parts.append({"type": "image"})
     if "video" in req:
-        frames, fps = decode_file(os.path.join(OUT, req["video"]))
+        frames, fps = decode_file(os.path.join(INFER_OUT, req["video"]))
         md = {"total_num_frames": len(frames), "fps": fps, "duration": len(frames) / fps,
               "frames_indices": list(range(len(frames)))}
         out = proc.video_processor(videos=[frames], video_metadata=[dict(md)], do_sample_frames=True,
@@ -110,7 +110,7 @@ def media_of(proc, req: dict):
         metas.append({"total_num_frames": len(frames), "fps": fps, "frames_indices": idx})
         parts.append({"type": "video"})
     if "frames" in req:
-        frames = np.stack([np.asarray(Image.open(os.path.join(OUT, p)).convert("RGB")) for p in req["frames"]])
+        frames = np.stack([np.asarray(Image.open(os.path.join(INFER_OUT, p)).convert("RGB")) for p in req["frames"]])
         videos.append(frames)
         metas.append({"total_num_frames": len(frames), "fps": req["fps"], "frames_indices": list(range(len(frames)))})
         parts.append({"type": "video"})
@@ -168,7 +168,7 @@ def run(model, proc, reqs: list[dict]) -> tuple[list[dict], float]:
 
 
 def build_infer(layout: str, attempt: int) -> dict:
-    d = os.path.join(OUT, f"ckpt_{layout}")
+    d = os.path.join(INFER_OUT, f"ckpt_{layout}")
     ckpt = tiny_model.CHECKPOINTS[f"infer_{layout}"]
     spec, _ = tiny_model.build_checkpoint(dataclasses.replace(ckpt, seed=ckpt.seed + 100 * attempt), d)
     model = tiny_model.load_checkpoint(d)
@@ -226,11 +226,11 @@ def make_engine(_args) -> None:
 
 
 def make_infer(_args) -> None:
-    os.makedirs(OUT, exist_ok=True)
+    os.makedirs(INFER_OUT, exist_ok=True)
     import transformers
     expected = {"transformers": transformers.__version__, "torch": torch.__version__,
                 "max_new_tokens": MAX_NEW_TOKENS, "layouts": {}}
-    with open(os.path.join(OUT, "batch.jsonl"), "w") as f:
+    with open(os.path.join(INFER_OUT, "batch.jsonl"), "w") as f:
         for req in REQUESTS.values():
             f.write(json.dumps(req) + "\n")
     for layout in ["tf5", "legacy"]:
@@ -246,10 +246,10 @@ def make_infer(_args) -> None:
         for name, c in lay["cases"].items():
             print(f"{layout:6s} {name:16s} prompt {c['prompt_tokens']:4d} tokens {c['token_ids']}")
         print(f"{layout}: min gap {lay['min_top2_gap']:.3e}")
-    with open(os.path.join(OUT, "expected.json"), "w") as f:
+    with open(os.path.join(INFER_OUT, "expected.json"), "w") as f:
         json.dump(expected, f, indent=1, ensure_ascii=False)
-    total = sum(os.path.getsize(os.path.join(dp, fn)) for dp, _, fns in os.walk(OUT) for fn in fns)
-    print(f"wrote {OUT}: {total / 1e6:.2f} MB")
+    total = sum(os.path.getsize(os.path.join(dp, fn)) for dp, _, fns in os.walk(INFER_OUT) for fn in fns)
+    print(f"wrote {INFER_OUT}: {total / 1e6:.2f} MB")
 
 
 def main() -> None:
