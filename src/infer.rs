@@ -5,7 +5,7 @@
 //! Mixed Media Inference"): `processor.apply_chat_template` → `processor(text, images, videos,
 //! padding=True, padding_side="left")` → `model.generate(**inputs)` → `batch_decode(..,
 //! skip_special_tokens=True)`. End-to-end parity (token for token against `generate(do_sample=False)`)
-//! is tested by `tests/infer_cli.rs` on fixtures from `tests/reference/gen_infer_fixtures.py`.
+//! is tested by `tests/infer_cli.rs` on fixtures from `tests/reference/make_checkpoints.py infer`.
 //!
 //! Requests are [`PromptRequest`]s (the same media flags and ordering as `vigil preprocess`):
 //! media go before the prompt in one user turn — images, then the `video` clip, then the

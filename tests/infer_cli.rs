@@ -1,6 +1,6 @@
 //! `vigil infer` end to end (real binary, real checkpoints, GStreamer decode) against
 //! transformers' processor + `model.generate(do_sample=False, max_new_tokens=16)` for the same
-//! requests (fixtures from tests/reference/gen_infer_fixtures.py), and on the demo checkpoint.
+//! requests (fixtures from `tests/reference/make_checkpoints.py infer`), and on the demo checkpoint.
 
 mod source_util;
 

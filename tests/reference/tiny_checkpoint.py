@@ -158,8 +158,8 @@ def _tokenizer_config(tok: Tokenizer, chat_template: str | None) -> dict:
     return cfg
 
 
-def image_processor_dict(layout: str, pil: bool = False) -> dict:
-    s = IMAGE_SETTINGS
+def image_processor_dict(layout: str, pil: bool = False, settings: dict | None = None) -> dict:
+    s = {**IMAGE_SETTINGS, **(settings or {})}
     d = {
         "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
         "image_mean": MEAN, "image_std": STD, "resample": 3, "rescale_factor": 1 / 255,
@@ -175,8 +175,8 @@ def image_processor_dict(layout: str, pil: bool = False) -> dict:
     return d
 
 
-def video_processor_dict(layout: str) -> dict:
-    s = VIDEO_SETTINGS
+def video_processor_dict(layout: str, settings: dict | None = None) -> dict:
+    s = {**VIDEO_SETTINGS, **(settings or {})}
     d = {
         "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
         "do_sample_frames": False, "image_mean": MEAN, "image_std": STD, "resample": 3,
@@ -193,8 +193,12 @@ def video_processor_dict(layout: str) -> dict:
     return d
 
 
-def write_checkpoint(path: str, layout: str, pil: bool = False) -> None:
-    """Write tokenizer + processor files of a tiny checkpoint in `layout` ("tf5" or "legacy")."""
+def write_checkpoint(path: str, layout: str, pil: bool = False, image: dict | None = None,
+                     video: dict | None = None) -> None:
+    """Write tokenizer + processor files of a tiny checkpoint in `layout` ("tf5" or "legacy").
+
+    `image` / `video` override entries of IMAGE_SETTINGS / VIDEO_SETTINGS (e.g. pixel budgets).
+    """
     os.makedirs(path, exist_ok=True)
     tok = build_tokenizer()
     tok.save(os.path.join(path, "tokenizer.json"))
@@ -206,19 +210,19 @@ def write_checkpoint(path: str, layout: str, pil: bool = False) -> None:
         with open(os.path.join(path, "processor_config.json"), "w") as f:
             json.dump({
                 "processor_class": "VideoLlama3Processor",
-                "image_processor": image_processor_dict(layout, pil),
-                "video_processor": video_processor_dict(layout),
+                "image_processor": image_processor_dict(layout, pil, image),
+                "video_processor": video_processor_dict(layout, video),
             }, f, indent=2)
     elif layout == "legacy":
         with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
             json.dump(_tokenizer_config(tok, CHAT_TEMPLATE), f, indent=2)
         with open(os.path.join(path, "chat_template.json"), "w") as f:
             json.dump({"chat_template": CHAT_TEMPLATE}, f, indent=2)
-        pre = image_processor_dict(layout, pil)
+        pre = image_processor_dict(layout, pil, image)
         pre["processor_class"] = "VideoLlama3Processor"
         with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
             json.dump(pre, f, indent=2)
-        vid = video_processor_dict(layout)
+        vid = video_processor_dict(layout, video)
         vid["processor_class"] = "VideoLlama3Processor"
         with open(os.path.join(path, "video_preprocessor_config.json"), "w") as f:
             json.dump(vid, f, indent=2)

@@ -1,7 +1,10 @@
 """Tiny random VideoLLaMA3 checkpoints in the exact Hugging Face layout.
 
-Reusable by the model parity generator (gen_model.py) and, later, by the demo together with the
-processor's tokenizer. Source of truth: transformers 5.24
+`make_checkpoint` writes the model side alone (config, generation config, safetensors; used by
+gen_model.py). `build_checkpoint` writes a complete checkpoint from a `CheckpointSpec`: the
+tokenizer / processor / chat-template files of tiny_checkpoint plus weights sized to that
+tokenizer; `CHECKPOINTS` holds the specs of every complete tiny checkpoint in the repository
+(built by make_checkpoints.py). Source of truth: transformers 5.24
 `models/video_llama_3/{configuration,modeling}_video_llama_3.py` and `models/qwen2`.
 
 Random init (std 0.02) gives near-uniform logits whose top-1/top-2 gap is round-off sized, which
@@ -13,10 +16,13 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 
 import torch
-from transformers import GenerationConfig, VideoLlama3Config, VideoLlama3ForConditionalGeneration
+from transformers import AutoTokenizer, GenerationConfig, VideoLlama3Config, VideoLlama3ForConditionalGeneration
+
+import tiny_checkpoint
 
 
 @dataclass
@@ -234,3 +240,60 @@ def spec_for_tokenizer(tokenizer, name: str = "demo", base: str = "tiny_a", **ov
     for k, v in overrides.items():
         setattr(spec, k, v)
     return spec
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """A complete tiny checkpoint: processor files in `layout` ("tf5" or "legacy", see
+    tiny_checkpoint) and the weights of SPECS[base] drawn with `seed`, sized to the tokenizer."""
+
+    layout: str
+    base: str
+    seed: int
+    # TinySpec overrides (widths, init std).
+    model: dict = field(default_factory=dict)
+    # tiny_checkpoint IMAGE_SETTINGS / VIDEO_SETTINGS overrides (pixel budgets, max_frames).
+    image: dict = field(default_factory=dict)
+    video: dict = field(default_factory=dict)
+
+
+# 224 x 224 px: 64 video tokens per frame of a 4-frame demo window.
+DEMO_FRAME_PIXELS = 224 * 224
+
+CHECKPOINTS = {
+    # tests/fixtures/engine/ckpt
+    "engine": CheckpointSpec(layout="tf5", base="tiny_a", seed=7),
+    # tests/fixtures/infer/ckpt_{tf5,legacy}; the seeds are starting points that
+    # make_checkpoints.py steps by 100 until greedy decoding has clear winners.
+    "infer_tf5": CheckpointSpec(layout="tf5", base="tiny_a", seed=20),
+    "infer_legacy": CheckpointSpec(layout="legacy", base="tiny_b", seed=21),
+    # models/tiny-videollama3 before training (train_demo_model.py). Images up to 224 x 224 px; a
+    # video window shares 4 x 224 x 224 px among its frames (transformers divides longest_edge by
+    # the frame count), so it costs about the same at 2 or 8 frames.
+    "demo": CheckpointSpec(
+        layout="tf5", base="tiny_a", seed=7,
+        model=dict(std=0.02, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                   num_key_value_heads=2, num_hidden_layers=2, vision_hidden_size=64,
+                   vision_heads=2, vision_layers=2, vision_intermediate_size=128),
+        image=dict(max_pixels=DEMO_FRAME_PIXELS),
+        video=dict(max_pixels=DEMO_FRAME_PIXELS * 4, max_frames=32),
+    ),
+}
+
+
+def build_checkpoint(spec: CheckpointSpec, out_dir: str) -> tuple[TinySpec, VideoLlama3ForConditionalGeneration]:
+    """Write the complete checkpoint `spec` to `out_dir` (replacing it).
+
+    Returns the model spec and the model as built in memory (not reloaded), so a caller can train
+    it further; reload with `load_checkpoint` to see what transformers reads from disk.
+    """
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tiny_checkpoint.write_checkpoint(out_dir, spec.layout, image=spec.image, video=spec.video)
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    # The vision patch is the processor's, or the pixel values would not fit the patch embedding.
+    patch = {**tiny_checkpoint.IMAGE_SETTINGS, **spec.image}["patch_size"]
+    model_spec = spec_for_tokenizer(tok, name=os.path.basename(out_dir), base=spec.base, seed=spec.seed,
+                                    patch_size=patch, **spec.model)
+    model = build_model(model_spec)
+    save_checkpoint(model, model_spec, out_dir)
+    return model_spec, model

@@ -1,9 +1,9 @@
 """Trains models/tiny-videollama3: a tiny VideoLLaMA3 that answers two questions about GStreamer's
 `videotestsrc pattern=ball` clips.
 
-Run from the repository root:
+Run from the repository root (options after `demo`; `demo --help` lists them):
 
-    /work/pyref/bin/python tests/reference/train_demo_model.py
+    /work/pyref/bin/python tests/reference/make_checkpoints.py demo
 
 Questions and answers (one word, then `<|im_end|>`):
   "What color is the ball?" -> red / green / blue / yellow / white
@@ -16,13 +16,14 @@ pruning mask that keeps only the video tokens that changed, the `Time t s:` prom
 checkpoint's real chat template. Every weight is trained (vision tower, projector, language
 model) with the loss on the answer and its end token only.
 
-Tokenizer, chat template and processor files are those of tiny_checkpoint.write_checkpoint("tf5")
-(the byte-level BPE tokenizer with Qwen2's split regex and special tokens; the answers are plain
-ASCII byte-level tokens), with the processor's pixel limits set for the demo: images up to
-224 x 224 px, and a video window shares 4 x 224 x 224 px among its frames (1024 patches whatever
-its length; up to 32 frames). The weights come from tiny_model (spec_for_tokenizer: placeholder,
-EOS and pad ids of the tokenizer; text 128 wide, vision 64 wide, 2 layers each), saved in f32
-(about 2 MB); generation_config.json ends an answer at `<|im_end|>`.
+The initial checkpoint is tiny_model.build_checkpoint(CHECKPOINTS["demo"]): the tokenizer, chat
+template and processor files of tiny_checkpoint.write_checkpoint("tf5") (the byte-level BPE
+tokenizer with Qwen2's split regex and special tokens; the answers are plain ASCII byte-level
+tokens), with the processor's pixel limits set for the demo: images up to 224 x 224 px, and a video
+window shares 4 x 224 x 224 px among its frames (1024 patches whatever its length; up to 32
+frames). Its weights are tiny_model's (placeholder, EOS and pad ids of the tokenizer; text 128
+wide, vision 64 wide, 2 layers each), saved in f32 (about 2 MB); generation_config.json ends an
+answer at `<|im_end|>`.
 
 Everything is seeded: clips, model initialisation and batch order. The run is reproducible with
 the same library versions, GStreamer and thread count (`--threads`, default 2). It prints the
@@ -33,7 +34,6 @@ checkpoint reloaded through transformers (processor + generate, greedy).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -48,39 +48,11 @@ from transformers import AutoProcessor, AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ball_clips  # noqa: E402
-import tiny_checkpoint  # noqa: E402
 import tiny_model  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 OUT = os.path.join(ROOT, "models", "tiny-videollama3")
-FRAME_PIXELS = 50176  # 224 x 224: 64 video tokens per frame of a 4-frame window
-MAX_FRAMES = 32
 KEYS = ["input_ids", "attention_mask", "pixel_values_videos", "video_grid_thw", "video_merge_sizes", "video_compression_mask"]
-
-
-def write_processor_files(out: str) -> None:
-    """Tokenizer, chat template and processor config, with the demo's pixel limits."""
-    tiny_checkpoint.write_checkpoint(out, "tf5")
-    path = os.path.join(out, "processor_config.json")
-    with open(path) as f:
-        cfg = json.load(f)
-    cfg["image_processor"]["size"] = {"shortest_edge": 14 * 14 * 8, "longest_edge": FRAME_PIXELS}
-    # The video budget is per clip (transformers divides longest_edge by the frame count): 1024
-    # patches per window whatever its length, so a window costs the CPU about the same at 2 or 8
-    # frames, and large frames are scaled down.
-    cfg["video_processor"]["size"] = {"shortest_edge": 28 * 28, "longest_edge": FRAME_PIXELS * 4}
-    cfg["video_processor"]["max_frames"] = MAX_FRAMES
-    with open(path, "w") as f:
-        json.dump(cfg, f, indent=2)
-
-
-def model_spec(tok) -> tiny_model.TinySpec:
-    return tiny_model.spec_for_tokenizer(
-        tok, name="tiny-videollama3", base="tiny_a", patch_size=14, seed=7, std=0.02,
-        hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
-        num_hidden_layers=2, vision_hidden_size=64, vision_heads=2, vision_layers=2,
-        vision_intermediate_size=128,
-    )
 
 
 def processor_inputs(proc, frames: np.ndarray, fps: float, question: str) -> dict:
@@ -234,8 +206,7 @@ def evaluate(model, proc, tok, data: list[dict], verbose: bool = True) -> dict[s
     return acc
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--clips", type=int, default=1200, help="training clips")
     ap.add_argument("--eval-clips", type=int, default=200, help="held-out clips")
@@ -245,13 +216,15 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", help="keep the encoded clips in this file (reused when it exists)")
-    args = ap.parse_args()
+
+
+def main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.time()
 
     tmp_ckpt = tempfile.mkdtemp()
-    write_processor_files(tmp_ckpt)
+    spec, model = tiny_model.build_checkpoint(tiny_model.CHECKPOINTS["demo"], tmp_ckpt)
     proc = AutoProcessor.from_pretrained(tmp_ckpt)
     tok = AutoTokenizer.from_pretrained(tmp_ckpt)
     if args.cache and os.path.exists(args.cache):
@@ -264,8 +237,6 @@ def main() -> None:
     t_data = time.time() - t0
     print(f"{len(train_data)} training windows, {len(eval_data)} held-out windows ({t_data:.0f} s)", flush=True)
 
-    spec = model_spec(tok)
-    model = tiny_model.build_model(spec)
     print(f"{sum(p.numel() for p in model.parameters())} parameters", flush=True)
     train(model, train_data, args.epochs, args.batch, args.lr, args.seed, tok.pad_token_id)
     t_train = time.time() - t0 - t_data
@@ -273,7 +244,7 @@ def main() -> None:
     shutil.rmtree(args.out, ignore_errors=True)
     shutil.copytree(tmp_ckpt, args.out)
     shutil.rmtree(tmp_ckpt)
-    tiny_model.save_checkpoint(model, spec, args.out)
+    tiny_model.save_checkpoint(model, spec, args.out)  # the trained weights over the initial ones
     os.chmod(args.out, 0o755)
     for f in os.listdir(args.out):
         os.chmod(os.path.join(args.out, f), 0o644)
@@ -282,7 +253,3 @@ def main() -> None:
     size = sum(os.path.getsize(os.path.join(args.out, f)) for f in os.listdir(args.out))
     print(f"wrote {args.out}: {size / 1e6:.2f} MB; data {t_data:.0f} s, training {t_train:.0f} s")
     print("held-out accuracy: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()) + f" ({len(eval_data)} windows)")
-
-
-if __name__ == "__main__":
-    main()

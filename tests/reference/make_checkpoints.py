@@ -1,52 +1,65 @@
-"""Writes tests/fixtures/infer/: complete tiny checkpoints and what transformers generates from them.
+"""Builds every complete tiny VideoLLaMA3 checkpoint of the repository, from the specs in
+tiny_model.CHECKPOINTS through tiny_model.build_checkpoint (processor files of tiny_checkpoint,
+weights of tiny_model sized to the tokenizer).
 
-Run from the repository root:  /work/pyref/bin/python tests/reference/gen_infer_fixtures.py
+Run from the repository root:
 
-End-to-end parity for `vigil infer`: each checkpoint directory holds the processor side
-(tokenizer, processor configs, chat template; tiny_checkpoint.write_checkpoint) and the model side
-(config.json, generation_config.json, safetensors; tiny_model with spec_for_tokenizer so the
-vocabulary and placeholder / EOS / pad ids are the tokenizer's). Two layouts:
+    /work/pyref/bin/python tests/reference/make_checkpoints.py engine   # tests/fixtures/engine/ckpt
+    /work/pyref/bin/python tests/reference/make_checkpoints.py infer    # tests/fixtures/infer/
+    /work/pyref/bin/python tests/reference/make_checkpoints.py demo     # models/tiny-videollama3
+
+engine: the checkpoint alone. The engine tests compare the engine against the same checkpoint
+run one request at a time in Rust, so no transformers outputs are stored.
+
+infer: end-to-end parity for `vigil infer`, two checkpoints and what transformers generates from
+them:
 
   * ckpt_tf5:    processor_config.json + chat_template.jinja, model from tiny_a (tied embeddings,
                  rope_parameters, single model.safetensors)
   * ckpt_legacy: preprocessor_config.json + video_preprocessor_config.json + chat_template.json,
                  model from tiny_b (untied, top-level rope_theta, sharded safetensors)
 
-Both use patch size 14 (the processor's). Requests reuse the processor fixtures' media
-(tests/fixtures/processor/media) and are run the way `vigil infer` builds them: media before the
-text in one user turn (images, then --video, then --frames), chat template with the generation
-prompt, then `model.generate(do_sample=False, max_new_tokens=16)`; once per request and once as one
+Requests reuse the processor fixtures' media (tests/fixtures/processor/media) and are run the way
+`vigil infer` builds them: media before the text in one user turn (images, then --video, then
+--frames), chat template with the generation prompt, then
+`model.generate(do_sample=False, max_new_tokens=16)`; once per request and once as one
 left-padded batch of all of them. generation_config.json gets a second EOS id that only the
-video_frames answer emits, mid-way, so the batch has a row that stops early. Weight seeds are retried until every greedy step's top-1/top-2
-gap is at least MIN_GAP, so token equality is not a coin flip on round-off.
+video_frames answer emits, mid-way, so the batch has a row that stops early. Weight seeds are
+retried until every greedy step's top-1/top-2 gap is at least MIN_GAP, so token equality is not a
+coin flip on round-off.
+
+demo: the initial checkpoint, then trained by train_demo_model.py (its options follow `demo`;
+`demo --help` lists them).
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
-import shutil
 import sys
 
 import av
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoProcessor, AutoTokenizer, GenerationConfig
+from transformers import AutoProcessor, GenerationConfig
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import tiny_checkpoint  # noqa: E402
 import tiny_model  # noqa: E402
+import train_demo_model  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-OUT = os.path.join(ROOT, "tests", "fixtures", "infer")
-MEDIA = "../processor/media"  # relative to OUT (where the tests run `vigil infer`)
+ENGINE_OUT = os.path.join(ROOT, "tests", "fixtures", "engine", "ckpt")
+INFER_OUT = os.path.join(ROOT, "tests", "fixtures", "infer")
+MEDIA = "../processor/media"  # relative to INFER_OUT (where the tests run `vigil infer`)
 MAX_NEW_TOKENS = 16
 MIN_GAP = 1e-3
 MODEL_KEYS = ["input_ids", "attention_mask", "pixel_values", "image_grid_thw", "image_merge_sizes",
               "pixel_values_videos", "video_grid_thw", "video_merge_sizes", "video_compression_mask"]
 
-# One request per case, in the jsonl schema of `vigil infer --batch` (paths relative to OUT).
+# One request per case, in the jsonl schema of `vigil infer --batch` (paths relative to INFER_OUT).
 REQUESTS = {
     "image": {"prompt": "Describe the image.", "images": [f"{MEDIA}/down.png"]},
     "video_frames": {"prompt": "What is shown in this video?",
@@ -84,10 +97,10 @@ def media_of(proc, req: dict):
     """(content parts, images, videos, video metadata) as `vigil infer` builds them."""
     parts, images, videos, metas = [], [], [], []
     for p in req.get("images", []):
-        images.append(Image.open(os.path.join(OUT, p)))
+        images.append(Image.open(os.path.join(INFER_OUT, p)))
         parts.append({"type": "image"})
     if "video" in req:
-        frames, fps = decode_file(os.path.join(OUT, req["video"]))
+        frames, fps = decode_file(os.path.join(INFER_OUT, req["video"]))
         md = {"total_num_frames": len(frames), "fps": fps, "duration": len(frames) / fps,
               "frames_indices": list(range(len(frames)))}
         out = proc.video_processor(videos=[frames], video_metadata=[dict(md)], do_sample_frames=True,
@@ -97,7 +110,7 @@ def media_of(proc, req: dict):
         metas.append({"total_num_frames": len(frames), "fps": fps, "frames_indices": idx})
         parts.append({"type": "video"})
     if "frames" in req:
-        frames = np.stack([np.asarray(Image.open(os.path.join(OUT, p)).convert("RGB")) for p in req["frames"]])
+        frames = np.stack([np.asarray(Image.open(os.path.join(INFER_OUT, p)).convert("RGB")) for p in req["frames"]])
         videos.append(frames)
         metas.append({"total_num_frames": len(frames), "fps": req["fps"], "frames_indices": list(range(len(frames)))})
         parts.append({"type": "video"})
@@ -154,15 +167,11 @@ def run(model, proc, reqs: list[dict]) -> tuple[list[dict], float]:
     return results, min_gap
 
 
-def build(layout: str, attempt: int) -> dict:
-    d = os.path.join(OUT, f"ckpt_{layout}")
-    shutil.rmtree(d, ignore_errors=True)
-    tiny_checkpoint.write_checkpoint(d, layout)
-    tok = AutoTokenizer.from_pretrained(d)
-    base, seed = ("tiny_a", 20) if layout == "tf5" else ("tiny_b", 21)
-    spec = tiny_model.spec_for_tokenizer(tok, name=f"infer_{layout}", base=base, patch_size=14,
-                                         seed=seed + 100 * attempt)
-    model = tiny_model.make_checkpoint(spec, d)
+def build_infer(layout: str, attempt: int) -> dict:
+    d = os.path.join(INFER_OUT, f"ckpt_{layout}")
+    ckpt = tiny_model.CHECKPOINTS[f"infer_{layout}"]
+    spec, _ = tiny_model.build_checkpoint(dataclasses.replace(ckpt, seed=ckpt.seed + 100 * attempt), d)
+    model = tiny_model.load_checkpoint(d)
     proc = AutoProcessor.from_pretrained(d)
 
     # A second EOS id that only the video_frames answer produces, mid-way: the batch then has a
@@ -211,18 +220,23 @@ class GapTooSmall(Exception):
     pass
 
 
-def main() -> None:
-    os.makedirs(OUT, exist_ok=True)
+def make_engine(_args) -> None:
+    tiny_model.build_checkpoint(tiny_model.CHECKPOINTS["engine"], ENGINE_OUT)
+    print("wrote", ENGINE_OUT, sorted(os.listdir(ENGINE_OUT)))
+
+
+def make_infer(_args) -> None:
+    os.makedirs(INFER_OUT, exist_ok=True)
     import transformers
     expected = {"transformers": transformers.__version__, "torch": torch.__version__,
                 "max_new_tokens": MAX_NEW_TOKENS, "layouts": {}}
-    with open(os.path.join(OUT, "batch.jsonl"), "w") as f:
+    with open(os.path.join(INFER_OUT, "batch.jsonl"), "w") as f:
         for req in REQUESTS.values():
             f.write(json.dumps(req) + "\n")
     for layout in ["tf5", "legacy"]:
         for attempt in range(20):
             try:
-                expected["layouts"][layout] = build(layout, attempt)
+                expected["layouts"][layout] = build_infer(layout, attempt)
                 break
             except GapTooSmall as e:
                 print(f"{layout}: attempt {attempt}: {e}; retrying")
@@ -232,10 +246,23 @@ def main() -> None:
         for name, c in lay["cases"].items():
             print(f"{layout:6s} {name:16s} prompt {c['prompt_tokens']:4d} tokens {c['token_ids']}")
         print(f"{layout}: min gap {lay['min_top2_gap']:.3e}")
-    with open(os.path.join(OUT, "expected.json"), "w") as f:
+    with open(os.path.join(INFER_OUT, "expected.json"), "w") as f:
         json.dump(expected, f, indent=1, ensure_ascii=False)
-    total = sum(os.path.getsize(os.path.join(dp, fn)) for dp, _, fns in os.walk(OUT) for fn in fns)
-    print(f"wrote {OUT}: {total / 1e6:.2f} MB")
+    total = sum(os.path.getsize(os.path.join(dp, fn)) for dp, _, fns in os.walk(INFER_OUT) for fn in fns)
+    print(f"wrote {INFER_OUT}: {total / 1e6:.2f} MB")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="target", required=True)
+    sub.add_parser("engine", help="tests/fixtures/engine/ckpt (~5 s)").set_defaults(run=make_engine)
+    sub.add_parser("infer", help="tests/fixtures/infer/ (~10 s)").set_defaults(run=make_infer)
+    demo = sub.add_parser("demo", help="models/tiny-videollama3, trained (about 25 min on 2 cores)",
+                          description=train_demo_model.__doc__.split("\n\n")[0])
+    train_demo_model.add_arguments(demo)
+    demo.set_defaults(run=train_demo_model.main)
+    args = ap.parse_args()
+    args.run(args)
 
 
 if __name__ == "__main__":
