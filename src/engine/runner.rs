@@ -655,7 +655,8 @@ impl Runner {
             ..MultimodalInputs::text(Tensor::from_vec(ids, (ng, lp), &dev).map_err(perr)?)
         };
         let stitched = self.model.model.input_embeddings(&mm).map_err(perr)?;
-        let mut cache = KvCache::new();
+        // Only forked, never appended to: no room reserved.
+        let mut cache = KvCache::with_headroom(0);
         self.model.model.forward_embeds(&stitched, Some(&mask_t), &mut cache).map_err(perr)?;
         Ok(cache)
     }
@@ -672,15 +673,17 @@ impl Runner {
         stats: &mut RunStats,
     ) -> Result<Prefilled, String> {
         let dev = self.model.device().clone();
-        let mut cache = prefix_cache.select_rows(row_group).map_err(perr)?;
-        stats.kv_cache_bytes = stats.kv_cache_bytes.max((prefix_cache.bytes() + cache.bytes()) as u64);
-        drop(prefix_cache);
         let nr = of.len();
         let suffix_of = |o: &RowOf| {
             let pr = &preps[o.job].as_ref().expect("prepared").rows[o.prompt];
             (&pr.full_ids[pr.split..], pr.split)
         };
         let ls = of.iter().map(|o| suffix_of(o).0.len()).max().unwrap_or(1);
+        // Each fork has room for exactly its suffix and the tokens it may decode.
+        let decode = of.iter().map(|o| self.max_new(&work[o.job].prompts[o.prompt])).max().unwrap_or(0);
+        let mut cache = prefix_cache.select_rows_reserving(row_group, ls + decode).map_err(perr)?;
+        stats.kv_cache_bytes = stats.kv_cache_bytes.max((prefix_cache.bytes() + cache.bytes()) as u64);
+        drop(prefix_cache);
         let (mut sids, mut smask, mut spos) = (Vec::new(), Vec::new(), Vec::new());
         for o in &of {
             let (suf, start) = suffix_of(o);

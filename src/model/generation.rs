@@ -462,7 +462,7 @@ impl VideoLlama3ForConditionalGeneration {
                 DecodeRow::new(&d, &row[first..], params.max_new_tokens, p[l - 1] + 1)
             })
             .collect();
-        let mut cache = KvCache::new();
+        let mut cache = KvCache::with_headroom(params.max_new_tokens);
         let t0 = Instant::now();
         let embeds = self.model.input_embeddings(inputs)?;
         // GPU kernels are asynchronous: wait so each stage's time is its own.

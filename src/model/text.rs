@@ -28,8 +28,9 @@ struct Growing {
 pub const KV_HEADROOM: usize = 256;
 
 impl Growing {
-    fn new(x: &Tensor, dim: usize) -> candle_core::Result<Self> {
-        let mut g = Self { buf: Self::alloc(x, dim, x.dim(dim)? + KV_HEADROOM)?, dim, len: 0 };
+    /// A buffer holding `x` with room for `headroom` more positions.
+    fn new(x: &Tensor, dim: usize, headroom: usize) -> candle_core::Result<Self> {
+        let mut g = Self { buf: Self::alloc(x, dim, x.dim(dim)? + headroom)?, dim, len: 0 };
         g.append(x)?;
         Ok(g)
     }
@@ -63,9 +64,19 @@ impl Growing {
         self.buf.narrow(self.dim, 0, self.len)
     }
 
-    /// Rows (dim 0) `idx` of the whole buffer (contiguous; the copy keeps the headroom).
-    fn select_rows(&self, idx: &Tensor) -> candle_core::Result<Self> {
-        Ok(Self { buf: self.buf.index_select(idx, 0)?, dim: self.dim, len: self.len })
+    /// Rows (dim 0) `idx` of the filled positions, in a new buffer with room for `headroom`
+    /// more (`None`: the same capacity as this one).
+    fn select_rows(&self, idx: &Tensor, headroom: Option<usize>) -> candle_core::Result<Self> {
+        let buf = match headroom {
+            None => self.buf.index_select(idx, 0)?,
+            Some(extra) => {
+                let rows = self.view()?.index_select(idx, 0)?;
+                let buf = Self::alloc(&rows, self.dim, self.len + extra)?;
+                buf.slice_set(&rows, self.dim, 0)?;
+                buf
+            }
+        };
+        Ok(Self { buf, dim: self.dim, len: self.len })
     }
 
     /// Bytes allocated, headroom included.
@@ -82,8 +93,8 @@ struct LayerKv {
 }
 
 impl LayerKv {
-    fn new(k: &Tensor, v: &Tensor) -> candle_core::Result<Self> {
-        Ok(Self { k: Growing::new(k, 2)?, v: Growing::new(v, 2)? })
+    fn new(k: &Tensor, v: &Tensor, headroom: usize) -> candle_core::Result<Self> {
+        Ok(Self { k: Growing::new(k, 2, headroom)?, v: Growing::new(v, 2, headroom)? })
     }
 
     /// Write `k`/`v` `[batch, kv_heads, l, head_dim]` after the cached positions; returns views
@@ -101,23 +112,38 @@ impl LayerKv {
 ///
 /// Not `Clone`: appends write into shared buffers in place, so two handles on one buffer would
 /// overwrite each other's next positions. [`KvCache::select_rows`] makes an independent copy.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct KvCache {
     layers: Vec<Option<LayerKv>>,
     /// `[batch, cached_len]`, 1.0 = real token, 0.0 = padding; grown in place like the keys.
     key_mask: Option<Growing>,
+    /// Positions reserved beyond the first forward's.
+    headroom: usize,
+}
+
+impl Default for KvCache {
+    fn default() -> Self {
+        Self::with_headroom(KV_HEADROOM)
+    }
 }
 
 impl KvCache {
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// A cache whose first forward reserves room for `headroom` more positions: the tokens to
+    /// be decoded (a prefix that is only forked needs none). Past it, buffers grow by
+    /// [`KV_HEADROOM`].
+    pub fn with_headroom(headroom: usize) -> Self {
+        Self { layers: Vec::new(), key_mask: None, headroom }
+    }
     /// Tokens cached so far (including padding columns).
     pub fn seq_len(&self) -> usize {
         self.key_mask.as_ref().map_or(0, |m| m.len)
     }
     pub fn clear(&mut self) {
-        *self = Self::default();
+        *self = Self::with_headroom(self.headroom);
     }
 
     /// Device bytes the cache holds (keys, values and key mask, headroom included).
@@ -131,7 +157,7 @@ impl KvCache {
         match &mut self.key_mask {
             Some(m) => m.append(mask),
             None => {
-                let m = Growing::new(mask, 1)?;
+                let m = Growing::new(mask, 1, self.headroom)?;
                 let view = m.view();
                 self.key_mask = Some(m);
                 view
@@ -144,6 +170,16 @@ impl KvCache {
     /// values and the key mask are copied unchanged, so continuing from the fork is the same
     /// computation as continuing from the original row.
     pub fn select_rows(&self, rows: &[usize]) -> candle_core::Result<KvCache> {
+        self.select_rows_with(rows, None)
+    }
+
+    /// [`Self::select_rows`] into buffers with room for exactly `headroom` more positions
+    /// (a fork's suffix and decoded tokens), instead of this cache's capacity.
+    pub fn select_rows_reserving(&self, rows: &[usize], headroom: usize) -> candle_core::Result<KvCache> {
+        self.select_rows_with(rows, Some(headroom))
+    }
+
+    fn select_rows_with(&self, rows: &[usize], headroom: Option<usize>) -> candle_core::Result<KvCache> {
         let Some(mask) = &self.key_mask else {
             candle_core::bail!("select_rows on an empty cache");
         };
@@ -157,11 +193,18 @@ impl KvCache {
             .layers
             .iter()
             .map(|l| match l {
-                Some(layer) => Ok(Some(LayerKv { k: layer.k.select_rows(&idx)?, v: layer.v.select_rows(&idx)? })),
+                Some(layer) => Ok(Some(LayerKv {
+                    k: layer.k.select_rows(&idx, headroom)?,
+                    v: layer.v.select_rows(&idx, headroom)?,
+                })),
                 None => Ok(None),
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(KvCache { layers, key_mask: Some(mask.select_rows(&idx)?) })
+        Ok(KvCache {
+            layers,
+            key_mask: Some(mask.select_rows(&idx, headroom)?),
+            headroom: headroom.unwrap_or(self.headroom),
+        })
     }
 }
 
@@ -220,6 +263,7 @@ impl Attention {
         sin: &Tensor,
         mask: &ChunkedBias,
         cache: &mut Option<LayerKv>,
+        headroom: usize,
     ) -> candle_core::Result<Tensor> {
         let (b, l, _) = xs.dims3()?;
         let (q_dim, kv_dim) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
@@ -235,7 +279,7 @@ impl Attention {
         let (k, v) = match cache {
             Some(layer) => layer.append(&k, &v)?,
             None => {
-                let layer = LayerKv::new(&k, &v)?;
+                let layer = LayerKv::new(&k, &v, headroom)?;
                 let view = layer.view()?;
                 *cache = Some(layer);
                 view
@@ -299,8 +343,9 @@ impl DecoderLayer {
         sin: &Tensor,
         mask: &ChunkedBias,
         cache: &mut Option<LayerKv>,
+        headroom: usize,
     ) -> candle_core::Result<Tensor> {
-        let h = self.self_attn.forward(&self.input_layernorm.forward(xs)?, cos, sin, mask, cache)?;
+        let h = self.self_attn.forward(&self.input_layernorm.forward(xs)?, cos, sin, mask, cache, headroom)?;
         let xs = (xs + h)?;
         let h = self.mlp.forward(&self.post_attention_layernorm.forward(&xs)?)?;
         xs + h
@@ -378,7 +423,7 @@ impl Qwen2Decoder {
         let sin = freqs.sin()?.to_dtype(dtype)?;
         let mut hidden = xs.clone();
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            hidden = layer.forward(&hidden, &cos, &sin, &mask, slot)?;
+            hidden = layer.forward(&hidden, &cos, &sin, &mask, slot, cache.headroom)?;
         }
         let _ = b;
         self.norm.forward(&hidden)
@@ -454,7 +499,7 @@ mod tests {
     #[test]
     fn appends_equal_concatenation_across_reallocations() {
         let (k0, v0) = (rand((2, 3, 5, 4)), rand((2, 3, 5, 4)));
-        let mut layer = LayerKv::new(&k0, &v0).unwrap();
+        let mut layer = LayerKv::new(&k0, &v0, KV_HEADROOM).unwrap();
         assert_eq!(layer.k.capacity(), 5 + KV_HEADROOM);
         let (mut want_k, mut want_v) = (k0, v0);
         // Past the headroom, so the buffer is reallocated once on the way.
@@ -518,11 +563,36 @@ mod tests {
     }
 
     #[test]
+    fn reserved_forks_hold_the_same_rows_with_the_room_asked_for() {
+        let (k, v) = (rand((2, 1, 3, 2)), rand((2, 1, 3, 2)));
+        let cache = KvCache {
+            layers: vec![Some(LayerKv::new(&k, &v, 0).unwrap())],
+            key_mask: Some(Growing::new(&Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap(), 1, 0).unwrap()),
+            headroom: 0,
+        };
+        let mut fork = cache.select_rows_reserving(&[1, 0, 1], 5).unwrap();
+        let layer = fork.layers[0].as_mut().unwrap();
+        assert_eq!((layer.k.len, layer.k.capacity()), (3, 8));
+        let idx = Tensor::new(&[1u32, 0, 1], &Device::Cpu).unwrap();
+        assert!(same(&layer.view().unwrap().0, &k.index_select(&idx, 0).unwrap()));
+        // Appends within the reserved room stay in the buffer.
+        let extra = rand((3, 1, 5, 2));
+        layer.append(&extra, &extra).unwrap();
+        assert_eq!(layer.k.capacity(), 8);
+        assert_eq!(fork.key_mask.as_ref().unwrap().capacity(), 8);
+        // Exactly the rows plus the room: 5 positions × (k + v of 2 f32 each + one mask f32) × 3 rows.
+        assert_eq!(fork.bytes(), cache.select_rows(&[1, 0, 1]).unwrap().bytes() + 3 * 5 * (2 * 2 * 4 + 4));
+    }
+
+    #[test]
     fn selected_rows_are_an_independent_copy() {
         let (k, v) = (rand((2, 1, 3, 2)), rand((2, 1, 3, 2)));
         let cache = KvCache {
-            layers: vec![Some(LayerKv::new(&k, &v).unwrap())],
-            key_mask: Some(Growing::new(&Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap(), 1).unwrap()),
+            layers: vec![Some(LayerKv::new(&k, &v, KV_HEADROOM).unwrap())],
+            key_mask: Some(
+                Growing::new(&Tensor::ones((2, 3), DType::F32, &Device::Cpu).unwrap(), 1, KV_HEADROOM).unwrap(),
+            ),
+            headroom: KV_HEADROOM,
         };
         let mut a = cache.select_rows(&[1, 1]).unwrap();
         let b = cache.select_rows(&[1]).unwrap();
