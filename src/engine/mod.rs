@@ -17,6 +17,7 @@
 
 pub mod answer;
 pub mod features;
+pub mod pixels;
 pub mod preflight;
 pub mod queue;
 pub mod runner;

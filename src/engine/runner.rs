@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use candle_core::Tensor;
 
 use super::features::{FeatureCache, FrameKey, LruCache};
+use super::pixels::PixelNorm;
 use super::{EngineError, PromptResult};
 use crate::config::{PromptConfig, PruningConfig};
 use crate::model::text::DecoderInputs;
@@ -104,8 +105,9 @@ pub type PromptOutcome = Result<PromptResult, String>;
 
 /// A window after preprocessing.
 struct Prepared {
-    /// Video patch rows `[rows, patch_dim]` flattened, grid `[t, h, w]`, merge size.
-    pixels: Vec<f32>,
+    /// Video patch rows `[rows, patch_dim]` flattened, of resized bytes (normalized on the
+    /// device: [`PixelNorm`]); grid `[t, h, w]`, merge size.
+    pixels: Vec<u8>,
     patch_dim: usize,
     grid: [usize; 3],
     merge: usize,
@@ -115,9 +117,9 @@ struct Prepared {
     rows: Vec<PreparedPrompt>,
     visual_total: u32,
     visual_kept: u32,
-    /// Per frame, the key its preprocessed pixels were cached under (when the engine
-    /// preprocessed them itself): the vision cache uses it too, so no frame is hashed twice.
-    frame_keys: Option<Vec<FrameKey>>,
+    /// Per frame, the key of its RGB content and target size: the pixel cache and the vision
+    /// cache both use it, so no frame is hashed twice.
+    frame_keys: Vec<FrameKey>,
 }
 
 struct PreparedPrompt {
@@ -162,6 +164,7 @@ pub struct Runner {
     /// Preprocessing for [`Runner::run_batch`]; a pipelined engine runs its own
     /// ([`Runner::preparer`]) on another thread.
     prep: Preparer,
+    pixel_norm: PixelNorm,
 }
 
 /// The CPU side of a batch: processor work (template, tokenizer, resize, normalize, patches,
@@ -170,9 +173,9 @@ pub struct Runner {
 pub struct Preparer {
     processor: Arc<Processor>,
     pruning: PruningConfig,
-    /// Preprocessed patch rows per (frame content, target size): overlapping windows resize
-    /// and normalize each frame once.
-    pixel_cache: LruCache<Arc<Vec<f32>>>,
+    /// Resized patch rows (bytes) per (frame content, target size): overlapping windows resize
+    /// each frame once.
+    pixel_cache: LruCache<Arc<Vec<u8>>>,
     options: RunOptions,
 }
 
@@ -214,6 +217,9 @@ impl Runner {
         if processor.video_processor.config.base.temporal_patch_size != 1 {
             return Err(EngineError::checkpoint("video temporal_patch_size must be 1 (VideoLLaMA3)".into()));
         }
+        let vp = &processor.video_processor;
+        let pixel_norm = PixelNorm::new(&vp.config.base.norm(), vp.patch_dim(), model.device())
+            .map_err(|e| EngineError::checkpoint(e.to_string()))?;
         let processor = Arc::new(processor);
         let options = RunOptions::default();
         let prep = Preparer {
@@ -222,7 +228,16 @@ impl Runner {
             pixel_cache: LruCache::new(feature_cache_frames),
             options,
         };
-        Ok(Self { model, processor, params, cache: FeatureCache::new(feature_cache_frames), options, decoding, prep })
+        Ok(Self {
+            model,
+            processor,
+            params,
+            cache: FeatureCache::new(feature_cache_frames),
+            options,
+            decoding,
+            prep,
+            pixel_norm,
+        })
     }
 
     pub fn feature_cache(&self) -> &FeatureCache {
@@ -368,7 +383,6 @@ impl Runner {
     /// Projected video features `[tokens, hidden]` per prepared window (pre-pruning), one
     /// vision-tower call per distinct frame size for the frames not in the cache.
     fn vision(&mut self, preps: &[Option<Prepared>], stats: &mut RunStats) -> Result<Vec<Option<Tensor>>, String> {
-        let dev = self.model.device().clone();
         let use_cache = self.options.feature_cache && self.cache.capacity() > 0;
         if !use_cache {
             // The plain path: each window's video through the tower as one item.
@@ -378,12 +392,7 @@ impl Runner {
                     let Some(p) = p else { return Ok(None) };
                     stats.frames_encoded += p.grid[0] as u64;
                     let vi = VisualInputs {
-                        pixel_values: Tensor::from_vec(
-                            p.pixels.clone(),
-                            (p.pixels.len() / p.patch_dim, p.patch_dim),
-                            &dev,
-                        )
-                        .map_err(perr)?,
+                        pixel_values: self.pixel_norm.upload(p.pixels.clone(), p.patch_dim).map_err(perr)?,
                         grid_thw: vec![p.grid],
                         merge_sizes: vec![p.merge],
                     };
@@ -402,14 +411,10 @@ impl Runner {
                 keys.push(Vec::new());
                 continue;
             };
-            let [t, gh, gw] = p.grid;
-            let per = gh * gw * p.patch_dim;
+            let t = p.grid[0];
             let mut ks = Vec::with_capacity(t);
             for f in 0..t {
-                let key = match &p.frame_keys {
-                    Some(k) if k.len() == t => k[f],
-                    _ => FrameKey::of(&p.pixels[f * per..(f + 1) * per], gh, gw),
-                };
+                let key = *p.frame_keys.get(f).ok_or("internal: a frame without its key")?;
                 if found.contains_key(&key) || missing.iter().any(|m| m.0 == key) {
                     stats.vision_cache_hits += 1;
                 } else if let Some(feat) = self.cache.get(&key) {
@@ -445,7 +450,7 @@ impl Runner {
             }
             stats.frames_encoded += frames.len() as u64;
             let vi = VisualInputs {
-                pixel_values: Tensor::from_vec(pixels, (frames.len() * gh * gw, pd), &dev).map_err(perr)?,
+                pixel_values: self.pixel_norm.upload(pixels, pd).map_err(perr)?,
                 grid_thw: vec![[frames.len(), gh, gw]],
                 merge_sizes: vec![merge],
             };
@@ -774,12 +779,7 @@ impl Preparer {
         let opts = self.call_options();
         let first = heads.first().ok_or("a job without prompts")?.0.clone();
         let first = &first;
-        let (v, frame_keys) = if self.options.feature_cache && self.pixel_cache.capacity() > 0 {
-            let (v, keys) = self.video_rows_cached(&work.window, work.fps, stats)?;
-            (v, Some(keys))
-        } else {
-            (self.processor.call(std::slice::from_ref(first), &[], &[video()?], &opts).map_err(perr)?.videos, None)
-        };
+        let (v, pixels, frame_keys) = self.video_rows(&work.window, work.fps, stats)?;
         // The processor's placeholder expansion (`replace_video_token`) of the head.
         let per = v.mask_of(0).len() / v.timestamps[0].len().max(1);
         let repl: Vec<String> = v
@@ -841,21 +841,24 @@ impl Preparer {
             visual_total: v.video_compression_mask.len() as u32,
             visual_kept: kept,
             keep: v.video_compression_mask,
-            pixels: v.pixel_values_videos,
+            pixels,
             prefix_ids,
             rows,
             frame_keys,
         })
     }
 
-    /// `VideoProcessor::preprocess` for one window's frames (the processor's own clip steps),
-    /// with each frame's resized, normalized patch rows cached by content and target size.
-    fn video_rows_cached(
+    /// `VideoProcessor::preprocess` for one window's frames, by the processor's own clip steps,
+    /// except that the patch rows stay resized bytes (normalized on the device; the pruning
+    /// mask reads them through the same tables). Each frame's rows are cached by content and
+    /// target size when the feature cache is on. Returns the video (without pixels), the byte
+    /// rows and the frame keys.
+    fn video_rows(
         &mut self,
         window: &Window,
         fps: f64,
         stats: &mut RunStats,
-    ) -> Result<(VideoInputs, Vec<FrameKey>), String> {
+    ) -> Result<(VideoInputs, Vec<u8>, Vec<FrameKey>), String> {
         if !(fps.is_finite() && fps > 0.0) {
             return Err(format!("video fps must be a positive number, got {fps}"));
         }
@@ -865,26 +868,44 @@ impl Preparer {
             .map(|f| FrameRef { width: f.width as usize, height: f.height as usize, data: &f.data })
             .collect();
         let vp = &self.processor.video_processor;
-        let c = &vp.config.base;
-        let mut out =
-            VideoInputs { patch_dim: 3 * c.temporal_patch_size * c.patch_size * c.patch_size, ..Default::default() };
+        let size = vp.clip_size(0, &frames).map_err(perr)?;
+        let use_cache = self.options.feature_cache && self.pixel_cache.capacity() > 0;
         let mut keys = Vec::with_capacity(frames.len());
-        let timestamps = (0..frames.len()).map(|i| i as f64 / fps).collect();
         let cache = &mut self.pixel_cache;
-        vp.preprocess_clip(0, &frames, timestamps, &self.pruning, &mut out, &mut |f, (h, w)| {
-            let key = FrameKey::of_rgb(f.data, f.width, f.height, h, w);
-            keys.push(key);
-            if let Some(rows) = cache.get(&key) {
-                stats.pixel_cache_hits += 1;
-                return Ok(rows);
-            }
-            stats.pixel_cache_misses += 1;
-            let rows = Arc::new(vp.frame_rows(f, (h, w))?);
-            cache.insert(key, rows.clone());
-            Ok(rows)
-        })
-        .map_err(perr)?;
-        Ok((out, keys))
+        let planes = |f: FrameRef, s| vp.resized_planes(f, s);
+        let rows = vp
+            .clip_rows(&frames, size, &planes, &mut |f, (h, w)| {
+                let key = FrameKey::of_rgb(f.data, f.width, f.height, h, w);
+                keys.push(key);
+                if !use_cache {
+                    return Ok(Arc::new(vp.frame_rows(planes(f, (h, w)), (h, w))?));
+                }
+                if let Some(rows) = cache.get(&key) {
+                    stats.pixel_cache_hits += 1;
+                    return Ok(rows);
+                }
+                stats.pixel_cache_misses += 1;
+                let rows = Arc::new(vp.frame_rows(planes(f, (h, w)), (h, w))?);
+                cache.insert(key, rows.clone());
+                Ok(rows)
+            })
+            .map_err(perr)?;
+        let c = &vp.config.base;
+        let norm = c.norm();
+        let tables = [norm.table(0), norm.table(1), norm.table(2)];
+        let per_channel = vp.patch_dim() / 3;
+        let (grid, mask) = vp.grid_and_mask(&rows, frames.len(), size, &self.pruning, |col, v: u8| {
+            tables[col / per_channel][v as usize]
+        });
+        let video = VideoInputs {
+            pixel_values_videos: Vec::new(),
+            patch_dim: vp.patch_dim(),
+            video_grid_thw: vec![grid],
+            video_merge_sizes: vec![c.merge_size],
+            video_compression_mask: mask,
+            timestamps: vec![(0..frames.len()).map(|i| i as f64 / fps).collect()],
+        };
+        Ok((video, rows, keys))
     }
 }
 

@@ -178,8 +178,9 @@ pub struct Norm {
 }
 
 impl Norm {
-    /// Per-channel function u8 -> f32 as a 256-entry lookup table (exact, and fast).
-    fn table(&self, ch: usize) -> [f32; 256] {
+    /// Per-channel function u8 -> f32 as a 256-entry lookup table (exact, and fast). The
+    /// engine uploads resized u8 pixels and looks them up in these tables on the device.
+    pub fn table(&self, ch: usize) -> [f32; 256] {
         let mut t = [0f32; 256];
         for (v, slot) in t.iter_mut().enumerate() {
             *slot = self.apply(v as u8, ch);
@@ -233,6 +234,12 @@ pub(crate) fn normalize_planes(img: &RgbImage, norm: &Norm) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// Channel-first planes of one image without normalization: `[3][h*w]` bytes.
+pub(crate) fn rgb_planes(img: &RgbImage) -> Vec<Vec<u8>> {
+    let n = img.width * img.height;
+    (0..3).map(|ch| (0..n).map(|i| img.data[i * 3 + ch]).collect()).collect()
+}
+
 /// Patchify a sequence of frames (each `[3][h*w]` planes) into rows appended to `out`.
 ///
 /// Row order: temporal group, merged-block row, merged-block column, row within block, column
@@ -240,14 +247,14 @@ pub(crate) fn normalize_planes(img: &RgbImage, norm: &Norm) -> Vec<Vec<f32>> {
 /// `permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)` of the video processor, which for one frame equals the
 /// image processor's `permute(0, 2, 5, 3, 6, 1, 4, 7)` + temporal broadcast. Frames are padded
 /// by repeating the last one to a multiple of `temporal_patch_size`.
-pub(crate) fn patchify_frames(
-    frames: &[Vec<Vec<f32>>],
+pub(crate) fn patchify_frames<T: Copy>(
+    frames: &[Vec<Vec<T>>],
     height: usize,
     width: usize,
     patch: usize,
     merge: usize,
     temporal: usize,
-    out: &mut Vec<f32>,
+    out: &mut Vec<T>,
 ) -> Result<(usize, usize), ProcessorError> {
     if patch == 0
         || merge == 0

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::checkpoint::VideoProcessorConfig;
-use super::image::{normalize_planes, patchify_frames, RgbImage};
+use super::image::{normalize_planes, patchify_frames, rgb_planes, RgbImage};
 use super::resize::{resize_torchvision_bicubic_u8, smart_resize};
 use super::ProcessorError;
 use crate::config::PruningConfig;
@@ -214,33 +214,33 @@ impl VideoProcessor {
     /// (transformers always uses 0.1 / 1, the defaults of `[pruning]`).
     pub fn preprocess(&self, videos: &[Video], pruning: &PruningConfig) -> Result<VideoInputs, ProcessorError> {
         let c = &self.config.base;
-        let mut out =
-            VideoInputs { patch_dim: 3 * c.temporal_patch_size * c.patch_size * c.patch_size, ..Default::default() };
+        let mut out = VideoInputs { patch_dim: self.patch_dim(), ..Default::default() };
         for (vi, video) in videos.iter().enumerate() {
             let frames: Vec<FrameRef> = video.frames.iter().map(FrameRef::of).collect();
-            self.preprocess_clip(vi, &frames, video.timestamps.clone(), pruning, &mut out, &mut |f, size| {
-                Ok(Arc::new(self.frame_rows(f, size)?))
-            })?;
+            let size = self.clip_size(vi, &frames)?;
+            let planes = |f: FrameRef, s| self.normalized_planes(f, s);
+            let rows =
+                self.clip_rows(&frames, size, &planes, &mut |f, s| Ok(Arc::new(self.frame_rows(planes(f, s), s)?)))?;
+            let (grid, mask) = self.grid_and_mask(&rows, frames.len(), size, pruning, |_, v| v);
+            out.pixel_values_videos.extend_from_slice(&rows);
+            out.video_compression_mask.extend(mask);
+            out.video_grid_thw.push(grid);
+            out.video_merge_sizes.push(c.merge_size);
+            out.timestamps.push(video.timestamps.clone());
         }
         Ok(out)
     }
 
-    /// One clip of `preprocess`, appended to `out`: the clip's target size, each frame's patch
-    /// rows from `rows_of(frame, (h, w))` — [`Self::frame_rows`], or a cache of it (the
-    /// engine's) — then the grid and the pruning mask over the whole clip. Frames are patchified
-    /// one by one when `temporal_patch_size` is 1 (VideoLLaMA3's); otherwise patches span frames
-    /// and the clip is patchified at once, without `rows_of`.
-    pub fn preprocess_clip(
-        &self,
-        vi: usize,
-        frames: &[FrameRef],
-        timestamps: Vec<f64>,
-        pruning: &PruningConfig,
-        out: &mut VideoInputs,
-        rows_of: &mut FrameRows,
-    ) -> Result<(), ProcessorError> {
+    /// Values per patch row: `3 · temporal_patch_size · patch_size²`, channel-major.
+    pub fn patch_dim(&self) -> usize {
         let c = &self.config.base;
-        let patch_dim = 3 * c.temporal_patch_size * c.patch_size * c.patch_size;
+        3 * c.temporal_patch_size * c.patch_size * c.patch_size
+    }
+
+    /// The size every frame of a clip is resized to (the clip shares one pixel budget), after
+    /// checking that its frames are equally sized RGB buffers.
+    pub fn clip_size(&self, vi: usize, frames: &[FrameRef]) -> Result<(usize, usize), ProcessorError> {
+        let c = &self.config.base;
         let first = frames.first().ok_or_else(|| ProcessorError::Input(format!("video {vi} has no frames")))?;
         if let Some((fi, f)) =
             frames.iter().enumerate().find(|(_, f)| (f.width, f.height) != (first.width, first.height))
@@ -259,79 +259,103 @@ impl VideoProcessor {
                 f.width * f.height * 3
             )));
         }
-        let (h, w) = if c.do_resize {
-            // The clip's pixel budget is shared by its frames ("diff from Qwen" upstream).
-            smart_resize(
-                first.height,
-                first.width,
-                c.patch_size * c.merge_size,
-                c.min_pixels,
-                c.max_pixels / frames.len(),
-            )?
-        } else {
-            (first.height, first.width)
-        };
-        let start = out.pixel_values_videos.len();
-        let (gh, gw) = if c.temporal_patch_size == 1 {
-            for f in frames {
-                out.pixel_values_videos.extend_from_slice(&rows_of(*f, (h, w))?);
-            }
-            (h / c.patch_size, w / c.patch_size)
-        } else {
-            let planes: Vec<Vec<Vec<f32>>> = frames.iter().map(|f| self.frame_planes(*f, (h, w))).collect();
-            patchify_frames(
-                &planes,
-                h,
-                w,
-                c.patch_size,
-                c.merge_size,
-                c.temporal_patch_size,
-                &mut out.pixel_values_videos,
-            )?
-        };
-        let gt = frames.len().div_ceil(c.temporal_patch_size);
-        let tokens = gt * gh * gw / (c.merge_size * c.merge_size);
-        if pruning.enabled {
-            out.video_compression_mask.extend(compression_mask(
-                &out.pixel_values_videos[start..],
-                [gt, gh, gw],
-                c.merge_size,
-                patch_dim,
-                pruning.threshold,
-                pruning.min_tokens_per_frame,
-            ));
-        } else {
-            out.video_compression_mask.extend(std::iter::repeat_n(true, tokens));
+        if !c.do_resize {
+            return Ok((first.height, first.width));
         }
-        out.video_grid_thw.push([gt, gh, gw]);
-        out.video_merge_sizes.push(c.merge_size);
-        out.timestamps.push(timestamps);
-        Ok(())
+        // The clip's pixel budget is shared by its frames ("diff from Qwen" upstream).
+        smart_resize(first.height, first.width, c.patch_size * c.merge_size, c.min_pixels, c.max_pixels / frames.len())
     }
 
-    /// One frame resized to the clip's `(h, w)` and normalized: channel-first planes.
-    fn frame_planes(&self, f: FrameRef, (h, w): (usize, usize)) -> Vec<Vec<f32>> {
-        // transformers has no PIL video backend: videos always resize like torchvision.
+    /// A clip's patch rows at `size`: each frame's rows from `rows_of(frame, size)` —
+    /// [`Self::frame_rows`] of its planes, or a cache of them (the engine's) — when frames are
+    /// patchified one by one (`temporal_patch_size` 1, VideoLLaMA3's); otherwise patches span
+    /// frames and every frame's `planes_of` are patchified together.
+    pub fn clip_rows<T: Copy>(
+        &self,
+        frames: &[FrameRef],
+        size: (usize, usize),
+        planes_of: &FramePlanes<T>,
+        rows_of: &mut FrameRows<T>,
+    ) -> Result<Vec<T>, ProcessorError> {
+        let c = &self.config.base;
+        let mut rows = Vec::new();
+        if c.temporal_patch_size == 1 {
+            for f in frames {
+                rows.extend_from_slice(&rows_of(*f, size)?);
+            }
+        } else {
+            let planes: Vec<Vec<Vec<T>>> = frames.iter().map(|f| planes_of(*f, size)).collect();
+            patchify_frames(&planes, size.0, size.1, c.patch_size, c.merge_size, c.temporal_patch_size, &mut rows)?;
+        }
+        Ok(rows)
+    }
+
+    /// The grid `[t, h, w]` of a clip of `frames` frames at `size`, and its pruning mask over the
+    /// rows, whose values `value(column, v)` gives as normalized f32 (the identity for f32 rows).
+    pub fn grid_and_mask<T: Copy>(
+        &self,
+        rows: &[T],
+        frames: usize,
+        size: (usize, usize),
+        pruning: &PruningConfig,
+        value: impl Fn(usize, T) -> f32,
+    ) -> ([usize; 3], Vec<bool>) {
+        let c = &self.config.base;
+        let (gt, gh, gw) = (frames.div_ceil(c.temporal_patch_size), size.0 / c.patch_size, size.1 / c.patch_size);
+        let tokens = gt * gh * gw / (c.merge_size * c.merge_size);
+        let mask = if pruning.enabled {
+            compression_mask_by(
+                rows,
+                [gt, gh, gw],
+                c.merge_size,
+                self.patch_dim(),
+                pruning.threshold,
+                pruning.min_tokens_per_frame,
+                value,
+            )
+        } else {
+            vec![true; tokens]
+        };
+        ([gt, gh, gw], mask)
+    }
+
+    /// One frame resized to the clip's `(h, w)` (transformers has no PIL video backend: videos
+    /// always resize like torchvision).
+    fn resized(&self, f: FrameRef, (h, w): (usize, usize)) -> RgbImage {
         let data = if (h, w) == (f.height, f.width) {
             f.data.to_vec()
         } else {
             resize_torchvision_bicubic_u8(f.data, f.height, f.width, 3, h, w)
         };
-        normalize_planes(&RgbImage { width: w, height: h, data }, &self.config.base.norm())
+        RgbImage { width: w, height: h, data }
     }
 
-    /// One frame's patch rows at the clip's `(h, w)` (resize, normalize, patchify), for a
-    /// `temporal_patch_size` of 1.
-    pub fn frame_rows(&self, f: FrameRef, size: (usize, usize)) -> Result<Vec<f32>, ProcessorError> {
+    /// One frame resized and normalized: channel-first f32 planes.
+    pub fn normalized_planes(&self, f: FrameRef, size: (usize, usize)) -> Vec<Vec<f32>> {
+        normalize_planes(&self.resized(f, size), &self.config.base.norm())
+    }
+
+    /// One frame resized, not normalized: channel-first byte planes (the engine normalizes on
+    /// the device, by [`super::image::Norm::table`]).
+    pub fn resized_planes(&self, f: FrameRef, size: (usize, usize)) -> Vec<Vec<u8>> {
+        rgb_planes(&self.resized(f, size))
+    }
+
+    /// One frame's patch rows from its planes at the clip's `size`, for a `temporal_patch_size`
+    /// of 1.
+    pub fn frame_rows<T: Copy>(&self, planes: Vec<Vec<T>>, size: (usize, usize)) -> Result<Vec<T>, ProcessorError> {
         let c = &self.config.base;
         let mut rows = Vec::new();
-        patchify_frames(&[self.frame_planes(f, size)], size.0, size.1, c.patch_size, c.merge_size, 1, &mut rows)?;
+        patchify_frames(&[planes], size.0, size.1, c.patch_size, c.merge_size, 1, &mut rows)?;
         Ok(rows)
     }
 }
 
-/// Where [`VideoProcessor::preprocess_clip`] gets a frame's patch rows at the clip's size.
-pub type FrameRows<'f> = dyn FnMut(FrameRef, (usize, usize)) -> Result<Arc<Vec<f32>>, ProcessorError> + 'f;
+/// How [`VideoProcessor::clip_rows`] turns a frame into channel-first planes at the clip's size.
+pub type FramePlanes<'f, T> = dyn Fn(FrameRef, (usize, usize)) -> Vec<Vec<T>> + 'f;
+
+/// Where [`VideoProcessor::clip_rows`] gets a frame's patch rows at the clip's size.
+pub type FrameRows<'f, T> = dyn FnMut(FrameRef, (usize, usize)) -> Result<Arc<Vec<T>>, ProcessorError> + 'f;
 
 /// A borrowed RGB frame (`width × height × 3` bytes) for the per-frame steps.
 #[derive(Debug, Clone, Copy)]
@@ -359,6 +383,20 @@ pub fn compression_mask(
     threshold: f64,
     min_tokens: usize,
 ) -> Vec<bool> {
+    compression_mask_by(rows, grid, merge, patch_dim, threshold, min_tokens, |_, v| v)
+}
+
+/// [`compression_mask`] over rows whose normalized value is `value(column, v)` (column within
+/// a patch row): byte rows with the normalization tables give the very same f32 values.
+pub fn compression_mask_by<T: Copy>(
+    rows: &[T],
+    grid: [usize; 3],
+    merge: usize,
+    patch_dim: usize,
+    threshold: f64,
+    min_tokens: usize,
+    value: impl Fn(usize, T) -> f32,
+) -> Vec<bool> {
     let [t, h, w] = grid;
     let per_frame = h * w / (merge * merge);
     if t == 1 {
@@ -371,7 +409,12 @@ pub fn compression_mask(
             let cur = &rows[(f * per_frame + tok) * feat..(f * per_frame + tok + 1) * feat];
             let prev = &rows[((f - 1) * per_frame + tok) * feat..((f - 1) * per_frame + tok + 1) * feat];
             // torch: f32 difference, abs, mean, * 255.
-            let sum: f64 = cur.iter().zip(prev).map(|(a, b)| (a - b).abs() as f64).sum();
+            let sum: f64 = cur
+                .iter()
+                .zip(prev)
+                .enumerate()
+                .map(|(j, (&a, &b))| (value(j % patch_dim, a) - value(j % patch_dim, b)).abs() as f64)
+                .sum();
             let diff = (sum / feat as f64) as f32 * 255.0f32;
             // torch compares the f32 tensor with the threshold cast to f32.
             mask[f * per_frame + tok] = diff > threshold as f32;
