@@ -400,7 +400,7 @@ async fn a_window_answer_equals_infer_on_its_full_resolution_frames() {
     stop_cleanly(&mut vigil, &log);
 
     // Window 0 at 1 fps holds frames 0 and 4 of the 4 fps clip, at full resolution.
-    let native = vigil::processor::decode::decode_video_file(&clip).unwrap();
+    let native = vigil::processor::video_file::decode_video_file(&clip).unwrap();
     let mut paths = Vec::new();
     for i in [0, 4] {
         let f = &native.frames[i];

@@ -151,7 +151,7 @@ fn errors_are_clear() {
 fn demo_checkpoint_answers_on_the_bundled_clip() {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
-    let clip = vigil::processor::decode::decode_video_file(&repo.join("assets/demo.mp4")).unwrap();
+    let clip = vigil::processor::video_file::decode_video_file(&repo.join("assets/demo.mp4")).unwrap();
     assert_eq!((clip.fps, clip.frames.len()), (10.0, 120));
     let mut batch = String::new();
     for window in 0..3 {

@@ -170,11 +170,11 @@ fn vision_and_projector_parity() {
                 fx.visual(case, "pixel_values_videos", "video_grid_thw", "video_merge_sizes")
             }
             .unwrap();
-            let feats = fx.model.model.vision_model.forward(&visual).unwrap();
+            let feats = fx.model.model.vision_model().forward(&visual).unwrap();
             let d = max_abs_diff(&feats, fx.t(case, &format!("{kind}_vision_features")));
             eprintln!("{name} {case}/{kind}: vision features max |diff| = {d:.3e}");
             assert!(d < FEATURES_TOL, "{name} {case} {kind}: vision features differ by {d}");
-            let proj = fx.model.model.projector.forward(&feats).unwrap();
+            let proj = fx.model.model.projector().forward(&feats).unwrap();
             let d = max_abs_diff(&proj, fx.t(case, &format!("{kind}_projected")));
             eprintln!("{name} {case}/{kind}: projector output max |diff| = {d:.3e}");
             assert!(d < FEATURES_TOL, "{name} {case} {kind}: projector outputs differ by {d}");
@@ -390,20 +390,20 @@ fn video_frames_attend_only_within_themselves() {
     let fx = load("tiny_a");
     let video = fx.visual("video", "pixel_values_videos", "video_grid_thw", "video_merge_sizes").unwrap();
     let [t, h, w] = video.grid_thw[0];
-    let whole = fx.model.model.vision_model.forward(&video).unwrap();
+    let whole = fx.model.model.vision_model().forward(&video).unwrap();
     let per_frame = VisualInputs {
         pixel_values: video.pixel_values.clone(),
         grid_thw: vec![[1, h, w]; t],
         merge_sizes: vec![video.merge_sizes[0]; t],
     };
-    let split = fx.model.model.vision_model.forward(&per_frame).unwrap();
+    let split = fx.model.model.vision_model().forward(&per_frame).unwrap();
     assert_eq!(max_abs_diff(&whole, &split), 0.0, "frames of one video must not attend to each other");
     // Changing one frame's pixels leaves the other frames' features untouched.
     let rows = h * w;
     let noise = Tensor::ones((rows, video.pixel_values.dim(1).unwrap()), DType::F32, &Device::Cpu).unwrap();
     let changed = video.pixel_values.slice_assign(&[0..rows, 0..video.pixel_values.dim(1).unwrap()], &noise).unwrap();
     let changed = VisualInputs { pixel_values: changed, ..video.clone() };
-    let out = fx.model.model.vision_model.forward(&changed).unwrap();
+    let out = fx.model.model.vision_model().forward(&changed).unwrap();
     let per = out.dim(0).unwrap() / t;
     assert_eq!(
         max_abs_diff(&out.narrow(0, per, per * (t - 1)).unwrap(), &whole.narrow(0, per, per * (t - 1)).unwrap()),

@@ -118,12 +118,12 @@ fn file_sampling_matches_transformers() {
     let exp = expected();
     let proc = VideoProcessor::from_pretrained(&root().join("ckpt_tf5")).unwrap();
     let file = root().join(exp["sampling_file"]["file"].as_str().unwrap());
-    let decoded = vigil::processor::decode::decode_video_file(&file).unwrap();
+    let decoded = vigil::processor::video_file::decode_video_file(&file).unwrap();
     assert_eq!(decoded.frames.len(), 12);
     assert_eq!(decoded.fps, 6.0);
     for (tag, case) in exp["sampling"].as_object().unwrap() {
         let kw = &case["kwargs"];
-        let sampling = Sampling {
+        let sampling = FrameSampling {
             fps: kw["fps"].as_f64(),
             num_frames: kw["num_frames"].as_u64().map(|n| n as usize),
             ..Default::default()
@@ -244,7 +244,7 @@ fn errors_are_clear() {
     std::fs::write(&garbage, b"this is not an image").unwrap();
     let e = RgbImage::open(&garbage).unwrap_err();
     assert!(e.to_string().contains("garbage.png"), "{e}");
-    let e = vigil::processor::decode::decode_video_file(&garbage).unwrap_err();
+    let e = vigil::processor::video_file::decode_video_file(&garbage).unwrap_err();
     assert!(e.to_string().contains("garbage.png"), "{e}");
 
     let vp = VideoProcessor::from_pretrained(&root().join("ckpt_tf5")).unwrap();

@@ -298,7 +298,7 @@ fn with_a_model_size_the_buffered_frame_is_the_model_input() {
     let (th, tw) = input.target(240, 320, 2).unwrap();
     assert_eq!((w0.frames[0].height as usize, w0.frames[0].width as usize), (th, tw), "buffered at the model's size");
 
-    let native = vigil::processor::decode::decode_video_file(&clip).unwrap();
+    let native = vigil::processor::video_file::decode_video_file(&clip).unwrap();
     assert_eq!((native.frames[0].width, native.frames[0].height), (320, 240));
     let reference = Video::from_frames(vec![native.frames[0].clone(), native.frames[4].clone()], Some(1.0)).unwrap();
     let video_of = |w: &vigil::window::Window| Video::from_window(w, 1.0).unwrap();

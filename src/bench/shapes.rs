@@ -480,6 +480,10 @@ fn measure(
         single.prefill_ms, single.decode_ms_per_token
     ));
     drop(runner);
+    // The engine loads its own copy on its own thread, from another malloc arena: without this
+    // the first copy's freed pages would stay resident and count in the serving peak.
+    // SAFETY: malloc_trim only releases free memory.
+    unsafe { libc::malloc_trim(0) };
 
     // 3. The serving path.
     let engine = Engine::start(&cfg)?;

@@ -244,11 +244,6 @@ impl Runner {
         &self.cache
     }
 
-    pub fn clear_feature_cache(&mut self) {
-        self.cache.clear();
-        self.prep.pixel_cache.clear();
-    }
-
     pub fn options(&self) -> RunOptions {
         self.options
     }

@@ -79,8 +79,8 @@ pub(crate) fn position_ids_from_mask(mask: &Tensor) -> Result<Tensor, ModelError
 
 /// `model`: vision tower, projector and language model.
 pub struct VideoLlama3Model {
-    pub vision_model: VideoLlama3VisionModel,
-    pub projector: VideoLlama3Projector,
+    vision_model: VideoLlama3VisionModel,
+    projector: VideoLlama3Projector,
     language_model: Qwen2Decoder,
     config: VideoLlama3Config,
 }
@@ -106,6 +106,16 @@ impl VideoLlama3Model {
     /// The decoder (token embeddings, layers, final norm).
     pub fn language_model(&self) -> &Qwen2Decoder {
         &self.language_model
+    }
+
+    /// The vision tower (patch embedding, encoder, post-layernorm).
+    pub fn vision_model(&self) -> &VideoLlama3VisionModel {
+        &self.vision_model
+    }
+
+    /// The MLP projector from vision features to the text width.
+    pub fn projector(&self) -> &VideoLlama3Projector {
+        &self.projector
     }
 
     /// Projected image embeddings, one `[tokens, text_hidden]` tensor per image.

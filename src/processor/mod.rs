@@ -58,12 +58,6 @@ pub use image::{ImageInputs, ImageProcessor, RgbImage};
 pub use template::{ChatTemplate, Content, ContentPart, Conversation, Message};
 pub use video::{sample_frame_indices, FrameSampling, Video, VideoInputs, VideoProcessor};
 
-// Doc-hidden aliases: `decode` is `video_file`, `Sampling` is `FrameSampling`.
-#[doc(hidden)]
-pub use video_file as decode;
-#[doc(hidden)]
-pub type Sampling = FrameSampling;
-
 use crate::config::PruningConfig;
 
 /// Everything that can go wrong while preprocessing.
