@@ -267,9 +267,9 @@ pub async fn run(config_path: &Path, mut controls: mpsc::Receiver<Control>) -> R
     while let Ok(out) = answers_rx.try_recv() {
         on_output(&state, out);
     }
-    // The publisher's own ticker: it has nothing to finish.
-    stats_task.abort();
+    // The stats ticker ends when the publisher's shutdown begins.
     publisher.shutdown(Duration::from_secs(10)).await;
+    let _ = stats_task.await;
     let o = publisher.outbox_stats();
     let a = publisher.answer_counts();
     info!(

@@ -372,3 +372,33 @@ async fn alert_events_confirm_update_clear_cool_down_and_end_when_the_stream_goe
     assert_eq!((st.text().as_str(), st.retain), ("OFF", true));
     p.shutdown(T).await;
 }
+
+/// The stats ticker ends as soon as the publisher shuts down (nothing aborts it), not at its
+/// next tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_ticker_ends_with_the_publisher() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "");
+    let cfg = config(dir.path(), &broker.url(), "");
+    let (p, _c) = Publisher::start(&cfg, fast()).await.unwrap();
+    wait_link(&p, T, |l| l.connected).await;
+    let ticker = p.stats_every(Duration::from_secs(30), || StatsPayload {
+        v: 1,
+        uptime_s: 1.0,
+        streams: Default::default(),
+        inference: Default::default(),
+        outbox: Default::default(),
+        answers: None,
+        events: None,
+        timestamp: now_rfc3339(),
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!ticker.is_finished());
+    let t0 = std::time::Instant::now();
+    p.shutdown(T).await;
+    tokio::time::timeout(Duration::from_secs(2), ticker)
+        .await
+        .expect("the ticker ended at shutdown")
+        .expect("not aborted");
+    assert!(t0.elapsed() < Duration::from_secs(5));
+}

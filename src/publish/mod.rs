@@ -138,6 +138,8 @@ struct Shared {
     /// Woken after every event the loop handles (acks, disconnects: what empties the outbox),
     /// for `shutdown` to wait on instead of polling.
     progressed: tokio::sync::Notify,
+    /// Set when `shutdown` begins: the stats ticker ends on it.
+    stop: watch::Sender<bool>,
     /// One log line and one `errors` message per burst of the same problem.
     reports: Mutex<throttle::Throttle>,
     /// `set` messages refused (bad payload, unknown stream or prompt) since start.
@@ -358,6 +360,7 @@ impl Publisher {
             topics,
             beat: Heartbeat { base: Instant::now(), busy_since: AtomicU64::new(0) },
             progressed: tokio::sync::Notify::new(),
+            stop: watch::channel(false).0,
             reports: Mutex::new(throttle::Throttle::new(REPORT_PERIOD)),
             commands_rejected: AtomicU64::new(0),
             events: Mutex::default(),
@@ -454,21 +457,23 @@ impl Publisher {
     }
 
     /// Publish `collect()` on `<prefix>/stats` every `every` (the daemon uses 60 s), the first
-    /// time after one period, until the publisher shuts down or the task is aborted.
+    /// time after one period. The task ends when [`Publisher::shutdown`] begins.
     pub fn stats_every(
         &self,
         every: Duration,
         mut collect: impl FnMut() -> StatsPayload + Send + 'static,
     ) -> JoinHandle<()> {
         let shared = self.shared.clone();
+        let mut stop = self.shared.stop.subscribe();
         tokio::spawn(async move {
             let start = tokio::time::Instant::now() + every;
             let mut tick = tokio::time::interval_at(start, every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tick.tick().await;
-                if shared.lock().stopping {
-                    return;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    // The watch's `Ref` is dropped with the branch, before any await.
+                    _ = stop.wait_for(|&s| s) => return,
                 }
                 shared.stats(collect());
             }
@@ -562,6 +567,7 @@ impl Publisher {
     /// Clean shutdown: publish `stopped`, give queued messages up to `timeout` to go out, then
     /// disconnect (so the broker does not send the `offline` will). Later calls do nothing.
     pub async fn shutdown(&self, timeout: Duration) {
+        self.shared.stop.send_replace(true);
         let Some(mut task) = lock(&self.task).take() else { return };
         self.shared.enqueue(Msg {
             topic: self.shared.topics.available(),
