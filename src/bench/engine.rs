@@ -157,7 +157,7 @@ pub fn run(o: &BenchOptions) -> Result<Vec<BenchRow>, BenchError> {
         let mut off_tokens = Vec::new();
         for w in &windows {
             for p in &prompts {
-                let r = runner.run_alone(&w.stream, w, o.fps, p).map_err(BenchError::Run)?;
+                let r = runner.run_alone(&w.stream, w, o.fps, p).map_err(|e| BenchError::Run(e.to_string()))?;
                 off_tokens.push(((w.stream.clone(), w.seq, p.name.clone()), r.tokens));
             }
         }

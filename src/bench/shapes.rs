@@ -441,11 +441,11 @@ fn measure(
     let runner = load_runner(&cfg)?;
     let load_s = t0.elapsed().as_secs_f64();
     progress("warming up (first GPU use compiles kernels)");
-    runner.run_alone("cam0", &first, w.fps, &prompt0).map_err(BenchError::Run)?;
+    runner.run_alone("cam0", &first, w.fps, &prompt0).map_err(|e| BenchError::Run(e.to_string()))?;
     let mut vision_runs = Vec::new();
     let (mut visual_tokens, mut grid) = (0, [0; 3]);
     for _ in 0..3 {
-        let (n, g, d) = runner.time_vision(&first, w.fps).map_err(BenchError::Run)?;
+        let (n, g, d) = runner.time_vision(&first, w.fps).map_err(|e| BenchError::Run(e.to_string()))?;
         (visual_tokens, grid) = (n, g);
         vision_runs.push(d.as_secs_f64());
     }
@@ -456,7 +456,7 @@ fn measure(
     progress(&format!("vision: {:.1} ms per window, {:.1} TFLOP/s", vision.ms, vision.tflop_per_s));
 
     let t0 = Instant::now();
-    let r = runner.run_alone("cam0", &first, w.fps, &prompt0).map_err(BenchError::Run)?;
+    let r = runner.run_alone("cam0", &first, w.fps, &prompt0).map_err(|e| BenchError::Run(e.to_string()))?;
     let total_s = t0.elapsed().as_secs_f64();
     let steps = r.generated_tokens.saturating_sub(1).max(1) as f64;
     let decode_s = r.decode.as_secs_f64();

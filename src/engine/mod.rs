@@ -38,6 +38,7 @@ use crate::processor::Processor;
 use crate::window::Window;
 pub use queue::DropReason;
 use queue::{JobQueue, QueuedJob};
+pub use runner::RunError;
 use runner::{PreparedBatch, Preparer, RunOptions, RunStats, Runner, WindowWork};
 
 /// Why the engine could not start or take a job.
@@ -123,7 +124,7 @@ pub enum JobOutput {
         stream: String,
         window_seq: u64,
         prompt: String,
-        error: String,
+        error: Arc<RunError>,
     },
 }
 
@@ -703,7 +704,7 @@ fn prep_loop(sh: &Arc<Shared>, mut prep: Preparer, tx: std::sync::mpsc::SyncSend
         let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| prep.prepare_batch(&work)))
             .unwrap_or_else(|_| {
                 tracing::error!("the engine panicked while preprocessing a batch; its prompts fail");
-                PreparedBatch::failed(work.len(), "engine panic")
+                PreparedBatch::failed(work.len(), RunError::Panicked)
             });
         // Blocks until the model thread takes it (no polling while the model computes).
         sh.prep_waiting.store(true, Ordering::Relaxed);
@@ -728,7 +729,10 @@ fn run_ready(sh: &Shared, runner: &mut Runner, ready: Ready) {
         Err(_) => {
             tracing::error!("the engine panicked while running a batch; its prompts fail");
             (
-                work.iter().map(|w| w.prompts.iter().map(|_| Err("engine panic".to_string())).collect()).collect(),
+                {
+                    let error = Arc::new(RunError::Panicked);
+                    work.iter().map(|w| w.prompts.iter().map(|_| Err(error.clone())).collect()).collect()
+                },
                 RunStats::default(),
             )
         }

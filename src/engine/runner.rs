@@ -38,7 +38,8 @@ use crate::model::{
 };
 use crate::processor::video::FrameRef;
 use crate::processor::{
-    py_format_1f, CallOptions, ContentPart, Message, PaddingSide, Processor, RgbImage, Video, VideoInputs,
+    py_format_1f, CallOptions, ContentPart, Message, PaddingSide, Processor, ProcessorError, RgbImage, Video,
+    VideoInputs,
 };
 use crate::window::Window;
 
@@ -100,8 +101,33 @@ pub struct WindowWork {
     pub queue: Duration,
 }
 
+/// Why a window's prompts could not be answered. Shared (`Arc`) by every prompt a failure
+/// touches: a batch that fails fails each of its prompts with the same error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The window or a prompt cannot be run as given (no frames, a bad fps, a template that
+    /// does not fit the video).
+    #[error("{0}")]
+    Input(String),
+    #[error(transparent)]
+    Processor(#[from] ProcessorError),
+    #[error(transparent)]
+    Tokenizer(#[from] tokenizers::Error),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+    #[error("engine shutting down")]
+    ShuttingDown,
+    #[error("engine panic")]
+    Panicked,
+    /// A broken invariant of the runner itself.
+    #[error("internal: {0}")]
+    Internal(&'static str),
+}
+
 /// One prompt's outcome: an answer or why it failed.
-pub type PromptOutcome = Result<PromptResult, String>;
+pub type PromptOutcome = Result<PromptResult, Arc<RunError>>;
 
 /// A window after preprocessing.
 struct Prepared {
@@ -181,19 +207,16 @@ pub struct Preparer {
 
 /// A batch after preprocessing: per window its prepared inputs or why it failed.
 pub struct PreparedBatch {
-    preps: Vec<Result<Prepared, String>>,
+    preps: Vec<Result<Prepared, Arc<RunError>>>,
     stats: RunStats,
 }
 
 impl PreparedBatch {
     /// A batch of `n` windows that all failed with `error`.
-    pub fn failed(n: usize, error: &str) -> PreparedBatch {
-        PreparedBatch { preps: (0..n).map(|_| Err(error.to_string())).collect(), stats: RunStats::default() }
+    pub fn failed(n: usize, error: RunError) -> PreparedBatch {
+        let error = Arc::new(error);
+        PreparedBatch { preps: (0..n).map(|_| Err(error.clone())).collect(), stats: RunStats::default() }
     }
-}
-
-fn perr(e: impl std::fmt::Display) -> String {
-    e.to_string()
 }
 
 impl Runner {
@@ -269,35 +292,40 @@ impl Runner {
     }
 
     /// The chat-template text of one (window, prompt) request: the video, then the question.
-    pub fn render(&self, question: &str) -> Result<String, String> {
+    pub fn render(&self, question: &str) -> Result<String, RunError> {
         self.prep.render(question)
     }
 
     /// The plain path: one (window, prompt) through the processor and `generate`, exactly as a
     /// single `vigil infer --frames ... --fps F --prompt Q` request. The reference the batched
     /// path must equal, and the "optimisations off" side of the bench.
-    pub fn run_alone(&self, stream: &str, window: &Window, fps: f64, prompt: &PromptConfig) -> PromptOutcome {
+    pub fn run_alone(
+        &self,
+        stream: &str,
+        window: &Window,
+        fps: f64,
+        prompt: &PromptConfig,
+    ) -> Result<PromptResult, RunError> {
         let t0 = Instant::now();
         let text = self.render(&prompt.text)?;
         let video = Preparer::video_of(window, fps)?;
-        let inputs = self.processor.call(&[text], &[], &[video], &self.prep.call_options()).map_err(perr)?;
+        let inputs = self.processor.call(&[text], &[], &[video], &self.prep.call_options())?;
         let dev = self.model.device();
         let ids = inputs.input_ids[0].clone();
         let n = ids.len();
         let v = &inputs.videos;
         let mm = MultimodalInputs {
             videos: Some(VisualInputs {
-                pixel_values: Tensor::from_vec(v.pixel_values_videos.clone(), (v.rows(), v.patch_dim), dev)
-                    .map_err(perr)?,
+                pixel_values: Tensor::from_vec(v.pixel_values_videos.clone(), (v.rows(), v.patch_dim), dev)?,
                 grid_thw: v.video_grid_thw.clone(),
                 merge_sizes: v.video_merge_sizes.clone(),
             }),
             video_compression_mask: Some(v.video_compression_mask.clone()),
-            ..MultimodalInputs::text(Tensor::from_vec(ids, (1, n), dev).map_err(perr)?)
+            ..MultimodalInputs::text(Tensor::from_vec(ids, (1, n), dev)?)
         };
         let prep = t0.elapsed();
         let params = GenerationParams { max_new_tokens: self.max_new(prompt), ..self.params.clone() };
-        let out = self.model.generate(&mm, &params, &mut |_| {}).map_err(perr)?;
+        let out = self.model.generate(&mm, &params, &mut |_| {})?;
         let tokens = out.tokens[0].clone();
         let kept = v.video_compression_mask.iter().filter(|k| **k).count() as u32;
         self.result(
@@ -320,23 +348,23 @@ impl Runner {
     /// The vision tower and projector alone on one window (preprocessing excluded), for
     /// `vigil bench`: returns the merged visual tokens before pruning, the patch grid
     /// `[frames, h, w]` and the time taken.
-    pub fn time_vision(&self, window: &Window, fps: f64) -> Result<(usize, [usize; 3], Duration), String> {
+    pub fn time_vision(&self, window: &Window, fps: f64) -> Result<(usize, [usize; 3], Duration), RunError> {
         let text = self.render("")?;
         let video = Preparer::video_of(window, fps)?;
-        let v = self.processor.call(&[text], &[], &[video], &self.prep.call_options()).map_err(perr)?.videos;
+        let v = self.processor.call(&[text], &[], &[video], &self.prep.call_options())?.videos;
         let dev = self.model.device();
         let vi = VisualInputs {
-            pixel_values: Tensor::from_vec(v.pixel_values_videos.clone(), (v.rows(), v.patch_dim), dev)
-                .map_err(perr)?,
+            pixel_values: Tensor::from_vec(v.pixel_values_videos.clone(), (v.rows(), v.patch_dim), dev)?,
             grid_thw: v.video_grid_thw.clone(),
             merge_sizes: v.video_merge_sizes.clone(),
         };
-        dev.synchronize().map_err(perr)?;
+        dev.synchronize()?;
         let t0 = Instant::now();
-        let feats = self.model.model.get_video_features(&vi).map_err(perr)?;
-        dev.synchronize().map_err(perr)?;
+        let feats = self.model.model.get_video_features(&vi)?;
+        dev.synchronize()?;
         let took = t0.elapsed();
-        let grid = v.video_grid_thw.first().copied().ok_or("the processor returned no video grid")?;
+        let grid =
+            v.video_grid_thw.first().copied().ok_or(RunError::Input("the processor returned no video grid".into()))?;
         Ok((feats.iter().map(|f| f.dim(0).unwrap_or(0)).sum(), grid, took))
     }
 
@@ -351,8 +379,8 @@ impl Runner {
         visual_total: u32,
         visual_kept: u32,
         [queue, vision, prefill, decode]: [Duration; 4],
-    ) -> PromptOutcome {
-        let text = self.processor.decode(tokens, true).map_err(perr)?.trim().to_string();
+    ) -> Result<PromptResult, RunError> {
+        let text = self.processor.decode(tokens, true)?.trim().to_string();
         let parsed = super::answer::parse_answer(prompt.kind, &text);
         Ok(PromptResult {
             stream: stream.to_string(),
@@ -377,7 +405,7 @@ impl Runner {
 
     /// Projected video features `[tokens, hidden]` per prepared window (pre-pruning), one
     /// vision-tower call per distinct frame size for the frames not in the cache.
-    fn vision(&mut self, preps: &[Option<Prepared>], stats: &mut RunStats) -> Result<Vec<Option<Tensor>>, String> {
+    fn vision(&mut self, preps: &[Option<Prepared>], stats: &mut RunStats) -> Result<Vec<Option<Tensor>>, RunError> {
         let use_cache = self.options.feature_cache && self.cache.capacity() > 0;
         if !use_cache {
             // The plain path: each window's video through the tower as one item.
@@ -387,11 +415,11 @@ impl Runner {
                     let Some(p) = p else { return Ok(None) };
                     stats.frames_encoded += p.grid[0] as u64;
                     let vi = VisualInputs {
-                        pixel_values: self.pixel_norm.upload(p.pixels.clone(), p.patch_dim).map_err(perr)?,
+                        pixel_values: self.pixel_norm.upload(p.pixels.clone(), p.patch_dim)?,
                         grid_thw: vec![p.grid],
                         merge_sizes: vec![p.merge],
                     };
-                    let mut f = self.model.model.get_video_features(&vi).map_err(perr)?;
+                    let mut f = self.model.model.get_video_features(&vi)?;
                     Ok(Some(f.remove(0)))
                 })
                 .collect();
@@ -409,7 +437,7 @@ impl Runner {
             let t = p.grid[0];
             let mut ks = Vec::with_capacity(t);
             for f in 0..t {
-                let key = *p.frame_keys.get(f).ok_or("internal: a frame without its key")?;
+                let key = *p.frame_keys.get(f).ok_or(RunError::Internal("a frame without its key"))?;
                 if found.contains_key(&key) || missing.iter().any(|m| m.0 == key) {
                     stats.vision_cache_hits += 1;
                 } else if let Some(feat) = self.cache.get(&key) {
@@ -445,15 +473,15 @@ impl Runner {
             }
             stats.frames_encoded += frames.len() as u64;
             let vi = VisualInputs {
-                pixel_values: self.pixel_norm.upload(pixels, pd).map_err(perr)?,
+                pixel_values: self.pixel_norm.upload(pixels, pd)?,
                 grid_thw: vec![[frames.len(), gh, gw]],
                 merge_sizes: vec![merge],
             };
-            let feats = self.model.model.get_video_features(&vi).map_err(perr)?.remove(0);
+            let feats = self.model.model.get_video_features(&vi)?.remove(0);
             let tok = gh * gw / (merge * merge);
             for (i, &(key, _, _)) in frames.iter().enumerate() {
                 // A copy, so a cached frame does not pin the whole batch's feature tensor.
-                let one = feats.narrow(0, i * tok, tok).map_err(perr)?.copy().map_err(perr)?;
+                let one = feats.narrow(0, i * tok, tok)?.copy()?;
                 self.cache.insert(key, one.clone());
                 found.insert(key, one);
             }
@@ -509,7 +537,7 @@ impl Runner {
         let feats = match self.vision(&preps, &mut stats) {
             Ok(f) => f,
             Err(e) => {
-                return (fill(out, &e), stats);
+                return (fill(out, &Arc::new(e)), stats);
             }
         };
         // Kernels run asynchronously on a GPU: wait, so the stage times are the stages'.
@@ -522,9 +550,9 @@ impl Runner {
                 for (j, p, r) in results {
                     out[j][p] = Some(r);
                 }
-                (fill(out, "internal: no result"), stats)
+                (fill(out, &Arc::new(RunError::Internal("no result"))), stats)
             }
-            Err(e) => (fill(out, &e), stats),
+            Err(e) => (fill(out, &Arc::new(e)), stats),
         }
     }
 
@@ -538,7 +566,7 @@ impl Runner {
         alive: &dyn Fn(),
         abort: &AtomicBool,
         stats: &mut RunStats,
-    ) -> Result<Vec<(usize, usize, PromptOutcome)>, String> {
+    ) -> Result<Vec<(usize, usize, PromptOutcome)>, RunError> {
         let (groups, row_group, of) = self.group(preps, stats);
         if of.is_empty() {
             return Ok(Vec::new());
@@ -560,8 +588,8 @@ impl Runner {
         };
         match self.model.decode_rows(&self.decoding, &mut rows, logits, &mut cache, &mut |_| {}, &mut step) {
             Ok(()) => {}
-            Err(ModelError::Interrupted) => return Err("engine shutting down".into()),
-            Err(e) => return Err(e.to_string()),
+            Err(ModelError::Interrupted) => return Err(RunError::ShuttingDown),
+            Err(e) => return Err(e.into()),
         }
         stats.decode = t_decode.elapsed();
         let mut results = Vec::with_capacity(rows.len());
@@ -578,7 +606,7 @@ impl Runner {
                 p.visual_kept,
                 [work[o.job].queue, vision, prefill, r.decode],
             );
-            results.push((o.job, o.prompt, res));
+            results.push((o.job, o.prompt, res.map_err(Arc::new)));
         }
         Ok(results)
     }
@@ -629,7 +657,7 @@ impl Runner {
         groups: &[Group],
         preps: &[Option<Prepared>],
         feats: &[Option<Tensor>],
-    ) -> Result<KvCache, String> {
+    ) -> Result<KvCache, RunError> {
         let dev = self.model.device().clone();
         let pad_id = self.decoding.pad;
         let lp = groups.iter().map(|g| g.ids.len()).max().unwrap_or(0);
@@ -643,21 +671,21 @@ impl Runner {
             ids.extend_from_slice(&g.ids);
             mask.extend(std::iter::repeat_n(0f32, pad));
             mask.extend(std::iter::repeat_n(1f32, g.ids.len()));
-            embeds.push(feats[g.job].clone().ok_or("internal: no features")?);
-            keep.extend_from_slice(&preps[g.job].as_ref().ok_or("internal: no prep")?.keep);
+            embeds.push(feats[g.job].clone().ok_or(RunError::Internal("no features"))?);
+            keep.extend_from_slice(&preps[g.job].as_ref().ok_or(RunError::Internal("no prep"))?.keep);
         }
         let ng = groups.len();
-        let mask_t = Tensor::from_vec(mask, (ng, lp), &dev).map_err(perr)?;
+        let mask_t = Tensor::from_vec(mask, (ng, lp), &dev)?;
         let mm = MultimodalInputs {
             attention_mask: Some(mask_t.clone()),
-            video_embeds: Some(Tensor::cat(&embeds, 0).map_err(perr)?),
+            video_embeds: Some(Tensor::cat(&embeds, 0)?),
             video_compression_mask: Some(keep),
-            ..MultimodalInputs::text(Tensor::from_vec(ids, (ng, lp), &dev).map_err(perr)?)
+            ..MultimodalInputs::text(Tensor::from_vec(ids, (ng, lp), &dev)?)
         };
-        let stitched = self.model.model.input_embeddings(&mm).map_err(perr)?;
+        let stitched = self.model.model.input_embeddings(&mm)?;
         // Only forked, never appended to: no room reserved.
         let mut cache = KvCache::with_headroom(0);
-        self.model.model.forward_embeds(&stitched, Some(&mask_t), &mut cache).map_err(perr)?;
+        self.model.model.forward_embeds(&stitched, Some(&mask_t), &mut cache)?;
         Ok(cache)
     }
 
@@ -671,7 +699,7 @@ impl Runner {
         row_group: &[usize],
         of: Vec<RowOf>,
         stats: &mut RunStats,
-    ) -> Result<Prefilled, String> {
+    ) -> Result<Prefilled, RunError> {
         let dev = self.model.device().clone();
         let nr = of.len();
         let suffix_of = |o: &RowOf| {
@@ -681,7 +709,7 @@ impl Runner {
         let ls = of.iter().map(|o| suffix_of(o).0.len()).max().unwrap_or(1);
         // Each fork has room for exactly its suffix and the tokens it may decode.
         let decode = of.iter().map(|o| self.max_new(&work[o.job].prompts[o.prompt])).max().unwrap_or(0);
-        let mut cache = prefix_cache.select_rows_reserving(row_group, ls + decode).map_err(perr)?;
+        let mut cache = prefix_cache.select_rows_reserving(row_group, ls + decode)?;
         stats.kv_cache_bytes = stats.kv_cache_bytes.max((prefix_cache.bytes() + cache.bytes()) as u64);
         drop(prefix_cache);
         let (mut sids, mut smask, mut spos) = (Vec::new(), Vec::new(), Vec::new());
@@ -696,17 +724,15 @@ impl Runner {
             spos.extend(std::iter::repeat_n(0i64, pad));
             spos.extend((0..suf.len()).map(|i| (start + i) as i64));
         }
-        let sids = Tensor::from_vec(sids, (nr, ls), &dev).map_err(perr)?;
+        let sids = Tensor::from_vec(sids, (nr, ls), &dev)?;
         let lm = self.model.model.language_model();
-        let emb = lm.embed(&sids).map_err(perr)?;
-        let smask = Tensor::from_vec(smask, (nr, ls), &dev).map_err(perr)?;
-        let spos = Tensor::from_vec(spos, (nr, ls), &dev).map_err(perr)?;
+        let emb = lm.embed(&sids)?;
+        let smask = Tensor::from_vec(smask, (nr, ls), &dev)?;
+        let spos = Tensor::from_vec(spos, (nr, ls), &dev)?;
         let hidden = lm
-            .forward(&DecoderInputs { inputs_embeds: &emb, position_ids: &spos, attention_mask: &smask }, &mut cache)
-            .map_err(perr)?;
+            .forward(&DecoderInputs { inputs_embeds: &emb, position_ids: &spos, attention_mask: &smask }, &mut cache)?;
         stats.kv_cache_bytes = stats.kv_cache_bytes.max(cache.bytes() as u64);
-        let logits =
-            self.model.lm_head(&hidden.narrow(1, ls - 1, 1).map_err(perr)?).map_err(perr)?.squeeze(1).map_err(perr)?;
+        let logits = self.model.lm_head(&hidden.narrow(1, ls - 1, 1)?)?.squeeze(1)?;
         let rows = of
             .iter()
             .map(|o| {
@@ -723,28 +749,27 @@ impl Preparer {
     pub fn prepare_batch(&mut self, work: &[WindowWork]) -> PreparedBatch {
         let mut stats = RunStats::default();
         let t0 = Instant::now();
-        let preps = work.iter().map(|w| self.prepare(w, &mut stats)).collect();
+        let preps = work.iter().map(|w| self.prepare(w, &mut stats).map_err(Arc::new)).collect();
         stats.preprocess = t0.elapsed();
         PreparedBatch { preps, stats }
     }
 
-    fn video_of(window: &Window, fps: f64) -> Result<Video, String> {
+    fn video_of(window: &Window, fps: f64) -> Result<Video, RunError> {
         if window.frames.is_empty() {
-            return Err(format!("window {} of {} has no frames", window.seq, window.stream));
+            return Err(RunError::Input(format!("window {} of {} has no frames", window.seq, window.stream)));
         }
         let frames = window
             .frames
             .iter()
             .map(|f| RgbImage::new(f.width as usize, f.height as usize, f.data.clone()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(perr)?;
-        Video::from_frames(frames, Some(fps)).map_err(perr)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Video::from_frames(frames, Some(fps))?)
     }
 
     /// The chat-template text of one (window, prompt) request: the video, then the question.
-    pub fn render(&self, question: &str) -> Result<String, String> {
+    pub fn render(&self, question: &str) -> Result<String, RunError> {
         let conv = vec![Message::user(vec![ContentPart::Video, ContentPart::Text { text: question.to_string() }])];
-        let mut r = self.processor.apply_chat_template(&[conv], true).map_err(perr)?;
+        let mut r = self.processor.apply_chat_template(&[conv], true)?;
         Ok(r.remove(0))
     }
 
@@ -754,17 +779,17 @@ impl Preparer {
 
     /// Processor work for one window: the video's patches and mask, the tokenized head and each
     /// prompt's full ids with where its suffix starts.
-    fn prepare(&mut self, work: &WindowWork, stats: &mut RunStats) -> Result<Prepared, String> {
+    fn prepare(&mut self, work: &WindowWork, stats: &mut RunStats) -> Result<Prepared, RunError> {
         let vtok = self.processor.files.video_token.clone();
         let itok = self.processor.files.image_token.clone();
         let mut heads = Vec::with_capacity(work.prompts.len());
         for p in &work.prompts {
             let text = self.render(&p.text)?;
             if text.matches(&vtok).count() != 1 || text.contains(&itok) {
-                return Err(format!(
+                return Err(RunError::Input(format!(
                     "prompt {:?}: the rendered conversation must hold exactly one {vtok} and no {itok} (does the question contain a placeholder?)",
                     p.name
-                ));
+                )));
             }
             let cut = text.find(&vtok).unwrap_or(0) + vtok.len();
             let (head, tail) = text.split_at(cut);
@@ -772,7 +797,7 @@ impl Preparer {
         }
         let video = || Self::video_of(&work.window, work.fps);
         let opts = self.call_options();
-        let first = heads.first().ok_or("a job without prompts")?.0.clone();
+        let first = heads.first().ok_or(RunError::Input("a job without prompts".into()))?.0.clone();
         let first = &first;
         let (v, pixels, frame_keys) = self.video_rows(&work.window, work.fps, stats)?;
         // The processor's placeholder expansion (`replace_video_token`) of the head.
@@ -786,10 +811,9 @@ impl Preparer {
             })
             .collect();
         let expanded_head = first.replacen(&vtok, &repl.join(","), 1);
-        let prefix_ids =
-            self.processor.tokenizer.encode(expanded_head.as_str(), true).map_err(perr)?.get_ids().to_vec();
-        let encode = |s: &str| -> Result<Vec<u32>, String> {
-            Ok(self.processor.tokenizer.encode(s, true).map_err(perr)?.get_ids().to_vec())
+        let prefix_ids = self.processor.tokenizer.encode(expanded_head.as_str(), true)?.get_ids().to_vec();
+        let encode = |s: &str| -> Result<Vec<u32>, RunError> {
+            Ok(self.processor.tokenizer.encode(s, true)?.get_ids().to_vec())
         };
         let (vid, iid) = (self.processor.video_token_id, self.processor.image_token_id);
         let mut rows = Vec::with_capacity(heads.len());
@@ -798,11 +822,11 @@ impl Preparer {
                 encode(&format!("{expanded_head}{tail}"))?
             } else {
                 // The template put something prompt-specific before the video: its own expansion.
-                let own = self.processor.call(&[format!("{head}{tail}")], &[], &[video()?], &opts).map_err(perr)?;
+                let own = self.processor.call(&[format!("{head}{tail}")], &[], &[video()?], &opts)?;
                 own.input_ids[0].clone()
             };
             if full_ids.len() < 2 {
-                return Err("the rendered prompt is too short".into());
+                return Err(RunError::Input("the rendered prompt is too short".into()));
             }
             // Sharing is exact only if the prompt's own ids start with the shared head's ids
             // (no BPE merge across the boundary) and the suffix holds no visual placeholder.
@@ -820,13 +844,13 @@ impl Preparer {
                 }
                 let split = full_ids.len() - 1;
                 if full_ids[split..].iter().any(|&t| t == vid || t == iid) {
-                    return Err("the rendered prompt ends with a visual placeholder".into());
+                    return Err(RunError::Input("the rendered prompt ends with a visual placeholder".into()));
                 }
                 rows.push(PreparedPrompt { full_ids, split, shared: false });
             }
         }
         if v.video_grid_thw.len() != 1 {
-            return Err("expected one video".into());
+            return Err(RunError::Input("expected one video".into()));
         }
         let kept = v.video_compression_mask.iter().filter(|k| **k).count() as u32;
         Ok(Prepared {
@@ -853,9 +877,9 @@ impl Preparer {
         window: &Window,
         fps: f64,
         stats: &mut RunStats,
-    ) -> Result<(VideoInputs, Vec<u8>, Vec<FrameKey>), String> {
+    ) -> Result<(VideoInputs, Vec<u8>, Vec<FrameKey>), RunError> {
         if !(fps.is_finite() && fps > 0.0) {
-            return Err(format!("video fps must be a positive number, got {fps}"));
+            return Err(RunError::Input(format!("video fps must be a positive number, got {fps}")));
         }
         let frames: Vec<FrameRef> = window
             .frames
@@ -863,28 +887,26 @@ impl Preparer {
             .map(|f| FrameRef { width: f.width as usize, height: f.height as usize, data: &f.data })
             .collect();
         let vp = &self.processor.video_processor;
-        let size = vp.clip_size(0, &frames).map_err(perr)?;
+        let size = vp.clip_size(0, &frames)?;
         let use_cache = self.options.feature_cache && self.pixel_cache.capacity() > 0;
         let mut keys = Vec::with_capacity(frames.len());
         let cache = &mut self.pixel_cache;
         let planes = |f: FrameRef, s| vp.resized_planes(f, s);
-        let rows = vp
-            .clip_rows(&frames, size, &planes, &mut |f, (h, w)| {
-                let key = FrameKey::of_rgb(f.data, f.width, f.height, h, w);
-                keys.push(key);
-                if !use_cache {
-                    return Ok(Arc::new(vp.frame_rows(planes(f, (h, w)), (h, w))?));
-                }
-                if let Some(rows) = cache.get(&key) {
-                    stats.pixel_cache_hits += 1;
-                    return Ok(rows);
-                }
-                stats.pixel_cache_misses += 1;
-                let rows = Arc::new(vp.frame_rows(planes(f, (h, w)), (h, w))?);
-                cache.insert(key, rows.clone());
-                Ok(rows)
-            })
-            .map_err(perr)?;
+        let rows = vp.clip_rows(&frames, size, &planes, &mut |f, (h, w)| {
+            let key = FrameKey::of_rgb(f.data, f.width, f.height, h, w);
+            keys.push(key);
+            if !use_cache {
+                return Ok(Arc::new(vp.frame_rows(planes(f, (h, w)), (h, w))?));
+            }
+            if let Some(rows) = cache.get(&key) {
+                stats.pixel_cache_hits += 1;
+                return Ok(rows);
+            }
+            stats.pixel_cache_misses += 1;
+            let rows = Arc::new(vp.frame_rows(planes(f, (h, w)), (h, w))?);
+            cache.insert(key, rows.clone());
+            Ok(rows)
+        })?;
         let c = &vp.config.base;
         let norm = c.norm();
         let tables = [norm.table(0), norm.table(1), norm.table(2)];
@@ -904,6 +926,6 @@ impl Preparer {
     }
 }
 
-fn fill(out: Vec<Vec<Option<PromptOutcome>>>, err: &str) -> Vec<Vec<PromptOutcome>> {
-    out.into_iter().map(|v| v.into_iter().map(|o| o.unwrap_or_else(|| Err(err.to_string()))).collect()).collect()
+fn fill(out: Vec<Vec<Option<PromptOutcome>>>, err: &Arc<RunError>) -> Vec<Vec<PromptOutcome>> {
+    out.into_iter().map(|v| v.into_iter().map(|o| o.unwrap_or_else(|| Err(err.clone()))).collect()).collect()
 }
