@@ -6,9 +6,10 @@ mod engine_util;
 use std::time::{Duration, Instant};
 
 use engine_util::*;
+use vigil::engine::queue::DropReason;
 use vigil::engine::{Engine, EngineError, JobOutput, RunError};
 
-fn outputs_per_job(outs: &[JobOutput]) -> (usize, usize, Vec<String>) {
+fn outputs_per_job(outs: &[JobOutput]) -> (usize, usize, Vec<DropReason>) {
     let (mut answered, mut dropped, mut reasons) = (0, 0, Vec::new());
     for o in outs {
         match o {
@@ -16,7 +17,7 @@ fn outputs_per_job(outs: &[JobOutput]) -> (usize, usize, Vec<String>) {
             JobOutput::Dropped { reason, prompts, .. } => {
                 assert_eq!(prompts.len(), 1);
                 dropped += 1;
-                reasons.push(reason.clone());
+                reasons.push(*reason);
             }
             JobOutput::Failed { error, .. } => panic!("unexpected failure: {error}"),
         }
@@ -43,7 +44,7 @@ fn stale_jobs_are_dropped_by_age_and_fresh_ones_answered() {
     let stale = collect(&mut rx, 10);
     let (answered, dropped, reasons) = outputs_per_job(&stale);
     assert_eq!((answered, dropped), (0, 10));
-    assert!(reasons.iter().all(|r| r == "too_old"), "{reasons:?}");
+    assert!(reasons.iter().all(|r| *r == DropReason::TooOld), "{reasons:?}");
     let fresh = answers(collect(&mut qrx, 2));
     assert!(fresh.iter().all(|r| r.stream == "b"));
     let c = engine.counters();
@@ -90,7 +91,7 @@ fn a_flood_stays_bounded_and_another_stream_still_completes() {
     let (answered, dropped, reasons) = outputs_per_job(&outs);
     assert_eq!(answered + dropped, flood as usize);
     assert!(dropped > 0 && answered > 0, "answered {answered}, dropped {dropped}");
-    assert!(reasons.iter().all(|r| r == "queue_full"));
+    assert!(reasons.iter().all(|r| *r == DropReason::QueueFull));
     let c = engine.counters();
     assert_eq!(c.jobs_dropped.get("queue_full").copied().unwrap_or(0), dropped as u64);
     assert_eq!(c.jobs_queued, flood + quiet);
@@ -113,7 +114,7 @@ fn forgetting_a_stream_drops_its_queued_jobs() {
     let outs = collect(&mut rx, 20);
     let (answered, dropped, reasons) = outputs_per_job(&outs);
     assert_eq!(answered + dropped, 20);
-    assert!(reasons.iter().all(|r| r == "stream_removed"));
+    assert!(reasons.iter().all(|r| *r == DropReason::StreamRemoved));
     assert_eq!(engine.counters().jobs_dropped.get("stream_removed").copied().unwrap_or(0), dropped as u64);
     assert!(engine.shutdown(Duration::from_secs(10)));
 }
@@ -198,7 +199,7 @@ fn shutdown_past_its_deadline_cuts_work_short_but_answers_every_prompt() {
     while heard < 16 {
         match rx.try_recv() {
             Ok(JobOutput::Dropped { reason, prompts, .. }) => {
-                assert_eq!(reason, "shutdown");
+                assert_eq!(reason, DropReason::Shutdown);
                 heard += prompts.len();
             }
             Ok(JobOutput::Failed { error, .. }) => {

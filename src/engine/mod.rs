@@ -118,7 +118,7 @@ pub enum JobOutput {
         stream: String,
         window_seq: u64,
         prompts: Vec<String>,
-        reason: String,
+        reason: DropReason,
     },
     Failed {
         stream: String,
@@ -348,7 +348,7 @@ fn drop_job(job: &Job, reason: DropReason) {
         stream: job.stream.clone(),
         window_seq: job.window.seq,
         prompts: job.prompts.iter().map(|p| p.name.clone()).collect(),
-        reason: reason.to_string(),
+        reason,
     });
 }
 

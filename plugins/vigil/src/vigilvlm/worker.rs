@@ -263,7 +263,7 @@ fn deliver(shared: &Shared, engine: &SharedEngine, out: &Outlet, inflight: &mut 
         }
         JobOutput::Dropped { window_seq, prompts, reason, .. } => {
             shared.counters.windows_dropped.fetch_add(1, Ordering::Relaxed);
-            post_dropped(out, window_seq, &reason);
+            post_dropped(out, window_seq, reason.as_str());
             (window_seq, prompts.len())
         }
         JobOutput::Failed { window_seq, prompt, error, .. } => {
