@@ -78,16 +78,7 @@ async fn broker_restart_keeps_order_up_to_capacity_and_counts_drops() {
 
     // The drop counter also reaches subscribers through the stats payload.
     let mut stats_sub = Sub::connect(broker.port, "sub-stats", &["vt/stats"], false).await;
-    p.stats(StatsPayload {
-        v: 1,
-        uptime_s: 1.0,
-        streams: Default::default(),
-        inference: Default::default(),
-        outbox: Default::default(),
-        answers: None,
-        events: None,
-        timestamp: now_rfc3339(),
-    });
+    p.stats(empty_stats(1.0));
     let g = stats_sub.next_on("vt/stats", T).await.unwrap();
     assert_eq!(g.json()["outbox"]["dropped"], 10);
     p.shutdown(T).await;

@@ -245,16 +245,7 @@ async fn qos_0_1_2_deliver_in_order_and_stats_tick() {
             assert!(std::time::Instant::now() < deadline, "qos {qos}: outbox never emptied: {:?}", p.outbox_stats());
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let ticker = p.stats_every(Duration::from_millis(150), || StatsPayload {
-            v: 1,
-            uptime_s: 2.0,
-            streams: Default::default(),
-            inference: Default::default(),
-            outbox: Default::default(),
-            answers: None,
-            events: None,
-            timestamp: now_rfc3339(),
-        });
+        let ticker = p.stats_every(Duration::from_millis(150), || empty_stats(2.0));
         for _ in 0..2 {
             let g = sub.next_on("vt/stats", T).await.expect("periodic stats");
             common::schema::assert_valid(&load("stats.v1.schema.json"), &g.json());
@@ -382,16 +373,7 @@ async fn stats_ticker_ends_with_the_publisher() {
     let cfg = config(dir.path(), &broker.url(), "");
     let (p, _c) = Publisher::start(&cfg, fast()).await.unwrap();
     wait_link(&p, T, |l| l.connected).await;
-    let ticker = p.stats_every(Duration::from_secs(30), || StatsPayload {
-        v: 1,
-        uptime_s: 1.0,
-        streams: Default::default(),
-        inference: Default::default(),
-        outbox: Default::default(),
-        answers: None,
-        events: None,
-        timestamp: now_rfc3339(),
-    });
+    let ticker = p.stats_every(Duration::from_secs(30), || empty_stats(1.0));
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(!ticker.is_finished());
     let t0 = std::time::Instant::now();

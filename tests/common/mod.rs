@@ -336,3 +336,17 @@ pub async fn wait_link(p: &Publisher, t: Duration, pred: impl Fn(&LinkState) -> 
         _ => panic!("link state not reached within {t:?}; now {:?}", *p.link().borrow()),
     }
 }
+
+/// A stats payload with no streams and an empty outbox, `uptime_s` seconds in.
+pub fn empty_stats(uptime_s: f64) -> StatsPayload {
+    StatsPayload {
+        v: 1,
+        uptime_s,
+        streams: Default::default(),
+        inference: Default::default(),
+        outbox: Default::default(),
+        answers: None,
+        events: None,
+        timestamp: now_rfc3339(),
+    }
+}
