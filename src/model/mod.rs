@@ -58,6 +58,7 @@
 mod activation;
 mod attention;
 pub mod config;
+pub mod fused;
 pub mod generation;
 mod inputs;
 pub mod load;
