@@ -111,6 +111,8 @@ impl Policy {
 
 static POLICY: LazyLock<RwLock<Policy>> = LazyLock::new(|| RwLock::new(Policy::default()));
 static FAILURES: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+/// The last self-check verdict per kernel (`None`: not checked).
+static LAST: RwLock<[Option<bool>; 3]> = RwLock::new([None; 3]);
 
 fn policy() -> std::sync::RwLockReadGuard<'static, Policy> {
     POLICY.read().unwrap_or_else(|e| e.into_inner())
@@ -128,7 +130,7 @@ fn corrupt_from_env() -> Vec<Kernel> {
 
 /// Set the process's attention mode and, where it wants the kernels on `device`, self-check
 /// them in `dtype` at `shapes` (the loaded model's head counts and dims). Failures are logged,
-/// counted ([`selfcheck_failures`]) and leave that kernel on the reference path. Returns the
+/// counted ([`status`]) and leave that kernel on the reference path. Returns the
 /// checks run (none under `reference`, or `auto` off a GPU).
 pub fn configure(mode: AttentionMode, device: &Device, dtype: DType, shapes: &CheckShapes) -> Vec<CheckResult> {
     let results = if Policy::wants_fused(mode, device) {
@@ -137,9 +139,11 @@ pub fn configure(mode: AttentionMode, device: &Device, dtype: DType, shapes: &Ch
         Vec::new()
     };
     let mut p = POLICY.write().unwrap_or_else(|e| e.into_inner());
+    let mut last = LAST.write().unwrap_or_else(|e| e.into_inner());
     p.mode = mode;
     for r in &results {
         p.record(device, dtype, r.kernel, r.passed);
+        last[r.kernel.index()] = Some(r.passed);
         if r.passed {
             tracing::info!(kernel = %r.kernel, dtype = r.dtype_name(), max_abs_diff = r.max_abs_diff, tolerance = r.tolerance,
                 "fused attention kernel verified");
@@ -153,9 +157,26 @@ pub fn configure(mode: AttentionMode, device: &Device, dtype: DType, shapes: &Ch
     results
 }
 
-/// Self-check failures per kernel since the process started (the metric).
-pub fn selfcheck_failures() -> Vec<(Kernel, u64)> {
-    Kernel::ALL.into_iter().map(|k| (k, FAILURES[k.index()].load(Ordering::Relaxed))).collect()
+/// A kernel's self-check record in this process (the metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelStatus {
+    pub kernel: Kernel,
+    /// The last self-check's verdict; `None` when it never ran.
+    pub verified: Option<bool>,
+    /// Self-checks it failed since the process started.
+    pub failures: u64,
+}
+
+pub fn status() -> Vec<KernelStatus> {
+    let last = LAST.read().unwrap_or_else(|e| e.into_inner());
+    Kernel::ALL
+        .into_iter()
+        .map(|k| KernelStatus {
+            kernel: k,
+            verified: last[k.index()],
+            failures: FAILURES[k.index()].load(Ordering::Relaxed),
+        })
+        .collect()
 }
 
 /// Whether calls of `kernel` on `device` in `dtype` at `head_dim` take the fused path now.
@@ -173,7 +194,9 @@ pub(crate) fn vision(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_c
     reference_vision(q, k, v, scale)
 }
 
-fn vision_fused(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+/// [`vision`] on the fused kernel, whatever the policy (benchmarks and tests).
+#[doc(hidden)]
+pub fn vision_fused(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
     let (f, n, h, d) = q.dims4()?;
     // The frames packed along the rows, read in place through a transposed view.
     let packed = |x: &Tensor| x.contiguous()?.reshape((1, f * n, h, d))?.transpose(1, 2);
@@ -183,7 +206,8 @@ fn vision_fused(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::
 }
 
 /// The reference path for [`vision`]: frames batched, whole frames per score-budget chunk.
-fn reference_vision(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
+#[doc(hidden)]
+pub fn reference_vision(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> candle_core::Result<Tensor> {
     let (f, n, h, d) = q.dims4()?;
     let q = q.transpose(1, 2)?.contiguous()?; // [f, h, n, d]
     let k = k.transpose(1, 2)?.contiguous()?;

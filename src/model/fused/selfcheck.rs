@@ -14,9 +14,12 @@
 //! of the values; the decoder never reads such rows (they are padding).
 //!
 //! **Tolerance** ([`tolerance`]): the largest absolute difference of any compared output element
-//! (outputs are averages of values in [-2, 2)). The reference rounds scores and probabilities
-//! to the model dtype where the kernels keep f32, so the bound is a few units of the dtype's
-//! rounding at the outputs' scale: a layout or masking error moves outputs by O(1).
+//! (outputs are averages of values in [-2, 2)): f32 1e-4, f16 5e-3, bf16 3e-2. The reference
+//! rounds scores and probabilities to the model dtype where the kernels keep f32; on these
+//! inputs the kernels' CPU twin differs from it by about 1e-6 (f32), 1.5e-3 (f16) and 1.2e-2
+//! (bf16), so each bound leaves 2.5× or more of margin, while a layout or masking error moves
+//! some output by O(1) (the cases include rows that see a single key). A bound too tight only
+//! costs speed: the kernel falls back to the reference.
 //!
 //! **On failure** (difference over tolerance, or the kernel failing to load or run): the kernel
 //! is not used ([`super::configure`]), a warning is logged and
@@ -88,8 +91,8 @@ impl CheckResult {
 pub fn tolerance(dtype: DType) -> f32 {
     match dtype {
         DType::F32 => 1e-4,
-        DType::F16 => 1e-2,
-        _ => 6e-2,
+        DType::F16 => 5e-3,
+        _ => 3e-2,
     }
 }
 
