@@ -262,7 +262,7 @@ mod tests {
         let rows: Vec<(usize, usize)> = (0..6).map(|r| p.unstack(1, r)).collect();
         assert_eq!(rows, [(0, 3), (0, 4), (0, 5), (1, 3), (1, 4), (1, 5)]);
         // Every (row, head) pair is owned exactly once across kv heads and stacked rows.
-        let mut seen = vec![0; 5 * 6];
+        let mut seen = [0; 5 * 6];
         for kvh in 0..2 {
             for r in 0..p.stacked_rows() {
                 let (i, h) = p.unstack(kvh, r);
