@@ -23,8 +23,8 @@ pub struct AttentionBenchOptions {
     pub device: Device,
     /// Default: bf16 on a GPU, f32 on the CPU.
     pub dtype: Option<DType>,
-    /// `reference` skips the fused timings; `auto` and `fused` self-check and time the kernels
-    /// that pass (on the CPU `auto` checks nothing: the twin is a test path, not a fast one).
+    /// `reference` skips the fused timings; `fused` self-checks and times the kernels that pass;
+    /// `auto` times only those it would use (on the CPU none: the twin is a test path).
     pub attention: AttentionMode,
     /// Small shapes (a CPU dry run).
     pub tiny: bool,
@@ -41,6 +41,8 @@ pub struct CheckRow {
     pub tolerance: f32,
     pub rows: usize,
     pub error: Option<String>,
+    /// Whether the mode uses the kernel after the check (`auto`: also not slower at load).
+    pub used: bool,
 }
 
 /// One workload's timings per layer.
@@ -216,6 +218,7 @@ pub fn run(o: &AttentionBenchOptions) -> Result<AttentionReport, BenchError> {
             tolerance: r.tolerance,
             rows: r.rows,
             error: r.error.clone(),
+            used: r.used,
         })
         .collect();
     let model = |e: candle_core::Error| BenchError::Model(e.into());

@@ -20,7 +20,8 @@
 //! tolerance is logged (`warn`), counted (`vigil_attention_selfcheck_failures_total{kernel}`)
 //! and not used: its calls take the reference path, so an unverified kernel never changes an
 //! answer. `[model] attention` / `--attention` choose: `auto` (default) uses the verified kernels
-//! on a GPU and the reference elsewhere, `fused` uses the verified kernels on any device (on the
+//! on a GPU where they are not slower than the reference (timed at load) and the reference
+//! elsewhere, `fused` uses the verified kernels on any device (on the
 //! CPU that is [`cpu`], the kernels' plain-Rust twin, for testing), `reference` never fuses.
 //!
 //! The choice is process-wide state ([`configure`]): the attention layers dispatch through
@@ -41,7 +42,7 @@ use candle_core::{DType, Device, DeviceLocation, Tensor};
 
 pub use crate::config::AttentionMode;
 pub use op::fused_attention;
-pub use selfcheck::{CheckResult, CheckShapes};
+pub use selfcheck::{CheckResult, CheckShapes, Speed};
 
 use super::attention::{attention, SCORE_BUDGET_BYTES};
 
@@ -130,28 +131,51 @@ fn corrupt_from_env() -> Vec<Kernel> {
 
 /// Set the process's attention mode and, where it wants the kernels on `device`, self-check
 /// them in `dtype` at `shapes` (the loaded model's head counts and dims). Failures are logged,
-/// counted ([`status`]) and leave that kernel on the reference path. Returns the
-/// checks run (none under `reference`, or `auto` off a GPU).
+/// counted ([`status`]) and leave that kernel on the reference path; under `auto` a verified
+/// kernel is also timed against the reference ([`selfcheck::speed`]) and used only if it is not
+/// slower. Returns the checks run (none under `reference`, or `auto` off a GPU).
 pub fn configure(mode: AttentionMode, device: &Device, dtype: DType, shapes: &CheckShapes) -> Vec<CheckResult> {
-    let results = if Policy::wants_fused(mode, device) {
+    let mut results = if Policy::wants_fused(mode, device) {
         selfcheck::run(device, dtype, shapes, &corrupt_from_env())
     } else {
         Vec::new()
     };
+    for r in &mut results {
+        r.used = r.passed;
+        // `auto` is about speed: a verified kernel slower than the reference on this GPU (the
+        // kernels favour obvious correctness over tensor cores) is not used. `fused` uses it.
+        if r.passed && mode == AttentionMode::Auto {
+            match selfcheck::speed(r.kernel, device, dtype, shapes, false) {
+                Ok(s) => {
+                    r.speed = Some(s);
+                    r.used = s.fused_wins();
+                }
+                Err(e) => {
+                    r.used = false;
+                    r.error = Some(format!("timing: {e}"));
+                }
+            }
+        }
+    }
     let mut p = POLICY.write().unwrap_or_else(|e| e.into_inner());
     let mut last = LAST.write().unwrap_or_else(|e| e.into_inner());
     p.mode = mode;
     for r in &results {
-        p.record(device, dtype, r.kernel, r.passed);
+        p.record(device, dtype, r.kernel, r.used);
         last[r.kernel.index()] = Some(r.passed);
-        if r.passed {
-            tracing::info!(kernel = %r.kernel, dtype = r.dtype_name(), max_abs_diff = r.max_abs_diff, tolerance = r.tolerance,
-                "fused attention kernel verified");
-        } else {
+        let (fused_ms, reference_ms) = r.speed.map_or((f64::NAN, f64::NAN), |s| (s.fused_ms, s.reference_ms));
+        if !r.passed {
             FAILURES[r.kernel.index()].fetch_add(1, Ordering::Relaxed);
             tracing::warn!(kernel = %r.kernel, dtype = r.dtype_name(), max_abs_diff = r.max_abs_diff, tolerance = r.tolerance,
                 error = r.error.as_deref().unwrap_or(""),
                 "fused attention kernel failed its self-check against the reference; using the reference path");
+        } else if r.used {
+            tracing::info!(kernel = %r.kernel, dtype = r.dtype_name(), max_abs_diff = r.max_abs_diff, tolerance = r.tolerance,
+                fused_ms, reference_ms, "fused attention kernel verified");
+        } else {
+            tracing::info!(kernel = %r.kernel, dtype = r.dtype_name(), max_abs_diff = r.max_abs_diff, fused_ms, reference_ms,
+                error = r.error.as_deref().unwrap_or(""),
+                "fused attention kernel verified but not faster than the reference here; attention = \"auto\" keeps the reference");
         }
     }
     results

@@ -74,6 +74,74 @@ pub struct CheckResult {
     pub rows: usize,
     /// Why the kernel could not run, if it could not.
     pub error: Option<String>,
+    /// Under `auto` on a GPU, after passing: one call's time fused and reference at a working
+    /// size ([`speed`]).
+    pub speed: Option<Speed>,
+    /// Whether calls take the fused kernel after this check.
+    pub used: bool,
+}
+
+/// One attention call's time in milliseconds, fused and reference.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Speed {
+    pub fused_ms: f64,
+    pub reference_ms: f64,
+}
+
+impl Speed {
+    /// `auto` keeps a verified kernel only where it is not slower than the reference.
+    pub fn fused_wins(&self) -> bool {
+        self.fused_ms <= self.reference_ms
+    }
+}
+
+/// Time `kernel` fused and reference on `device` at a working size of the model's shapes (vision
+/// 4 frames × 1024 patches, prefill 2048 tokens, decode one row over 2048 keys, batch 1; `tiny`
+/// shrinks them for tests): one warm-up call, then the mean of 3.
+pub fn speed(
+    kernel: Kernel,
+    device: &Device,
+    dtype: DType,
+    shapes: &CheckShapes,
+    tiny: bool,
+) -> candle_core::Result<Speed> {
+    let rnd = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype);
+    let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> candle_core::Result<f64> {
+        f()?;
+        device.synchronize()?;
+        let t0 = std::time::Instant::now();
+        for _ in 0..3 {
+            f()?;
+        }
+        device.synchronize()?;
+        Ok(t0.elapsed().as_secs_f64() * 1e3 / 3.0)
+    };
+    if kernel == Kernel::Vision {
+        let (f, n) = if tiny { (2, 64) } else { (4, 1024) };
+        let (h, d) = (shapes.vision_heads, shapes.vision_head_dim);
+        let (q, k, v) = (rnd(&[f, n, h, d])?, rnd(&[f, n, h, d])?, rnd(&[f, n, h, d])?);
+        let scale = (d as f64).powf(-0.5);
+        return Ok(Speed {
+            fused_ms: time(&|| super::vision_fused(&q, &k, &v, scale))?,
+            reference_ms: time(&|| super::reference_vision(&q, &k, &v, scale))?,
+        });
+    }
+    let s = if tiny { 64 } else { 2048 };
+    let l = if kernel == Kernel::Decode { 1 } else { s };
+    let (h, kv, d) = (shapes.text_heads, shapes.text_kv_heads, shapes.text_head_dim);
+    let (q, k, v) = (rnd(&[1, h, l, d])?, rnd(&[1, kv, s, d])?, rnd(&[1, kv, s, d])?);
+    let qpos = Tensor::arange((s - l) as u32, s as u32, device)?.unsqueeze(1)?;
+    let kpos = Tensor::arange(0u32, s as u32, device)?.unsqueeze(0)?;
+    let zero = Tensor::zeros((l, s), DType::F32, device)?;
+    let neg = Tensor::full(f32::MIN, (l, s), device)?;
+    let bias = kpos.broadcast_le(&qpos)?.where_cond(&zero, &neg)?.reshape((1, 1, l, s))?;
+    let mask = Tensor::ones((1, s), DType::F32, device)?;
+    let scale = (d as f64).powf(-0.5);
+    let pick = |start: usize, len: usize| bias.narrow(2, start, len);
+    Ok(Speed {
+        fused_ms: time(&|| fused_attention(kernel, &q, &k, &v, scale, true, None, Some(&mask)))?,
+        reference_ms: time(&|| attention(&q, &k, &v, scale, Some(&pick)))?,
+    })
 }
 
 impl CheckResult {
@@ -105,8 +173,17 @@ pub fn run(device: &Device, dtype: DType, shapes: &CheckShapes, corrupt: &[Kerne
 /// Check one kernel.
 pub fn check(kernel: Kernel, device: &Device, dtype: DType, shapes: &CheckShapes, corrupt: bool) -> CheckResult {
     let tolerance = tolerance(dtype);
-    let mut result =
-        CheckResult { kernel, dtype, passed: false, max_abs_diff: f32::NAN, tolerance, rows: 0, error: None };
+    let mut result = CheckResult {
+        kernel,
+        dtype,
+        passed: false,
+        max_abs_diff: f32::NAN,
+        tolerance,
+        rows: 0,
+        error: None,
+        speed: None,
+        used: false,
+    };
     match compare(kernel, device, dtype, shapes, corrupt) {
         Ok((diff, rows)) => {
             result.max_abs_diff = diff;

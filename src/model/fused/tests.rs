@@ -242,3 +242,17 @@ fn unsupported_problems_are_errors_not_answers() {
     assert!(fused_attention(Kernel::Prefill, &q, &k, &k, 1.0, true, None, Some(&bad_mask)).is_err());
     assert!(fused_attention(Kernel::Vision, &q, &k, &k, 1.0, false, Some(vec![0, 3]), None).is_err());
 }
+
+/// The speed probe `auto` runs on a GPU works on any device (here the twin against the
+/// reference at tiny sizes).
+#[test]
+fn the_speed_probe_times_both_paths() {
+    let shapes =
+        CheckShapes { vision_heads: 2, vision_head_dim: 16, text_heads: 4, text_kv_heads: 2, text_head_dim: 16 };
+    for k in Kernel::ALL {
+        let s = selfcheck::speed(k, &Device::Cpu, DType::F32, &shapes, true).unwrap();
+        assert!(s.fused_ms > 0.0 && s.reference_ms > 0.0, "{k}: {s:?}");
+    }
+    assert!(Speed { fused_ms: 1.0, reference_ms: 2.0 }.fused_wins());
+    assert!(!Speed { fused_ms: 2.0, reference_ms: 1.0 }.fused_wins());
+}
