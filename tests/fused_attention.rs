@@ -4,8 +4,12 @@
 //! (`VIGIL_ATTENTION_SELFCHECK_CORRUPT`) is reported, counted and replaced by the reference
 //! path without changing an answer.
 
+mod common;
+mod daemon_util;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use candle_core::{DType, Device};
 use serde_json::Value;
@@ -120,4 +124,32 @@ fn configure_verifies_and_gates_each_kernel() {
     assert!(fused::status().iter().all(|s| s.verified == Some(true) && s.failures == 0));
     assert!(fused::configure(AttentionMode::Reference, &cpu, DType::F32, &shapes).is_empty());
     assert!(!fused::uses_fused(Kernel::Vision, &cpu, DType::F32, 72));
+}
+
+/// The daemon with `attention = "fused"` and one kernel forced to fail: it answers, the log warns,
+/// and /metrics counts the failure per kernel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_counts_a_failed_self_check_and_still_answers() {
+    use daemon_util::*;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = common::Mosquitto::start(dir.path(), "");
+    let metrics_port = common::free_port();
+    let cfg = write_config(dir.path(), broker.port, metrics_port, "", &clip_stream("clip", ""));
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("dtype = \"f32\"\n"));
+    std::fs::write(&cfg, text.replacen("dtype = \"f32\"\n", "dtype = \"f32\"\nattention = \"fused\"\n", 1)).unwrap();
+    let mut sub = common::Sub::connect(broker.port, "fused-sub", &["vigil/#"], false).await;
+    let log = dir.path().join("vigil.log");
+    let mut vigil = spawn_vigil_env(&cfg, &log, &[(fused::CORRUPT_ENV, "decode")]);
+    let got = answers(&mut sub, 2, Duration::from_secs(120)).await;
+    assert_eq!(got.len(), 2, "log:\n{}", log_text(&log));
+    let m = http_get(metrics_port, "/metrics");
+    assert_eq!(metric(&m, "vigil_attention_selfcheck_failures_total{kernel=\"decode\"}"), 1.0, "{m}");
+    assert_eq!(metric(&m, "vigil_attention_selfcheck_failures_total{kernel=\"vision\"}"), 0.0);
+    assert_eq!(metric(&m, "vigil_attention_kernel_verified{kernel=\"decode\"}"), 0.0);
+    assert_eq!(metric(&m, "vigil_attention_kernel_verified{kernel=\"prefill\"}"), 1.0);
+    stop_cleanly(&mut vigil, &log);
+    let text = log_text(&log);
+    assert!(text.contains("failed its self-check") && text.contains("kernel=decode"), "{text}");
+    sub.stop();
 }
