@@ -41,6 +41,9 @@ struct Params {
 // SAFETY: plain old data with the kernel's layout, passed by value.
 unsafe impl DeviceRepr for Params {}
 
+// The C struct: 9 × 8 + 10 × 4 bytes, 8-aligned, no padding.
+const _: () = assert!(std::mem::size_of::<Params>() == 112 && std::mem::align_of::<Params>() == 8);
+
 fn params(p: &Problem) -> candle_core::Result<Params> {
     let int =
         |x: usize| i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("fused attention: {x} overflows i32")));

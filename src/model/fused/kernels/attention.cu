@@ -16,8 +16,9 @@
 // Stacked rows of a (batch, kv head) are position-major over its query heads (row r is query
 // row r / groups of head kvh * groups + r % groups): a block reads each K/V tile once for every
 // query head sharing it. Block: NWARPS warps, each owning ROWS_PER_WARP rows. Per key tile,
-// lane j scores key j for each of its warp's rows, the warp reduces max and sum, and each lane
-// accumulates head_dim / 32 output columns.
+// lane j scores key j for each of its warp's rows (one shared-memory read of k per 4 rows), the
+// warp reduces max and sum, and each lane accumulates head_dim / 32 output columns (one read of
+// v per 4 rows).
 //
 // Simple by design (no tensor cores): it is correct first; the self-check runs it against the
 // reference on every model load before it is used.
@@ -172,32 +173,46 @@ __device__ void attn_block(const Params p, const T* __restrict__ q, const T* __r
         __syncthreads();
         const int key = t0 + lane;
         const bool key_ok = key < t1 && (key_mask == nullptr || key_mask[(long long)b * p.k_len + key] != 0.f);
+        // Scores: lane j dots key j with each of the warp's rows, reading k once for all rows.
+        float s[ROWS_PER_WARP];
+#pragma unroll
+        for (int w = 0; w < ROWS_PER_WARP; w++) s[w] = 0.f;
+        for (int e = 0; e < d; e++) {
+            const float kx = ks[lane][e];
+#pragma unroll
+            for (int w = 0; w < ROWS_PER_WARP; w++) s[w] += qs[warp * ROWS_PER_WARP + w][e] * kx;
+        }
+        // cpu.rs `online_update`: rescale to the new max, weigh this tile's keys. m_new is
+        // warp-uniform; a row that still sees no key keeps its state (its weights are 0).
+        float pj[ROWS_PER_WARP];
 #pragma unroll
         for (int w = 0; w < ROWS_PER_WARP; w++) {
-            const int rr = warp * ROWS_PER_WARP + w;
-            float s = -INFINITY;
-            if (row_ok[w] && key_ok && key >= row_lo[w] && key < row_hi[w]) {
-                float dot = 0.f;
-                for (int e = 0; e < d; e++) dot += qs[rr][e] * ks[lane][e];
-                s = dot * p.scale;
-            }
-            // cpu.rs `online_update`. m_new is warp-uniform, so is the early exit.
-            const float m_new = fmaxf(m[w], warp_max(s));
+            const bool ok = row_ok[w] && key_ok && key >= row_lo[w] && key < row_hi[w];
+            s[w] = ok ? s[w] * p.scale : -INFINITY;
+            const float m_new = fmaxf(m[w], warp_max(s[w]));
+            pj[w] = 0.f;
             if (m_new == -INFINITY) continue;
             const float corr = expf(m[w] - m_new);
-            const float pj = expf(s - m_new);
-            l[w] = l[w] * corr + warp_sum(pj);
+            pj[w] = expf(s[w] - m_new);
+            l[w] = l[w] * corr + warp_sum(pj[w]);
 #pragma unroll
             for (int c = 0; c < COLS_PER_LANE; c++) acc[w][c] *= corr;
-            for (int j = 0; j < KEY_TILE; j++) {
-                const float pw = __shfl_sync(0xffffffffu, pj, j);
-#pragma unroll
-                for (int c = 0; c < COLS_PER_LANE; c++) {
-                    const int e = lane + c * WARP;
-                    if (e < d) acc[w][c] += pw * vs[j][e];
-                }
-            }
             m[w] = m_new;
+        }
+        // Values: each lane owns columns lane + 32c; v is read once per key for all rows.
+        for (int j = 0; j < KEY_TILE; j++) {
+            float vx[COLS_PER_LANE];
+#pragma unroll
+            for (int c = 0; c < COLS_PER_LANE; c++) {
+                const int e = lane + c * WARP;
+                vx[c] = e < d ? vs[j][e] : 0.f;
+            }
+#pragma unroll
+            for (int w = 0; w < ROWS_PER_WARP; w++) {
+                const float pw = __shfl_sync(0xffffffffu, pj[w], j);
+#pragma unroll
+                for (int c = 0; c < COLS_PER_LANE; c++) acc[w][c] += pw * vx[c];
+            }
         }
     }
 
