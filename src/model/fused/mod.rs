@@ -21,8 +21,8 @@
 //! and not used: its calls take the reference path, so an unverified kernel never changes an
 //! answer. `[model] attention` / `--attention` choose: `auto` (default) uses the verified kernels
 //! on a GPU where they are not slower than the reference (timed at load) and the reference
-//! elsewhere, `fused` uses the verified kernels on any device (on the
-//! CPU that is [`cpu`], the kernels' plain-Rust twin, for testing), `reference` never fuses.
+//! elsewhere; `fused` uses the verified kernels on any device (on the CPU that is [`cpu`], the
+//! kernels' plain-Rust twin, for testing); `reference` never fuses.
 //!
 //! The choice is process-wide state ([`configure`]): the attention layers dispatch through
 //! [`vision`] and [`text`] without carrying a handle.
