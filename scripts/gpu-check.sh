@@ -2,7 +2,8 @@
 # Everything a GPU run of vigil must show, in one command that finishes in minutes (GPU time is
 # lent by chance and is scarce): parity of `vigil infer` on the committed fixtures in f32 and
 # bf16, `vigil bench` at the 2B shapes against transformers in the same run, decode at batch 1
-# against the memory-bandwidth roofline. Writes OUT/summary.md and OUT/summary.json.
+# against the memory-bandwidth roofline, the fused attention self-check and attention time per
+# layer fused vs reference (`vigil bench attention`). Writes OUT/summary.md and OUT/summary.json.
 #
 #   scripts/gpu-check.sh OUT                  # on the GPU machine (device cuda)
 #   scripts/gpu-check.sh OUT --device cpu     # the same steps at a tiny size, here (a dry run)
@@ -11,7 +12,7 @@
 # folder packed by scripts/pack-gpu.sh); PYTHON the interpreter with torch and transformers for
 # the peer (default python3; without them the peer is skipped and said so).
 set -euo pipefail
-[ $# -ge 1 ] || { sed -n '2,13p' "$0"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,14p' "$0"; exit 2; }
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 out=$1

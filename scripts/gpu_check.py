@@ -14,6 +14,10 @@ the others):
    Python at --python has torch and transformers.
 3. roofline: decode tokens/s at batch 1 as a share of the GPU's memory bandwidth (the weights a
    decode step reads, per second).
+4. attention: `vigil bench attention`: the fused attention kernels' self-check against the
+   reference path, then attention time per layer, fused vs reference, for vision (16 frames x
+   1024 patches), prefill (8 x 2300 tokens) and decode (batch 1 and 16 over 2400 keys); on the
+   CPU the same at tiny sizes with `--attention fused` (the kernels' plain-Rust twin).
 Writes OUT/summary.json and OUT/summary.md (and each step's raw output under OUT/).
 Standard library only: it runs on the GPU machine's Python as it is.
 """
@@ -133,6 +137,24 @@ def bench(a, out):
     return res, vj
 
 
+def attention(a, out):
+    cmd = [a.vigil, "-q", "bench", "attention", "--device", a.device, "--json"]
+    # `fused`: time every kernel that passes its self-check, faster than the reference or not.
+    cmd += ["--attention", "fused"]
+    cmd += ["--tiny", "--iters", "1"] if a.device == "cpu" else ["--iters", "10"]
+    rc, so, se, took = run(cmd, timeout=a.step_timeout)
+    res = {"command": " ".join(cmd), "rc": rc, "seconds": round(took, 1)}
+    if rc != 0:
+        res["error"] = se.strip()[-1000:]
+        return res
+    open(os.path.join(out, "attention.json"), "w").write(so)
+    try:
+        res.update(json.loads(so))
+    except ValueError as e:
+        res["error"] = f"unreadable output: {e}"
+    return res
+
+
 def gpu_name():
     if not shutil.which("nvidia-smi"):
         return None
@@ -189,6 +211,21 @@ def markdown(s):
                   + (f", {100 * r['share_of_roofline']:.1f} % of {r['bandwidth_gb_per_s']} GB/s" if r["share_of_roofline"] else "")]
     if s.get("memory_peak_mib") is not None:
         lines.append(f"- memory peak (vigil): {s['memory_peak_mib']:.0f} MiB")
+    at = s.get("attention") or {}
+    if "error" in at:
+        lines.append(f"- attention bench failed: {at['error'][-300:]}")
+    elif at:
+        lines += ["", "| attention self-check | passed | max abs diff | tolerance |", "|---|---|---|---|"]
+        for c in at.get("selfcheck") or []:
+            lines.append(f"| {c['kernel']} | {'yes' if c['passed'] else 'NO (reference used)'} | {c['max_abs_diff']:.3e} | {c['tolerance']:.1e} |")
+        if not at.get("selfcheck"):
+            lines.append("| (not run: the mode uses no fused kernel here) | | | |")
+        lines += ["", "| attention per layer | path | reference ms | fused ms | speedup | fused TFLOP/s | fused KV GB/s |",
+                  "|---|---|---|---|---|---|---|"]
+        fmt = lambda v, p: "-" if v is None else f"{v:.{p}f}"
+        for c in at.get("cases") or []:
+            lines.append(f"| {c['case']} | {c['path']} | {c['reference_ms']:.3f} | {fmt(c['fused_ms'], 3)} | "
+                         f"{fmt(c['speedup'], 2)} | {fmt(c['fused_tflop_per_s'], 1)} | {fmt(c['fused_kv_gb_per_s'], 0)} |")
     lines.append(f"\ntotal {s['seconds']:.0f} s")
     return "\n".join(lines) + "\n"
 
@@ -210,6 +247,7 @@ def main():
     s["bench"], vj = bench(a, a.out)
     s["roofline"] = roofline(vj, s["gpu"])
     s["memory_peak_mib"] = (vj or {}).get("memory_peak_mib")
+    s["attention"] = attention(a, a.out)
     s["seconds"] = time.time() - t0
     bench_light = {k: v for k, v in s["bench"].items() if k not in ("vigil", "transformers")}
     bench_light["vigil_streams"] = streams_of(s["bench"].get("vigil"))
@@ -218,7 +256,8 @@ def main():
     md = markdown(s)
     open(os.path.join(a.out, "summary.md"), "w").write(md)
     print(md)
-    ok = s["parity"]["f32_equal"] == s["parity"]["cases"] and "error" not in s["bench"]
+    ok = (s["parity"]["f32_equal"] == s["parity"]["cases"] and "error" not in s["bench"]
+          and "error" not in s["attention"])
     sys.exit(0 if ok else 1)
 
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{ArgAction, Parser, Subcommand};
-use vigil::config::{Config, ConfigError, DType, Device};
+use vigil::config::{AttentionMode, Config, ConfigError, DType, Device};
 
 #[derive(Parser)]
 #[command(
@@ -144,6 +144,9 @@ struct BenchShapeArgs {
     /// f32, f16 or bf16 (default: bf16 on a GPU, f32 on the CPU).
     #[arg(long)]
     dtype: Option<DType>,
+    /// Attention kernels: auto, fused or reference (see `[model] attention`).
+    #[arg(long, default_value = "auto")]
+    attention: AttentionMode,
     /// Concurrent streams for the serving measurement (a list measures each).
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     streams: Vec<usize>,
@@ -184,6 +187,7 @@ impl From<BenchShapeArgs> for vigil::bench::shapes::ShapeOptions {
             model: a.model,
             device: a.device,
             dtype: a.dtype,
+            attention: a.attention,
             streams: a.streams,
             windows: a.windows,
             frames: a.frames,
@@ -212,6 +216,33 @@ fn parse_size(s: &str) -> Result<(u32, u32), String> {
 enum BenchCommand {
     /// Windows/s for 1, 4, 8 streams x 2 prompts, engine optimisations on vs off (same run).
     Engine(BenchEngineArgs),
+    /// The fused attention kernels: self-check, then time per layer against the reference path
+    /// (vision 16 frames x 1024 patches, prefill 8 x 2300 tokens, decode batch 1 and 16 over
+    /// 2400 keys).
+    Attention(BenchAttentionArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchAttentionArgs {
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: Device,
+    /// f32, f16 or bf16 (default: bf16 on a GPU, f32 on the CPU).
+    #[arg(long)]
+    dtype: Option<DType>,
+    /// auto, fused or reference: which kernels to self-check and time (on the CPU, `fused`
+    /// times the kernels' plain-Rust twin).
+    #[arg(long, default_value = "auto")]
+    attention: AttentionMode,
+    /// Small shapes (a CPU dry run).
+    #[arg(long)]
+    tiny: bool,
+    /// Timed calls per case and path.
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -223,6 +254,9 @@ struct BenchEngineArgs {
     device: Device,
     #[arg(long, default_value = "f32")]
     dtype: DType,
+    /// Attention kernels: auto, fused or reference (see `[model] attention`).
+    #[arg(long, default_value = "auto")]
+    attention: AttentionMode,
     /// Stream counts to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
     streams: Vec<usize>,
@@ -251,6 +285,7 @@ impl From<BenchEngineArgs> for vigil::bench::engine::BenchOptions {
         Self {
             device: a.device,
             dtype: a.dtype,
+            attention: a.attention,
             streams: a.streams,
             windows_per_stream: a.windows_per_stream,
             frames_per_window: a.frames_per_window,
@@ -345,6 +380,9 @@ struct InferArgs {
     /// Weights and activations: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: DType,
+    /// Attention kernels: auto (fused on a GPU once self-checked), fused, or reference.
+    #[arg(long, default_value = "auto")]
+    attention: AttentionMode,
     /// Print one JSON object (per request) instead of streaming the answer.
     #[arg(long)]
     json: bool,
@@ -409,6 +447,7 @@ fn main() -> ExitCode {
             let json = args.json;
             bench_engine(&args.into(), json)
         }
+        Command::Bench(BenchArgs { command: Some(BenchCommand::Attention(args)), .. }) => bench_attention(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -434,6 +473,23 @@ fn bench_shapes(a: BenchShapeArgs) -> Result<(), Failure> {
         println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
     } else {
         print!("{}", vigil::bench::shapes::table(&r));
+    }
+    Ok(())
+}
+
+fn bench_attention(a: BenchAttentionArgs) -> Result<(), Failure> {
+    let o = vigil::bench::attention::AttentionBenchOptions {
+        device: a.device,
+        dtype: a.dtype,
+        attention: a.attention,
+        tiny: a.tiny,
+        iters: a.iters.max(1),
+    };
+    let r = vigil::bench::attention::run(&o).map_err(|e| Failure::error(&e))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+    } else {
+        print!("{}", vigil::bench::attention::table(&r));
     }
     Ok(())
 }
@@ -510,6 +566,8 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
         vigil::model::load::candle_dtype(a.dtype),
         &device,
     )?;
+    let shapes = vigil::model::fused::CheckShapes::of(model.config());
+    vigil::model::fused::configure(a.attention, &device, vigil::model::load::candle_dtype(a.dtype), &shapes);
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let max_new_tokens = a.max_new_tokens.or(model.generation_defaults().max_new_tokens).unwrap_or(128);
     let mut generation = GenerationParams::greedy(max_new_tokens);

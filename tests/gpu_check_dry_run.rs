@@ -27,6 +27,19 @@ fn the_gpu_check_runs_on_the_cpu_and_writes_its_summary() {
     let streams = &summary["bench"]["vigil_streams"];
     assert!(streams["1"].as_f64().unwrap() > 0.0 && streams["2"].as_f64().unwrap() > 0.0, "{summary:#}");
     assert!(summary["roofline"]["decode_tok_per_s"].as_f64().unwrap() > 0.0, "{summary:#}");
+    // The attention step: the self-check of the three kernels (the CPU twin) and their times.
+    let att = &summary["attention"];
+    let checks = att["selfcheck"].as_array().unwrap();
+    assert_eq!(checks.len(), 3, "{att:#}");
+    assert!(checks.iter().all(|c| c["passed"] == true), "{att:#}");
+    let cases: Vec<&str> = att["cases"].as_array().unwrap().iter().map(|c| c["case"].as_str().unwrap()).collect();
+    assert_eq!(cases.len(), 4, "{att:#}");
+    assert!(att["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|c| c["path"] == "fused" && c["fused_ms"].as_f64().unwrap() > 0.0));
     let md = std::fs::read_to_string(out.path().join("summary.md")).unwrap();
     assert!(md.contains("parity f32: 10/10"), "{md}");
+    assert!(md.contains("| attention per layer |") && md.contains("| decode |"), "{md}");
 }

@@ -29,6 +29,8 @@ pub struct BenchOptions {
     pub model: PathBuf,
     pub device: Device,
     pub dtype: DType,
+    /// `[model] attention` of the measured engines.
+    pub attention: crate::config::AttentionMode,
     /// Stream counts to measure.
     pub streams: Vec<usize>,
     pub windows_per_stream: usize,
@@ -48,6 +50,7 @@ impl BenchOptions {
             model,
             device: Device::Cpu,
             dtype: DType::F32,
+            attention: crate::config::AttentionMode::Auto,
             streams: vec![1, 4, 8],
             windows_per_stream: 4,
             frames_per_window: 8,
@@ -94,11 +97,12 @@ text = "Is there a person in the frame? Answer yes or no."
 fn bench_config(o: &BenchOptions, streams: usize) -> Result<Config, BenchError> {
     let model = o.model.canonicalize().map_err(|source| BenchError::ModelDir { path: o.model.clone(), source })?;
     let mut text = format!(
-        "[model]\npath = {path:?}\ndevice = {dev:?}\ndtype = {dt:?}\nmax_new_tokens = {mnt}\n\n\
+        "[model]\npath = {path:?}\ndevice = {dev:?}\ndtype = {dt:?}\nattention = {att:?}\nmax_new_tokens = {mnt}\n\n\
          [engine]\nmax_batch = {mb}\nqueue_capacity = 4096\nmax_queue_age_s = 86400.0\nfeature_cache_frames = 1024\n{PROMPTS}",
         path = model.display().to_string(),
         dev = o.device.to_string(),
         dt = o.dtype.as_str(),
+        att = o.attention.as_str(),
         mnt = o.max_new_tokens,
         mb = o.max_batch,
     );

@@ -4,10 +4,13 @@
 //!   shapes on synthetic camera windows; per-stage times, windows/s, tokens/s, memory. Its JSON
 //!   is the input of the transformers peer (`tests/reference/bench_transformers.py`), which runs
 //!   the identical workload on the same weights and prints the ratios.
+//! - [`attention`]: `vigil bench attention`: the fused attention kernels' self-check and their
+//!   time per layer against the reference path at the 2B model's shapes.
 //! - [`engine`]: `vigil bench engine --model DIR`: the engine's optimisations on vs off on the
 //!   same windows, with a check that both give the same tokens.
 //! - [`random`]: the random-weight checkpoints `shapes` measures.
 
+pub mod attention;
 pub mod engine;
 pub mod random;
 pub mod shapes;

@@ -53,6 +53,8 @@ pub struct ShapeOptions {
     pub device: Device,
     /// Default: bf16 on a GPU, f32 on the CPU.
     pub dtype: Option<DType>,
+    /// `[model] attention` of the measured engine.
+    pub attention: crate::config::AttentionMode,
     /// Stream counts to measure the serving path at.
     pub streams: Vec<usize>,
     pub windows: usize,
@@ -76,6 +78,7 @@ impl Default for ShapeOptions {
             model: None,
             device: Device::Cpu,
             dtype: None,
+            attention: crate::config::AttentionMode::Auto,
             streams: vec![1, 8],
             windows: 2,
             frames: 16,
@@ -320,12 +323,13 @@ impl MemorySampler {
 fn engine_config(dir: &Path, o: &ShapeOptions, dtype: DType, w: &Workload) -> Result<Config, BenchError> {
     let max_streams = w.streams.iter().copied().max().unwrap_or(1);
     let mut text = format!(
-        "[model]\npath = {path:?}\ndevice = {dev:?}\ndtype = {dtype:?}\nmax_new_tokens = {t}\n\n\
+        "[model]\npath = {path:?}\ndevice = {dev:?}\ndtype = {dtype:?}\nattention = {att:?}\nmax_new_tokens = {t}\n\n\
          [pruning]\nenabled = {pr}\n\n\
          [engine]\nmax_batch = {mb}\nmax_batch_tokens = 1000000\nqueue_capacity = 100000\nmax_queue_age_s = 86400.0\nfeature_cache_frames = 1024\n",
         path = dir.display().to_string(),
         dev = o.device.to_string(),
         dtype = dtype.as_str(),
+        att = o.attention.as_str(),
         t = w.new_tokens,
         pr = w.pruning,
         mb = max_streams * w.questions.len(),

@@ -97,6 +97,9 @@ pub struct ModelConfig {
     pub revision: Option<String>,
     pub device: Device,
     pub dtype: DType,
+    /// Attention kernels: fused where verified on a GPU (`auto`), always verified fused, or the
+    /// reference matmul path (see `model::fused`).
+    pub attention: AttentionMode,
     pub max_new_tokens: usize,
     pub temperature: f64,
     pub top_p: f64,
@@ -115,6 +118,7 @@ impl Default for ModelConfig {
             revision: None,
             device: Device::Cuda(0),
             dtype: DType::Bf16,
+            attention: AttentionMode::Auto,
             max_new_tokens: 64,
             temperature: 0.0,
             top_p: 1.0,
@@ -228,6 +232,48 @@ impl std::str::FromStr for DType {
 }
 
 impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `[model] attention`: which attention implementation runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttentionMode {
+    /// The fused kernels that passed their self-check, on a GPU; the reference elsewhere.
+    #[default]
+    Auto,
+    /// The fused kernels that passed their self-check, on any device (the CPU runs their
+    /// plain-Rust twin: for testing).
+    Fused,
+    /// The reference matmul–softmax–matmul path only.
+    Reference,
+}
+
+impl AttentionMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttentionMode::Auto => "auto",
+            AttentionMode::Fused => "fused",
+            AttentionMode::Reference => "reference",
+        }
+    }
+}
+
+impl std::str::FromStr for AttentionMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(AttentionMode::Auto),
+            "fused" => Ok(AttentionMode::Fused),
+            "reference" => Ok(AttentionMode::Reference),
+            _ => Err(format!("expected auto, fused or reference, got {s:?}")),
+        }
+    }
+}
+
+impl fmt::Display for AttentionMode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -616,6 +662,7 @@ struct ModelFile {
     revision: Option<String>,
     device: String,
     dtype: DType,
+    attention: AttentionMode,
     max_new_tokens: usize,
     temperature: f64,
     top_p: f64,
@@ -633,6 +680,7 @@ impl Default for ModelFile {
             revision: m.revision,
             device: m.device.to_string(),
             dtype: m.dtype,
+            attention: m.attention,
             max_new_tokens: m.max_new_tokens,
             temperature: m.temperature,
             top_p: m.top_p,
@@ -657,6 +705,7 @@ impl ModelFile {
             revision: self.revision,
             device,
             dtype: self.dtype,
+            attention: self.attention,
             max_new_tokens: self.max_new_tokens,
             temperature: self.temperature,
             top_p: self.top_p,

@@ -96,6 +96,22 @@ fn unknown_section_is_rejected() {
 }
 
 #[test]
+fn attention_mode_parses_and_defaults_to_auto() {
+    use crate::config::AttentionMode;
+    assert_eq!(Config::parse(MINIMAL, "m", Path::new(".")).unwrap().model.attention, AttentionMode::Auto);
+    let c =
+        Config::parse(&MINIMAL.replace("path = \"m\"", "path = \"m\"\nattention = \"reference\""), "m", Path::new("."))
+            .unwrap();
+    assert_eq!(c.model.attention, AttentionMode::Reference);
+    assert_eq!("fused".parse::<AttentionMode>(), Ok(AttentionMode::Fused));
+    assert!("flash".parse::<AttentionMode>().is_err());
+    let p = one_problem(&MINIMAL.replace("path = \"m\"", "path = \"m\"\nattention = \"fsued\""));
+    assert_eq!(p.key, "model.attention");
+    assert_eq!(p.line, 4);
+    assert!(p.message.contains("did you mean `fused`"), "{}", p.message);
+}
+
+#[test]
 fn type_error_names_key() {
     let p = one_problem(&MINIMAL.replace("path = \"m\"", "path = \"m\"\nmax_new_tokens = \"many\""));
     assert_eq!(p.key, "model.max_new_tokens");

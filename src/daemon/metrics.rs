@@ -40,6 +40,8 @@ pub(super) struct Metrics {
     pub(super) stream_up: GaugeVec,
     pub(super) engine_queue: GaugeVec,
     pub(super) heartbeat_age: GaugeVec,
+    pub(super) attention_selfcheck_failures: CounterVec,
+    pub(super) attention_verified: GaugeVec,
 }
 
 impl Metrics {
@@ -133,6 +135,16 @@ impl Metrics {
                 "Seconds since the engine thread last showed life.",
                 &[],
             ),
+            attention_selfcheck_failures: r.counter(
+                "vigil_attention_selfcheck_failures_total",
+                "Fused attention kernels that differed from the reference path in their self-check at model load (the reference is used instead).",
+                &["kernel"],
+            ),
+            attention_verified: r.gauge(
+                "vigil_attention_kernel_verified",
+                "1 when the fused attention kernel passed its last self-check (and is used), 0 when it failed; absent when not checked.",
+                &["kernel"],
+            ),
             registry: r,
         }
     }
@@ -173,6 +185,12 @@ pub(super) fn install_scrape_hook(state: &Arc<State>) {
         m.mqtt_connected.with(&[]).set(if state.publisher.link().borrow().connected { 1.0 } else { 0.0 });
         m.engine_queue.with(&[]).set(state.engine.queue_len() as f64);
         m.heartbeat_age.with(&[]).set(state.engine.heartbeat_age().as_secs_f64());
+        for k in crate::model::fused::status() {
+            m.attention_selfcheck_failures.with(&[k.kernel.as_str()]).set_total(k.failures as f64);
+            if let Some(passed) = k.verified {
+                m.attention_verified.with(&[k.kernel.as_str()]).set(if passed { 1.0 } else { 0.0 });
+            }
+        }
     });
 }
 

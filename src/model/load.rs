@@ -201,7 +201,11 @@ pub fn download_snapshot_from(
 pub fn load_model(model: &ModelConfig, base_dir: &Path) -> Result<VideoLlama3ForConditionalGeneration, ModelError> {
     let device = candle_device(model.device)?;
     let dir = model_dir(model, base_dir)?;
-    VideoLlama3ForConditionalGeneration::from_pretrained(&dir, candle_dtype(model.dtype), &device)
+    let dtype = candle_dtype(model.dtype);
+    let loaded = VideoLlama3ForConditionalGeneration::from_pretrained(&dir, dtype, &device)?;
+    // The attention kernels are checked on this device and dtype before any answer uses them.
+    super::fused::configure(model.attention, &device, dtype, &super::fused::CheckShapes::of(loaded.config()));
+    Ok(loaded)
 }
 
 /// Check a checkpoint directory as [`VideoLlama3ForConditionalGeneration::from_pretrained`]

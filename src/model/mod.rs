@@ -56,8 +56,9 @@
 //! call; each row stops on its own EOS and yields the same tokens as when run alone.
 
 mod activation;
-mod attention;
+pub(crate) mod attention;
 pub mod config;
+pub mod fused;
 pub mod generation;
 mod inputs;
 pub mod load;

@@ -9,7 +9,7 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{linear_no_bias, rms_norm, Linear, RmsNorm, VarBuilder};
 
-use super::attention::{attention, rows_per_chunk};
+use super::attention::rows_per_chunk;
 use super::config::VideoLlama3TextConfig;
 use super::rotary::inverse_frequencies;
 
@@ -286,7 +286,7 @@ impl Attention {
             }
         };
         let pick = |start: usize, len: usize| mask.rows_at(start, len);
-        let out = attention(&q, &k, &v, self.scale, Some(&pick))?;
+        let out = super::fused::text(&q, &k, &v, self.scale, &pick, &mask.key_mask)?;
         let out = out.transpose(1, 2)?.reshape((b, l, self.num_heads * self.head_dim))?;
         self.o_proj.forward(&out)
     }
@@ -437,6 +437,8 @@ impl Qwen2Decoder {
 struct ChunkedBias {
     rows: usize,
     chunks: Vec<Tensor>,
+    /// The `[b, past + l]` key mask the chunks were built from (the fused kernels read it).
+    key_mask: Tensor,
 }
 
 impl ChunkedBias {
@@ -460,7 +462,7 @@ impl ChunkedBias {
             chunks.push(bias.unsqueeze(1)?);
             start += len;
         }
-        Ok(Self { rows, chunks })
+        Ok(Self { rows, chunks, key_mask: key_mask.clone() })
     }
 
     /// The bias for query rows `start..start+len`, which must be one of the chunks built.

@@ -13,7 +13,6 @@
 use candle_core::{Device, Module, Tensor, D};
 use candle_nn::{layer_norm, linear, LayerNorm, LayerNormConfig, Linear, VarBuilder};
 
-use super::attention::{attention, SCORE_BUDGET_BYTES};
 use super::config::{VideoLlama3Config, VideoLlama3VisionConfig};
 use super::rotary::{apply_rotary, inverse_frequencies};
 use super::ModelError;
@@ -100,20 +99,9 @@ impl VisionAttention {
         // transformers applies the vision rotary in float32 whatever the model dtype.
         let cos = cos.unsqueeze(1)?.unsqueeze(0)?; // [1, hw, 1, hd]
         let sin = sin.unsqueeze(1)?.unsqueeze(0)?;
-        let q = apply_rotary(&q, &cos, &sin)?.transpose(1, 2)?.contiguous()?; // [f, h, n, hd]
-        let k = apply_rotary(&k, &cos, &sin)?.transpose(1, 2)?.contiguous()?;
-        let v = v.transpose(1, 2)?.contiguous()?;
-        // Whole frames per chunk so no score tensor spans more frames than the budget allows.
-        let frames_per_chunk = (SCORE_BUDGET_BYTES / (self.num_heads * n * n * 4).max(1)).max(1);
-        let mut outs = Vec::with_capacity(f.div_ceil(frames_per_chunk));
-        let mut start = 0;
-        while start < f {
-            let len = frames_per_chunk.min(f - start);
-            let (qc, kc, vc) = (q.narrow(0, start, len)?, k.narrow(0, start, len)?, v.narrow(0, start, len)?);
-            outs.push(attention(&qc, &kc, &vc, self.scale, None)?);
-            start += len;
-        }
-        let out = Tensor::cat(&outs, 0)?.transpose(1, 2)?.reshape((f, n, d))?;
+        let q = apply_rotary(&q, &cos, &sin)?; // [f, n, h, hd]
+        let k = apply_rotary(&k, &cos, &sin)?;
+        let out = super::fused::vision(&q, &k, &v, self.scale)?.reshape((f, n, d))?;
         self.out_proj.forward(&out)
     }
 }
