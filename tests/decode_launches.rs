@@ -11,13 +11,16 @@
 //! The f32 reference path counts 21 per layer: RMSNorm, q/k/v matmul and its bias, q and k copied
 //! out of it and rotated (fused RoPE), v copied, scores, scale, mask, softmax, probabilities · v,
 //! output projection, residual, RMSNorm, gate/up matmul, SiLU, product, down projection,
-//! residual. bf16 adds two casts around the f32 softmax.
+//! residual. bf16 adds two casts around the f32 softmax. The fused decode attention (one kernel
+//! and its split-merge, on the CPU its plain-Rust twin) replaces the five attention kernels and
+//! the casts.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use candle_core::{DType, Device, Tensor};
+use vigil::model::fused::{self, AttentionMode, CheckShapes};
 use vigil::model::{KvCache, MultimodalInputs, VideoLlama3ForConditionalGeneration};
 
 /// Smaller than any activation of the step below (batch 8), larger than shape metadata.
@@ -90,13 +93,26 @@ fn buffers_per_step(model: &VideoLlama3ForConditionalGeneration) -> usize {
     counts[2]
 }
 
+/// Buffers one decoder layer allocates per decode step.
+fn per_layer(two: &VideoLlama3ForConditionalGeneration, three: &VideoLlama3ForConditionalGeneration) -> usize {
+    let (a, b) = (buffers_per_step(two), buffers_per_step(three));
+    eprintln!("decode step: {a} buffers with 2 layers, {b} with 3: {} per layer", b - a);
+    b - a
+}
+
 #[test]
 fn a_decoder_layer_launches_few_kernels_per_decode_step() {
     // candle's CPU matmul looks the thread count up per call, reading /proc/cpuinfo unless this
     // is set: not a kernel. (The only test in this binary: no other thread reads the variable.)
     std::env::set_var("RAYON_NUM_THREADS", "2");
-    let (two, three) = (buffers_per_step(&model_with_layers(2)), buffers_per_step(&model_with_layers(3)));
-    let per_layer = three - two;
-    eprintln!("decode step: {two} buffers with 2 layers, {three} with 3: {per_layer} per layer");
-    assert!(per_layer <= 21, "{per_layer} kernels per decoder layer in a decode step");
+    let (two, three) = (model_with_layers(2), model_with_layers(3));
+    // The attention mode is process-wide: the reference first, then the fused kernels.
+    fused::configure(AttentionMode::Reference, &Device::Cpu, DType::F32, &CheckShapes::of(three.config()));
+    let reference = per_layer(&two, &three);
+    assert!(reference <= 21, "reference path: {reference} kernels per decoder layer in a decode step");
+    let checks = fused::configure(AttentionMode::Fused, &Device::Cpu, DType::F32, &CheckShapes::of(three.config()));
+    assert!(checks.iter().all(|c| c.passed), "{checks:?}");
+    let with_fused = per_layer(&two, &three);
+    assert!(with_fused <= 20, "fused attention: {with_fused} kernels per decoder layer in a decode step");
+    assert!(with_fused < reference);
 }

@@ -462,7 +462,8 @@ impl ChunkedBias {
             chunks.push(bias.unsqueeze(1)?);
             start += len;
         }
-        Ok(Self { rows, chunks, key_mask: key_mask.clone() })
+        // Contiguous once here, not per layer (the cache's mask is a view of its buffer).
+        Ok(Self { rows, chunks, key_mask: key_mask.contiguous()? })
     }
 
     /// The bias for query rows `start..start+len`, which must be one of the chunks built.

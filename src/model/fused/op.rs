@@ -40,11 +40,13 @@ impl FusedAttention {
     }
 }
 
-fn to_f32(s: &CpuStorage) -> candle_core::Result<Vec<f32>> {
+/// The operand as f32: borrowed when it is f32 already (q, k and v may be whole KV-cache
+/// buffers: no copy per call).
+fn to_f32(s: &CpuStorage) -> candle_core::Result<std::borrow::Cow<'_, [f32]>> {
     Ok(match s {
-        CpuStorage::F32(v) => v.clone(),
-        CpuStorage::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
-        CpuStorage::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::F32(v) => std::borrow::Cow::Borrowed(v.as_slice()),
+        CpuStorage::BF16(v) => std::borrow::Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
+        CpuStorage::F16(v) => std::borrow::Cow::Owned(v.iter().map(|x| x.to_f32()).collect()),
         other => candle_core::bail!("fused attention: unsupported dtype {:?}", other.dtype()),
     })
 }
