@@ -6,7 +6,7 @@
 //! candle-transformers' qwen2.rs this decoder takes input embeddings (the multimodal stitch
 //! happens before it), per-row position ids and a key padding mask.
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Module, Tensor, D};
 use candle_nn::{linear_no_bias, rms_norm, Linear, RmsNorm, VarBuilder};
 
 use super::attention::rows_per_chunk;
@@ -406,14 +406,13 @@ impl Qwen2Decoder {
     pub fn forward(&self, inputs: &DecoderInputs, cache: &mut KvCache) -> candle_core::Result<Tensor> {
         let xs = inputs.inputs_embeds;
         let (b, l, _) = xs.dims3()?;
-        let device = xs.device();
         if cache.layers.len() != self.layers.len() {
             cache.layers = (0..self.layers.len()).map(|_| None).collect();
         }
         let past = cache.seq_len();
         let key_mask = cache.append_mask(&inputs.attention_mask.to_dtype(DType::F32)?)?;
         let rows = rows_per_chunk(b, self.cfg.num_attention_heads, past + l);
-        let mask = ChunkedBias::new(&key_mask, past, l, rows, device)?;
+        let mask = ChunkedBias::new(&key_mask, past, l, rows)?;
         // RoPE tables in f32, as transformers computes them (then cast to the model dtype).
         let pos = inputs.position_ids.to_dtype(DType::F32)?.unsqueeze(2)?; // [b, l, 1]
         let freqs = pos.broadcast_mul(&self.inv_freq)?;
@@ -431,29 +430,38 @@ impl Qwen2Decoder {
 }
 
 /// Additive attention mask `[b, 1, rows, past + l]` per chunk of query rows: causal within the
-/// new tokens, padded keys hidden. Built once per forward and shared by every layer.
+/// new tokens, padded keys hidden. Built on the first layer that asks (the reference path;
+/// the fused kernels read the key mask itself and never do) and shared by every layer after.
 /// Hidden entries get f32::MIN rather than -inf so a fully padded query row stays finite
 /// (its output is never used, but NaN would poison later layers through 0·NaN).
 struct ChunkedBias {
     rows: usize,
-    chunks: Vec<Tensor>,
-    /// The `[b, past + l]` key mask the chunks were built from (the fused kernels read it).
+    past: usize,
+    l: usize,
+    chunks: std::cell::OnceCell<Vec<Tensor>>,
+    /// The `[b, past + l]` key mask (contiguous) the chunks are built from.
     key_mask: Tensor,
 }
 
 impl ChunkedBias {
-    fn new(key_mask: &Tensor, past: usize, l: usize, rows: usize, device: &Device) -> candle_core::Result<Self> {
-        // Built on the device from the key mask: no host loops, no copy of the mask back.
-        let (b, total) = key_mask.dims2()?;
-        let valid = key_mask.ne(0f32)?.unsqueeze(1)?; // [b, 1, total]
+    fn new(key_mask: &Tensor, past: usize, l: usize, rows: usize) -> candle_core::Result<Self> {
+        // Contiguous once here, not per layer (the cache's mask is a view of its buffer).
+        Ok(Self { rows, past, l, chunks: std::cell::OnceCell::new(), key_mask: key_mask.contiguous()? })
+    }
+
+    /// The chunks, built on the device from the key mask: no host loops, no copy of the mask back.
+    fn build(&self) -> candle_core::Result<Vec<Tensor>> {
+        let (b, total) = self.key_mask.dims2()?;
+        let device = self.key_mask.device();
+        let valid = self.key_mask.ne(0f32)?.unsqueeze(1)?; // [b, 1, total]
         let kpos = Tensor::arange(0u32, total as u32, device)?.unsqueeze(0)?; // [1, total]
         let zero = Tensor::new(0f32, device)?;
         let neg = Tensor::new(f32::MIN, device)?;
-        let mut chunks = Vec::with_capacity(l.div_ceil(rows));
+        let mut chunks = Vec::with_capacity(self.l.div_ceil(self.rows));
         let mut start = 0;
-        while start < l {
-            let len = rows.min(l - start);
-            let q0 = (past + start) as u32;
+        while start < self.l {
+            let len = self.rows.min(self.l - start);
+            let q0 = (self.past + start) as u32;
             let qpos = Tensor::arange(q0, q0 + len as u32, device)?.unsqueeze(1)?; // [len, 1]
                                                                                    // A query sees the valid keys at or before its own position.
             let allowed = kpos.broadcast_le(&qpos)?.unsqueeze(0)?.broadcast_mul(&valid)?; // [b, len, total]
@@ -462,13 +470,16 @@ impl ChunkedBias {
             chunks.push(bias.unsqueeze(1)?);
             start += len;
         }
-        // Contiguous once here, not per layer (the cache's mask is a view of its buffer).
-        Ok(Self { rows, chunks, key_mask: key_mask.contiguous()? })
+        Ok(chunks)
     }
 
-    /// The bias for query rows `start..start+len`, which must be one of the chunks built.
+    /// The bias for query rows `start..start+len`, which must be one of the chunks.
     fn rows_at(&self, start: usize, len: usize) -> candle_core::Result<Tensor> {
-        let chunk = self.chunks.get(start / self.rows).filter(|_| start.is_multiple_of(self.rows));
+        if self.chunks.get().is_none() {
+            let _ = self.chunks.set(self.build()?);
+        }
+        let chunks = self.chunks.get().expect("built above");
+        let chunk = chunks.get(start / self.rows).filter(|_| start.is_multiple_of(self.rows));
         match chunk {
             Some(c) if c.dim(2)? == len => Ok(c.clone()),
             _ => candle_core::bail!("attention chunking mismatch at rows {start}+{len} (chunk {})", self.rows),
