@@ -138,15 +138,8 @@ struct BenchShapeArgs {
     /// Or an existing checkpoint directory (real weights, or one written by --save-weights).
     #[arg(long, value_name = "DIR")]
     model: Option<PathBuf>,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: Device,
-    /// f32, f16 or bf16 (default: bf16 on a GPU, f32 on the CPU).
-    #[arg(long)]
-    dtype: Option<DType>,
-    /// Attention kernels: auto, fused or reference (see `[model] attention`).
-    #[arg(long, default_value = "auto")]
-    attention: AttentionMode,
+    #[command(flatten)]
+    run_on: RunOnArgs,
     /// Concurrent streams for the serving measurement (a list measures each).
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     streams: Vec<usize>,
@@ -185,9 +178,9 @@ impl From<BenchShapeArgs> for vigil::bench::shapes::ShapeOptions {
         Self {
             shape: a.shape,
             model: a.model,
-            device: a.device,
-            dtype: a.dtype,
-            attention: a.attention,
+            device: a.run_on.device,
+            dtype: a.run_on.dtype,
+            attention: a.run_on.attention,
             streams: a.streams,
             windows: a.windows,
             frames: a.frames,
@@ -222,18 +215,25 @@ enum BenchCommand {
     Attention(BenchAttentionArgs),
 }
 
+/// Where a benchmark runs the model.
 #[derive(clap::Args)]
-struct BenchAttentionArgs {
+struct RunOnArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: Device,
     /// f32, f16 or bf16 (default: bf16 on a GPU, f32 on the CPU).
     #[arg(long)]
     dtype: Option<DType>,
-    /// auto, fused or reference: which kernels to self-check and time (on the CPU, `fused`
-    /// times the kernels' plain-Rust twin).
+    /// Attention kernels: auto, fused or reference (see `[model] attention`; on the CPU `fused`
+    /// runs the kernels' plain-Rust twin).
     #[arg(long, default_value = "auto")]
     attention: AttentionMode,
+}
+
+#[derive(clap::Args)]
+struct BenchAttentionArgs {
+    #[command(flatten)]
+    run_on: RunOnArgs,
     /// Small shapes (a CPU dry run).
     #[arg(long)]
     tiny: bool,
@@ -479,9 +479,9 @@ fn bench_shapes(a: BenchShapeArgs) -> Result<(), Failure> {
 
 fn bench_attention(a: BenchAttentionArgs) -> Result<(), Failure> {
     let o = vigil::bench::attention::AttentionBenchOptions {
-        device: a.device,
-        dtype: a.dtype,
-        attention: a.attention,
+        device: a.run_on.device,
+        dtype: a.run_on.dtype,
+        attention: a.run_on.attention,
         tiny: a.tiny,
         iters: a.iters.max(1),
     };
