@@ -70,6 +70,36 @@ pub struct Problem {
 }
 
 impl Problem {
+    /// `batch` sequences of contiguous `[heads, q_len, d]` queries over `[kv_heads, k_len, d]`
+    /// keys and values: one key split, no `cu_seqlens`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn contiguous(
+        batch: usize,
+        heads: usize,
+        kv_heads: usize,
+        q_len: usize,
+        k_len: usize,
+        head_dim: usize,
+        scale: f32,
+        causal: bool,
+    ) -> Problem {
+        Problem {
+            batch,
+            heads,
+            kv_heads,
+            q_len,
+            k_len,
+            head_dim,
+            scale,
+            causal,
+            splits: 1,
+            cu_seqlens: None,
+            q: Strides::contiguous(heads, q_len, head_dim),
+            k: Strides::contiguous(kv_heads, k_len, head_dim),
+            v: Strides::contiguous(kv_heads, k_len, head_dim),
+        }
+    }
+
     pub fn groups(&self) -> usize {
         self.heads / self.kv_heads.max(1)
     }
@@ -228,21 +258,7 @@ mod tests {
     use super::*;
 
     fn problem(q_len: usize, k_len: usize) -> Problem {
-        Problem {
-            batch: 1,
-            heads: 6,
-            kv_heads: 2,
-            q_len,
-            k_len,
-            head_dim: 8,
-            scale: 1.0,
-            causal: true,
-            splits: 1,
-            cu_seqlens: None,
-            q: Strides::contiguous(6, q_len, 8),
-            k: Strides::contiguous(2, k_len, 8),
-            v: Strides::contiguous(2, k_len, 8),
-        }
+        Problem::contiguous(1, 6, 2, q_len, k_len, 8, 1.0, true)
     }
 
     #[test]

@@ -135,21 +135,7 @@ pub fn fused_attention(
         }
         None => None,
     };
-    let mut problem = Problem {
-        batch: b,
-        heads: h,
-        kv_heads: kv,
-        q_len: l,
-        k_len: s,
-        head_dim: d,
-        scale: scale as f32,
-        causal,
-        splits: 1,
-        cu_seqlens,
-        q: Strides::contiguous(h, l, d),
-        k: Strides::contiguous(kv, s, d),
-        v: Strides::contiguous(kv, s, d),
-    };
+    let mut problem = Problem { cu_seqlens, ..Problem::contiguous(b, h, kv, l, s, d, scale as f32, causal) };
     if kernel == Kernel::Decode {
         problem.splits = choose_splits(problem.blocks(), s);
     }

@@ -27,7 +27,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::layout::{Problem, Strides};
+use super::layout::Problem;
 use super::{fused_attention, Kernel};
 use crate::model::attention::attention;
 
@@ -212,21 +212,7 @@ fn random(rng: &mut fastrand::Rng, shape: &[usize]) -> candle_core::Result<Tenso
 }
 
 fn base(heads: usize, kv: usize, q_len: usize, k_len: usize, d: usize) -> Problem {
-    Problem {
-        batch: 1,
-        heads,
-        kv_heads: kv,
-        q_len,
-        k_len,
-        head_dim: d,
-        scale: (d as f32).powf(-0.5),
-        causal: false,
-        splits: 1,
-        cu_seqlens: None,
-        q: Strides::contiguous(heads, q_len, d),
-        k: Strides::contiguous(kv, k_len, d),
-        v: Strides::contiguous(kv, k_len, d),
-    }
+    Problem::contiguous(1, heads, kv, q_len, k_len, d, (d as f32).powf(-0.5), false)
 }
 
 /// The inputs of `kernel`'s check (also used by the tests against the CPU twin).

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use super::layout::{Problem, Strides};
+use super::layout::Problem;
 use super::selfcheck::{self, CheckShapes};
 use super::*;
 
@@ -93,21 +93,7 @@ fn the_twin_equals_the_reference_across_gqa_offsets_masks_and_splits() {
         let mut rng = fastrand::Rng::with_seed(seed + 3);
         // Random padding, but the last key of each row stays valid so every row sees a key.
         let mask: Vec<f32> = (0..b * s).map(|i| if i % s == s - 1 || rng.f32() > 0.3 { 1.0 } else { 0.0 }).collect();
-        let mut p = Problem {
-            batch: b,
-            heads: h,
-            kv_heads: kv,
-            q_len: l,
-            k_len: s,
-            head_dim: d,
-            scale: 0.3,
-            causal,
-            splits: 1,
-            cu_seqlens: None,
-            q: Strides::contiguous(h, l, d),
-            k: Strides::contiguous(kv, s, d),
-            v: Strides::contiguous(kv, s, d),
-        };
+        let mut p = Problem::contiguous(b, h, kv, l, s, d, 0.3, causal);
         let mut bias = vec![f32::MIN; b * l * s];
         let mut sees = vec![false; b * l];
         for bi in 0..b {
