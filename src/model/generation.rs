@@ -371,25 +371,30 @@ impl VideoLlama3ForConditionalGeneration {
         // floats). Sampling draws on the host from the (penalized) logits.
         let on_device = d.sampling == Sampling::Greedy;
         while !active.is_empty() {
-            let mut scores = logits.to_dtype(DType::F32)?;
-            if let Some(p) = &penalty {
-                scores = p.apply(&scores)?;
-            }
-            let (lrows, mut ids) = if on_device {
-                (Vec::new(), scores.argmax(D::Minus1)?.to_vec1::<u32>()?)
-            } else {
-                (scores.to_vec2::<f32>()?, Vec::new())
+            // The penalty works on f32 logits, as transformers' processors do; a plain arg-max
+            // needs no cast (it is exact and keeps the order).
+            let scores = match &penalty {
+                Some(p) => p.apply(&logits.to_dtype(DType::F32)?)?,
+                None => logits.clone(),
             };
-            if !on_device {
-                ids = active
+            let ids = if on_device {
+                let picked = scores.argmax(D::Minus1)?;
+                if let Some(p) = &penalty {
+                    p.see(&picked)?;
+                }
+                picked.to_vec1::<u32>()?
+            } else {
+                let lrows = scores.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+                let ids: Vec<u32> = active
                     .iter()
                     .zip(&lrows)
                     .map(|(&ri, l)| if rows[ri].done { d.pad } else { d.draw(&mut rows[ri], l) })
                     .collect();
-            }
-            if let Some(p) = &penalty {
-                p.see(&Tensor::from_slice(&ids, ids.len(), logits.device())?)?;
-            }
+                if let Some(p) = &penalty {
+                    p.see(&Tensor::from_slice(&ids, ids.len(), logits.device())?)?;
+                }
+                ids
+            };
             let mut keep = Vec::with_capacity(active.len());
             let mut chosen = Vec::with_capacity(active.len());
             let mut positions = Vec::with_capacity(active.len());
