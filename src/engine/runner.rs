@@ -364,7 +364,7 @@ impl Runner {
         dev.synchronize()?;
         let took = t0.elapsed();
         let grid =
-            v.video_grid_thw.first().copied().ok_or(RunError::Input("the processor returned no video grid".into()))?;
+            v.video_grid_thw.first().copied().ok_or(RunError::Internal("the processor returned no video grid"))?;
         Ok((feats.iter().map(|f| f.dim(0).unwrap_or(0)).sum(), grid, took))
     }
 
@@ -797,7 +797,7 @@ impl Preparer {
         }
         let video = || Self::video_of(&work.window, work.fps);
         let opts = self.call_options();
-        let first = heads.first().ok_or(RunError::Input("a job without prompts".into()))?.0.clone();
+        let first = heads.first().ok_or_else(|| RunError::Input("a job without prompts".into()))?.0.clone();
         let first = &first;
         let (v, pixels, frame_keys) = self.video_rows(&work.window, work.fps, stats)?;
         // The processor's placeholder expansion (`replace_video_token`) of the head.
@@ -850,7 +850,7 @@ impl Preparer {
             }
         }
         if v.video_grid_thw.len() != 1 {
-            return Err(RunError::Input("expected one video".into()));
+            return Err(RunError::Internal("expected one video"));
         }
         let kept = v.video_compression_mask.iter().filter(|k| **k).count() as u32;
         Ok(Prepared {
