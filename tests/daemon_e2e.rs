@@ -484,14 +484,22 @@ async fn static_windows_skip_the_model_and_moving_ones_never_do() {
         "frozen.mkv",
         "videotestsrc pattern=ball num-buffers=1 ! imagefreeze num-buffers=40 ! video/x-raw,format=RGB,width=160,height=120,framerate=5/1 ! matroskamux",
     );
+    // Noise: every token of every frame changes. (A real clip may hold still for a window, and
+    // then it is rightly skipped.)
+    let moving = source_util::clip(
+        dir.path(),
+        "moving.mkv",
+        "videotestsrc pattern=snow num-buffers=60 ! video/x-raw,format=RGB,width=160,height=120,framerate=5/1 ! matroskamux",
+    );
     let broker = Mosquitto::start(dir.path(), "");
     let metrics_port = free_port();
-    let gate = "skip_static = true\nwindow_seconds = 2.0\nstride_seconds = 2.0";
-    // In real time: the first window's answer is in before the next window closes.
+    // In real time: the first window's answer is in before the next window closes, so every
+    // later window of both streams goes through the gate.
+    let gate = "prompts = [\"caption\", \"motion\"]\nrealtime = true\nskip_static = true\nwindow_seconds = 2.0\nstride_seconds = 2.0";
     let streams = format!(
-        "[[stream]]\nname = \"frozen\"\nuri = \"{}\"\nprompts = [\"caption\", \"motion\"]\nrealtime = true\n{gate}\n\n{}",
+        "[[stream]]\nname = \"frozen\"\nuri = \"{}\"\n{gate}\n\n[[stream]]\nname = \"moving\"\nuri = \"{}\"\n{gate}\n",
         frozen.display(),
-        clip_stream("moving", gate)
+        moving.display()
     );
     let cfg = write_config(dir.path(), broker.port, metrics_port, "", &streams);
     let mut sub = Sub::connect(broker.port, "e2e-gate", &["vigil/+/+"], false).await;
