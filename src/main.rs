@@ -215,19 +215,25 @@ enum BenchCommand {
     Attention(BenchAttentionArgs),
 }
 
-/// Where a benchmark runs the model.
+/// Where a command runs the model.
 #[derive(clap::Args)]
 struct RunOnArgs {
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: Device,
-    /// f32, f16 or bf16 (default: bf16 on a GPU, f32 on the CPU).
+    /// Weights and activations: f32, f16 or bf16 (default: bf16 on a GPU, f32 on the CPU).
     #[arg(long)]
     dtype: Option<DType>,
     /// Attention kernels: auto, fused or reference (see `[model] attention`; on the CPU `fused`
     /// runs the kernels' plain-Rust twin).
     #[arg(long, default_value = "auto")]
     attention: AttentionMode,
+}
+
+impl RunOnArgs {
+    fn dtype(&self) -> DType {
+        self.dtype.unwrap_or(self.device.default_dtype())
+    }
 }
 
 #[derive(clap::Args)]
@@ -250,13 +256,8 @@ struct BenchEngineArgs {
     /// Complete checkpoint directory (model + processor files).
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
-    #[arg(long, default_value = "cpu")]
-    device: Device,
-    #[arg(long, default_value = "f32")]
-    dtype: DType,
-    /// Attention kernels: auto, fused or reference (see `[model] attention`).
-    #[arg(long, default_value = "auto")]
-    attention: AttentionMode,
+    #[command(flatten)]
+    run_on: RunOnArgs,
     /// Stream counts to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,4,8")]
     streams: Vec<usize>,
@@ -283,9 +284,9 @@ struct BenchEngineArgs {
 impl From<BenchEngineArgs> for vigil::bench::engine::BenchOptions {
     fn from(a: BenchEngineArgs) -> Self {
         Self {
-            device: a.device,
-            dtype: a.dtype,
-            attention: a.attention,
+            device: a.run_on.device,
+            dtype: a.run_on.dtype(),
+            attention: a.run_on.attention,
             streams: a.streams,
             windows_per_stream: a.windows_per_stream,
             frames_per_window: a.frames_per_window,
@@ -374,15 +375,8 @@ struct InferArgs {
     /// Seed for sampling.
     #[arg(long, value_name = "S", default_value_t = 0)]
     seed: u64,
-    /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
-    #[arg(long, default_value = "cpu")]
-    device: Device,
-    /// Weights and activations: f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    dtype: DType,
-    /// Attention kernels: auto (fused on a GPU once self-checked), fused, or reference.
-    #[arg(long, default_value = "auto")]
-    attention: AttentionMode,
+    #[command(flatten)]
+    run_on: RunOnArgs,
     /// Print one JSON object (per request) instead of streaming the answer.
     #[arg(long)]
     json: bool,
@@ -558,16 +552,13 @@ fn run_infer(a: InferArgs) -> anyhow::Result<()> {
         (None, Some(prompt)) => (vec![a.media.request(a.model.clone(), prompt)], false),
         (None, None) => anyhow::bail!("--prompt or --batch is required"),
     };
-    let device = vigil::infer::open_device(a.device)?;
+    let device = vigil::infer::open_device(a.run_on.device)?;
+    let dtype = vigil::model::load::candle_dtype(a.run_on.dtype());
     let t0 = std::time::Instant::now();
     let processor = vigil::processor::Processor::from_pretrained(&a.model)?;
-    let model = vigil::model::VideoLlama3ForConditionalGeneration::from_pretrained(
-        &a.model,
-        vigil::model::load::candle_dtype(a.dtype),
-        &device,
-    )?;
+    let model = vigil::model::VideoLlama3ForConditionalGeneration::from_pretrained(&a.model, dtype, &device)?;
     let shapes = vigil::model::fused::CheckShapes::of(model.config());
-    vigil::model::fused::configure(a.attention, &device, vigil::model::load::candle_dtype(a.dtype), &shapes);
+    vigil::model::fused::configure(a.run_on.attention, &device, dtype, &shapes);
     let load_ms = t0.elapsed().as_secs_f64() * 1e3;
     let max_new_tokens = a.max_new_tokens.or(model.generation_defaults().max_new_tokens).unwrap_or(128);
     let mut generation = GenerationParams::greedy(max_new_tokens);

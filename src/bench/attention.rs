@@ -204,8 +204,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
 
 /// Run the self-check and the timings.
 pub fn run(o: &AttentionBenchOptions) -> Result<AttentionReport, BenchError> {
-    let gpu = matches!(o.device, Device::Cuda(_));
-    let dtype = o.dtype.unwrap_or(if gpu { DType::Bf16 } else { DType::F32 });
+    let dtype = o.dtype.unwrap_or(o.device.default_dtype());
     let cdtype = crate::model::load::candle_dtype(dtype);
     let dev = crate::model::load::candle_device(o.device)?;
     let checks = fused::configure(o.attention, &dev, cdtype, &CheckShapes::default());

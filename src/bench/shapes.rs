@@ -354,8 +354,7 @@ pub fn run(o: &ShapeOptions, progress: &mut dyn FnMut(&str)) -> Result<ShapeRepo
             "frames, windows, prompts and streams must be positive and new tokens at least 2".into(),
         ));
     }
-    let gpu = matches!(o.device, Device::Cuda(_));
-    let dtype = o.dtype.unwrap_or(if gpu { DType::Bf16 } else { DType::F32 });
+    let dtype = o.dtype.unwrap_or(o.device.default_dtype());
     let candle_dtype = crate::model::load::candle_dtype(dtype);
 
     // Fail before writing gigabytes of weights when the device cannot be opened.

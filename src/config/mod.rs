@@ -153,6 +153,17 @@ pub enum Device {
     Cuda(usize),
 }
 
+impl Device {
+    /// What a command runs in when no dtype is given: bf16 on a GPU (as the checkpoints are
+    /// trained and served), f32 on the CPU (which has no fast bf16 arithmetic).
+    pub fn default_dtype(self) -> DType {
+        match self {
+            Device::Cpu => DType::F32,
+            Device::Cuda(_) => DType::Bf16,
+        }
+    }
+}
+
 impl std::str::FromStr for Device {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

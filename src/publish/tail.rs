@@ -10,7 +10,7 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, ConnectionError, Event, Packet, QoS};
 
 use super::connect;
-use super::payload::{AlertPayload, Answer};
+use super::payload::{AlertPayload, Answer, WindowInfo};
 use super::PublishError;
 use crate::config::MqttConfig;
 
@@ -92,33 +92,23 @@ fn json_line(topic: &str, payload: &[u8]) -> Option<String> {
 
 /// `2026-11-24 20:31:05Z  cam1/person  [0.0–8.0 s]  a person walks in`
 fn human_line(topic: &str, payload: &[u8]) -> Option<String> {
-    let when = |s: &str| s.replacen('T', " ", 1).split('.').next().unwrap_or(s).trim_end_matches('Z').to_string() + "Z";
     if is_alert_topic(topic) {
         let a: AlertPayload = serde_json::from_slice(payload).ok()?;
-        return Some(format!(
-            "{}  {}/{}  [{:.1}–{:.1} s]  ALERT: {}",
-            when(&a.window.start),
-            a.stream,
-            a.prompt,
-            a.window.start_s,
-            a.window.end_s,
-            one_line(&a.answer)
-        ));
+        return Some(line_of(&a.window, &a.stream, &a.prompt, &format!("ALERT: {}", one_line(&a.answer))));
     }
     let a: Answer = serde_json::from_slice(payload).ok()?;
-    let mut line = format!(
-        "{}  {}/{}  [{:.1}–{:.1} s]  {}",
-        when(&a.window.start),
-        a.stream,
-        a.prompt,
-        a.window.start_s,
-        a.window.end_s,
-        one_line(&a.answer)
-    );
+    let mut line = line_of(&a.window, &a.stream, &a.prompt, &one_line(&a.answer));
     if let Some(e) = &a.parse_error {
         line.push_str(&format!("  (unparsed: {e})"));
     }
     Some(line)
+}
+
+/// When, which stream and prompt, which part of the stream, and what was said.
+fn line_of(w: &WindowInfo, stream: &str, prompt: &str, said: &str) -> String {
+    let when = w.start.replacen('T', " ", 1);
+    let when = when.split('.').next().unwrap_or(&when).trim_end_matches('Z');
+    format!("{when}Z  {stream}/{prompt}  [{:.1}–{:.1} s]  {said}", w.start_s, w.end_s)
 }
 
 fn one_line(s: &str) -> String {
