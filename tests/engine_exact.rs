@@ -208,3 +208,39 @@ fn short_and_odd_windows_are_exact_too() {
     assert_same_as_alone(&cfg, &work, &got);
     assert_eq!(c.video_prefills, 4);
 }
+
+/// One batch of windows whose video prefixes differ in length (two streams, two frame sizes):
+/// the prefixes are prefilled packed, the padding a left-padded batch would have computed is
+/// skipped (counted), and every answer is still the one of its request alone.
+#[test]
+fn unequal_prefixes_are_packed_and_exact() {
+    let cfg = config("", "max_batch = 16");
+    let a = frames(0, 6, 160, 120, 2.0);
+    let b = frames(1, 4, 96, 128, 1.0);
+    let work = [
+        (window("a", 0, &a, 0, 6, 2.0), vec!["caption", "count"]),
+        (window("b", 0, &b, 0, 4, 1.0), vec!["person", "caption"]),
+    ];
+    let batch: Vec<vigil::engine::runner::WindowWork> = work
+        .iter()
+        .map(|(w, names)| vigil::engine::runner::WindowWork {
+            stream: w.stream.clone(),
+            window: w.clone(),
+            fps: fps(&w.stream),
+            prompts: names.iter().map(|n| cfg.prompt(n).unwrap().clone()).collect(),
+            queue: std::time::Duration::ZERO,
+        })
+        .collect();
+    let mut runner = load_runner(&cfg).unwrap();
+    let (out, stats) = runner.run_batch(&batch, &|| {}, &std::sync::atomic::AtomicBool::new(false));
+    let got: Vec<PromptResult> = out.into_iter().flatten().map(|r| r.unwrap()).collect();
+    assert_eq!(got.len(), 4);
+    assert_eq!(stats.video_prefills, 2);
+    // The same question follows each video, so the two prefixes differ by what the caption
+    // prompts' lengths differ by; the longer one sets the padded length.
+    assert_eq!((&got[0].prompt, &got[3].prompt), (&"caption".to_string(), &"caption".to_string()));
+    let differ = (got[0].prompt_tokens as i64 - got[3].prompt_tokens as i64).unsigned_abs();
+    assert!(differ > 0, "the two prefixes differ in length");
+    assert_eq!(stats.prefix_padding_skipped, differ);
+    assert_same_as_alone(&cfg, &work, &got);
+}

@@ -185,6 +185,8 @@ pub struct EngineCounters {
     /// Tokens prefilled as video prefixes (once per window) and as per-prompt questions.
     pub prefix_tokens: u64,
     pub suffix_tokens: u64,
+    /// Padding positions the packed prefix prefills did not compute.
+    pub prefix_padding_skipped: u64,
     pub batches: u64,
     /// Sequences over all batches (`batch_size_sum / batches` = mean batch size).
     pub batch_size_sum: u64,
@@ -214,6 +216,7 @@ impl EngineCounters {
         self.video_prefills += s.video_prefills;
         self.prefix_tokens += s.prefix_tokens;
         self.suffix_tokens += s.suffix_tokens;
+        self.prefix_padding_skipped += s.prefix_padding_skipped;
         self.batch_size_sum += s.sequences;
         self.visual_tokens_total += s.visual_tokens_total;
         self.visual_tokens_kept += s.visual_tokens_kept;

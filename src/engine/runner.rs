@@ -72,6 +72,9 @@ pub struct RunStats {
     /// Real (unpadded) tokens prefilled as video prefixes, and as per-prompt suffixes.
     pub prefix_tokens: u64,
     pub suffix_tokens: u64,
+    /// Padding positions the packed prefix prefill did not compute (what left-padding the
+    /// batch's prefixes to the longest would have added).
+    pub prefix_padding_skipped: u64,
     pub sequences: u64,
     pub visual_tokens_total: u64,
     pub visual_tokens_kept: u64,
@@ -645,13 +648,19 @@ impl Runner {
         }
         if !of.is_empty() {
             stats.video_prefills += groups.len() as u64;
-            stats.prefix_tokens += groups.iter().map(|g| g.ids.len() as u64).sum::<u64>();
+            let real = groups.iter().map(|g| g.ids.len() as u64).sum::<u64>();
+            let longest = groups.iter().map(|g| g.ids.len() as u64).max().unwrap_or(0);
+            stats.prefix_tokens += real;
+            stats.prefix_padding_skipped += longest * groups.len() as u64 - real;
             stats.sequences += of.len() as u64;
         }
         (groups, row_group, of)
     }
 
-    /// Prefix prefill (video + head), left-padded, all groups of the batch at once.
+    /// Prefix prefill (video + head) of all groups of the batch at once, packed back to back:
+    /// the linear layers see only real tokens, however unequal the groups' lengths (pruning
+    /// makes them so). The cache comes out left-padded to the longest group, as the suffix
+    /// prefill's fork expects.
     fn prefill_prefixes(
         &self,
         groups: &[Group],
@@ -662,30 +671,34 @@ impl Runner {
         let pad_id = self.decoding.pad;
         let lp = groups.iter().map(|g| g.ids.len()).max().unwrap_or(0);
         let mut ids = Vec::with_capacity(groups.len() * lp);
-        let mut mask = Vec::with_capacity(groups.len() * lp);
         let mut embeds = Vec::with_capacity(groups.len());
         let mut keep = Vec::new();
-        for g in groups {
+        // Where each group's real tokens sit in the padded `[groups·lp]` rows.
+        let mut real = Vec::with_capacity(groups.iter().map(|g| g.ids.len()).sum());
+        for (i, g) in groups.iter().enumerate() {
             let pad = lp - g.ids.len();
             ids.extend(std::iter::repeat_n(pad_id, pad));
             ids.extend_from_slice(&g.ids);
-            mask.extend(std::iter::repeat_n(0f32, pad));
-            mask.extend(std::iter::repeat_n(1f32, g.ids.len()));
+            real.extend((i * lp + pad..(i + 1) * lp).map(|r| r as u32));
             embeds.push(feats[g.job].clone().ok_or(RunError::Internal("no features"))?);
             keep.extend_from_slice(&preps[g.job].as_ref().ok_or(RunError::Internal("no prep"))?.keep);
         }
         let ng = groups.len();
-        let mask_t = Tensor::from_vec(mask, (ng, lp), &dev)?;
         let mm = MultimodalInputs {
-            attention_mask: Some(mask_t.clone()),
             video_embeds: Some(Tensor::cat(&embeds, 0)?),
             video_compression_mask: Some(keep),
             ..MultimodalInputs::text(Tensor::from_vec(ids, (ng, lp), &dev)?)
         };
+        // The stitch is the model's own (placeholders in order across rows); only its real rows
+        // go on.
         let stitched = self.model.model.input_embeddings(&mm)?;
+        let hidden = stitched.dim(2)?;
+        let n = real.len();
+        let packed = stitched.reshape((ng * lp, hidden))?.index_select(&Tensor::from_vec(real, n, &dev)?, 0)?;
+        let lens: Vec<usize> = groups.iter().map(|g| g.ids.len()).collect();
         // Only forked, never appended to: no room reserved.
         let mut cache = KvCache::with_headroom(0);
-        self.model.model.forward_embeds(&stitched, Some(&mask_t), &mut cache)?;
+        self.model.model.language_model().prefill_packed(&packed.unsqueeze(0)?, &lens, &mut cache)?;
         Ok(cache)
     }
 

@@ -1,4 +1,6 @@
-//! Qwen2 decoder (the VideoLLaMA3 language model) with a KV cache and left-padded batches.
+//! Qwen2 decoder (the VideoLLaMA3 language model) with a KV cache and left-padded batches, and
+//! a prefill of unequal sequences packed back to back (no padding in the matmuls) that leaves
+//! the same cache as the left-padded batch.
 //!
 //! Source of truth: transformers 5.24 `models/qwen2/modeling_qwen2.py` (RMSNorm, biased q/k/v,
 //! GQA, default RoPE, SwiGLU MLP) and `masking_utils.create_causal_mask` /
@@ -261,7 +263,7 @@ impl Attention {
         xs: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &ChunkedBias,
+        rows: &Rows,
         cache: &mut Option<LayerKv>,
         headroom: usize,
     ) -> candle_core::Result<Tensor> {
@@ -276,19 +278,73 @@ impl Attention {
         let q = rope_thd(&split(0, self.num_heads)?, cos, sin)?.transpose(1, 2)?;
         let k = rope_thd(&split(q_dim, self.num_kv_heads)?, cos, sin)?.transpose(1, 2)?.contiguous()?;
         let v = split(q_dim + kv_dim, self.num_kv_heads)?.transpose(1, 2)?.contiguous()?;
+        let out = match rows {
+            Rows::Padded(mask) => self.attend_padded(&q, &k, &v, mask, cache, headroom)?,
+            Rows::Packed(packed) => self.attend_packed(&q, &k, &v, packed, cache, headroom)?,
+        };
+        let out = out.transpose(1, 2)?.reshape((b, l, self.num_heads * self.head_dim))?;
+        self.o_proj.forward(&out)
+    }
+
+    /// Rows of a batch (`[b, heads, l, d]`) after the cached positions, through the key mask.
+    fn attend_padded(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &ChunkedBias,
+        cache: &mut Option<LayerKv>,
+        headroom: usize,
+    ) -> candle_core::Result<Tensor> {
         let (k, v) = match cache {
-            Some(layer) => layer.append(&k, &v)?,
+            Some(layer) => layer.append(k, v)?,
             None => {
-                let layer = LayerKv::new(&k, &v, headroom)?;
+                let layer = LayerKv::new(k, v, headroom)?;
                 let view = layer.view()?;
                 *cache = Some(layer);
                 view
             }
         };
         let pick = |start: usize, len: usize| mask.rows_at(start, len);
-        let out = super::fused::text(&q, &k, &v, self.scale, &pick, &mask.key_mask)?;
-        let out = out.transpose(1, 2)?.reshape((b, l, self.num_heads * self.head_dim))?;
-        self.o_proj.forward(&out)
+        super::fused::text(q, &k, &v, self.scale, &pick, &mask.key_mask)
+    }
+
+    /// Sequences packed back to back in one row (`[1, heads, Σlen, d]`), each attending only to
+    /// itself, causally: the same call per sequence as a batch of one would make. The empty
+    /// cache then holds them as the left-padded batch forward would: row `i`'s keys at the end
+    /// of `max_len` positions, zeros (hidden by the key mask) before them.
+    fn attend_packed(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        packed: &Packed,
+        cache: &mut Option<LayerKv>,
+        headroom: usize,
+    ) -> candle_core::Result<Tensor> {
+        if cache.is_some() {
+            candle_core::bail!("a packed prefill needs an empty cache");
+        }
+        let mut outs = Vec::with_capacity(packed.seqs.len());
+        let (mut ks, mut vs) = (Vec::with_capacity(packed.seqs.len()), Vec::with_capacity(packed.seqs.len()));
+        let left_padded = |x: &Tensor, len: usize| -> candle_core::Result<Tensor> {
+            let pad = packed.max_len - len;
+            if pad == 0 {
+                return Ok(x.clone());
+            }
+            let (_, kv, _, d) = x.dims4()?;
+            Tensor::cat(&[&Tensor::zeros((1, kv, pad, d), x.dtype(), x.device())?, x], 2)
+        };
+        for seq in &packed.seqs {
+            let part = |x: &Tensor| x.narrow(2, seq.start, seq.len);
+            let (ki, vi) = (part(k)?, part(v)?);
+            let pick = |start: usize, len: usize| seq.mask.rows_at(start, len);
+            outs.push(super::fused::text(&part(q)?, &ki, &vi, self.scale, &pick, &seq.mask.key_mask)?);
+            ks.push(left_padded(&ki, seq.len)?);
+            vs.push(left_padded(&vi, seq.len)?);
+        }
+        *cache = Some(LayerKv::new(&Tensor::cat(&ks, 0)?, &Tensor::cat(&vs, 0)?, headroom)?);
+        Tensor::cat(&outs, 2)
     }
 }
 
@@ -341,11 +397,11 @@ impl DecoderLayer {
         xs: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &ChunkedBias,
+        rows: &Rows,
         cache: &mut Option<LayerKv>,
         headroom: usize,
     ) -> candle_core::Result<Tensor> {
-        let h = self.self_attn.forward(&self.input_layernorm.forward(xs)?, cos, sin, mask, cache, headroom)?;
+        let h = self.self_attn.forward(&self.input_layernorm.forward(xs)?, cos, sin, rows, cache, headroom)?;
         let xs = (xs + h)?;
         let h = self.mlp.forward(&self.post_attention_layernorm.forward(&xs)?)?;
         xs + h
@@ -413,8 +469,52 @@ impl Qwen2Decoder {
         let key_mask = cache.append_mask(&inputs.attention_mask.to_dtype(DType::F32)?)?;
         let rows = rows_per_chunk(b, self.cfg.num_attention_heads, past + l);
         let mask = ChunkedBias::new(&key_mask, past, l, rows)?;
+        self.run_layers(xs, inputs.position_ids, &Rows::Padded(mask), cache)
+    }
+
+    /// A prefill of several sequences packed back to back: `xs` `[1, Σlens, hidden]`, sequence
+    /// `i` `lens[i]` tokens at positions `0..lens[i]`, attending only to itself. The linear
+    /// layers see no padding. Leaves `cache` (which must be empty) exactly as [`Self::forward`]
+    /// on the left-padded batch would, `[lens.len(), max(lens)]` rows with the padding hidden by
+    /// the key mask, so decoding or forking continues from it unchanged. Returns the final
+    /// hidden states, packed.
+    pub fn prefill_packed(&self, xs: &Tensor, lens: &[usize], cache: &mut KvCache) -> candle_core::Result<Tensor> {
+        let (one, total, _) = xs.dims3()?;
+        if one != 1 || lens.iter().sum::<usize>() != total || lens.contains(&0) {
+            candle_core::bail!("packed prefill: {:?} does not hold sequences of {lens:?} tokens", xs.dims());
+        }
+        if cache.seq_len() != 0 {
+            candle_core::bail!("a packed prefill needs an empty cache");
+        }
+        cache.layers = (0..self.layers.len()).map(|_| None).collect();
+        let dev = xs.device();
+        let max_len = lens.iter().copied().max().unwrap_or(0);
+        let mut key_mask = Vec::with_capacity(lens.len() * max_len);
+        let mut positions = Vec::with_capacity(total);
+        let mut seqs = Vec::with_capacity(lens.len());
+        let mut start = 0;
+        for &len in lens {
+            key_mask.extend((0..max_len).map(|j| if j < max_len - len { 0f32 } else { 1f32 }));
+            positions.extend((0..len).map(|p| p as u32));
+            let ones = Tensor::ones((1, len), DType::F32, dev)?;
+            let rows = rows_per_chunk(1, self.cfg.num_attention_heads, len);
+            seqs.push(PackedSeq { start, len, mask: ChunkedBias::new(&ones, 0, len, rows)? });
+            start += len;
+        }
+        cache.append_mask(&Tensor::from_vec(key_mask, (lens.len(), max_len), dev)?)?;
+        let positions = Tensor::from_vec(positions, (1, total), dev)?;
+        self.run_layers(xs, &positions, &Rows::Packed(Packed { seqs, max_len }), cache)
+    }
+
+    fn run_layers(
+        &self,
+        xs: &Tensor,
+        position_ids: &Tensor,
+        rows: &Rows,
+        cache: &mut KvCache,
+    ) -> candle_core::Result<Tensor> {
         // RoPE tables in f32, as transformers computes them (then cast to the model dtype).
-        let pos = inputs.position_ids.to_dtype(DType::F32)?.unsqueeze(2)?; // [b, l, 1]
+        let pos = position_ids.to_dtype(DType::F32)?.unsqueeze(2)?; // [b, l, 1]
         let freqs = pos.broadcast_mul(&self.inv_freq)?;
         let dtype = xs.dtype();
         // `[b, l, hd/2]`: both halves of transformers' `cat(freqs, freqs)` table are equal.
@@ -422,11 +522,31 @@ impl Qwen2Decoder {
         let sin = freqs.sin()?.to_dtype(dtype)?;
         let mut hidden = xs.clone();
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            hidden = layer.forward(&hidden, &cos, &sin, &mask, slot, cache.headroom)?;
+            hidden = layer.forward(&hidden, &cos, &sin, rows, slot, cache.headroom)?;
         }
-        let _ = b;
         self.norm.forward(&hidden)
     }
+}
+
+/// How a forward's rows are laid out.
+enum Rows {
+    /// `[batch, len]` rows (left- or mid-padded) after the cached positions, through the key mask.
+    Padded(ChunkedBias),
+    /// Sequences back to back in one row, each attending only to itself.
+    Packed(Packed),
+}
+
+struct Packed {
+    seqs: Vec<PackedSeq>,
+    /// The longest sequence: the cache's length.
+    max_len: usize,
+}
+
+/// One packed sequence: where it starts in the row, its length and its own causal mask (no padding).
+struct PackedSeq {
+    start: usize,
+    len: usize,
+    mask: ChunkedBias,
 }
 
 /// Additive attention mask `[b, 1, rows, past + l]` per chunk of query rows: causal within the
@@ -573,6 +693,75 @@ mod tests {
                 let seen = buffer.narrow(1, 0, cache.seq_len()).unwrap().to_vec2::<f32>().unwrap();
                 assert!(seen == want.to_vec2::<f32>().unwrap(), "step {step}");
             }
+        }
+    }
+
+    /// The packed prefill computes what the left-padded batch forward computes, and leaves a
+    /// cache that continues the same way: checked on the demo model's decoder with sequences
+    /// of unequal lengths (one of them the longest, one of a single token), then a decode step
+    /// from each cache.
+    #[test]
+    fn packed_prefill_equals_the_left_padded_batch() {
+        let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-videollama3"));
+        let dev = Device::Cpu;
+        let model = crate::model::VideoLlama3ForConditionalGeneration::from_pretrained(dir, DType::F32, &dev).unwrap();
+        let lm = model.model.language_model();
+        let h = lm.config().hidden_size;
+        let lens = [5usize, 17, 1, 9];
+        let lp = 17;
+        let seqs: Vec<Tensor> = lens.iter().map(|&l| Tensor::randn(0f32, 1.0, (l, h), &dev).unwrap()).collect();
+
+        let mut packed_cache = KvCache::with_headroom(0);
+        let packed = lm.prefill_packed(&Tensor::cat(&seqs, 0).unwrap().unsqueeze(0).unwrap(), &lens, &mut packed_cache);
+        let packed = packed.unwrap().squeeze(0).unwrap();
+
+        let mut rows = Vec::new();
+        let (mut mask, mut pos) = (Vec::new(), Vec::new());
+        for (x, &l) in seqs.iter().zip(&lens) {
+            rows.push(Tensor::cat(&[&Tensor::zeros((lp - l, h), DType::F32, &dev).unwrap(), x], 0).unwrap());
+            mask.extend((0..lp).map(|j| if j < lp - l { 0f32 } else { 1.0 }));
+            pos.extend((0..lp).map(|j| (j + l).saturating_sub(lp) as i64));
+        }
+        let padded_in = Tensor::stack(&rows, 0).unwrap();
+        let mask = Tensor::from_vec(mask, (lens.len(), lp), &dev).unwrap();
+        let pos = Tensor::from_vec(pos, (lens.len(), lp), &dev).unwrap();
+        let mut padded_cache = KvCache::with_headroom(0);
+        let inputs = DecoderInputs { inputs_embeds: &padded_in, position_ids: &pos, attention_mask: &mask };
+        let padded = lm.forward(&inputs, &mut padded_cache).unwrap();
+        assert_eq!(packed_cache.seq_len(), padded_cache.seq_len());
+
+        let diff = |a: &Tensor, b: &Tensor| {
+            (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        };
+        let mut start = 0;
+        for (i, &l) in lens.iter().enumerate() {
+            let got = packed.narrow(0, start, l).unwrap();
+            let want = padded.get(i).unwrap().narrow(0, lp - l, l).unwrap();
+            assert!(diff(&got, &want) < 1e-4, "sequence {i}: {}", diff(&got, &want));
+            start += l;
+        }
+
+        // One more token per row from each cache: the same continuation.
+        let step = Tensor::randn(0f32, 1.0, (lens.len(), 1, h), &dev).unwrap();
+        let step_pos = Tensor::from_vec(lens.iter().map(|&l| l as i64).collect(), (lens.len(), 1), &dev).unwrap();
+        let ones = Tensor::ones((lens.len(), 1), DType::F32, &dev).unwrap();
+        let next = |cache: &mut KvCache| {
+            let inputs = DecoderInputs { inputs_embeds: &step, position_ids: &step_pos, attention_mask: &ones };
+            lm.forward(&inputs, cache).unwrap()
+        };
+        let (a, b) = (next(&mut packed_cache), next(&mut padded_cache));
+        assert!(diff(&a, &b) < 1e-4, "decode step: {}", diff(&a, &b));
+    }
+
+    #[test]
+    fn packed_prefill_refuses_lengths_that_do_not_add_up() {
+        let dir = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models/tiny-videollama3"));
+        let model =
+            crate::model::VideoLlama3ForConditionalGeneration::from_pretrained(dir, DType::F32, &Device::Cpu).unwrap();
+        let lm = model.model.language_model();
+        let xs = Tensor::zeros((1, 6, lm.config().hidden_size), DType::F32, &Device::Cpu).unwrap();
+        for lens in [&[2usize, 3][..], &[6, 0], &[]] {
+            assert!(lm.prefill_packed(&xs, lens, &mut KvCache::new()).is_err(), "{lens:?}");
         }
     }
 
