@@ -271,15 +271,17 @@ impl Shared {
         })
     }
 
-    /// Publish an event message, and the retained `event/state` it implies.
+    /// Publish the retained `event/state` an event implies, then the event message. In that
+    /// order (the outbox keeps it, and so does the broker for one client): whoever acts on the
+    /// event message finds the state already retained.
     fn publish_event(&self, e: &events::EventPayload) {
         let t = &self.topics;
-        self.event(t.event(&e.stream, &e.prompt), to_json(e));
         match e.kind {
             events::EventType::Start => self.retained(t.event_state(&e.stream, &e.prompt), b"ON".to_vec()),
             events::EventType::End => self.retained(t.event_state(&e.stream, &e.prompt), b"OFF".to_vec()),
             events::EventType::Update => {}
         }
+        self.event(t.event(&e.stream, &e.prompt), to_json(e));
     }
 
     fn log_burst_end(&self, ended: Option<u64>) {
