@@ -5,13 +5,12 @@
 
 mod engine_util;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use engine_util::*;
 use vigil::config::Config;
 use vigil::engine::runner::RunOptions;
-use vigil::engine::{load_runner, Engine, PromptResult};
+use vigil::engine::{Engine, PromptResult};
 use vigil::window::Window;
 
 /// Overlapping windows from two streams with different frame sizes and rates.
@@ -28,14 +27,6 @@ fn workload() -> Vec<(Arc<Window>, Vec<&'static str>)> {
     ]
 }
 
-fn fps(stream: &str) -> f64 {
-    if stream == "a" {
-        2.0
-    } else {
-        1.0
-    }
-}
-
 fn run_engine(cfg: &Config, work: &[(Arc<Window>, Vec<&str>)]) -> (Vec<PromptResult>, vigil::engine::EngineCounters) {
     let engine = start(cfg);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -48,30 +39,6 @@ fn run_engine(cfg: &Config, work: &[(Arc<Window>, Vec<&str>)]) -> (Vec<PromptRes
     let c = engine.counters();
     assert!(engine.shutdown(std::time::Duration::from_secs(30)));
     (got, c)
-}
-
-fn assert_same_as_alone(cfg: &Config, work: &[(Arc<Window>, Vec<&str>)], got: &[PromptResult]) {
-    let runner = load_runner(cfg).unwrap();
-    let by_key: HashMap<(String, u64, String), &PromptResult> =
-        got.iter().map(|r| ((r.stream.clone(), r.window_seq, r.prompt.clone()), r)).collect();
-    let mut generated = 0;
-    for (w, names) in work {
-        for name in names {
-            let p = cfg.prompt(name).unwrap();
-            let alone = runner.run_alone(&w.stream, w, fps(&w.stream), p).unwrap();
-            let r = by_key[&(w.stream.clone(), w.seq, name.to_string())];
-            assert_eq!(r.tokens, alone.tokens, "{} window {} prompt {name}", w.stream, w.seq);
-            assert_eq!(r.text, alone.text);
-            assert_eq!(r.value, alone.value);
-            assert_eq!(r.parse_error, alone.parse_error);
-            assert_eq!(r.prompt_tokens, alone.prompt_tokens);
-            assert_eq!((r.visual_total, r.visual_kept), (alone.visual_total, alone.visual_kept));
-            assert_eq!(r.kind, p.kind);
-            assert!(r.generated_tokens as usize <= p.max_new_tokens.unwrap_or(cfg.model.max_new_tokens));
-            generated += r.generated_tokens;
-        }
-    }
-    assert!(generated > 20, "the comparison must cover real generations ({generated} tokens)");
 }
 
 #[test]
@@ -215,26 +182,7 @@ fn short_and_odd_windows_are_exact_too() {
 #[test]
 fn unequal_prefixes_are_packed_and_exact() {
     let cfg = config("", "max_batch = 16");
-    let a = frames(0, 6, 160, 120, 2.0);
-    let b = frames(1, 4, 96, 128, 1.0);
-    let work = [
-        (window("a", 0, &a, 0, 6, 2.0), vec!["caption", "count"]),
-        (window("b", 0, &b, 0, 4, 1.0), vec!["person", "caption"]),
-    ];
-    let batch: Vec<vigil::engine::runner::WindowWork> = work
-        .iter()
-        .map(|(w, names)| vigil::engine::runner::WindowWork {
-            stream: w.stream.clone(),
-            window: w.clone(),
-            fps: fps(&w.stream),
-            prompts: names.iter().map(|n| cfg.prompt(n).unwrap().clone()).collect(),
-            queue: std::time::Duration::ZERO,
-        })
-        .collect();
-    let mut runner = load_runner(&cfg).unwrap();
-    let (out, stats) = runner.run_batch(&batch, &|| {}, &std::sync::atomic::AtomicBool::new(false));
-    let got: Vec<PromptResult> = out.into_iter().flatten().map(|r| r.unwrap()).collect();
-    assert_eq!(got.len(), 4);
+    let (work, got, stats) = unequal_batch(&cfg);
     assert_eq!(stats.video_prefills, 2);
     // The same question follows each video, so the two prefixes differ by what the caption
     // prompts' lengths differ by; the longer one sets the padded length.

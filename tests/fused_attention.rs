@@ -6,15 +6,20 @@
 
 mod common;
 mod daemon_util;
+mod engine_util;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use candle_core::{DType, Device};
 use serde_json::Value;
 use vigil::config::AttentionMode;
 use vigil::model::fused::{self, CheckShapes, Kernel};
+
+/// The attention policy is process-wide: tests that set it in this process take turns.
+static POLICY: Mutex<()> = Mutex::new(());
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/infer")
@@ -110,6 +115,7 @@ fn a_kernel_failing_its_self_check_is_reported_and_answers_do_not_change() {
 /// each kernel, and the status feeds the metrics.
 #[test]
 fn configure_verifies_and_gates_each_kernel() {
+    let _turn = POLICY.lock().unwrap_or_else(|e| e.into_inner());
     let cpu = Device::Cpu;
     let shapes = CheckShapes::default();
     assert!(fused::configure(AttentionMode::Auto, &cpu, DType::F32, &shapes).is_empty(), "auto: no kernels on the CPU");
@@ -124,6 +130,19 @@ fn configure_verifies_and_gates_each_kernel() {
     assert!(fused::status().iter().all(|s| s.verified == Some(true) && s.failures == 0));
     assert!(fused::configure(AttentionMode::Reference, &cpu, DType::F32, &shapes).is_empty());
     assert!(!fused::uses_fused(Kernel::Vision, &cpu, DType::F32, 72));
+}
+
+/// The engine's packed prefix prefill on the fused kernels (one prefill call per sequence,
+/// through narrowed views of the packed projections): a batch of unequal windows answers as each
+/// request alone does.
+#[test]
+fn packed_prefill_on_the_fused_kernels_is_exact() {
+    let _turn = POLICY.lock().unwrap_or_else(|e| e.into_inner());
+    let cfg = engine_util::config("attention = \"fused\"", "max_batch = 16");
+    let (work, got, stats) = engine_util::unequal_batch(&cfg);
+    assert!(fused::uses_fused(Kernel::Prefill, &Device::Cpu, DType::F32, 64), "the prefill kernel is in use");
+    assert!(stats.prefix_padding_skipped > 0);
+    engine_util::assert_same_as_alone(&cfg, &work, &got);
 }
 
 /// The daemon with `attention = "fused"` and one kernel forced to fail: it answers, the log warns,

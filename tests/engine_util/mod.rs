@@ -2,13 +2,15 @@
 //! (tests/fixtures/engine/ckpt) and synthetic windows.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vigil::bench::engine::synthetic_frame;
 use vigil::config::Config;
-use vigil::engine::{Engine, Job, JobOutput, PromptResult};
+use vigil::engine::runner::{RunStats, WindowWork};
+use vigil::engine::{load_runner, Engine, Job, JobOutput, PromptResult};
 use vigil::window::{Frame, Window};
 
 pub fn ckpt() -> PathBuf {
@@ -75,7 +77,7 @@ pub fn job(
         stream: w.stream.clone(),
         window: w.clone(),
         prompts: names.iter().map(|n| cfg.prompt(n).expect("prompt").clone()).collect(),
-        fps: cfg.streams.iter().find(|s| s.name == w.stream).map(|s| s.settings.fps).unwrap_or(0.0),
+        fps: stream_fps(cfg, &w.stream),
         closed_at: Instant::now(),
         reply: reply.clone(),
     }
@@ -109,4 +111,61 @@ pub fn answers(outs: Vec<JobOutput>) -> Vec<PromptResult> {
 
 pub fn start(cfg: &Config) -> Engine {
     Engine::start(cfg).expect("engine starts on the tiny checkpoint")
+}
+
+/// The frame rate `cfg` gives `stream`.
+pub fn stream_fps(cfg: &Config, stream: &str) -> f64 {
+    cfg.streams.iter().find(|s| s.name == stream).map(|s| s.settings.fps).unwrap_or(0.0)
+}
+
+/// Every answer equals the one of its (window, prompt) run alone through the processor and
+/// `generate` (`Runner::run_alone`).
+pub fn assert_same_as_alone(cfg: &Config, work: &[(Arc<Window>, Vec<&str>)], got: &[PromptResult]) {
+    let runner = load_runner(cfg).unwrap();
+    let by_key: HashMap<(String, u64, String), &PromptResult> =
+        got.iter().map(|r| ((r.stream.clone(), r.window_seq, r.prompt.clone()), r)).collect();
+    let mut generated = 0;
+    for (w, names) in work {
+        for name in names {
+            let p = cfg.prompt(name).unwrap();
+            let alone = runner.run_alone(&w.stream, w, stream_fps(cfg, &w.stream), p).unwrap();
+            let r = by_key[&(w.stream.clone(), w.seq, name.to_string())];
+            assert_eq!(r.tokens, alone.tokens, "{} window {} prompt {name}", w.stream, w.seq);
+            assert_eq!(r.text, alone.text);
+            assert_eq!(r.value, alone.value);
+            assert_eq!(r.parse_error, alone.parse_error);
+            assert_eq!(r.prompt_tokens, alone.prompt_tokens);
+            assert_eq!((r.visual_total, r.visual_kept), (alone.visual_total, alone.visual_kept));
+            assert_eq!(r.kind, p.kind);
+            assert!(r.generated_tokens as usize <= p.max_new_tokens.unwrap_or(cfg.model.max_new_tokens));
+            generated += r.generated_tokens;
+        }
+    }
+    assert!(generated > 20, "the comparison must cover real generations ({generated} tokens)");
+}
+
+/// One batch, run directly on a runner, of two windows whose video prefixes differ in length
+/// (streams `a` and `b`, two frame sizes), two prompts each; the answers in order and the stats.
+pub fn unequal_batch(cfg: &Config) -> (Vec<(Arc<Window>, Vec<&'static str>)>, Vec<PromptResult>, RunStats) {
+    let a = frames(0, 6, 160, 120, 2.0);
+    let b = frames(1, 4, 96, 128, 1.0);
+    let work = vec![
+        (window("a", 0, &a, 0, 6, 2.0), vec!["caption", "count"]),
+        (window("b", 0, &b, 0, 4, 1.0), vec!["person", "caption"]),
+    ];
+    let batch: Vec<WindowWork> = work
+        .iter()
+        .map(|(w, names)| WindowWork {
+            stream: w.stream.clone(),
+            window: w.clone(),
+            fps: stream_fps(cfg, &w.stream),
+            prompts: names.iter().map(|n| cfg.prompt(n).unwrap().clone()).collect(),
+            queue: Duration::ZERO,
+        })
+        .collect();
+    let mut runner = load_runner(cfg).unwrap();
+    let (out, stats) = runner.run_batch(&batch, &|| {}, &std::sync::atomic::AtomicBool::new(false));
+    let got: Vec<PromptResult> = out.into_iter().flatten().map(|r| r.unwrap()).collect();
+    assert_eq!(got.len(), 4);
+    (work, got, stats)
 }
