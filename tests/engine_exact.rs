@@ -14,7 +14,7 @@ use vigil::engine::{Engine, PromptResult};
 use vigil::window::Window;
 
 /// Overlapping windows from two streams with different frame sizes and rates.
-fn workload() -> Vec<(Arc<Window>, Vec<&'static str>)> {
+fn workload() -> Workload {
     let a = frames(0, 10, 160, 120, 2.0);
     let b = frames(1, 8, 96, 128, 1.0);
     vec![

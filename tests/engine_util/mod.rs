@@ -113,6 +113,9 @@ pub fn start(cfg: &Config) -> Engine {
     Engine::start(cfg).expect("engine starts on the tiny checkpoint")
 }
 
+/// Windows and the prompts due for each.
+pub type Workload = Vec<(Arc<Window>, Vec<&'static str>)>;
+
 /// The frame rate `cfg` gives `stream`.
 pub fn stream_fps(cfg: &Config, stream: &str) -> f64 {
     cfg.streams.iter().find(|s| s.name == stream).map(|s| s.settings.fps).unwrap_or(0.0)
@@ -146,7 +149,7 @@ pub fn assert_same_as_alone(cfg: &Config, work: &[(Arc<Window>, Vec<&str>)], got
 
 /// One batch, run directly on a runner, of two windows whose video prefixes differ in length
 /// (streams `a` and `b`, two frame sizes), two prompts each; the answers in order and the stats.
-pub fn unequal_batch(cfg: &Config) -> (Vec<(Arc<Window>, Vec<&'static str>)>, Vec<PromptResult>, RunStats) {
+pub fn unequal_batch(cfg: &Config) -> (Workload, Vec<PromptResult>, RunStats) {
     let a = frames(0, 6, 160, 120, 2.0);
     let b = frames(1, 4, 96, 128, 1.0);
     let work = vec![
