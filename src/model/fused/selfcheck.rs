@@ -6,8 +6,9 @@
 //! - vision: 106 rows packed as frames of 37, 64 and 5 rows (`cu_seqlens`, non-causal), the
 //!   model's vision head dim; the reference runs each frame alone;
 //! - prefill: batch 2, 40 new rows after 24 cached positions, the model's GQA ratio and text head
-//!   dim, K/V read through a narrowed cache buffer, a key mask with left and middle padding
-//!   that leaves some query rows with no visible key;
+//!   dim, K/V read through a narrowed cache buffer, the queries through a transposed view that
+//!   starts some rows into its buffer (as the decoder passes them, a packed sequence's included),
+//!   a key mask with left and middle padding that leaves some query rows with no visible key;
 //! - decode: batch 3, one row over 300 keys with padding, keys split across blocks.
 //!
 //! Rows that see no key are skipped: the kernels write zeros there and the reference an average
@@ -259,6 +260,9 @@ pub(crate) fn case(kernel: Kernel, shapes: &CheckShapes) -> candle_core::Result<
     }
 }
 
+/// Rows before a prefill or decode case's queries in their buffer.
+const QUERY_OFFSET: usize = 7;
+
 impl Case {
     /// Whether output row `i` of batch row `b` sees any key (only those are compared).
     pub(crate) fn sees_a_key(&self, b: usize, i: usize) -> bool {
@@ -283,7 +287,15 @@ impl Case {
                     let pad = Tensor::zeros((b, kv, cap - s, d), DType::F32, &Device::Cpu)?;
                     put(&Tensor::cat(&[&t.contiguous()?, &pad], 2)?)?.narrow(2, 0, s)
                 };
-                (put(&self.q)?, cache(&self.k)?, cache(&self.v)?)
+                // Q as the decoder passes it: a `[b, h, l, d]` view of the RoPE output's
+                // `[b, rows, h, d]` rows, starting some rows in (a packed sequence's queries).
+                let query = |t: &Tensor| -> candle_core::Result<Tensor> {
+                    let (b, h, l, d) = t.dims4()?;
+                    let before = Tensor::zeros((b, QUERY_OFFSET, h, d), DType::F32, &Device::Cpu)?;
+                    let rows = Tensor::cat(&[&before, &t.transpose(1, 2)?.contiguous()?], 1)?;
+                    put(&rows)?.narrow(1, QUERY_OFFSET, l)?.transpose(1, 2)
+                };
+                (query(&self.q)?, cache(&self.k)?, cache(&self.v)?)
             }
         };
         let mask = match &self.key_mask {
