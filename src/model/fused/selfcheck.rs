@@ -6,10 +6,13 @@
 //! - vision: 106 rows packed as frames of 37, 64 and 5 rows (`cu_seqlens`, non-causal), the
 //!   model's vision head dim; the reference runs each frame alone;
 //! - prefill: batch 2, 40 new rows after 24 cached positions, the model's GQA ratio and text head
-//!   dim, K/V read through a narrowed cache buffer, the queries through a transposed view that
-//!   starts some rows into its buffer (as the decoder passes them, a packed sequence's included),
-//!   a key mask with left and middle padding that leaves some query rows with no visible key;
+//!   dim, a key mask with left and middle padding that leaves some query rows with no visible
+//!   key;
 //! - decode: batch 3, one row over 300 keys with padding, keys split across blocks.
+//!
+//! Prefill and decode read their operands as the decoder passes them: K/V through views that
+//! start some positions into a larger buffer (a cache with room after it, or a packed sequence's
+//! keys), the queries through a transposed view of RoPE rows that starts some rows in.
 //!
 //! Rows that see no key are skipped: the kernels write zeros there and the reference an average
 //! of the values; the decoder never reads such rows (they are padding).
@@ -260,7 +263,7 @@ pub(crate) fn case(kernel: Kernel, shapes: &CheckShapes) -> candle_core::Result<
     }
 }
 
-/// Rows before a prefill or decode case's queries in their buffer.
+/// Rows before a prefill or decode case's queries, and positions before its keys, in their buffers.
 const QUERY_OFFSET: usize = 7;
 
 impl Case {
@@ -280,12 +283,14 @@ impl Case {
             }
             None => {
                 let s = self.problem.k_len;
-                // K/V as narrowed views of a larger cache buffer, as the decoder passes them.
+                // K/V as narrowed views of a larger buffer, as the decoder passes them: a cache
+                // with room after the filled positions, or a packed sequence's keys after the
+                // sequences before it.
                 let cache = |t: &Tensor| -> candle_core::Result<Tensor> {
                     let (b, kv, _, d) = t.dims4()?;
-                    let cap = s + 30.min(s);
-                    let pad = Tensor::zeros((b, kv, cap - s, d), DType::F32, &Device::Cpu)?;
-                    put(&Tensor::cat(&[&t.contiguous()?, &pad], 2)?)?.narrow(2, 0, s)
+                    let zeros = |n: usize| Tensor::zeros((b, kv, n, d), DType::F32, &Device::Cpu);
+                    let buffer = Tensor::cat(&[&zeros(QUERY_OFFSET)?, &t.contiguous()?, &zeros(30.min(s))?], 2)?;
+                    put(&buffer)?.narrow(2, QUERY_OFFSET, s)
                 };
                 // Q as the decoder passes it: a `[b, h, l, d]` view of the RoPE output's
                 // `[b, rows, h, d]` rows, starting some rows in (a packed sequence's queries).
