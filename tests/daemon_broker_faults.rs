@@ -1,5 +1,5 @@
 //! Broker faults at the daemon level: the real `vigil run` binary answering a looping clip
-//! while its mosquitto crashes, restarts, starts late or stays away longer than the outbox
+//! while its mosquitto crashes, restarts, hangs, starts late or stays away longer than the outbox
 //! holds; a wedged publisher; the embedded broker's connection taken over. Every scenario
 //! counts what the daemon produced (its debug log names each answer), what a persistent QoS 1
 //! subscriber received, and what the stop line says, and prints one `broker-faults:` line with
@@ -216,6 +216,41 @@ async fn broker_killed_twice_loses_no_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restarted_twice_loses_no_answer() {
     two_outages(false).await;
+}
+
+/// A broker that hangs (SIGSTOP: its connections stay open, nothing is read or acknowledged)
+/// well past the keepalive, then resumes: the daemon finds the link dead on its own, keeps
+/// answering into the outbox, reconnects once the broker answers again, and every answer
+/// arrives; none is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_hung_then_resumed_loses_no_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), DURABLE);
+    let mut sub = Sub::connect(broker.port, "faults-sub", &["vigil/+/+"], true).await;
+    let vigil = Daemon::start(dir.path(), &mqtt_to(broker.port), &[]);
+    let mut got = Received::default();
+    got.until(&mut sub, 4, Duration::from_secs(90)).await;
+    let (before, connects) = (vigil.produced(), vigil.connects());
+    broker.freeze(true);
+    let hung = Instant::now();
+    // Nothing closes the link: the daemon must find it dead by itself (keepalive 5 s).
+    vigil
+        .wait_until("the hung link is noticed", Duration::from_secs(40), |d| {
+            metric(&d.get("/metrics"), "vigil_mqtt_connected") == 0.0
+        })
+        .await;
+    eprintln!("the hung link was noticed after {:?}", hung.elapsed());
+    // Then hung a while longer: reconnect attempts meet a broker that accepts the TCP connection
+    // (the kernel does) and never answers the CONNECT.
+    vigil
+        .wait_until("answers are produced while the broker hangs", Duration::from_secs(60), |d| {
+            d.produced() >= before + 3 && hung.elapsed() >= Duration::from_secs(20)
+        })
+        .await;
+    assert_eq!(vigil.connects(), connects, "no connect can succeed while the broker hangs");
+    broker.freeze(false);
+    vigil.redelivered(connects, &mut sub, &mut got).await;
+    stop_lossless("broker hung 20 s, then resumed", vigil, &mut sub, got).await;
 }
 
 /// The broker is down when the daemon starts: answers wait in the outbox, `/readyz` says why it

@@ -107,6 +107,16 @@ impl Mosquitto {
         }
     }
 
+    /// Hang (SIGSTOP) or resume (SIGCONT): while hung its sockets stay open and even accept
+    /// connections, but nothing is read or answered, as with a wedged broker or a black-holed link.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(c) = &self.child {
+            let sig = if frozen { "-STOP" } else { "-CONT" };
+            let ok = Command::new("kill").arg(sig).arg(c.id().to_string()).status().unwrap().success();
+            assert!(ok, "kill {sig} mosquitto");
+        }
+    }
+
     pub fn restart(&mut self) {
         self.stop();
         self.spawn();
