@@ -280,6 +280,65 @@ async fn rtsp_stream_keeps_answering_after_its_server_restarts_while_a_file_stre
     stop_cleanly(&mut vigil, &log);
 }
 
+/// A camera that hangs without closing anything (its session stays up, no frame comes): the
+/// stall watchdog (10 s at 2 fps) restarts the stream, which reports `reconnecting` with the
+/// reason, while the other stream keeps answering; once the camera sends again, it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtsp_camera_that_hangs_is_restarted_by_the_stall_watchdog() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path(), "");
+    let server = source_util::RtspServer::start(source_util::free_port());
+    let cam = format!(
+        "[[stream]]\nname = \"cam\"\nuri = \"{}\"\nprompts = [\"caption\"]\nfps = 2.0\nwindow_seconds = 1.0\n\
+         stride_seconds = 1.0\nreconnect_min_s = 0.2\nreconnect_max_s = 1.0\n",
+        server.url()
+    );
+    let file = clip_stream("file", "loop = true\nrealtime = true\nwindow_seconds = 2.0\nstride_seconds = 2.0");
+    let cfg = write_config(dir.path(), broker.port, free_port(), "", &format!("{cam}\n{file}"));
+    let mut sub = Sub::connect(broker.port, "e2e-hang", &["vigil/#"], false).await;
+    let log = dir.path().join("vigil.log");
+    let mut vigil = spawn_vigil(&cfg, &log);
+    let mut cam_answers = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while cam_answers == 0 && tokio::time::Instant::now() < deadline {
+        for a in answers(&mut sub, 1, Duration::from_secs(5)).await {
+            cam_answers += (a["stream"] == "cam") as usize;
+        }
+    }
+    assert!(cam_answers > 0, "cam should answer; log:\n{}", log_text(&log));
+
+    server.freeze(true);
+    let hung = tokio::time::Instant::now();
+    let mut reason = None;
+    let mut file_answers = 0;
+    let deadline = hung + Duration::from_secs(30);
+    while reason.is_none() && tokio::time::Instant::now() < deadline {
+        let Some(m) = sub.next(deadline.saturating_duration_since(tokio::time::Instant::now())).await else { break };
+        if m.topic == "vigil/cam/status" && m.json()["state"] == "reconnecting" {
+            reason = m.json()["error"].as_str().map(String::from);
+        }
+        file_answers += (is_answer_topic(&m.topic) && m.json()["stream"] == "file") as usize;
+    }
+    let reason = reason.unwrap_or_else(|| panic!("cam never reported reconnecting; log:\n{}", log_text(&log)));
+    assert!(reason.contains("stalled"), "{reason}");
+    assert!(hung.elapsed() >= Duration::from_secs(9), "restarted after {:?}, before the stall limit", hung.elapsed());
+    assert!(file_answers > 0, "the file stream must keep answering; log:\n{}", log_text(&log));
+
+    // Frames again: the stream reports `streaming`, then answers windows it captured since.
+    server.freeze(false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    let (mut streaming, mut cam_again) = (false, false);
+    while !cam_again && tokio::time::Instant::now() < deadline {
+        let Some(m) = sub.next(deadline.saturating_duration_since(tokio::time::Instant::now())).await else { break };
+        if m.topic == "vigil/cam/status" {
+            streaming = m.json()["state"] == "streaming";
+        }
+        cam_again = streaming && is_answer_topic(&m.topic) && m.json()["stream"] == "cam";
+    }
+    assert!(cam_again, "cam should stream and answer once it sends again; log:\n{}", log_text(&log));
+    stop_cleanly(&mut vigil, &log);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_run_loses_no_answer_of_a_completed_job() {
     let dir = tempfile::tempdir().unwrap();

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -195,6 +196,8 @@ pub struct RtspServer {
     main_loop: gst::glib::MainLoop,
     source: Option<gst::glib::SourceId>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// While set, the payloader drops every buffer: sessions stay up, no frame goes out.
+    frozen: Arc<AtomicBool>,
 }
 
 impl RtspServer {
@@ -216,6 +219,20 @@ impl RtspServer {
              ! x264enc tune=zerolatency speed-preset=ultrafast key-int-max=15 ! rtph264pay name=pay0 pt=96 config-interval=1 )",
         );
         factory.set_shared(true);
+        let frozen = Arc::new(AtomicBool::new(false));
+        let drop_while_frozen = frozen.clone();
+        factory.connect_media_configure(move |_, media| {
+            let pay = media.element().downcast::<gst::Bin>().ok().and_then(|b| b.by_name("pay0"));
+            let Some(pad) = pay.and_then(|p| p.static_pad("src")) else { return };
+            let frozen = drop_while_frozen.clone();
+            pad.add_probe(gst::PadProbeType::BUFFER | gst::PadProbeType::BUFFER_LIST, move |_, _| {
+                if frozen.load(Ordering::Relaxed) {
+                    gst::PadProbeReturn::Drop
+                } else {
+                    gst::PadProbeReturn::Ok
+                }
+            });
+        });
         if let Some((user, pass)) = auth {
             let a = rtsp::RTSPAuth::new();
             let token = rtsp::RTSPToken::builder().field(rtsp::RTSP_TOKEN_MEDIA_FACTORY_ROLE, "viewer").build();
@@ -243,7 +260,13 @@ impl RtspServer {
         let source = source.expect("RTSP server could not bind");
         let ml = main_loop.clone();
         let thread = std::thread::spawn(move || ml.run());
-        RtspServer { port, server, ctx, main_loop, source: Some(source), thread: Some(thread) }
+        RtspServer { port, server, ctx, main_loop, source: Some(source), thread: Some(thread), frozen }
+    }
+
+    /// Hang like a camera whose encoder froze (or resume): connections and RTSP sessions stay
+    /// up and new ones are accepted, but no frame is sent.
+    pub fn freeze(&self, frozen: bool) {
+        self.frozen.store(frozen, Ordering::Relaxed);
     }
 
     pub fn url(&self) -> String {
