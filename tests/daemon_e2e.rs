@@ -222,19 +222,24 @@ fn systemd_unit_is_hardened() {
     assert!(score <= 2.5, "exposure {score} > 2.5; systemd-analyze security:\n{text}");
 }
 
+/// A config with two streams: `cam` (the RTSP `url`, 2 fps, 1 s windows, quick reconnects) and
+/// `file` (the clip looped in real time).
+fn camera_and_file(dir: &std::path::Path, broker_port: u16, url: &str) -> std::path::PathBuf {
+    let cam = format!(
+        "[[stream]]\nname = \"cam\"\nuri = \"{url}\"\nprompts = [\"caption\"]\nfps = 2.0\nwindow_seconds = 1.0\n\
+         stride_seconds = 1.0\nreconnect_min_s = 0.2\nreconnect_max_s = 1.0\n"
+    );
+    let file = clip_stream("file", "loop = true\nrealtime = true\nwindow_seconds = 2.0\nstride_seconds = 2.0");
+    write_config(dir, broker_port, free_port(), "", &format!("{cam}\n{file}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtsp_stream_keeps_answering_after_its_server_restarts_while_a_file_stream_continues() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(dir.path(), "");
     let rtsp_port = source_util::free_port();
     let mut server = source_util::RtspServer::start(rtsp_port);
-    let cam = format!(
-        "[[stream]]\nname = \"cam\"\nuri = \"{}\"\nprompts = [\"caption\"]\nfps = 2.0\nwindow_seconds = 1.0\n\
-         stride_seconds = 1.0\nreconnect_min_s = 0.2\nreconnect_max_s = 1.0\n",
-        server.url()
-    );
-    let file = clip_stream("file", "loop = true\nrealtime = true\nwindow_seconds = 2.0\nstride_seconds = 2.0");
-    let cfg = write_config(dir.path(), broker.port, free_port(), "", &format!("{cam}\n{file}"));
+    let cfg = camera_and_file(dir.path(), broker.port, &server.url());
     let mut sub = Sub::connect(broker.port, "e2e-rtsp", &["vigil/#"], false).await;
     let log = dir.path().join("vigil.log");
     let mut vigil = spawn_vigil(&cfg, &log);
@@ -288,13 +293,7 @@ async fn rtsp_camera_that_hangs_is_restarted_by_the_stall_watchdog() {
     let dir = tempfile::tempdir().unwrap();
     let broker = Mosquitto::start(dir.path(), "");
     let server = source_util::RtspServer::start(source_util::free_port());
-    let cam = format!(
-        "[[stream]]\nname = \"cam\"\nuri = \"{}\"\nprompts = [\"caption\"]\nfps = 2.0\nwindow_seconds = 1.0\n\
-         stride_seconds = 1.0\nreconnect_min_s = 0.2\nreconnect_max_s = 1.0\n",
-        server.url()
-    );
-    let file = clip_stream("file", "loop = true\nrealtime = true\nwindow_seconds = 2.0\nstride_seconds = 2.0");
-    let cfg = write_config(dir.path(), broker.port, free_port(), "", &format!("{cam}\n{file}"));
+    let cfg = camera_and_file(dir.path(), broker.port, &server.url());
     let mut sub = Sub::connect(broker.port, "e2e-hang", &["vigil/#"], false).await;
     let log = dir.path().join("vigil.log");
     let mut vigil = spawn_vigil(&cfg, &log);
