@@ -18,6 +18,10 @@ the others):
    reference path, then attention time per layer, fused vs reference, for vision (16 frames x
    1024 patches), prefill (8 x 2300 tokens) and decode (batch 1 and 16 over 2400 keys); on the
    CPU the same at tiny sizes with `--attention fused` (the kernels' plain-Rust twin).
+5. engine: `vigil bench engine` on the tiny engine checkpoint in f32, 1 and 8 streams: the
+   engine's batched paths on this device (prefixes prefilled packed, forked per prompt, questions
+   mid-padded, windows of several streams in one batch) against each request alone, with the
+   answers that differ counted, and windows/s both ways.
 Writes OUT/summary.json and OUT/summary.md (and each step's raw output under OUT/).
 Standard library only: it runs on the GPU machine's Python as it is.
 """
@@ -155,6 +159,30 @@ def attention(a, out):
     return res
 
 
+def engine(a, out):
+    ckpt = os.path.join(a.root, "tests", "fixtures", "engine", "ckpt")
+    cmd = [a.vigil, "-q", "bench", "engine", "--model", ckpt, "--device", a.device, "--dtype", "f32",
+           "--streams", "1,8", "--windows-per-stream", "4", "--json"]
+    rc, so, se, took = run(cmd, timeout=a.step_timeout)
+    res = {"command": " ".join(cmd), "rc": rc, "seconds": round(took, 1)}
+    open(os.path.join(out, "engine.jsonl"), "w").write(so)
+    # The rows come out before a mismatch fails the command: keep them either way.
+    rows = []
+    for line in so.splitlines():
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if "mismatches" in r:
+            c = r.get("counters") or {}
+            rows.append({k: r.get(k) for k in ("streams", "windows", "on_windows_per_s", "off_windows_per_s", "mismatches")}
+                        | {"answers": c.get("prompts_done"), "prefix_padding_skipped": c.get("prefix_padding_skipped")})
+    res["rows"] = rows
+    if not rows:
+        res["error"] = se.strip()[-1000:] or "no rows"
+    return res
+
+
 def gpu_name():
     if not shutil.which("nvidia-smi"):
         return None
@@ -226,6 +254,15 @@ def markdown(s):
         for c in at.get("cases") or []:
             lines.append(f"| {c['case']} | {c['path']} | {c['reference_ms']:.3f} | {fmt(c['fused_ms'], 3)} | "
                          f"{fmt(c['speedup'], 2)} | {fmt(c['fused_tflop_per_s'], 1)} | {fmt(c['fused_kv_gb_per_s'], 0)} |")
+    en = s.get("engine") or {}
+    if "error" in en:
+        lines.append(f"- engine bench failed: {en['error'][-300:]}")
+    elif en:
+        lines += ["", "| engine (tiny checkpoint, f32) streams | windows | answers | differing from alone | on windows/s | off windows/s |",
+                  "|---|---|---|---|---|---|"]
+        for r in en["rows"]:
+            lines.append(f"| {r['streams']} | {r['windows']} | {r['answers']} | {r['mismatches']} | "
+                         f"{r['on_windows_per_s']:.1f} | {r['off_windows_per_s']:.1f} |")
     lines.append(f"\ntotal {s['seconds']:.0f} s")
     return "\n".join(lines) + "\n"
 
@@ -248,6 +285,7 @@ def main():
     s["roofline"] = roofline(vj, s["gpu"])
     s["memory_peak_mib"] = (vj or {}).get("memory_peak_mib")
     s["attention"] = attention(a, a.out)
+    s["engine"] = engine(a, a.out)
     s["seconds"] = time.time() - t0
     bench_light = {k: v for k, v in s["bench"].items() if k not in ("vigil", "transformers")}
     bench_light["vigil_streams"] = streams_of(s["bench"].get("vigil"))
@@ -257,7 +295,7 @@ def main():
     open(os.path.join(a.out, "summary.md"), "w").write(md)
     print(md)
     ok = (s["parity"]["f32_equal"] == s["parity"]["cases"] and "error" not in s["bench"]
-          and "error" not in s["attention"])
+          and "error" not in s["attention"] and "error" not in s["engine"])
     sys.exit(0 if ok else 1)
 
 

@@ -2,7 +2,8 @@
 # Packs what a GPU check needs into one folder to carry to the GPU machine (which has no Rust,
 # no network and perhaps no GStreamer): the stripped binary, the shared libraries it links
 # beyond glibc (GStreamer, GLib and theirs, into lib/), the check scripts, the committed
-# parity fixtures and the transformers peer, compressed to stay under the 64 MiB carry limit.
+# parity fixtures, the engine's tiny checkpoint and the transformers peer, compressed to stay
+# under the 64 MiB carry limit.
 #
 #   scripts/pack-gpu.sh [BINARY] [DIR]     # default: target/release/vigil into .gpu/
 #
@@ -20,7 +21,7 @@ strip "$dir/vigil" 2>/dev/null || true
 ldd "$bin" | awk '$3 ~ /^\// {print $3}' | grep -vE '/(libc|libm|libdl|librt|libpthread|libgcc_s|ld-linux[^/]*)\.so' \
   | while read -r lib; do cp -L "$lib" "$dir/lib/"; done
 cp scripts/gpu-check.sh scripts/gpu_check.py "$dir/scripts/"
-cp -r tests/fixtures/infer "$dir/tests/fixtures/"
+cp -r tests/fixtures/infer tests/fixtures/engine "$dir/tests/fixtures/"
 cp -r tests/fixtures/processor/media "$dir/tests/fixtures/processor/"
 cp tests/reference/bench_transformers.py "$dir/tests/reference/"
 # Compressed to fit the carry limit (a CUDA binary alone is ~63 MB); gpu-check.sh unpacks them

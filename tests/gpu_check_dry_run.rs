@@ -1,6 +1,7 @@
 //! `scripts/gpu-check.sh --device cpu`: the GPU check's steps at a tiny size, here — parity of
-//! `vigil infer` with transformers on the committed fixtures (f32 and bf16), the bench and its
-//! summary — so the one command a lent GPU runs is known to work before the GPU is there.
+//! `vigil infer` with transformers on the committed fixtures (f32 and bf16), the bench, the
+//! attention kernels, the engine against each request alone, and the summary — so the one
+//! command a lent GPU runs is known to work before the GPU is there.
 
 use std::process::Command;
 
@@ -39,7 +40,12 @@ fn the_gpu_check_runs_on_the_cpu_and_writes_its_summary() {
         .unwrap()
         .iter()
         .all(|c| c["path"] == "fused" && c["fused_ms"].as_f64().unwrap() > 0.0));
+    // The engine step: batched answers against each request alone, both stream counts.
+    let rows = summary["engine"]["rows"].as_array().unwrap();
+    assert_eq!(rows.iter().map(|r| r["streams"].as_u64().unwrap()).collect::<Vec<_>>(), [1, 8], "{summary:#}");
+    assert!(rows.iter().all(|r| r["mismatches"] == 0 && r["answers"].as_u64().unwrap() > 0), "{summary:#}");
     let md = std::fs::read_to_string(out.path().join("summary.md")).unwrap();
     assert!(md.contains("parity f32: 10/10"), "{md}");
     assert!(md.contains("| attention per layer |") && md.contains("| decode |"), "{md}");
+    assert!(md.contains("| engine (tiny checkpoint, f32) streams |"), "{md}");
 }
