@@ -37,6 +37,24 @@ impl Growing {
         Ok(g)
     }
 
+    /// A buffer of `rows.len()` rows (dim 0) and `len` filled positions: `rows[i]` (one row) at
+    /// the end of row `i`, zeros before it, room for `headroom` more positions. Each row is
+    /// written once, straight into the buffer.
+    fn left_padded(rows: &[Tensor], dim: usize, len: usize, headroom: usize) -> candle_core::Result<Self> {
+        let Some(first) = rows.first() else { candle_core::bail!("a left-padded buffer of no rows") };
+        let mut shape = first.dims().to_vec();
+        shape[0] = rows.len();
+        shape[dim] = len + headroom;
+        let buf = Tensor::zeros(shape, first.dtype(), first.device())?;
+        for (i, row) in rows.iter().enumerate() {
+            let Some(pad) = len.checked_sub(row.dim(dim)?) else {
+                candle_core::bail!("row {i} holds {} positions, more than {len}", row.dim(dim)?)
+            };
+            buf.narrow(0, i, 1)?.slice_set(&row.contiguous()?, dim, pad)?;
+        }
+        Ok(Self { buf, dim, len })
+    }
+
     fn alloc(like: &Tensor, dim: usize, cap: usize) -> candle_core::Result<Tensor> {
         let mut shape = like.dims().to_vec();
         shape[dim] = cap;
@@ -97,6 +115,12 @@ struct LayerKv {
 impl LayerKv {
     fn new(k: &Tensor, v: &Tensor, headroom: usize) -> candle_core::Result<Self> {
         Ok(Self { k: Growing::new(k, 2, headroom)?, v: Growing::new(v, 2, headroom)? })
+    }
+
+    /// One row per sequence (`ks[i]`/`vs[i]` `[1, kv_heads, len_i, head_dim]`), each at the end
+    /// of `len` positions as a left-padded batch's; see [`Growing::left_padded`].
+    fn left_padded(ks: &[Tensor], vs: &[Tensor], len: usize, headroom: usize) -> candle_core::Result<Self> {
+        Ok(Self { k: Growing::left_padded(ks, 2, len, headroom)?, v: Growing::left_padded(vs, 2, len, headroom)? })
     }
 
     /// Write `k`/`v` `[batch, kv_heads, l, head_dim]` after the cached positions; returns views
@@ -327,23 +351,15 @@ impl Attention {
         }
         let mut outs = Vec::with_capacity(packed.seqs.len());
         let (mut ks, mut vs) = (Vec::with_capacity(packed.seqs.len()), Vec::with_capacity(packed.seqs.len()));
-        let left_padded = |x: &Tensor, len: usize| -> candle_core::Result<Tensor> {
-            let pad = packed.max_len - len;
-            if pad == 0 {
-                return Ok(x.clone());
-            }
-            let (_, kv, _, d) = x.dims4()?;
-            Tensor::cat(&[&Tensor::zeros((1, kv, pad, d), x.dtype(), x.device())?, x], 2)
-        };
         for seq in &packed.seqs {
             let part = |x: &Tensor| x.narrow(2, seq.start, seq.len);
             let (ki, vi) = (part(k)?, part(v)?);
             let pick = |start: usize, len: usize| seq.mask.rows_at(start, len);
             outs.push(super::fused::text(&part(q)?, &ki, &vi, self.scale, &pick, &seq.mask.key_mask)?);
-            ks.push(left_padded(&ki, seq.len)?);
-            vs.push(left_padded(&vi, seq.len)?);
+            ks.push(ki);
+            vs.push(vi);
         }
-        *cache = Some(LayerKv::new(&Tensor::cat(&ks, 0)?, &Tensor::cat(&vs, 0)?, headroom)?);
+        *cache = Some(LayerKv::left_padded(&ks, &vs, packed.max_len, headroom)?);
         Tensor::cat(&outs, 2)
     }
 }
@@ -763,6 +779,23 @@ mod tests {
         for lens in [&[2usize, 3][..], &[6, 0], &[]] {
             assert!(lm.prefill_packed(&xs, lens, &mut KvCache::new()).is_err(), "{lens:?}");
         }
+    }
+
+    #[test]
+    fn left_padded_rows_sit_at_the_end_of_the_buffer_with_zeros_before_and_room_after() {
+        // Views that start positions into a larger tensor, as a packed sequence's keys are.
+        let packed = rand((1, 2, 9, 3));
+        let rows = [packed.narrow(2, 0, 4).unwrap(), packed.narrow(2, 4, 5).unwrap(), packed.narrow(2, 4, 1).unwrap()];
+        let g = Growing::left_padded(&rows, 2, 5, 2).unwrap();
+        assert_eq!((g.len, g.capacity(), g.buf.dim(0).unwrap()), (5, 7, 3));
+        for (i, row) in rows.iter().enumerate() {
+            let pad = 5 - row.dim(2).unwrap();
+            let want =
+                Tensor::cat(&[&Tensor::zeros((1, 2, pad, 3), DType::F32, &Device::Cpu).unwrap(), row], 2).unwrap();
+            assert!(same(&g.view().unwrap().narrow(0, i, 1).unwrap(), &want), "row {i}");
+        }
+        assert!(Growing::left_padded(&rows, 2, 4, 0).is_err(), "a row longer than the buffer");
+        assert!(Growing::left_padded(&[], 2, 4, 0).is_err());
     }
 
     #[test]
