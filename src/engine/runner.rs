@@ -669,14 +669,15 @@ impl Runner {
     ) -> Result<KvCache, RunError> {
         let dev = self.model.device().clone();
         let pad_id = self.decoding.pad;
-        let lp = groups.iter().map(|g| g.ids.len()).max().unwrap_or(0);
+        let lens: Vec<usize> = groups.iter().map(|g| g.ids.len()).collect();
+        let lp = lens.iter().copied().max().unwrap_or(0);
         let mut ids = Vec::with_capacity(groups.len() * lp);
         let mut embeds = Vec::with_capacity(groups.len());
         let mut keep = Vec::new();
         // Where each group's real tokens sit in the padded `[groups·lp]` rows.
-        let mut real = Vec::with_capacity(groups.iter().map(|g| g.ids.len()).sum());
-        for (i, g) in groups.iter().enumerate() {
-            let pad = lp - g.ids.len();
+        let mut real = Vec::with_capacity(lens.iter().sum());
+        for (i, (g, &len)) in groups.iter().zip(&lens).enumerate() {
+            let pad = lp - len;
             ids.extend(std::iter::repeat_n(pad_id, pad));
             ids.extend_from_slice(&g.ids);
             real.extend((i * lp + pad..(i + 1) * lp).map(|r| r as u32));
@@ -695,7 +696,6 @@ impl Runner {
         let hidden = stitched.dim(2)?;
         let n = real.len();
         let packed = stitched.reshape((ng * lp, hidden))?.index_select(&Tensor::from_vec(real, n, &dev)?, 0)?;
-        let lens: Vec<usize> = groups.iter().map(|g| g.ids.len()).collect();
         // Only forked, never appended to: no room reserved.
         let mut cache = KvCache::with_headroom(0);
         self.model.model.language_model().prefill_packed(&packed.unsqueeze(0)?, &lens, &mut cache)?;
