@@ -14,6 +14,8 @@ use gstreamer_video as gst_video;
 use super::image::RgbImage;
 use super::ProcessorError;
 
+const NO_VIDEO: &str = "no decodable video stream in it (audio only, or no decoder for its codec?)";
+
 /// All frames of a clip and its nominal frame rate.
 #[derive(Debug)]
 pub struct DecodedVideo {
@@ -64,6 +66,12 @@ pub fn decode_video_file(path: &Path) -> Result<DecodedVideo, ProcessorError> {
             let _ = pad.link(&sinkpad);
         }
     });
+    // Set once decodebin has exposed every pad it will: if none was video, no frame will come.
+    // GStreamer then usually posts a not-linked error too, but not always (the stream can end
+    // inside decodebin's queues first), and without this the wait would end only at the timeout.
+    let all_pads = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = all_pads.clone();
+    decode.connect_no_more_pads(move |_| flag.store(true, std::sync::atomic::Ordering::SeqCst));
     pipeline.set_state(gst::State::Playing).map_err(|e| err(format!("cannot start decoding: {e}")))?;
 
     let mut frames = Vec::new();
@@ -82,7 +90,7 @@ pub fn decode_video_file(path: &Path) -> Result<DecodedVideo, ProcessorError> {
                 // GStreamer's own text is often just "Internal data stream error": say more.
                 let what = match (linked, url.is_some()) {
                     (false, true) if from == "source" => "cannot read the URL (server unreachable, or it refused)",
-                    (false, _) => "no decodable video stream in it (audio only, or no decoder for its codec?)",
+                    (false, _) => NO_VIDEO,
                     (true, _) => "decoding failed",
                 };
                 let debug = e.debug().map(|d| d.lines().last().unwrap_or("").to_string()).unwrap_or_default();
@@ -92,6 +100,11 @@ pub fn decode_video_file(path: &Path) -> Result<DecodedVideo, ProcessorError> {
         let Some(sample) = sink.try_pull_sample(gst::ClockTime::from_mseconds(50)) else {
             if sink.is_eos() {
                 break Ok(());
+            }
+            if all_pads.load(std::sync::atomic::Ordering::SeqCst)
+                && !convert.static_pad("sink").is_some_and(|p| p.is_linked())
+            {
+                break Err(err(NO_VIDEO.into()));
             }
             if last_progress.elapsed() > std::time::Duration::from_secs(10) {
                 break Err(err("timed out waiting for a frame".into()));
